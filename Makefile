@@ -1,0 +1,42 @@
+# villa: `make demo` runs the end-to-end demo, `make test` the test suite. Both create .venv if missing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SYSTEM_PYTHON ?= python3
+
+# Real MNIST digits: the shared test split when present (offline machines), else data/mnist.
+SHARED_MNIST := $(abspath ../shared/data/mnist)
+ifeq ($(origin VILLA_MNIST_DIR), undefined)
+ifneq ($(wildcard $(SHARED_MNIST)/t10k-images-idx3-ubyte.gz),)
+export VILLA_MNIST_DIR := $(SHARED_MNIST)
+endif
+endif
+
+.PHONY: demo test lint format install clean
+
+$(VENV)/.installed: setup.py constraints.txt
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m villa.demo
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.installed
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,33 @@
+"""villa: ViLLA (Varma et al., ICCV 2023) reimplemented, fast on one GPU."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="villa",
+    version="0.1.0",
+    description="Fine-grained vision-language representation learning from complex image-text data (ViLLA)",
+    python_requires=">=3.9",
+    packages=find_packages(include=["villa", "villa.*", "docmnist", "docmnist.*", "preprocess", "preprocess.*"])
+    + ["villa.configs"],
+    # The Hydra configs live at the top level (configs/) as users of the original expect; they are shipped
+    # inside the package as villa/configs so that a non-editable install finds them too.
+    package_dir={"villa.configs": "configs"},
+    package_data={"villa": ["model_configs/*.json"], "villa.configs": ["*.yaml", "**/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "open_clip_torch>=2.24",
+        "pandas>=2.0",
+        "pyarrow>=14",
+        "numpy>=1.24",
+        "pillow>=10",
+        "tqdm>=4.60",
+        "scikit-image>=0.21",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "ruff>=0.5", "nbclient>=0.8", "nbformat>=5", "ipykernel>=6", "matplotlib>=3.7"],
+    },
+)

@@ -1,0 +1,275 @@
+"""DocMNIST generator: the original's semantics, statistics, determinism and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from docmnist.generate_docmnist import CELL, generate, main, shape_mask_bank
+from villa.errors import VillaError
+from villa.vocab import load_vocab
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = load_vocab("docmnist")
+
+
+def _ann(path: Path) -> pd.DataFrame:
+    return pd.read_feather(path / "annotations.feather")
+
+
+def test_columns_and_folder(docmnist_16):
+    assert docmnist_16.name == "docmnist_30000_15.2"  # the original reports ~15.2 for target 16, budget 30000
+    df = _ann(docmnist_16)
+    assert list(df.columns) == [
+        "image_id",
+        "image_size",
+        "image_filepath",
+        "region_coord",
+        "num_regions",
+        "split",
+        "text",
+        "digit_label",
+        "color_label",
+        "shape_label",
+        "size_label",
+        "reg_to_attr",
+        "attributes",
+    ]
+    assert set(df.split) == {"train", "val", "test"}
+    assert df.image_id.is_unique
+    info = json.loads((docmnist_16 / "generation.json").read_text())
+    assert info["args"]["seed"] == 23 and info["splits"]["train"]["pairs"] <= 30000
+    for p in df.image_filepath.iloc[:5]:
+        assert not Path(p).is_absolute() and (docmnist_16 / p).is_file()
+
+
+def test_complexity_and_budget(docmnist_16, tmp_path, mnist):
+    df = _ann(docmnist_16)
+    pairs = df.reg_to_attr.map(lambda r: sum(len(a) for a in r)).to_numpy()
+    assert pairs.max() <= 16
+    tr = df.split.to_numpy() == "train"
+    c16 = pairs[tr].sum() / tr.sum()
+    assert 14.5 <= c16 <= 16.0
+    # the split stops at the first image that would exceed the budget; no image has more than 16 pairs
+    assert 30000 - 16 < pairs[tr].sum() <= 30000
+    p4 = generate(30000, 4, out_dir=str(tmp_path), mnist_dir=mnist, val_budget=10, test_budget=10, progress=False)
+    d4 = _ann(p4)
+    d4 = d4[d4.split == "train"]
+    pairs4 = d4.reg_to_attr.map(lambda r: sum(len(a) for a in r)).to_numpy()
+    assert pairs4.max() <= 4 and 3.0 <= pairs4.sum() / len(d4) <= 4.0
+
+
+def test_attribute_distributions(docmnist_16):
+    df = _ann(docmnist_16)
+    colors = pd.Series(np.concatenate(df.color_label.to_numpy())).value_counts(normalize=True) * 100
+    assert set(colors.index) == set(VOCAB.group_attributes("color"))
+    assert (colors - 20).abs().max() < 3
+    shapes = pd.Series(np.concatenate(df.shape_label.to_numpy())).fillna("none").value_counts(normalize=True) * 100
+    assert set(shapes.index) == {"circle", "rectangle", "none"}
+    assert (shapes - 100 / 3).abs().max() < 4.5
+    sizes = pd.Series([s for r in df.size_label for s in r if s is not None]).value_counts(normalize=True) * 100
+    assert (sizes - 100 / 3).abs().max() < 4.5
+
+
+def test_captions_match_attributes(docmnist_16):
+    df = _ann(docmnist_16)
+    for text, attrs, r2a in zip(df.text, df.attributes, df.reg_to_attr):
+        sentences = text.split(" . ")
+        assert len(sentences) == len(set(sentences))  # duplicates removed
+        prompts = {a: set(VOCAB.prompts(a)) for a in attrs}
+        for s in sentences:
+            assert any(s in p for p in prompts.values()), s
+        for a in attrs:
+            assert prompts[a] & set(sentences), a
+        assert set(attrs) == {a for r in r2a for a in r}
+        assert list(attrs) == sorted(attrs, key=VOCAB.index.get)
+
+
+def test_boxes_cells_and_colors(docmnist_16):
+    df = _ann(docmnist_16).head(300)
+    rgb = {c: np.array(v) for c, v in VOCAB.extra["docmnist"]["color_rgb"].items()}
+    for row in df.itertuples():
+        boxes = np.stack(row.region_coord)
+        assert len(boxes) == row.num_regions <= 9
+        assert np.all(boxes[:, 0] % CELL == 0) and np.all(boxes[:, 1] % CELL == 0)
+        assert np.all(boxes[:, 2] - boxes[:, 0] == CELL) and np.all(boxes[:, 3] - boxes[:, 1] == CELL)
+        cells = boxes[:, 1] // CELL * 3 + boxes[:, 0] // CELL
+        assert len(set(cells)) == len(cells) and list(cells) == sorted(cells)  # distinct, in cell order
+        img = np.asarray(Image.open(docmnist_16 / row.image_filepath))
+        assert img.shape == (84, 84, 3)
+        occupied = np.zeros((3, 3), bool)
+        occupied.flat[cells] = True
+        for (x0, y0, x1, y1), color in zip(boxes, row.color_label):
+            tile = img[y0:y1, x0:x1].reshape(-1, 3)
+            painted = ~((tile[:, 0] == tile[:, 1]) & (tile[:, 1] == tile[:, 2]))
+            assert painted.sum() > 10
+            assert np.all(tile[painted] == rgb[color])
+        for r in range(3):
+            for c in range(3):
+                if not occupied[r, c]:
+                    assert img[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL].max() == 0
+
+
+def test_shapes_drawn_white(docmnist_16):
+    df = _ann(docmnist_16).head(100)
+    for row in df.itertuples():
+        img = np.asarray(Image.open(docmnist_16 / row.image_filepath))
+        for (x0, y0, x1, y1), shape in zip(row.region_coord, row.shape_label):
+            white = (img[y0:y1, x0:x1] == 255).all(-1).sum()
+            assert (white >= 4) if shape is not None else True
+
+
+def test_colors_are_matplotlib_hsv():
+    matplotlib = pytest.importorskip("matplotlib")
+    cmap = matplotlib.colormaps["hsv"]
+    for x, name in zip([0, 0.2, 0.4, 0.6, 0.8], VOCAB.group_attributes("color")):
+        assert VOCAB.extra["docmnist"]["color_rgb"][name] == [int(v * 255) for v in cmap(x)[:3]]
+
+
+def test_shape_bank_matches_skimage():
+    from skimage.draw import circle_perimeter, rectangle_perimeter
+
+    bank = shape_mask_bank(VOCAB)
+    assert bank.shape == (2 * 3 * 15 * 15, 28, 28)
+    m = np.zeros((28, 28), bool)
+    m[circle_perimeter(19, 5, 5, shape=(28, 28))] = True
+    assert np.array_equal(bank[((0 * 3 + 2) * 15 + 14) * 15 + 0], m)
+    m = np.zeros((28, 28), bool)
+    m[rectangle_perimeter((7, 12), end=(11, 16), shape=(28, 28), clip=True)] = True
+    assert np.array_equal(bank[((1 * 3 + 1) * 15 + 2) * 15 + 7], m)
+
+
+def test_deterministic(tmp_path, mnist):
+    a = generate(
+        500,
+        16,
+        seed=5,
+        out_dir=str(tmp_path / "a"),
+        mnist_dir=mnist,
+        val_budget=50,
+        test_budget=50,
+        progress=False,
+    )
+    b = generate(
+        500,
+        16,
+        seed=5,
+        out_dir=str(tmp_path / "b"),
+        mnist_dir=mnist,
+        val_budget=50,
+        test_budget=50,
+        progress=False,
+    )
+    c = generate(
+        500,
+        16,
+        seed=6,
+        out_dir=str(tmp_path / "c"),
+        mnist_dir=mnist,
+        val_budget=50,
+        test_budget=50,
+        progress=False,
+    )
+    fa, fb = (a / "annotations.feather").read_bytes(), (b / "annotations.feather").read_bytes()
+    assert fa == fb
+    assert (a / "images/train/0.png").read_bytes() == (b / "images/train/0.png").read_bytes()
+    assert _ann(c).text.tolist() != _ann(a).text.tolist()
+
+
+def test_disjoint_pools_from_test_split(mnist):
+    from docmnist.mnist import load_digit_pools
+
+    pools = load_digit_pools(mnist, seed=23)
+    assert not pools.full and sum(len(v) for v in pools.images.values()) == 10000
+    keys = {k: {v.tobytes() for v in pools.images[k]} for k in pools.images}
+    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["val"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target_sample_complexity=1"], "must be >= 2"),
+        (["--attribute_budget=0"], "--attribute_budget=0"),
+        (["--val_budget=-3"], "--val_budget=-3"),
+    ],
+)
+def test_bad_arguments(args, message, tmp_path, mnist, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args + [f"--out_dir={tmp_path}", f"--mnist_dir={mnist}", "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_and_unreadable_mnist(tmp_path, monkeypatch):
+    monkeypatch.delenv("VILLA_MNIST_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VillaError, match="MNIST not found .*nowhere"):
+        generate(100, 16, mnist_dir=str(tmp_path / "nowhere"), out_dir=str(tmp_path / "out"), progress=False)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03garbage"))
+    (bad / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(VillaError, match="cannot read MNIST file"):
+        generate(100, 16, mnist_dir=str(bad), out_dir=str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_folder_needs_overwrite(tmp_path, mnist):
+    kw = dict(out_dir=str(tmp_path), mnist_dir=mnist, val_budget=40, test_budget=40, progress=False)
+    p = generate(200, 8, **kw)
+    (p / "marker").write_text("x")
+    with pytest.raises(VillaError, match="exists; pass --overwrite"):
+        generate(200, 8, **kw)
+    assert (p / "marker").exists()
+    p2 = generate(200, 8, overwrite=True, **kw)
+    assert p2 == p and not (p / "marker").exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == [p.name]  # no temporary folders left
+
+
+def test_cli_script_and_module(tmp_path, mnist):
+    for cmd in (
+        [sys.executable, str(ROOT / "docmnist" / "generate_docmnist.py")],
+        [sys.executable, "-m", "docmnist.generate_docmnist"],
+    ):
+        out = tmp_path / cmd[-1].replace("/", "_")
+        r = subprocess.run(
+            cmd
+            + [
+                "--attribute_budget=100",
+                "--target_sample_complexity=8",
+                "--val_budget=20",
+                "--test_budget=20",
+                f"--out_dir={out}",
+                f"--mnist_dir={mnist}",
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert r.returncode == 0, r.stderr
+        (folder,) = out.iterdir()
+        assert folder.name.startswith("docmnist_100_") and (folder / "annotations.feather").is_file()
+
+
+def test_notebook_executes(tiny_docmnist, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("VILLA_DOCMNIST_DIR", str(tiny_docmnist))
+    nb = nbformat.read(ROOT / "notebooks" / "visualize_docmnist.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed without outputs
+    nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert f"{tiny_docmnist}:" in printed and "caption:" in printed

@@ -1,0 +1,117 @@
+"""The attribute vocabulary of a dataset: attribute names, their groups and prompt templates, from YAML.
+
+The dataset config (``configs/dataset/<name>.yaml``, or any YAML path) is the only copy of the vocabulary:
+the DocMNIST generator, preprocessing and both stages read it through :func:`load_vocab`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+from villa.errors import VillaError
+from villa.paths import PathLike, config_dir
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Attributes in a fixed order; each belongs to one group with its prompt templates (``{}`` = the word)."""
+
+    name: str
+    attributes: tuple[str, ...]
+    groups: tuple[str, ...]
+    attribute_group: tuple[int, ...]  # group index of each attribute
+    templates: tuple[tuple[str, ...], ...]  # per group
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {a: i for i, a in enumerate(self.attributes)}
+
+    def __len__(self) -> int:
+        return len(self.attributes)
+
+    def group_of(self, attribute: str) -> str:
+        return self.groups[self.attribute_group[self.index[attribute]]]
+
+    def group_attributes(self, group: str) -> list[str]:
+        g = self.groups.index(group)
+        return [a for a, gi in zip(self.attributes, self.attribute_group) if gi == g]
+
+    def prompts(self, attribute: str) -> list[str]:
+        """The prompt sentences of one attribute (its group's templates filled in)."""
+        g = self.attribute_group[self.index[attribute]]
+        return [t.format(attribute) for t in self.templates[g]]
+
+    def encode(self, names: Sequence[str], what: str = "attribute") -> np.ndarray:
+        """Indices of ``names``; an unknown name is a :class:`VillaError` naming it."""
+        idx = self.index
+        out = np.empty(len(names), dtype=np.int64)
+        for i, n in enumerate(names):
+            if n not in idx:
+                raise VillaError(
+                    f"unknown {what} {n!r}: not in the {self.name!r} vocabulary ({', '.join(self.attributes)}); "
+                    "add it to the dataset config or fix the annotations"
+                )
+            out[i] = idx[n]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "groups": [
+                {"name": g, "attributes": self.group_attributes(g), "templates": list(self.templates[i])}
+                for i, g in enumerate(self.groups)
+            ],
+        }
+
+
+def vocab_from_dict(cfg: Mapping[str, Any], source: str = "<dict>") -> Vocabulary:
+    """Build a :class:`Vocabulary` from a mapping with ``name`` and ``groups`` (name, attributes, templates)."""
+    if "groups" not in cfg or not cfg["groups"]:
+        raise VillaError(f"dataset config {source} has no 'groups': list each group's attributes and templates")
+    attrs: list[str] = []
+    groups: list[str] = []
+    attr_group: list[int] = []
+    templates: list[tuple[str, ...]] = []
+    for gi, g in enumerate(cfg["groups"]):
+        for key in ("name", "attributes", "templates"):
+            if key not in g or not g[key]:
+                raise VillaError(f"dataset config {source}: group #{gi} has no {key!r}")
+        for t in g["templates"]:
+            if t.count("{}") != 1:
+                raise VillaError(f"dataset config {source}: template {t!r} must contain '{{}}' exactly once")
+        groups.append(str(g["name"]))
+        templates.append(tuple(str(t) for t in g["templates"]))
+        for a in g["attributes"]:
+            if a in attrs:
+                raise VillaError(f"dataset config {source}: attribute {a!r} appears twice")
+            attrs.append(str(a))
+            attr_group.append(gi)
+    extra = {k: v for k, v in cfg.items() if k not in ("name", "groups")}
+    return Vocabulary(
+        name=str(cfg.get("name", Path(source).stem)),
+        attributes=tuple(attrs),
+        groups=tuple(groups),
+        attribute_group=tuple(attr_group),
+        templates=tuple(templates),
+        extra=extra,
+    )
+
+
+def load_vocab(name_or_path: PathLike | Mapping[str, Any] = "docmnist") -> Vocabulary:
+    """Load a dataset vocabulary: a config name (``docmnist``), a YAML path, or an already loaded mapping."""
+    if isinstance(name_or_path, Mapping):
+        return vocab_from_dict(name_or_path)
+    p = Path(name_or_path)
+    if p.suffix not in (".yaml", ".yml"):
+        p = config_dir() / "dataset" / f"{name_or_path}.yaml"
+    if not p.is_file():
+        raise VillaError(f"dataset config not found: {p}; pass a YAML path or a name under configs/dataset/")
+    with open(p) as f:
+        cfg = yaml.safe_load(f)
+    return vocab_from_dict(cfg, source=str(p))
