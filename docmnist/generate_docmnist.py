@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: python docmnist/generate_docmn
 
 from docmnist.mnist import DigitPools, load_digit_pools  # noqa: E402
 from villa.errors import VillaError, exit_on_error  # noqa: E402
+from villa.log import setup_logging  # noqa: E402
 from villa.paths import atomic_dir  # noqa: E402
 from villa.vocab import Vocabulary, load_vocab  # noqa: E402
 
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     a = build_parser().parse_args(argv)
     return generate(
         attribute_budget=a.attribute_budget,

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from docmnist.generate_docmnist import generate
 from villa.errors import exit_on_error
+from villa.log import setup_logging
 
 log = logging.getLogger("villa.demo")
 
 
 @exit_on_error
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     root = Path(os.environ.get("VILLA_DEMO_DIR", "outputs/demo"))
     data = generate(6000, 16, out_dir=str(root / "data"), val_budget=2000, test_budget=2000, overwrite=True)
     info = json.loads((data / "generation.json").read_text())

@@ -1,0 +1,136 @@
+"""Encoders: the factory, villa's tiny configs, the batched region path and attribute embeddings."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from villa import encoders
+from villa.encoders import RegionEncoder, create_clip, encode_attributes, encode_texts, save_clip_checkpoint
+from villa.errors import VillaError
+from villa.runtime import get_runtime
+from villa.vocab import load_vocab
+
+CPU = get_runtime("cpu")
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    return create_clip("villa-tiny-rn", pretrained=None)
+
+
+def _images(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 84, 84, generator=g)
+    boxes, owner = [], []
+    for i in range(n):
+        for k in range(1 + i % 3):
+            x0, y0 = 28 * k, 28 * (i % 3)
+            boxes.append([x0, y0, x0 + 28, y0 + 28])
+            owner.append(i)
+    boxes.append([0, 0, 83, 83])  # the whole image of the last one
+    owner.append(n - 1)
+    return images, torch.tensor(boxes, dtype=torch.float32), torch.tensor(owner)
+
+
+def test_tiny_config_is_rn50_structure(tiny):
+    from open_clip.modified_resnet import ModifiedResNet
+
+    assert isinstance(tiny.model.visual, ModifiedResNet) and tiny.embed_dim == 64
+    enc = RegionEncoder(tiny.model.visual)
+    assert enc.roi_size == 4  # 2 x the attention pool's 2x2 grid (RN50: 14)
+    rn50 = RegionEncoder(create_clip("RN50", pretrained=None).model.visual)
+    assert rn50.roi_size == 14 and rn50.embed_dim == 1024
+
+
+def test_region_shapes_and_batched_equals_per_image(tiny):
+    enc = RegionEncoder(tiny.model.visual).eval()
+    images, boxes, owner = _images()
+    with torch.no_grad():
+        batched = enc(images, boxes, owner)
+        single = torch.cat(
+            [
+                enc(images[i : i + 1], boxes[owner == i], torch.zeros(int((owner == i).sum()), dtype=torch.long))
+                for i in range(len(images))
+            ]
+        )
+    assert batched.shape == (len(boxes), 64)
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+    # the whole-image box differs from a cell box
+    assert not torch.allclose(batched[-1], batched[-2])
+
+
+def test_normalize_option_changes_input(tiny):
+    images, boxes, owner = _images(2)
+    with torch.no_grad():
+        a = RegionEncoder(tiny.model.visual, normalize=False).eval()(images, boxes, owner)
+        b = RegionEncoder(tiny.model.visual, normalize=True).eval()(images, boxes, owner)
+    assert not torch.allclose(a, b)
+
+
+def test_attribute_embedding_is_normalised_prompt_mean(tiny):
+    vocab = load_vocab("docmnist")
+    emb = encode_attributes(tiny, vocab, CPU)
+    assert emb.shape == (20, 64)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(20))
+    for a in ("seven", "purple", "circle", "large"):
+        z = encode_texts(tiny, vocab.prompts(a), CPU, batch_size=1, normalize=False)
+        torch.testing.assert_close(emb[vocab.index[a]], F.normalize(z.mean(0), dim=0), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_round_trip(tiny, tmp_path):
+    path = tmp_path / "ckpt" / "clip.pt"
+    save_clip_checkpoint(tiny.model, tiny.model_name, tiny.model_cfg, path, epoch=3)
+    loaded = create_clip("villa-tiny-rn", pretrained=str(path))
+    assert loaded.pretrained == str(path) and loaded.model_name == "villa-tiny-rn"
+    images, boxes, owner = _images(3)
+    with torch.no_grad():
+        a = RegionEncoder(tiny.model.visual).eval()(images, boxes, owner)
+        b = RegionEncoder(loaded.model.visual).eval()(images, boxes, owner)
+    assert torch.equal(a, b)
+    assert torch.equal(encode_texts(tiny, ["the color is red"], CPU), encode_texts(loaded, ["the color is red"], CPU))
+    # the model name may be omitted: the checkpoint says it
+    assert create_clip("auto", pretrained=str(path)).model_name == "villa-tiny-rn"
+    with pytest.raises(VillaError, match="holds a 'villa-tiny-rn' model but model='RN50'"):
+        create_clip("RN50", pretrained=str(path))
+
+
+def test_random_init_warns_once(caplog, monkeypatch):
+    monkeypatch.setattr(encoders, "_warned_random", set())
+    with caplog.at_level(logging.WARNING):
+        create_clip("villa-tiny-rn", pretrained=None)
+        create_clip("villa-tiny-rn", pretrained="none")
+    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(msgs) == 1 and "random init" in msgs[0]
+
+
+def test_bad_model_and_weights(tmp_path):
+    with pytest.raises(VillaError, match="unknown model 'RN51'"):
+        create_clip("RN51", pretrained=None)
+    with pytest.raises(VillaError, match="checkpoint not found"):
+        create_clip("villa-tiny-rn", pretrained=str(tmp_path / "missing" / "x.pt"))
+
+
+def test_vit_rejected_by_region_path():
+    clip = create_clip("ViT-B-32", pretrained=None)
+    with pytest.raises(VillaError, match="needs a ModifiedResNet"):
+        RegionEncoder(clip.model.visual)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_cuda_autocast_matches_fp32(tiny):
+    rt = get_runtime("cuda")
+    enc = RegionEncoder(tiny.model.visual).to(rt.device).eval()
+    images, boxes, owner = _images()
+    with torch.no_grad():
+        ref = enc(images.to(rt.device), boxes.to(rt.device), owner.to(rt.device)).float()
+        with rt.autocast():
+            amp = enc(images.to(rt.device), boxes.to(rt.device), owner.to(rt.device)).float()
+    assert F.cosine_similarity(ref, amp).min() > 0.99
+    assert np.isfinite(amp.cpu().numpy()).all()

@@ -1,0 +1,229 @@
+"""The annotation schema every dataset follows (docs/data_format.md), its validator, and flat-array access.
+
+A dataset folder holds ``annotations.feather`` (one row per image) and the image files. :func:`load_annotations`
+validates it before any work and names the first problem precisely; it returns the columns as flat numpy arrays
+plus offsets (regions of image i are rows ``region_offsets[i]:region_offsets[i+1]``), never per-row objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.feather as feather
+from PIL import Image
+
+from villa.errors import VillaError
+from villa.paths import PathLike
+from villa.vocab import Vocabulary
+
+REQUIRED_COLUMNS = {
+    "image_id": "unique id of the image (int or string)",
+    "image_filepath": "image path relative to the dataset folder",
+    "image_size": "[width, height] in pixels",
+    "split": "train / val / test",
+    "text": "the caption",
+    "region_coord": "per region [x0, y0, x1, y1] in pixels",
+    "num_regions": "number of regions",
+    "attributes": "the attribute names the caption mentions",
+}
+OPTIONAL_COLUMNS = {"reg_to_attr": "per region: its ground-truth attribute names (used only to score mappings)"}
+
+
+@dataclass
+class Annotations:
+    """A validated dataset as flat arrays. I images, R regions."""
+
+    root: Path
+    table: pa.Table
+    image_id: np.ndarray  # (I,)
+    split: np.ndarray  # (I,) str
+    filepath: list[str]  # (I,)
+    image_size: np.ndarray  # (I, 2) [width, height]
+    text: list[str]  # (I,)
+    region_offsets: np.ndarray  # (I + 1,)
+    boxes: np.ndarray  # (R, 4) float32
+    attr_offsets: np.ndarray  # (I + 1,) into attr_ids
+    attr_ids: np.ndarray  # vocabulary index of each image's attributes
+    reg_attr_offsets: Optional[np.ndarray]  # (R + 1,) into reg_attr_ids, when reg_to_attr is present
+    reg_attr_ids: Optional[np.ndarray]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_id)
+
+    @property
+    def n_regions(self) -> np.ndarray:
+        return np.diff(self.region_offsets)
+
+    def attribute_matrix(self, n_attributes: int) -> np.ndarray:
+        """(I, A) bool: which attributes each image's text mentions."""
+        m = np.zeros((self.n_images, n_attributes), dtype=bool)
+        img = np.repeat(np.arange(self.n_images), np.diff(self.attr_offsets))
+        m[img, self.attr_ids] = True
+        return m
+
+    def region_attribute_matrix(self, n_attributes: int) -> Optional[np.ndarray]:
+        """(R, A) bool ground truth from ``reg_to_attr``, or None when the dataset has none."""
+        if self.reg_attr_offsets is None:
+            return None
+        m = np.zeros((len(self.boxes), n_attributes), dtype=bool)
+        reg = np.repeat(np.arange(len(self.boxes)), np.diff(self.reg_attr_offsets))
+        m[reg, self.reg_attr_ids] = True
+        return m
+
+    def split_mask(self, split: str) -> np.ndarray:
+        return self.split == split
+
+
+def _list_offsets(col: pa.ChunkedArray, name: str) -> tuple[np.ndarray, pa.Array]:
+    arr = col.combine_chunks()
+    if not pa.types.is_list(arr.type) and not pa.types.is_large_list(arr.type):
+        raise VillaError(f"column {name!r} must hold a list per row, found {arr.type}; see docs/data_format.md")
+    if arr.null_count:
+        row = int(np.flatnonzero(np.asarray(arr.is_null()))[0])
+        raise VillaError(f"column {name!r} is null at row {row}; give every row a (possibly empty) list")
+    return np.asarray(arr.offsets, dtype=np.int64), arr.flatten()
+
+
+def _encode_names(values: pa.Array, vocab: Vocabulary, where: str, ids_of_rows: np.ndarray, ids: list) -> np.ndarray:
+    names = values.to_numpy(zero_copy_only=False).astype(object)
+    lookup = vocab.index
+    out = np.fromiter((lookup.get(n, -1) for n in names), dtype=np.int64, count=len(names))
+    bad = np.flatnonzero(out < 0)
+    if len(bad):
+        i = bad[0]
+        raise VillaError(
+            f"unknown attribute {names[i]!r} in {where} of image {ids[ids_of_rows[i]]!r}: not in the "
+            f"{vocab.name!r} vocabulary; add it to the dataset config or fix the annotations"
+        )
+    return out
+
+
+def load_annotations(
+    data_dir: PathLike,
+    vocab: Vocabulary,
+    required_splits: Sequence[str] = ("train",),
+    check_images: bool = True,
+) -> Annotations:
+    """Read and validate ``<data_dir>/annotations.feather``; raise :class:`VillaError` on the first problem."""
+    root = Path(data_dir)
+    path = root / "annotations.feather"
+    if not root.is_dir():
+        raise VillaError(f"dataset folder not found: {root}; generate it or pass the right data_dir")
+    if not path.is_file():
+        raise VillaError(f"{path} not found; a dataset folder needs annotations.feather (docs/data_format.md)")
+    try:
+        table = feather.read_table(str(path))
+    except Exception as e:
+        raise VillaError(f"cannot read {path}: {e}") from e
+    for col, what in REQUIRED_COLUMNS.items():
+        if col not in table.column_names:
+            raise VillaError(f"{path}: missing column {col!r} ({what}); see docs/data_format.md")
+    n = table.num_rows
+    if n == 0:
+        raise VillaError(f"{path} has no rows")
+    image_id = table.column("image_id").to_numpy(zero_copy_only=False)
+    ids = image_id.tolist()  # plain Python values for messages
+    if len(np.unique(image_id)) != n:
+        raise VillaError(f"{path}: column 'image_id' has duplicates; ids must be unique")
+    split = np.asarray(table.column("split").to_numpy(zero_copy_only=False)).astype(str)
+    for s in required_splits:
+        if not (split == s).any():
+            present = ", ".join(sorted(set(split)))
+            raise VillaError(f"split {s!r} is empty in {path} (splits present: {present}); add {s} rows")
+    # regions and boxes
+    reg_off, coords = _list_offsets(table.column("region_coord"), "region_coord")
+    n_reg = np.diff(reg_off)
+    num_regions = table.column("num_regions").to_numpy().astype(np.int64)
+    bad = np.flatnonzero(num_regions != n_reg)
+    if len(bad):
+        i = bad[0]
+        raise VillaError(
+            f"image {ids[i]!r}: num_regions={num_regions[i]} but region_coord has {n_reg[i]} boxes; make them agree"
+        )
+    if (n_reg == 0).any():
+        i = int(np.flatnonzero(n_reg == 0)[0])
+        raise VillaError(f"image {ids[i]!r} has no region; drop it or give it at least one box")
+    if not (pa.types.is_list(coords.type) or pa.types.is_fixed_size_list(coords.type)):
+        raise VillaError(f"region_coord must be a list of [x0, y0, x1, y1] per image, found {coords.type}")
+    box_len = np.diff(np.asarray(coords.offsets)) if pa.types.is_list(coords.type) else None
+    if box_len is not None and (box_len != 4).any():
+        r = int(np.flatnonzero(box_len != 4)[0])
+        i = int(np.searchsorted(reg_off, r, side="right") - 1)
+        raise VillaError(f"image {ids[i]!r}: region {r - reg_off[i]} has {box_len[r]} coordinates, expected 4")
+    boxes = np.asarray(coords.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, 4)
+    size_off, sizes = _list_offsets(table.column("image_size"), "image_size")
+    if (np.diff(size_off) < 2).any():
+        i = int(np.flatnonzero(np.diff(size_off) < 2)[0])
+        raise VillaError(f"image {ids[i]!r}: image_size must be [width, height]")
+    sizes = np.asarray(sizes.to_numpy(zero_copy_only=False), dtype=np.float64)
+    wh = np.stack([sizes[size_off[:-1]], sizes[size_off[:-1] + 1]], 1)
+    reg_img = np.repeat(np.arange(n), n_reg)
+    w, h = wh[reg_img, 0], wh[reg_img, 1]
+    outside = (
+        (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
+        | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    )  # fmt: skip
+    if outside.any():
+        r = int(np.flatnonzero(outside)[0])
+        i = reg_img[r]
+        raise VillaError(
+            f"image {ids[i]!r}: box {boxes[r].tolist()} (region {r - reg_off[i]}) is outside its "
+            f"{int(wh[i, 0])}x{int(wh[i, 1])} image or empty; boxes are [x0, y0, x1, y1] in pixels"
+        )
+    # attributes
+    attr_off, attr_vals = _list_offsets(table.column("attributes"), "attributes")
+    attr_ids = _encode_names(attr_vals, vocab, "'attributes'", np.repeat(np.arange(n), np.diff(attr_off)), ids)
+    reg_attr_off = reg_attr_ids = None
+    if "reg_to_attr" in table.column_names:
+        ra_off, ra_lists = _list_offsets(table.column("reg_to_attr"), "reg_to_attr")
+        if not np.array_equal(np.diff(ra_off), n_reg):
+            i = int(np.flatnonzero(np.diff(ra_off) != n_reg)[0])
+            raise VillaError(f"image {ids[i]!r}: reg_to_attr must have one list per region ({n_reg[i]})")
+        reg_attr_off = np.asarray(ra_lists.offsets, dtype=np.int64)
+        reg_attr_ids = _encode_names(
+            ra_lists.flatten(),
+            vocab,
+            "'reg_to_attr'",
+            reg_img[np.repeat(np.arange(len(boxes)), np.diff(reg_attr_off))],
+            ids,
+        )
+    filepath = table.column("image_filepath").to_pylist()
+    if check_images:
+        check_image_files(root, filepath, ids)
+    text = table.column("text").to_pylist()
+    if any(t is None for t in text):
+        i = text.index(None)
+        raise VillaError(f"image {ids[i]!r}: text is null; give every image its caption")
+    return Annotations(
+        root=root,
+        table=table,
+        image_id=image_id,
+        split=split,
+        filepath=filepath,
+        image_size=wh.astype(np.int64),
+        text=text,
+        region_offsets=reg_off,
+        boxes=boxes,
+        attr_offsets=attr_off,
+        attr_ids=attr_ids,
+        reg_attr_offsets=reg_attr_off,
+        reg_attr_ids=reg_attr_ids,
+    )
+
+
+def check_image_files(root: Path, filepath: list[str], ids: list) -> None:
+    """Every image exists and its header reads (decoding errors are reported by the loader, naming the file)."""
+    for i, p in enumerate(filepath):
+        full = root / p
+        try:
+            with Image.open(full) as im:
+                im.size  # noqa: B018 - reads the header
+        except FileNotFoundError as e:
+            raise VillaError(f"image {ids[i]!r}: file {full} not found; image_filepath is relative to {root}") from e
+        except Exception as e:
+            raise VillaError(f"image {ids[i]!r}: cannot read {full} ({type(e).__name__}); replace the file") from e

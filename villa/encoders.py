@@ -1,0 +1,248 @@
+"""CLIP encoders through open_clip's factory, and the region path of ViLLA's image tower.
+
+- :func:`create_clip` builds any open_clip model by name, with ``pretrained`` an open_clip tag (``openai``),
+  a local checkpoint path (open_clip's or one villa wrote), or none (random init, with one warning).
+- villa's small configs (``villa-tiny-rn``, ``villa-small-rn``: the RN50 structure with fewer and narrower
+  layers) are registered with open_clip on import, so tests and the CPU demo run the same code path as RN50.
+- :class:`RegionEncoder` embeds boxes: backbone to the third stage over whole images, one ROI-Align over all
+  boxes of the batch, then the last stage and the attention pool (the original's path, batched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from torch import nn
+from torchvision.ops import roi_align
+
+from villa.errors import VillaError
+from villa.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NO_WEIGHTS = (None, "", "none", "None", "random")
+_warned_random: set[str] = set()
+
+
+@dataclass
+class Clip:
+    """An open_clip model with what describes it: name, weights source and embedding size."""
+
+    model: nn.Module
+    model_name: str
+    pretrained: Optional[str]
+    embed_dim: int
+    model_cfg: dict
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """What identifies these weights, recorded next to every embedding file."""
+        return {"model": self.model_name, "pretrained": self.pretrained or "none", "embed_dim": self.embed_dim}
+
+
+def _register_config(name: str, cfg: dict) -> None:
+    """Make a model config (e.g. recorded in one of our checkpoints) known to open_clip under ``name``."""
+    if open_clip.get_model_config(name) is not None:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(Path(d) / f"{name}.json")
+
+
+@contextlib.contextmanager
+def _quiet_root(prefix: str):
+    """Drop open_clip's own root-logger message starting with ``prefix`` while the block runs."""
+    root = logging.getLogger()
+    filt = _PrefixFilter(prefix)
+    root.addFilter(filt)
+    try:
+        yield
+    finally:
+        root.removeFilter(filt)
+
+
+class _PrefixFilter(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def is_villa_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == "villa-clip" and "state_dict" in obj
+
+
+def create_clip(
+    model_name: str = "RN50",
+    pretrained: Optional[str] = "openai",
+    device: Union[str, torch.device] = "cpu",
+    precision: str = "fp32",
+) -> Clip:
+    """Build a CLIP model with open_clip's factory.
+
+    ``pretrained``: an open_clip tag (``openai``), a local checkpoint path (open_clip's format, or a
+    checkpoint written by villa's ``pretrain`` mode / Stage 2), or none for random init (warned once per model).
+    """
+    ckpt = None
+    if pretrained not in NO_WEIGHTS and (os.sep in str(pretrained) or os.path.exists(str(pretrained))):
+        path = Path(str(pretrained))
+        if not path.is_file():
+            raise VillaError(f"pretrained checkpoint not found: {path}; pass an existing file, a tag or none")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if is_villa_checkpoint(obj):
+            ckpt = obj
+            saved = obj["model_name"]
+            if model_name not in (saved, None, "", "auto"):
+                raise VillaError(
+                    f"checkpoint {path} holds a {saved!r} model but model={model_name!r}; set model={saved}"
+                )
+            model_name = saved
+            _register_config(model_name, obj["model_cfg"])
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        known = ", ".join(sorted(open_clip.list_models())[:8])
+        raise VillaError(f"unknown model {model_name!r}: use an open_clip name (e.g. {known}, ...) or villa-tiny-rn")
+    if pretrained in NO_WEIGHTS:
+        if model_name not in _warned_random:
+            log.warning(
+                "%s: no pretrained weights (pretrained=none): random init, results will not match the paper; "
+                "pass pretrained=openai or a checkpoint path",
+                model_name,
+            )
+            _warned_random.add(model_name)
+        with _quiet_root("No pretrained weights loaded"):  # ours above is the one warning
+            model = open_clip.create_model(model_name, pretrained=None, precision=precision, device=device)
+        pretrained = None
+    elif ckpt is not None:
+        with _quiet_root("No pretrained weights loaded"):  # weights come from the checkpoint just below
+            model = open_clip.create_model(model_name, pretrained=None, precision=precision, device="cpu")
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        model = model.to(device)
+    else:
+        try:
+            model = open_clip.create_model(model_name, pretrained=str(pretrained), precision=precision, device=device)
+        except Exception as e:  # open_clip raises RuntimeError / OSError / hub errors when offline
+            raise VillaError(
+                f"could not load pretrained={pretrained!r} for {model_name} ({type(e).__name__}: {str(e)[:120]}); "
+                "offline, pass a local checkpoint path or pretrained=none"
+            ) from e
+    model.eval()
+    return Clip(model, model_name, None if pretrained is None else str(pretrained), int(cfg["embed_dim"]), cfg)
+
+
+def save_clip_checkpoint(
+    clip_model: nn.Module, model_name: str, model_cfg: dict, path: Union[str, Path], **extra
+) -> None:
+    """Write a self-describing CLIP checkpoint that :func:`create_clip` loads as ``pretrained=<path>``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = {
+        "format": "villa-clip",
+        "model_name": model_name,
+        "model_cfg": model_cfg,
+        "state_dict": clip_model.state_dict(),
+    }
+    obj.update(extra)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class RegionEncoder(nn.Module):
+    """ViLLA's region path on an open_clip ModifiedResNet (RN50 and villa's small configs).
+
+    Images (B, 3, H, W) in [0, 1] -> stem, layer1..layer3 -> ROI-Align of every box (output
+    ``2 * attnpool grid``, 14x14 for RN50; spatial scale = feature width / image width; sampling ratio 0;
+    aligned) -> layer4 -> attention pool -> (K, D) region embeddings (not normalised).
+    """
+
+    def __init__(self, visual: nn.Module, normalize: bool = False, input_size: Optional[int] = None):
+        super().__init__()
+        if not isinstance(visual, ModifiedResNet):
+            raise VillaError(
+                f"the region path needs a ModifiedResNet image tower (RN50, villa-tiny-rn...), got {type(visual).__name__}"
+            )
+        self.visual = visual
+        grid = int(round((visual.attnpool.positional_embedding.shape[0] - 1) ** 0.5))
+        self.roi_size = 2 * grid
+        self.normalize = normalize
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.output_dim
+
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = images.to(v.conv1.weight.dtype)
+        return v.layer3(v.layer2(v.layer1(v.stem(x))))
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) float in [0, 1]; boxes (K, 4) [x0, y0, x1, y1] in pixels; box_image (K,) long."""
+        if self.normalize:
+            images = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        h, w = images.shape[-2:]
+        if self.input_size is not None and (h, w) != (self.input_size, self.input_size):
+            images = F.interpolate(
+                images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
+            )
+            boxes = boxes * boxes.new_tensor([self.input_size / w, self.input_size / h] * 2)
+            w = self.input_size
+        feat = self.trunk(images)
+        rois = torch.cat([box_image[:, None].to(boxes.dtype), boxes], dim=1).to(feat.dtype)
+        x = roi_align(
+            feat, rois, output_size=self.roi_size, spatial_scale=feat.shape[-1] / w, sampling_ratio=0, aligned=True
+        )
+        x = self.visual.layer4(x)
+        return self.visual.attnpool(x)
+
+
+@torch.no_grad()
+def encode_texts(
+    clip: Clip, texts: Sequence[str], runtime: Runtime, batch_size: int = 1024, normalize: bool = True
+) -> torch.Tensor:
+    """Text embeddings (N, D) float32 on CPU, in large batches."""
+    tokenizer = open_clip.get_tokenizer(clip.model_name)
+    out = []
+    for s in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[s : s + batch_size])).to(runtime.device)
+        with runtime.autocast():
+            z = clip.model.encode_text(tokens)
+        z = z.float()
+        out.append(F.normalize(z, dim=-1) if normalize else z)
+    if not out:
+        return torch.zeros(0, clip.embed_dim)
+    return torch.cat(out).cpu()
+
+
+def encode_attributes(clip: Clip, vocab, runtime: Runtime) -> torch.Tensor:
+    """Each attribute's embedding: its prompts' text embeddings, averaged, then L2-normalised (the original's).
+
+    (A, D) float32 in vocabulary order; all prompts go through the text encoder in one batch.
+    """
+    prompts = [p for a in vocab.attributes for p in vocab.prompts(a)]
+    counts = torch.tensor([len(vocab.prompts(a)) for a in vocab.attributes])
+    z = encode_texts(clip, prompts, runtime, normalize=False)
+    owner = torch.repeat_interleave(torch.arange(len(vocab)), counts)
+    mean = torch.zeros(len(vocab), z.shape[1]).index_add_(0, owner, z) / counts[:, None]
+    return F.normalize(mean, dim=-1)

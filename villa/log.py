@@ -1,0 +1,13 @@
+"""Logging for the command-line entry points: villa's own loggers at INFO, third-party chatter at WARNING."""
+
+from __future__ import annotations
+
+import logging
+
+OUR_LOGGERS = ("villa", "docmnist", "preprocess", "__main__")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(level)
