@@ -50,3 +50,31 @@ def tiny_docmnist(tmp_path_factory, mnist) -> Path:
     return generate(
         1200, 16, seed=23, out_dir=str(out), mnist_dir=mnist, val_budget=300, test_budget=300, progress=False
     )
+
+
+@pytest.fixture(scope="session")
+def synthetic_stage1(tmp_path_factory, mnist):
+    """A small DocMNIST with encoder-free embeddings that carry each region's attributes (villa.synthetic)."""
+    from docmnist.generate_docmnist import generate
+    from villa.data_format import load_annotations
+    from villa.synthetic import write_synthetic_embeddings
+    from villa.vocab import load_vocab
+
+    out = tmp_path_factory.mktemp("synth")
+    data = generate(
+        4000, 16, seed=23, out_dir=str(out), mnist_dir=mnist, val_budget=800, test_budget=400, progress=False
+    )
+    vocab = load_vocab("docmnist")
+    ann = load_annotations(data, vocab, check_images=False)
+    emb = write_synthetic_embeddings(ann, vocab, out / "embeddings", dim=32, seed=0)
+    return data, emb
+
+
+def compose_config(name: str, overrides: list[str]):
+    """The real Hydra config with test overrides (lightning-hydra-template style)."""
+    from hydra import compose, initialize_config_dir
+
+    from villa.paths import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(name, overrides=overrides)

@@ -1,0 +1,211 @@
+"""Stage 1: batched heads, the original's loss, the mapping rule, mapping.feather, quality, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import compose_config
+
+from villa.errors import VillaError
+from villa.losses import stage1_loss
+from villa.mapping import assign, assign_text
+from villa.models import MultiHeadProjection, separate_heads
+from villa.stage1 import train_stage1
+from villa.vocab import load_vocab
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = load_vocab("docmnist")
+
+
+def stage1_cfg(data: Path, emb: Path, tmp: Path, *extra: str):
+    return compose_config(
+        "stage1",
+        [
+            "experiment=docmnist_stage1",
+            f"data_dir={data}",
+            f"embeddings_dir={emb}",
+            f"mapping_path={tmp / 'mapping.feather'}",
+            f"checkpoint_dir={tmp / 'ckpt'}",
+            "device=cpu",
+            "progress=false",
+            "batch_size=16",
+            "lr=1e-3",
+            *extra,
+        ],
+    )
+
+
+def test_batched_heads_equal_separate_heads():
+    torch.manual_seed(0)
+    heads = separate_heads(16, 5)
+    x = torch.randn(7, 16)
+    for adapter in (False, True):
+        m = MultiHeadProjection.from_heads(list(heads), adapter=adapter)
+        out = m(x)
+        ref = torch.stack([h(x) for h in heads])
+        if adapter:
+            ref = 0.2 * ref + 0.8 * x
+        assert out.shape == (5, 7, 16)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m(x, heads=torch.tensor([3, 1])), m(x)[[3, 1]])
+
+
+def test_one_proj_shares_a_head():
+    m = MultiHeadProjection(8, 4, one_proj=True)
+    assert m.w1.shape == (1, 8, 8)
+    out = m(torch.randn(3, 8))
+    assert out.shape == (4, 3, 8) and torch.equal(out[0], out[3])
+
+
+def _loss_by_hand(scores, region_image, attrs, t, original):
+    b, a = attrs.shape
+    s = torch.full((b, a), -math.inf)
+    for r, i in enumerate(region_image.tolist()):
+        s[i] = torch.maximum(s[i], scores[r] / t)
+    terms = []
+    for k in range(a):
+        pos = [i for i in range(b) if attrs[i, k]]
+        neg = [j for j in range(b) if not attrs[j, k]]
+        for i in pos:
+            den = math.exp(s[i, k]) + sum(math.exp(s[j, k]) for j in neg) + (len(pos) if original else 0)
+            terms.append(-math.log(math.exp(s[i, k]) / den))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("original", [True, False])
+def test_loss_matches_hand_computation(original):
+    g = torch.Generator().manual_seed(1)
+    region_image = torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    scores = torch.rand(7, 5, generator=g) * 2 - 1
+    attrs = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 1, 0, 0], [1, 1, 0, 0, 1], [0, 0, 1, 0, 1]], dtype=torch.bool)
+    got = stage1_loss(scores, region_image, attrs, 0.07, original=original)
+    assert got.item() == pytest.approx(_loss_by_hand(scores, region_image, attrs, 0.07, original), rel=1e-5)
+
+
+def test_original_denominator_is_larger():
+    scores, ri = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    attrs = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    assert stage1_loss(scores, ri, attrs, original=True) > stage1_loss(scores, ri, attrs, original=False)
+
+
+def test_assignment_rule():
+    offsets = np.array([0, 3, 5])
+    scores = np.array([[0.9, 0.1], [0.75, 0.5], [0.2, 0.45], [0.3, 0.9], [0.4, 0.2]], dtype=np.float32)
+    attrs = np.array([[True, True], [False, True]])
+    got = assign(scores, offsets, attrs, epsilon=0.2)
+    expected = np.array([[1, 0], [1, 1], [0, 1], [0, 1], [0, 0]], dtype=bool)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_assign_text_picks_matching_sentences():
+    texts = ["the color is red . the image is red . the number is a one . there is a circle"]
+    assigned = np.zeros((2, len(VOCAB)), bool)
+    assigned[0, [VOCAB.index["red"], VOCAB.index["one"]]] = True
+    assigned[1, VOCAB.index["circle"]] = True
+    picks = {assign_text(texts, np.array([0, 2]), assigned, VOCAB, np.random.default_rng(s))[0] for s in range(20)}
+    assert picks == {"the number is a one . the color is red", "the number is a one . the image is red"}
+    assert assign_text(texts, np.array([0, 2]), assigned, VOCAB, np.random.default_rng(0))[1] == "there is a circle"
+
+
+def test_stage1_learns_synthetic_mapping(synthetic_stage1, tmp_path):
+    data, emb = synthetic_stage1
+    metrics = train_stage1(stage1_cfg(data, emb, tmp_path, "epochs=8"))
+    q = metrics["quality"]
+    assert q["stage1"]["all"]["all"]["f1"] >= 0.95
+    assert q["stage1"]["test"]["all"]["f1"] >= 0.95
+    assert q["stage1"]["all"]["all"]["f1"] > q["zero_shot"]["all"]["all"]["f1"] + 0.3
+    saved = json.loads((tmp_path / "mapping_quality.json").read_text())
+    assert saved["quality"]["stage1"]["all"]["digit"]["f1"] == pytest.approx(q["stage1"]["all"]["digit"]["f1"])
+    df = pd.read_feather(tmp_path / "mapping.feather")
+    assert {"assigned_attributes", "assigned_text", "split", "reg_to_attr"} <= set(df.columns)
+    assert set(df.split) == {"train", "val", "test"}
+    for row in df.head(50).itertuples():
+        assert len(row.assigned_attributes) == len(row.assigned_text) == row.num_regions
+        caption = {s.strip() for s in row.text.split(".")}
+        for attrs, text in zip(row.assigned_attributes, row.assigned_text):
+            assert set(attrs) <= set(row.attributes)
+            sentences = text.split(" . ") if len(attrs) else []
+            assert len(sentences) == len(attrs) and set(sentences) <= caption
+            for a, s in zip(attrs, sentences):
+                assert a in s.split()
+    lines = (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and json.loads(lines[-1])["val_loss"] < json.loads(lines[0])["val_loss"]
+
+
+def test_resume_equals_uninterrupted(synthetic_stage1, tmp_path):
+    data, emb = synthetic_stage1
+    train_stage1(stage1_cfg(data, emb, tmp_path / "a", "epochs=3"))
+    train_stage1(stage1_cfg(data, emb, tmp_path / "b", "epochs=1"))
+    train_stage1(stage1_cfg(data, emb, tmp_path / "b", "epochs=3"))  # resumes from b/ckpt/last.pt
+    a = torch.load(tmp_path / "a" / "ckpt" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    assert a["config"]["epochs"] == 3 and a["encoder"]["model"] == "synthetic"
+
+
+def test_overrides_one_proj_and_adapter(synthetic_stage1, tmp_path):
+    data, emb = synthetic_stage1
+    cfg = stage1_cfg(
+        data, emb, tmp_path, "epochs=1", "model.one_proj=true", "model.adapter=true", "original_loss=false"
+    )
+    m = train_stage1(cfg)
+    state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    assert state["model"]["w1"].shape[0] == 1 and state["model_args"]["adapter"] is True
+    assert "quality" in m
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_inputs(synthetic_stage1, tmp_path):
+    data, emb = synthetic_stage1
+    with pytest.raises(VillaError, match="embeddings folder not found"):
+        train_stage1(stage1_cfg(data, tmp_path / "none", tmp_path, "epochs=1"))
+    mixed = _copy(emb, tmp_path / "mixed")
+    meta = json.loads((mixed / "meta.json").read_text())
+    meta["attribute_encoder"]["model"] = "RN50"
+    (mixed / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(VillaError, match="attribute embeddings from RN50"):
+        train_stage1(stage1_cfg(data, mixed, tmp_path, "epochs=1"))
+    d2 = _copy(data, tmp_path / "noval")
+    df = pd.read_feather(d2 / "annotations.feather")
+    df[df.split != "val"].reset_index(drop=True).to_feather(d2 / "annotations.feather")
+    with pytest.raises(VillaError, match="split 'val' is empty"):
+        train_stage1(stage1_cfg(d2, emb, tmp_path, "epochs=1"))
+    d3 = _copy(data, tmp_path / "unknown")
+    df = pd.read_feather(d3 / "annotations.feather")
+    df.at[0, "attributes"] = ["mauve"]
+    df.to_feather(d3 / "annotations.feather")
+    with pytest.raises(VillaError, match="unknown attribute 'mauve'"):
+        train_stage1(stage1_cfg(d3, emb, tmp_path, "epochs=1"))
+
+
+def test_cli_reports_one_line(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "villa.stage1", f"data_dir={tmp_path / 'missing'}", "device=cpu"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: dataset folder not found")
+
+
+def test_scores_are_cosines(synthetic_stage1):
+    m = MultiHeadProjection(8, 3)
+    x, e = torch.randn(5, 8), torch.randn(3, 8)
+    s = m.scores(x, e)
+    ref = torch.stack([F.cosine_similarity(m(x)[a], e[a][None], dim=-1) for a in range(3)], 1)
+    torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,70 @@
+"""Stage 1's mapping model: one projection head per attribute, all heads as one batched tensor operation."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MultiHeadProjection(nn.Module):
+    """H heads, each ``Linear(D, D) -> ReLU -> Linear(D, D)``, applied to every region (the paper's Stage 1).
+
+    The H heads' weights are stacked, (H, D, D), and applied with one batched matmul; ``one_proj`` shares one
+    head across attributes; ``adapter`` returns ``0.2 * head(x) + 0.8 * x``. Initialised as ``nn.Linear``.
+    """
+
+    def __init__(self, dim: int, n_heads: int, one_proj: bool = False, adapter: bool = False):
+        super().__init__()
+        self.dim, self.n_attributes = dim, n_heads
+        self.one_proj, self.adapter = one_proj, adapter
+        h = 1 if one_proj else n_heads
+        self.w1 = nn.Parameter(torch.empty(h, dim, dim))  # (H, out, in) as nn.Linear.weight
+        self.b1 = nn.Parameter(torch.empty(h, 1, dim))
+        self.w2 = nn.Parameter(torch.empty(h, dim, dim))
+        self.b2 = nn.Parameter(torch.empty(h, 1, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1 / math.sqrt(self.dim)  # nn.Linear: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
+        for p in (self.w1, self.b1, self.w2, self.b2):
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x: torch.Tensor, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (R, D) -> (H, R, D): every head applied to every region (or only the heads listed in ``heads``)."""
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        if heads is not None and not self.one_proj:
+            w1, b1, w2, b2 = w1[heads], b1[heads], w2[heads], b2[heads]
+        h = F.relu(torch.matmul(x, w1.transpose(1, 2)) + b1)  # (H, R, D)
+        out = torch.matmul(h, w2.transpose(1, 2)) + b2
+        n = self.n_attributes if heads is None else len(heads)
+        if self.one_proj:
+            out = out.expand(n, -1, -1)
+        if self.adapter:
+            out = 0.2 * out + 0.8 * x.unsqueeze(0)
+        return out
+
+    def scores(self, x: torch.Tensor, attr_emb: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of every region under every head with that head's attribute: (R, A)."""
+        z = F.normalize(self(x), dim=-1)  # (A, R, D)
+        return torch.einsum("ard,ad->ra", z, F.normalize(attr_emb, dim=-1))
+
+    @classmethod
+    def from_heads(cls, heads: list[nn.Sequential], adapter: bool = False) -> MultiHeadProjection:
+        """Stack separate ``Sequential(Linear, ReLU, Linear)`` heads (the original's modules) into one model."""
+        dim = heads[0][0].in_features
+        m = cls(dim, len(heads), adapter=adapter)
+        with torch.no_grad():
+            m.w1.copy_(torch.stack([h[0].weight for h in heads]))
+            m.b1.copy_(torch.stack([h[0].bias for h in heads])[:, None])
+            m.w2.copy_(torch.stack([h[2].weight for h in heads]))
+            m.b2.copy_(torch.stack([h[2].bias for h in heads])[:, None])
+        return m
+
+
+def separate_heads(dim: int, n_heads: int) -> nn.ModuleList:
+    """The original's layout, one module per attribute; used as the reference in tests and benchmarks."""
+    return nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) for _ in range(n_heads))

@@ -1,0 +1,258 @@
+"""Stage 1: learn, without region labels, which region each caption attribute belongs to; write mapping.feather.
+
+    python -m villa.stage1 experiment=docmnist_stage1 [epochs=10 batch_size=16 model.one_proj=true data_dir=...]
+
+Trains :class:`villa.models.MultiHeadProjection` on frozen region/attribute embeddings (from preprocessing) with
+the original's loss (:func:`villa.losses.stage1_loss`), then assigns every attribute of every image to regions
+(:mod:`villa.mapping`) and scores the mapping against ``reg_to_attr`` next to the zero-shot rule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from villa.data import RegionBank, image_batches
+from villa.data_format import Annotations, load_annotations
+from villa.embeddings import EmbeddingSet, open_embeddings
+from villa.errors import VillaError
+from villa.log import setup_logging
+from villa.losses import stage1_loss
+from villa.mapping import assign, assign_text, score_regions, write_mapping
+from villa.metrics import mapping_quality
+from villa.models import MultiHeadProjection
+from villa.paths import config_dir
+from villa.runtime import Runtime, get_runtime, seed_everything
+from villa.training import (
+    check_finite,
+    config_dict,
+    load_checkpoint,
+    log_epoch,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from villa.vocab import Vocabulary, vocab_from_dict
+
+log = logging.getLogger(__name__)
+
+
+def load_inputs(cfg: DictConfig) -> tuple[Vocabulary, Annotations, EmbeddingSet]:
+    """The vocabulary, validated annotations and matching embeddings; bad input is one VillaError line."""
+    vocab = vocab_from_dict(OmegaConf.to_container(cfg.dataset, resolve=True), source=f"dataset={cfg.dataset.name}")
+    ann = load_annotations(Path(cfg.data_dir), vocab, required_splits=("train", "val"), check_images=False)
+    emb = open_embeddings(Path(cfg.embeddings_dir), vocab)
+    if len(emb.image_id) != ann.n_images or not np.array_equal(emb.image_id, ann.image_id):
+        raise VillaError(
+            f"embeddings in {cfg.embeddings_dir} were made for another annotations.feather than {cfg.data_dir} "
+            f"({len(emb.image_id)} vs {ann.n_images} images); re-run preprocessing on this dataset"
+        )
+    return vocab, ann, emb
+
+
+def run_epoch(
+    model: MultiHeadProjection,
+    bank: RegionBank,
+    attrs: torch.Tensor,
+    attr_emb: torch.Tensor,
+    rows: np.ndarray,
+    cfg: DictConfig,
+    runtime: Runtime,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    generator: torch.Generator | None = None,
+    epoch: int = 0,
+    last_ckpt: Path | None = None,
+) -> float:
+    """One pass over ``rows``: trains when an optimizer is given, else evaluates. Returns the mean loss."""
+    train = optimizer is not None
+    model.train(train)
+    total, n = 0.0, 0
+    batches = list(image_batches(rows, cfg.batch_size, shuffle=train, generator=generator))
+    for step, batch in enumerate(
+        tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not (cfg.progress and train))
+    ):
+        x, region_image = bank.gather(batch)
+        with torch.set_grad_enabled(train), runtime.autocast():
+            scores = model.scores(x, attr_emb)
+            loss = stage1_loss(scores, region_image, attrs[batch], cfg.temperature, original=cfg.original_loss)
+        if train:
+            check_finite(loss, step, epoch + 1, last_ckpt)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if cfg.log_every and step % cfg.log_every == 0:
+                log.info("epoch %d step %d/%d loss=%.4f", epoch + 1, step, len(batches), loss.item())
+        total += loss.item() * len(batch)
+        n += len(batch)
+    return total / max(n, 1)
+
+
+def train_stage1(cfg: DictConfig) -> dict[str, Any]:
+    """Train Stage 1, write mapping.feather and mapping_quality.json; return the metrics."""
+    t_start = time.perf_counter()
+    vocab, ann, emb = load_inputs(cfg)
+    runtime = get_runtime(cfg.device, cfg.amp)
+    generator = seed_everything(cfg.seed)
+    bank = RegionBank(emb, runtime.device)
+    attrs = torch.from_numpy(ann.attribute_matrix(len(vocab))).to(runtime.device)
+    attr_emb = torch.from_numpy(emb.attributes).to(runtime.device)
+    model: MultiHeadProjection = instantiate(cfg.model, dim=emb.dim, n_heads=len(vocab)).to(runtime.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    start_epoch, best_val = 0, float("inf")
+    if cfg.resume and last.exists():
+        state = load_checkpoint(last)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise VillaError(
+                f"{last} holds a different Stage 1 model ({str(e).splitlines()[0]}); set resume=false or delete it"
+            ) from e
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], generator)
+        start_epoch, best_val = state["epoch"], state["best_val"]
+        log.info("resumed from %s at epoch %d", last, start_epoch)
+    train_rows = np.flatnonzero(ann.split == "train")
+    val_rows = np.flatnonzero(ann.split == "val")
+    log.info(
+        "stage1: %d train / %d val images, D=%d, %d heads%s, %s",
+        len(train_rows), len(val_rows), emb.dim, len(vocab), " (one shared)" if cfg.model.one_proj else "", runtime.device,
+    )  # fmt: skip
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        train_loss = run_epoch(
+            model, bank, attrs, attr_emb, train_rows, cfg, runtime, optimizer, scaler, generator, epoch, last
+        )
+        with torch.no_grad():
+            val_loss = run_epoch(model, bank, attrs, attr_emb, val_rows, cfg, runtime, epoch=epoch)
+        improved = val_loss < best_val
+        best_val = min(best_val, val_loss)
+        state = {
+            "kind": "villa-stage1",
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "model_args": {
+                "dim": emb.dim,
+                "n_heads": len(vocab),
+                "one_proj": bool(cfg.model.one_proj),
+                "adapter": bool(cfg.model.adapter),
+            },
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(generator),
+            "best_val": best_val,
+            "encoder": emb.encoder,
+            "vocab": list(vocab.attributes),
+            "config": config_dict(cfg),
+        }
+        save_checkpoint(last, state)
+        if improved:
+            save_checkpoint(best, state)
+        log_epoch(
+            f"epoch {epoch + 1}/{cfg.epochs}",
+            {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best_val": best_val, "seconds": round(time.perf_counter() - t0, 2)},
+            ckpt_dir / "metrics.jsonl",
+        )  # fmt: skip
+    metrics = make_mapping(cfg, model, vocab, ann, emb, bank, runtime)
+    metrics["seconds"] = round(time.perf_counter() - t_start, 2)
+    return metrics
+
+
+def make_mapping(
+    cfg: DictConfig,
+    model: MultiHeadProjection,
+    vocab: Vocabulary,
+    ann: Annotations,
+    emb: EmbeddingSet,
+    bank: RegionBank,
+    runtime: Runtime,
+) -> dict[str, Any]:
+    """Assign attributes to regions for every split, write mapping.feather, score it and the zero-shot rule."""
+    model.eval()
+    attr_emb = torch.from_numpy(emb.attributes)
+    image_attrs = ann.attribute_matrix(len(vocab))
+    t0 = time.perf_counter()
+    scores = score_regions(bank, attr_emb, runtime, model, cfg.mapping_batch_regions)
+    assigned = assign(scores, ann.region_offsets, image_attrs, cfg.epsilon)
+    texts = assign_text(ann.text, ann.region_offsets, assigned, vocab, np.random.default_rng(cfg.seed))
+    out = Path(cfg.mapping_path)
+    write_mapping(ann.table, ann.region_offsets, assigned, texts, vocab, out)
+    secs = time.perf_counter() - t0
+    zs = assign(
+        score_regions(bank, attr_emb, runtime, None, cfg.mapping_batch_regions),
+        ann.region_offsets,
+        image_attrs,
+        cfg.epsilon,
+    )
+    result: dict[str, Any] = {
+        "mapping": str(out),
+        "images": int(ann.n_images),
+        "regions": int(len(ann.boxes)),
+        "assigned_pairs": int(assigned.sum()),
+        "mapping_seconds": round(secs, 3),
+        "encoder": emb.encoder,
+        "epsilon": cfg.epsilon,
+    }
+    gold = ann.region_attribute_matrix(len(vocab))
+    if gold is not None:
+        region_split = np.repeat(ann.split, ann.n_regions)
+        quality: dict[str, Any] = {}
+        for name, pred in (("stage1", assigned), ("zero_shot", zs)):
+            quality[name] = {"all": mapping_quality(pred, gold, vocab.attribute_group, vocab.groups)}
+            for split in ("train", "val", "test"):
+                m = region_split == split
+                if m.any():
+                    quality[name][split] = mapping_quality(pred[m], gold[m], vocab.attribute_group, vocab.groups)
+        result["quality"] = quality
+        print_quality(quality, vocab)
+    qpath = out.with_name(out.stem + "_quality.json")
+    tmp = qpath.with_name(f".{qpath.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(qpath)
+    log.info("wrote %s (%d regions, %d pairs, %.2fs) and %s", out, len(ann.boxes), assigned.sum(), secs, qpath.name)
+    return result
+
+
+def print_quality(quality: dict[str, Any], vocab: Vocabulary) -> None:
+    groups = list(vocab.groups)
+    head = f"{'mapping (all splits)':<22}{'P':>7}{'R':>7}{'F1':>7}" + "".join(f"{'F1 ' + g:>10}" for g in groups)
+    print(head)
+    for name, q in quality.items():
+        a = q["all"]["all"]
+        row = f"{name:<22}{100 * a['precision']:>7.1f}{100 * a['recall']:>7.1f}{100 * a['f1']:>7.1f}"
+        print(row + "".join(f"{100 * q['all'][g]['f1']:>10.1f}" for g in groups))
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="stage1")
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    try:
+        train_stage1(cfg)
+    except VillaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

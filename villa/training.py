@@ -1,0 +1,86 @@
+"""Training plumbing shared by Stage 1, Stage 2 and pretraining: self-describing checkpoints, RNG state, logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from villa.errors import VillaError
+from villa.paths import PathLike
+
+log = logging.getLogger(__name__)
+
+
+def rng_state(generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+    """All RNG states as tensors, ints and tuples, so checkpoints load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 - third-party code may use it
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: Optional[torch.Generator] = None) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
+    """Write with torch.save to a temp file, then os.replace: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise VillaError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def config_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def check_finite(loss: torch.Tensor, step: int, epoch: int, checkpoint: Optional[Path]) -> None:
+    """Stop the run with a clear message on a non-finite loss (the last good checkpoint is left untouched)."""
+    if not math.isfinite(loss.item()):
+        kept = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
+        raise VillaError(
+            f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}{kept}; lower lr or check inputs"
+        )
+
+
+def log_epoch(prefix: str, metrics: dict[str, Any], path: Optional[Path] = None) -> None:
+    """One concise log line per epoch; the same metrics appended as one JSON line to ``path``."""
+    parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+    log.info("%s %s", prefix, " ".join(parts))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
