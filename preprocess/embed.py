@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from villa.data_format import Annotations, load_annotations
 from villa.embeddings import FORMAT, encoder_meta, write_index, write_meta
-from villa.encoders import Clip, RegionEncoder, create_clip, encode_attributes
+from villa.encoders import Clip, RegionEncoder, calibrate_batchnorm, create_clip, encode_attributes
 from villa.errors import VillaError
 from villa.paths import PathLike, atomic_dir, resolve_data_dir
 from villa.runtime import Runtime, get_runtime, seed_everything
@@ -106,6 +106,24 @@ def embed_regions(
     bar.close()
 
 
+CALIBRATION_BATCH = 64
+
+
+def calibrate_on_data(encoder: RegionEncoder, ann: Annotations, runtime: Runtime, rows: np.ndarray) -> None:
+    """Random-init encoders: BatchNorm statistics from the first 10 batches of 64 images of ``rows`` (fixed, so
+    that results depend neither on the batch size nor on the number of processes; see
+    :func:`villa.encoders.calibrate_batchnorm`)."""
+    batch_size = CALIBRATION_BATCH
+
+    def batches():
+        for images, r in region_batches(ann, rows, batch_size, num_workers=0):
+            boxes, owner = boxes_of(ann, r)
+            yield images.to(runtime.device).float().div_(255), boxes.to(runtime.device), owner.to(runtime.device)
+
+    n = calibrate_batchnorm(encoder, batches())
+    log.info("random init: BatchNorm statistics estimated from %d batches of the data", n)
+
+
 def preprocess(
     data_dir: PathLike,
     dataset_config: str = "docmnist",
@@ -136,6 +154,8 @@ def preprocess(
     seed_everything(seed)  # random-init encoders (pretrained=none) are reproducible
     clip: Clip = create_clip(model, pretrained, device=runtime.device)
     encoder = RegionEncoder(clip.model.visual, normalize=normalize, input_size=input_size).to(runtime.device)
+    if clip.pretrained is None:
+        calibrate_on_data(encoder, ann, runtime, np.arange(ann.n_images))
     out = Path(out_dir) if out_dir else root / "embeddings"
     enc = encoder_meta(clip.source)
     with atomic_dir(out, overwrite=True) as tmp:

@@ -57,3 +57,71 @@ def image_batches(
     order = rows[torch.randperm(len(rows), generator=generator).numpy()] if shuffle else rows
     for s in range(0, len(order), batch_size):
         yield order[s : s + batch_size]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 2 / pretraining: (region box, text) pairs per image.
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a caption or region text: split on ".", stripped, empties dropped."""
+    return [s.strip() for s in text.split(".") if s.strip()]
+
+
+class PairSet:
+    """The training pairs of a set of images, as flat arrays: image i's pairs are ``offsets[i]:offsets[i+1]``.
+
+    ``text`` holds each pair's text (a region's assigned sentences, or the whole caption); ``boxes`` (P, 4).
+    """
+
+    def __init__(self, offsets: np.ndarray, boxes: np.ndarray, text: list[str]):
+        self.offsets, self.boxes, self.text = offsets, boxes.astype(np.float32), text
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.boxes)
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return gather_index(self.offsets, rows)
+
+
+def whole_image_boxes(image_size: np.ndarray) -> np.ndarray:
+    """The whole image as a region: [0, 0, W-1, H-1] (the original's box)."""
+    w, h = image_size[:, 0].astype(np.float32), image_size[:, 1].astype(np.float32)
+    z = np.zeros_like(w)
+    return np.stack([z, z, w - 1, h - 1], 1)
+
+
+def build_pairs(
+    image_size: np.ndarray,
+    captions: list[str],
+    region_offsets: Optional[np.ndarray] = None,
+    region_boxes: Optional[np.ndarray] = None,
+    region_text: Optional[list[str]] = None,
+) -> PairSet:
+    """Per image: every region that has text (ViLLA: Stage 1 assigned it at least one attribute), then the whole
+    image with the whole caption. Without regions (the one-to-one baseline, pretraining): only the whole image."""
+    n = len(captions)
+    whole = whole_image_boxes(image_size)
+    if region_offsets is None:
+        return PairSet(np.arange(n + 1), whole, list(captions))
+    keep = np.fromiter((bool(t) for t in region_text), dtype=bool, count=len(region_text))
+    counts = np.diff(region_offsets)
+    region_image = np.repeat(np.arange(n), counts)
+    kept_per_image = np.bincount(region_image[keep], minlength=n)
+    per_image = kept_per_image + 1
+    offsets = np.concatenate([[0], np.cumsum(per_image)])
+    boxes = np.empty((offsets[-1], 4), np.float32)
+    text: list[Optional[str]] = [None] * int(offsets[-1])
+    # region pairs go first within each image, the whole image last
+    kept_idx = np.flatnonzero(keep)
+    within = np.arange(len(kept_idx)) - np.repeat(np.cumsum(kept_per_image) - kept_per_image, kept_per_image)
+    dest = offsets[region_image[kept_idx]] + within
+    boxes[dest] = region_boxes[kept_idx]
+    for d, r in zip(dest.tolist(), kept_idx.tolist()):
+        text[d] = region_text[r]
+    last = offsets[1:] - 1
+    boxes[last] = whole
+    for d, c in zip(last.tolist(), captions):
+        text[d] = c
+    return PairSet(offsets, boxes, text)  # type: ignore[arg-type]

@@ -108,10 +108,13 @@ def load_annotations(
     vocab: Vocabulary,
     required_splits: Sequence[str] = ("train",),
     check_images: bool = True,
+    table_path: Optional[PathLike] = None,
+    required_columns: Sequence[str] = (),
 ) -> Annotations:
-    """Read and validate ``<data_dir>/annotations.feather``; raise :class:`VillaError` on the first problem."""
+    """Read and validate ``<data_dir>/annotations.feather`` (or ``table_path``, e.g. Stage 1's mapping.feather,
+    whose images are still under ``data_dir``); raise :class:`VillaError` on the first problem."""
     root = Path(data_dir)
-    path = root / "annotations.feather"
+    path = Path(table_path) if table_path is not None else root / "annotations.feather"
     if not root.is_dir():
         raise VillaError(f"dataset folder not found: {root}; generate it or pass the right data_dir")
     if not path.is_file():
@@ -123,6 +126,9 @@ def load_annotations(
     for col, what in REQUIRED_COLUMNS.items():
         if col not in table.column_names:
             raise VillaError(f"{path}: missing column {col!r} ({what}); see docs/data_format.md")
+    for col in required_columns:
+        if col not in table.column_names:
+            raise VillaError(f"{path}: missing column {col!r}; it is written by Stage 1 (python -m villa.stage1 ...)")
     n = table.num_rows
     if n == 0:
         raise VillaError(f"{path} has no rows")

@@ -17,7 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import open_clip
 import torch
@@ -246,3 +246,87 @@ def encode_attributes(clip: Clip, vocab, runtime: Runtime) -> torch.Tensor:
     owner = torch.repeat_interleave(torch.arange(len(vocab)), counts)
     mean = torch.zeros(len(vocab), z.shape[1]).index_add_(0, owner, z) / counts[:, None]
     return F.normalize(mean, dim=-1)
+
+
+def embed_sentences_cached(
+    clip: Clip, sentences: Sequence[str], runtime: Runtime, cache_path: Optional[Path] = None, batch_size: int = 1024
+) -> torch.Tensor:
+    """Normalised text embeddings (S, D) of unique ``sentences``, each embedded once.
+
+    With ``cache_path``, embeddings persist across runs in one file keyed by the encoder (model + weights); only
+    sentences missing from it are embedded.
+    """
+    from villa.embeddings import weights_id
+
+    key = f"{clip.model_name}|{weights_id(clip.pretrained)}"
+    cached: dict[str, int] = {}
+    emb = torch.zeros(0, clip.embed_dim)
+    if cache_path is not None and cache_path.is_file():
+        obj = torch.load(cache_path, map_location="cpu", weights_only=True)
+        if obj.get("encoder") == key:
+            cached = {s: i for i, s in enumerate(obj["sentences"])}
+            emb = obj["embeddings"]
+    missing = [s for s in dict.fromkeys(sentences) if s not in cached]
+    if missing:
+        new = encode_texts(clip, missing, runtime, batch_size=batch_size)
+        start = len(cached)
+        cached.update({s: start + i for i, s in enumerate(missing)})
+        emb = torch.cat([emb, new])
+        if cache_path is not None:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}")
+            torch.save({"encoder": key, "sentences": list(cached), "embeddings": emb}, tmp)
+            os.replace(tmp, cache_path)
+    return emb[torch.tensor([cached[s] for s in sentences], dtype=torch.long)] if sentences else emb[:0]
+
+
+def mean_text_embeddings(
+    clip: Clip, texts: Sequence[str], runtime: Runtime, cache_path: Optional[Path] = None
+) -> torch.Tensor:
+    """A text's embedding = its sentences' (split on ".") embeddings, averaged, L2-normalised. (N, D) float32.
+
+    All unique sentences are embedded once, in large batches (and cached); never per item.
+    """
+    from villa.data import split_sentences
+
+    sents = [split_sentences(t) for t in texts]
+    counts = torch.tensor([len(s) for s in sents])
+    if (counts == 0).any():
+        i = int(torch.nonzero(counts == 0)[0])
+        raise VillaError(f"text #{i} ({texts[i]!r}) has no sentence; every pair needs text")
+    uniq = list(dict.fromkeys(s for ss in sents for s in ss))
+    pos = {s: i for i, s in enumerate(uniq)}
+    u_emb = embed_sentences_cached(clip, uniq, runtime, cache_path)
+    flat = torch.tensor([pos[s] for ss in sents for s in ss], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(texts)), counts)
+    total = torch.zeros(len(texts), u_emb.shape[1]).index_add_(0, owner, u_emb[flat])
+    return F.normalize(total / counts[:, None], dim=-1)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(encoder: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], max_batches: int = 10) -> int:
+    """Estimate BatchNorm running statistics from data (cumulative average over up to ``max_batches``).
+
+    Only for randomly initialised encoders: their running statistics start at mean 0 / variance 1, so in eval mode
+    every image maps to nearly the same embedding (cosine ~1.0) until hundreds of training steps have decayed the
+    initial variance (momentum 0.1: 0.9^n). Pretrained weights never go through this. Returns batches used.
+    """
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    momenta = [m.momentum for m in bns]
+    was_training = encoder.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    encoder.train()
+    n = 0
+    for args in batches:
+        encoder(*args)
+        n += 1
+        if n >= max_batches:
+            break
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    encoder.train(was_training)
+    return n

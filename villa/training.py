@@ -78,7 +78,7 @@ def check_finite(loss: torch.Tensor, step: int, epoch: int, checkpoint: Optional
 
 def log_epoch(prefix: str, metrics: dict[str, Any], path: Optional[Path] = None) -> None:
     """One concise log line per epoch; the same metrics appended as one JSON line to ``path``."""
-    parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"]
     log.info("%s %s", prefix, " ".join(parts))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

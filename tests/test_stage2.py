@@ -1,0 +1,223 @@
+"""Stage 2: InfoNCE, pairs per mode, pretrain checkpoints, end to end, resume, non-finite stop, DDP (gloo)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import compose_config
+
+from villa import stage2 as stage2_module
+from villa.data import build_pairs
+from villa.encoders import RegionEncoder, create_clip
+from villa.errors import VillaError
+from villa.losses import infonce
+from villa.runtime import get_runtime
+from villa.stage2 import load_pair_data, train_stage2
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "model.name=villa-tiny-rn",
+    "model.pretrained=none",
+    "device=cpu",
+    "num_workers=0",
+    "progress=false",
+    "amp=false",
+]
+
+
+def s2cfg(tmp: Path, data: Path, *extra: str, mapping: Path | None = None):
+    over = [f"data_dir={data}", f"checkpoint_dir={tmp / 'ckpt'}", *TINY, *extra]
+    if mapping is not None:
+        over.append(f"mapping_path={mapping}")
+    return compose_config("stage2", over)
+
+
+def test_infonce_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    s = (img @ txt.t() / 0.07).tolist()
+    i2t = -sum(s[i][i] - math.log(sum(math.exp(v) for v in s[i])) for i in range(4)) / 4
+    t2i = -sum(s[i][i] - math.log(sum(math.exp(s[j][i]) for j in range(4))) for i in range(4)) / 4
+    assert infonce(img, txt, 1 / 0.07).item() == pytest.approx(0.5 * i2t + 0.5 * t2i, rel=1e-5)
+
+
+def test_build_pairs():
+    size = np.array([[84, 84], [84, 84]])
+    offsets = np.array([0, 2, 5])
+    boxes = np.arange(20, dtype=np.float32).reshape(5, 4)
+    text = ["the color is red", "", "a . b", "", "c"]
+    p = build_pairs(size, ["cap0", "cap1"], offsets, boxes, text)
+    assert list(p.offsets) == [0, 2, 5]
+    assert p.text == ["the color is red", "cap0", "a . b", "c", "cap1"]
+    np.testing.assert_array_equal(p.boxes[[0, 2, 3]], boxes[[0, 2, 4]])
+    np.testing.assert_array_equal(p.boxes[[1, 4]], [[0, 0, 83, 83]] * 2)
+    base = build_pairs(size, ["cap0", "cap1"])
+    assert base.text == ["cap0", "cap1"] and list(base.offsets) == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny_mapping(tiny_docmnist, tmp_path_factory):
+    """Stage 1 on the tiny DocMNIST with synthetic embeddings: a real mapping.feather."""
+    from villa.data_format import load_annotations
+    from villa.stage1 import train_stage1
+    from villa.synthetic import write_synthetic_embeddings
+    from villa.vocab import load_vocab
+
+    tmp = tmp_path_factory.mktemp("map")
+    vocab = load_vocab("docmnist")
+    emb = write_synthetic_embeddings(
+        load_annotations(tiny_docmnist, vocab, check_images=False), vocab, tmp / "emb", dim=32
+    )
+    cfg = compose_config("stage1", [f"data_dir={tiny_docmnist}", f"embeddings_dir={emb}", f"mapping_path={tmp / 'mapping.feather'}",
+                                    f"checkpoint_dir={tmp / 'ck'}", "epochs=4", "lr=1e-3", "batch_size=16", "device=cpu", "progress=false"])  # fmt: skip
+    train_stage1(cfg)
+    return tmp / "mapping.feather"
+
+
+def test_modes_see_their_pairs(tiny_docmnist, tiny_mapping, tmp_path):
+    from villa.distributed import Dist
+
+    rt = get_runtime("cpu")
+    clip = create_clip("villa-tiny-rn", None)
+    tr, va = load_pair_data(s2cfg(tmp_path, tiny_docmnist, "mode=baseline"), clip, rt, Dist())
+    assert (np.diff(tr.pairs.offsets) == 1).all()  # one pair per image: the whole image and its caption
+    np.testing.assert_array_equal(tr.pairs.boxes, [[0, 0, 83, 83]] * len(tr.pairs.boxes))
+    assert tr.pairs.text == tr.ann.text and tr.text_emb.shape == (tr.ann.n_images, 64)
+    vtr, _ = load_pair_data(s2cfg(tmp_path, tiny_docmnist, "mode=villa", mapping=tiny_mapping), clip, rt, Dist())
+    df = pd.read_feather(tiny_mapping)
+    n_assigned = df.assigned_attributes.map(lambda r: sum(len(a) > 0 for a in r)).to_numpy()
+    np.testing.assert_array_equal(np.diff(vtr.pairs.offsets), n_assigned + 1)
+    assert vtr.text_emb.shape == (vtr.pairs.n_pairs, 64)
+    torch.testing.assert_close(vtr.text_emb.norm(dim=1), torch.ones(vtr.pairs.n_pairs))
+    assert (tmp_path.parent / tmp_path.name).exists() and list((tiny_docmnist / "text_cache").iterdir())
+    with pytest.raises(VillaError, match="mapping not found"):
+        load_pair_data(
+            s2cfg(tmp_path, tiny_docmnist, "mode=villa", mapping=tmp_path / "none.feather"), clip, rt, Dist()
+        )
+
+
+def test_pretrain_checkpoint_loads_and_reproduces(tiny_docmnist, tmp_path):
+    res = train_stage2(
+        s2cfg(tmp_path, tiny_docmnist, "experiment=pretrain", "model.name=villa-tiny-rn", "epochs=1", "batch_size=32")
+    )
+    ckpt = Path(res["best_checkpoint"])
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["format"] == "villa-clip" and state["kind"] == "villa-stage2-pretrain"
+    assert {"optimizer", "scheduler", "rng", "epoch", "config", "best_val", "bad_epochs"} <= set(state)
+    loaded = create_clip("villa-tiny-rn", pretrained=str(ckpt))
+    import open_clip
+
+    ref = open_clip.create_model("villa-tiny-rn")
+    ref.load_state_dict(state["state_dict"])
+    ref.eval()
+    x, boxes, owner = torch.rand(2, 3, 84, 84), torch.tensor([[0, 0, 83, 83], [0, 0, 28, 28.0]]), torch.tensor([0, 1])
+    with torch.no_grad():
+        a = RegionEncoder(loaded.model.visual)(x, boxes, owner)
+        b = RegionEncoder(ref.visual)(x, boxes, owner)
+    assert torch.equal(a, b)
+    # the text tower was trained too (both towers in pretraining), and the temperature is learned
+    init = create_clip("villa-tiny-rn", None)
+    assert not torch.equal(init.model.token_embedding.weight, loaded.model.token_embedding.weight)
+    assert state["history"][0]["temperature"] != pytest.approx(0.07, abs=1e-6)
+
+
+def test_end_to_end_lowers_val_loss(tiny_docmnist, tmp_path):
+    """DocMNIST -> preprocess -> Stage 1 -> Stage 2 (ViLLA), all real, tiny config."""
+    from preprocess.embed import preprocess
+    from villa.stage1 import train_stage1
+
+    emb = preprocess(tiny_docmnist, "docmnist", model="villa-tiny-rn", pretrained="none", device="cpu",
+                     num_workers=0, progress=False, out_dir=tmp_path / "emb")  # fmt: skip
+    train_stage1(compose_config("stage1", [f"data_dir={tiny_docmnist}", f"embeddings_dir={emb}", f"mapping_path={tmp_path / 'm.feather'}",
+                                           f"checkpoint_dir={tmp_path / 's1'}", "epochs=2", "device=cpu", "progress=false"]))  # fmt: skip
+    res = train_stage2(s2cfg(tmp_path, tiny_docmnist, "mode=villa", "epochs=4", "batch_size=16", "lr=1e-3",
+                             mapping=tmp_path / "m.feather"))  # fmt: skip
+    vals = [h["val_loss"] for h in res["history"]]
+    assert len(vals) == 4 and vals[-1] < vals[0] - 0.05, vals
+
+
+def test_resume_equals_uninterrupted(tiny_docmnist, tmp_path):
+    extra = ["mode=baseline", "batch_size=32", "lr=1e-3", "seed=3"]
+    train_stage2(s2cfg(tmp_path / "a", tiny_docmnist, *extra, "epochs=2"))
+    train_stage2(s2cfg(tmp_path / "b", tiny_docmnist, *extra, "epochs=1"))  # "interrupted" after its first epoch
+    res = train_stage2(s2cfg(tmp_path / "b", tiny_docmnist, *extra, "epochs=2"))
+    assert res["epochs_run"] == 2
+    a = torch.load(tmp_path / "a" / "ckpt" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=1e-6, msg=k)
+    assert a["scheduler"] == b["scheduler"] and a["history"][1]["val_loss"] == pytest.approx(
+        b["history"][1]["val_loss"]
+    )
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_docmnist, tmp_path, monkeypatch):
+    cfg = ["mode=baseline", "batch_size=32"]
+    train_stage2(s2cfg(tmp_path, tiny_docmnist, *cfg, "epochs=1"))
+    before = (tmp_path / "ckpt" / "last.pt").read_bytes()
+    calls = {"n": 0}
+    real = stage2_module.infonce
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(stage2_module, "infonce", flaky)
+    with pytest.raises(
+        VillaError, match=r"non-finite loss \(nan\) at epoch 2 step 1; the last good checkpoint is .*last.pt"
+    ):
+        train_stage2(s2cfg(tmp_path, tiny_docmnist, *cfg, "epochs=2"))
+    assert (tmp_path / "ckpt" / "last.pt").read_bytes() == before
+
+
+def _even_subset(src: Path, dst: Path, n_train: int = 16, n_val: int = 8) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("embeddings", "text_cache"))
+    df = pd.read_feather(dst / "annotations.feather")
+    df = pd.concat([df[df.split == "train"].head(n_train), df[df.split == "val"].head(n_val)]).reset_index(drop=True)
+    df.to_feather(dst / "annotations.feather")
+    return dst
+
+
+def test_ddp_gloo_matches_single_process(tiny_docmnist, tmp_path):
+    """torchrun, 2 CPU processes (gloo): runs, ranks end with identical weights, and the loss and weights match a
+    single process on the same global batch."""
+    data = _even_subset(tiny_docmnist, tmp_path / "data")
+    common = ["mode=baseline", "batch_size=16", "epochs=2", "lr=1e-3", "model.freeze_bn=true", "seed=5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m", "villa.stage2",
+         f"data_dir={data}", f"checkpoint_dir={tmp_path / 'ddp'}", *TINY, *common],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    sums = re.findall(r"rank (\d)/2 finished: trainable parameter checksum (\S+)", r.stdout + r.stderr)
+    assert sorted(s[0] for s in sums) == ["0", "1"]
+    assert sums[0][1] == sums[1][1]  # identical weights on both ranks
+    single = train_stage2(s2cfg(tmp_path / "single", data, *common))
+    ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    for h_ddp, h_one in zip(ddp["history"], single["history"]):
+        assert h_ddp["train_loss"] == pytest.approx(h_one["train_loss"], rel=1e-4)
+        assert h_ddp["val_loss"] == pytest.approx(h_one["val_loss"], rel=1e-4)
+    one = torch.load(tmp_path / "single" / "ckpt" / "last.pt", weights_only=True)
+    for k, v in one["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_experiment_configs_compose():
+    for f in sorted((ROOT / "configs" / "experiment").glob("*.yaml")):
+        name = "stage1" if "stage1" in f.stem else "stage2"
+        cfg = compose_config(name, [f"experiment={f.stem}"])
+        assert cfg.task_name == f.stem

@@ -1,0 +1,77 @@
+"""torch.distributed for Stage 2 / pretraining: set-up from torchrun's environment, and feature gathering.
+
+Launch with ``torchrun --nproc_per_node=N -m villa.stage2 ...``. NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return Dist(rank, world, local)
+
+
+def gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Concatenate every rank's (n_r, ...) rows in rank order; the local rows keep their autograd graph.
+
+    Ranks may hold different numbers of rows (images have different region counts): sizes are exchanged, rows
+    padded to the largest, gathered, and trimmed. As open_clip (gather_with_grad=False), other ranks' rows are
+    constants here; the caller scales the loss by the world size so that, after DDP averages the gradients, they
+    equal a single process's on the global batch.
+    """
+    if not d.enabled:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(d.world_size)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    m = max(sizes)
+    padded = torch.cat([x.detach(), x.new_zeros((m - x.shape[0],) + tuple(x.shape[1:]))])
+    parts = [torch.zeros_like(padded) for _ in range(d.world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    parts = [p[:s] for p, s in zip(parts, sizes)]
+    parts[d.rank] = x
+    return torch.cat(parts)
+
+
+def all_reduce_mean(value: float, d: Dist, device: torch.device) -> float:
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item() / d.world_size)
+
+
+def cleanup(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,360 @@
+"""Stage 2: a CLIP-style trainer for region embeddings; also the one-to-one baseline and CLIP pretraining.
+
+    python -m villa.stage2 experiment=docmnist_stage2      # ViLLA: Stage 1's region-attribute pairs + whole images
+    python -m villa.stage2 experiment=docmnist_baseline    # one-to-one VLM: whole image <-> whole caption only
+    python -m villa.stage2 experiment=pretrain             # CLIP pretraining, both towers, learnable temperature
+    torchrun --nproc_per_node=4 -m villa.stage2 experiment=docmnist_stage2    # multi-GPU (DDP)
+
+The image tower is open_clip's ModifiedResNet through the region path (:class:`villa.encoders.RegionEncoder`):
+backbone to the third stage over the batch of images, one ROI-Align over all regions of the batch, last stage and
+attention pool. In ``villa`` and ``baseline`` modes texts are embedded once by the frozen text tower (sentences
+averaged, L2-normalised) and only the image tower trains, with a fixed temperature, as the original.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from preprocess.embed import ImageDataset, calibrate_on_data, collate_images
+from villa.data import PairSet, build_pairs
+from villa.data_format import Annotations, load_annotations
+from villa.distributed import Dist, cleanup, gather_rows, init_distributed
+from villa.embeddings import weights_id
+from villa.encoders import Clip, RegionEncoder, create_clip, mean_text_embeddings
+from villa.errors import VillaError
+from villa.log import setup_logging
+from villa.losses import infonce
+from villa.paths import config_dir
+from villa.runtime import Runtime, get_runtime, seed_everything
+from villa.training import (
+    check_finite,
+    config_dict,
+    load_checkpoint,
+    log_epoch,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from villa.vocab import vocab_from_dict
+
+log = logging.getLogger(__name__)
+MODES = ("villa", "baseline", "pretrain")
+
+
+class Stage2Model(nn.Module):
+    """A CLIP model trained through the region path. Returns normalised region (and, in pretraining, text)
+    embeddings and the logit scale (1 / temperature)."""
+
+    def __init__(self, clip: Clip, cfg: DictConfig):
+        super().__init__()
+        self.clip = clip.model
+        self.regions = RegionEncoder(clip.model.visual, normalize=cfg.model.normalize, input_size=cfg.model.input_size)
+        self.train_text = cfg.mode == "pretrain"
+        self.freeze_bn = bool(cfg.model.freeze_bn)
+        for name, p in self.clip.named_parameters():
+            p.requires_grad_(name.startswith("visual.") or (self.train_text and name != "logit_scale"))
+        if cfg.learn_temperature:
+            with torch.no_grad():
+                self.clip.logit_scale.fill_(float(np.log(1 / cfg.temperature)))
+            self.clip.logit_scale.requires_grad_(True)
+        self.fixed_scale = 1.0 / cfg.temperature
+        self.learn_temperature = bool(cfg.learn_temperature)
+
+    def train(self, mode: bool = True) -> Stage2Model:
+        super().train(mode)
+        if not self.train_text:
+            self.clip.transformer.eval()
+        if self.freeze_bn:  # frozen BatchNorm statistics (fine-tuning, as detection backbones)
+            for m in self.regions.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def forward(
+        self, images: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor, tokens: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        img = F.normalize(self.regions(images, boxes, box_image).float(), dim=-1)
+        txt = F.normalize(self.clip.encode_text(tokens).float(), dim=-1) if tokens is not None else None
+        scale = (
+            self.clip.logit_scale.exp().clamp(max=100)
+            if self.learn_temperature
+            else torch.tensor(self.fixed_scale, device=img.device)
+        )
+        return img, txt, scale
+
+
+class PairData:
+    """One split's images, their pairs, and each pair's text target (embedding or tokens)."""
+
+    def __init__(
+        self,
+        ann: Annotations,
+        rows: np.ndarray,
+        pairs: PairSet,
+        text_emb: Optional[torch.Tensor],
+        tokens: Optional[torch.Tensor],
+    ):
+        self.ann, self.rows, self.pairs = ann, rows, pairs
+        self.text_emb, self.tokens = text_emb, tokens
+
+
+def load_pair_data(cfg: DictConfig, clip: Clip, runtime: Runtime, d: Dist) -> tuple[PairData, PairData]:
+    """Train and val pairs for the mode; texts embedded once by the frozen text tower (villa, baseline)."""
+    if cfg.mode not in MODES:
+        raise VillaError(f"mode={cfg.mode!r}: use one of {', '.join(MODES)}")
+    vocab = vocab_from_dict(OmegaConf.to_container(cfg.dataset, resolve=True), source=f"dataset={cfg.dataset.name}")
+    villa_mode = cfg.mode == "villa"
+    if villa_mode and not Path(cfg.mapping_path).is_file():
+        raise VillaError(
+            f"mapping not found: {cfg.mapping_path}; run Stage 1 first (python -m villa.stage1 ...) or set mapping_path"
+        )
+    ann = load_annotations(
+        Path(cfg.data_dir), vocab, required_splits=("train", "val"), check_images=d.is_main,
+        table_path=cfg.mapping_path if villa_mode else None,
+        required_columns=("assigned_text",) if villa_mode else (),
+    )  # fmt: skip
+    if villa_mode:
+        col = ann.table.column("assigned_text").combine_chunks()
+        region_text = col.flatten().to_pylist()
+        pairs = build_pairs(ann.image_size, ann.text, ann.region_offsets, ann.boxes, region_text)
+    else:
+        pairs = build_pairs(ann.image_size, ann.text)
+    text_emb = tokens = None
+    if cfg.mode == "pretrain":
+        tokens = open_clip.get_tokenizer(clip.model_name)(pairs.text)
+    else:
+        cache = (
+            Path(cfg.data_dir) / "text_cache" / f"{clip.model_name}-{weights_id(clip.pretrained).replace(':', '_')}.pt"
+        )
+        text_emb = mean_text_embeddings(clip, pairs.text, runtime, cache if d.is_main else None).to(runtime.device)
+    out = []
+    for split in ("train", "val"):
+        out.append(PairData(ann, np.flatnonzero(ann.split == split), pairs, text_emb, tokens))
+    n_pairs = int(np.diff(pairs.offsets)[out[0].rows].sum())
+    log.info(
+        "stage2 (%s): %d train images, %d train pairs, %d val images",
+        cfg.mode,
+        len(out[0].rows),
+        n_pairs,
+        len(out[1].rows),
+    )
+    return out[0], out[1]
+
+
+def make_loader(data: PairData, cfg: DictConfig, d: Dist, shuffle: bool) -> tuple[DataLoader, DistributedSampler]:
+    ds = ImageDataset(data.ann, data.rows)
+    sampler = DistributedSampler(
+        ds, num_replicas=d.world_size, rank=d.rank, shuffle=shuffle, seed=cfg.seed, drop_last=False
+    )
+    per_rank = max(1, cfg.batch_size // d.world_size)
+    loader = DataLoader(
+        ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_images,
+        pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
+    )  # fmt: skip
+    return loader, sampler
+
+
+def step_loss(
+    model: nn.Module,
+    data: PairData,
+    images: torch.Tensor,
+    rows: torch.Tensor,
+    runtime: Runtime,
+    d: Dist,
+    channels_last: bool,
+) -> torch.Tensor:
+    """The symmetric InfoNCE over all region-text pairs of the (global) batch."""
+    pair_idx, box_image = data.pairs.gather(rows.numpy())
+    dev = runtime.device
+    images = images.to(dev, non_blocking=True).float().div_(255)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    boxes = torch.from_numpy(data.pairs.boxes[pair_idx]).to(dev)
+    box_image_t = torch.from_numpy(box_image).to(dev)
+    pidx = torch.from_numpy(pair_idx).to(dev)
+    tokens = data.tokens[pair_idx].to(dev) if data.tokens is not None else None
+    with runtime.autocast():
+        img, txt, scale = model(images, boxes, box_image_t, tokens)
+    if txt is None:
+        txt = data.text_emb.index_select(0, pidx)
+    return infonce(gather_rows(img, d), gather_rows(txt.float(), d), scale.float())
+
+
+def evaluate_loss(
+    model: nn.Module, data: PairData, loader: DataLoader, runtime: Runtime, d: Dist, cfg: DictConfig
+) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for images, rows in loader:
+            loss = step_loss(model, data, images, rows, runtime, d, cfg.model.channels_last and runtime.is_cuda)
+            total += loss.item() * len(rows)
+            n += len(rows)
+    return total / max(n, 1)
+
+
+def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, **kw)  # the original's: L2 weight decay added to the gradient
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    raise VillaError(f"optimizer={cfg.optimizer!r}: use adam or adamw")
+
+
+def train_stage2(cfg: DictConfig) -> dict[str, Any]:
+    """Train one of the three modes; write best.pt / last.pt (villa-clip checkpoints); return the history."""
+    d = init_distributed(cfg.device)
+    try:
+        return _train(cfg, d)
+    finally:
+        cleanup(d)
+
+
+def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    device = cfg.device
+    if d.enabled and (device in ("auto", "cuda")) and torch.cuda.is_available():
+        device = f"cuda:{d.local_rank}"
+    runtime = get_runtime(device, cfg.amp)
+    generator = seed_everything(cfg.seed)
+    clip = create_clip(cfg.model.name, cfg.model.pretrained, device=runtime.device)
+    train_data, val_data = load_pair_data(cfg, clip, runtime, d)
+    model = Stage2Model(clip, cfg).to(runtime.device)
+    if clip.pretrained is None and not (cfg.resume and (Path(cfg.checkpoint_dir) / "last.pt").exists()):
+        # the same fixed batches on every rank, so the statistics do not depend on the world size
+        calibrate_on_data(model.regions, train_data.ann, runtime, train_data.rows)
+    channels_last = bool(cfg.model.channels_last and runtime.is_cuda)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if d.enabled and runtime.is_cuda and not cfg.model.freeze_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg, params)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=cfg.scheduler.factor, patience=cfg.scheduler.patience,
+        threshold=cfg.scheduler.threshold, threshold_mode="abs",
+    )  # fmt: skip
+    scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    start_epoch, best_val, bad_epochs, stopped = 0, float("inf"), 0, False
+    history: list[dict[str, Any]] = []
+    if cfg.resume and last.exists():
+        state = load_checkpoint(last)
+        try:
+            model.clip.load_state_dict(state["state_dict"])
+        except RuntimeError as e:
+            raise VillaError(
+                f"{last} holds another model ({str(e).splitlines()[0]}); set resume=false or delete it"
+            ) from e
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], generator)
+        start_epoch, best_val, bad_epochs, stopped = (
+            state["epoch"],
+            state["best_val"],
+            state["bad_epochs"],
+            state["stopped"],
+        )
+        history = list(state.get("history", []))
+        if d.is_main:
+            log.info("resumed from %s at epoch %d", last, start_epoch)
+    ddp = (
+        DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.is_cuda else None)
+        if d.enabled
+        else model
+    )
+    train_loader, train_sampler = make_loader(train_data, cfg, d, shuffle=True)
+    val_loader, _ = make_loader(val_data, cfg, d, shuffle=False)
+    for epoch in range(start_epoch, cfg.epochs):
+        if stopped:
+            break
+        t0 = time.perf_counter()
+        train_sampler.set_epoch(epoch)
+        ddp.train()
+        total, n = 0.0, 0
+        bar = tqdm(
+            train_loader, desc=f"{cfg.mode} epoch {epoch + 1}", leave=False, disable=not (cfg.progress and d.is_main)
+        )
+        for step, (images, rows) in enumerate(bar):
+            loss = step_loss(ddp, train_data, images, rows, runtime, d, channels_last)
+            check_finite(loss, step, epoch + 1, last)
+            optimizer.zero_grad(set_to_none=True)
+            scaled = loss * d.world_size  # DDP averages gradients; see villa.distributed.gather_rows
+            if scaler is not None:
+                scaler.scale(scaled).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                scaled.backward()
+                optimizer.step()
+            total += loss.item() * len(rows)
+            n += len(rows)
+        train_loss = total / max(n, 1)
+        val_loss = evaluate_loss(ddp, val_data, val_loader, runtime, d, cfg)
+        scheduler.step(val_loss)
+        improved = val_loss < best_val
+        if improved:
+            best_val, bad_epochs = val_loss, 0
+        else:
+            bad_epochs += 1
+        stopped = bad_epochs >= cfg.early_stop_patience
+        rec = {
+            "epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best_val": best_val,
+            "lr": optimizer.param_groups[0]["lr"], "temperature": 1.0 / float(model.clip.logit_scale.detach().exp()) if model.learn_temperature else cfg.temperature,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }  # fmt: skip
+        history.append(rec)
+        if d.is_main:
+            state = {
+                "format": "villa-clip", "kind": f"villa-stage2-{cfg.mode}", "model_name": clip.model_name,
+                "model_cfg": clip.model_cfg, "state_dict": model.clip.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch + 1, "best_val": best_val, "bad_epochs": bad_epochs, "stopped": stopped,
+                "rng": rng_state(generator), "history": history, "config": config_dict(cfg),
+                "started_from": {"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)},
+            }  # fmt: skip
+            save_checkpoint(last, state)
+            if improved:
+                save_checkpoint(best, state)
+            log_epoch(f"{cfg.mode} epoch {epoch + 1}/{cfg.epochs}", rec, ckpt_dir / "metrics.jsonl")
+            if stopped:
+                log.info("early stop: no better val loss for %d epochs", bad_epochs)
+    checksum = sum(float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad)
+    log.info("rank %d/%d finished: trainable parameter checksum %.10e", d.rank, d.world_size, checksum)
+    return {
+        "mode": cfg.mode, "best_val": best_val, "checksum": checksum, "epochs_run": len(history), "history": history,
+        "best_checkpoint": str(best), "last_checkpoint": str(last), "seconds": round(time.perf_counter() - t_start, 2),
+    }  # fmt: skip
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="stage2")
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    try:
+        train_stage2(cfg)
+    except VillaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
