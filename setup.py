@@ -12,7 +12,7 @@ setup(
     # The Hydra configs live at the top level (configs/) as users of the original expect; they are shipped
     # inside the package as villa/configs so that a non-editable install finds them too.
     package_dir={"villa.configs": "configs"},
-    package_data={"villa": ["model_configs/*.json"], "villa.configs": ["*.yaml", "**/*.yaml"]},
+    package_data={"villa": ["model_configs/*.json", "assets/*.pt"], "villa.configs": ["*.yaml", "**/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
@@ -24,10 +24,11 @@ setup(
         "numpy>=1.24",
         "pillow>=10",
         "tqdm>=4.60",
+        "matplotlib>=3.7",
         "scikit-image>=0.21",
         "pyyaml>=6",
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff>=0.5", "nbclient>=0.8", "nbformat>=5", "ipykernel>=6", "matplotlib>=3.7"],
+        "dev": ["pytest>=7", "ruff>=0.5", "nbclient>=0.8", "nbformat>=5", "ipykernel>=6"],
     },
 )

@@ -90,19 +90,23 @@ def embed_regions(
     batch_size: int = 64,
     num_workers: int = 2,
     progress: bool = True,
+    rows: Optional[np.ndarray] = None,
 ) -> None:
-    """Fill ``out`` (R, D) with every region's embedding, many images per forward pass and one ROI-Align call."""
+    """Fill ``out`` with the embedding of every region of ``rows`` (default: all images), in order, many images
+    per forward pass and one ROI-Align call per batch."""
     encoder.eval()
-    loader = region_batches(ann, np.arange(ann.n_images), batch_size, num_workers)
-    bar = tqdm(total=ann.n_images, desc="regions", unit="img", disable=not progress)
-    for images, rows in loader:
-        boxes, box_image = boxes_of(ann, rows)
+    rows = np.arange(ann.n_images) if rows is None else rows
+    loader = region_batches(ann, rows, batch_size, num_workers)
+    bar = tqdm(total=len(rows), desc="regions", unit="img", disable=not progress)
+    pos = 0
+    for images, batch_rows in loader:
+        boxes, box_image = boxes_of(ann, batch_rows)
         images = images.to(runtime.device, non_blocking=True).float().div_(255)
         with runtime.autocast():
             z = encoder(images, boxes.to(runtime.device), box_image.to(runtime.device))
-        lo, hi = ann.region_offsets[int(rows[0])], ann.region_offsets[int(rows[-1]) + 1]
-        out[lo:hi] = z.float().cpu().numpy().astype(out.dtype)
-        bar.update(len(rows))
+        out[pos : pos + len(z)] = z.float().cpu().numpy().astype(out.dtype)
+        pos += len(z)
+        bar.update(len(batch_rows))
     bar.close()
 
 

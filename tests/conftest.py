@@ -9,6 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+if not os.environ.get("VILLA_MNIST_DIR") and SHARED_MNIST.is_dir():  # as the Makefile does
+    os.environ["VILLA_MNIST_DIR"] = str(SHARED_MNIST)
 
 
 def mnist_dir() -> str:
@@ -72,9 +74,6 @@ def synthetic_stage1(tmp_path_factory, mnist):
 
 def compose_config(name: str, overrides: list[str]):
     """The real Hydra config with test overrides (lightning-hydra-template style)."""
-    from hydra import compose, initialize_config_dir
+    from villa.config import compose_config as compose
 
-    from villa.paths import config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(name, overrides=overrides)
+    return compose(name, overrides)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -56,13 +57,23 @@ class Clip:
         return {"model": self.model_name, "pretrained": self.pretrained or "none", "embed_dim": self.embed_dim}
 
 
-def _register_config(name: str, cfg: dict) -> None:
-    """Make a model config (e.g. recorded in one of our checkpoints) known to open_clip under ``name``."""
-    if open_clip.get_model_config(name) is not None:
-        return
+def _register_config(name: str, cfg: dict) -> str:
+    """Make a model config recorded in a checkpoint known to open_clip; return the name to build it by.
+
+    The checkpoint's config wins: if ``name`` is registered with a different config (a config file changed since
+    the checkpoint was written), it is registered as ``name@<hash>``.
+    """
+    known = open_clip.get_model_config(name)
+    if known is not None and json.dumps(known, sort_keys=True) == json.dumps(cfg, sort_keys=True):
+        return name
+    if known is not None:
+        name = f"{name}@{hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]}"
+        if open_clip.get_model_config(name) is not None:
+            return name
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / f"{name}.json").write_text(json.dumps(cfg))
         open_clip.add_model_config(Path(d) / f"{name}.json")
+    return name
 
 
 @contextlib.contextmanager
@@ -110,12 +121,11 @@ def create_clip(
         if is_villa_checkpoint(obj):
             ckpt = obj
             saved = obj["model_name"]
-            if model_name not in (saved, None, "", "auto"):
+            if model_name not in (saved, None, "", "auto") and model_name.split("@")[0] != saved.split("@")[0]:
                 raise VillaError(
                     f"checkpoint {path} holds a {saved!r} model but model={model_name!r}; set model={saved}"
                 )
-            model_name = saved
-            _register_config(model_name, obj["model_cfg"])
+            model_name = _register_config(saved, obj["model_cfg"])
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         known = ", ".join(sorted(open_clip.list_models())[:8])

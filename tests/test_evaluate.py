@@ -1,0 +1,115 @@
+"""Evaluation metrics against hand-computed values, the evaluate entry point, and the demo pipeline (tiny)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+
+from villa.metrics import precision_at_k, r_precision
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_r_precision_perfect_reversed_and_ties():
+    rel = np.array([[True, True, False, False, False]])
+    perfect = np.array([[0.9, 0.8, 0.1, 0.0, -0.5]])
+    assert r_precision(perfect, rel)[0] == 1.0
+    reversed_ = -perfect
+    assert r_precision(reversed_, rel)[0] == 0.0
+    # one relevant in the top 2
+    assert r_precision(np.array([[0.9, 0.1, 0.8, 0.0, -0.5]]), rel)[0] == 0.5
+    # all tied: stable order, lower gallery index first -> items 0 and 1 are the top 2
+    assert r_precision(np.zeros((1, 5)), rel)[0] == 1.0
+    assert r_precision(np.zeros((1, 5)), rel[:, ::-1].copy())[0] == 0.0
+    assert np.isnan(r_precision(perfect, np.zeros((1, 5), bool))[0])
+    np.testing.assert_allclose(precision_at_k(perfect, rel, 1), [1.0])
+    np.testing.assert_allclose(precision_at_k(reversed_, rel, 4), [0.25])
+    np.testing.assert_allclose(precision_at_k(perfect, rel, 100), [0.4])  # k capped at the gallery size
+
+
+def test_retrieval_metrics_on_toy_gallery():
+    from villa.evaluate import retrieval_metrics
+    from villa.vocab import vocab_from_dict
+
+    vocab = vocab_from_dict({"name": "toy", "groups": [{"name": "g1", "attributes": ["a", "b"], "templates": ["{}"]},
+                                                       {"name": "g2", "attributes": ["c"], "templates": ["{}"]}]})  # fmt: skip
+    attrs = torch.eye(3)
+    regions = torch.tensor([[1.0, 0, 0.5], [0, 1.0, 0], [1.0, 0, 0]])
+    gold = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 0]], bool)
+    m = retrieval_metrics(regions, attrs, gold, vocab, ks=(1,))
+    t = m["text_to_region"]
+    assert t["per_attribute"] == {"a": 1.0, "b": 1.0, "c": 1.0} and t["r_precision"] == 1.0
+    assert t["chance_per_group"]["g1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert m["region_to_text"]["r_precision"] == 1.0 and m["region_to_text"]["per_group"]["g2"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tiny_docmnist, tmp_path_factory):
+    from villa.stage2 import train_stage2
+
+    tmp = tmp_path_factory.mktemp("pre")
+    cfg = compose_config("stage2", ["experiment=pretrain", f"data_dir={tiny_docmnist}", f"checkpoint_dir={tmp}", "model.name=villa-tiny-rn",
+                                    "epochs=1", "batch_size=32", "device=cpu", "num_workers=0", "progress=false"])  # fmt: skip
+    return Path(train_stage2(cfg)["best_checkpoint"])
+
+
+def test_evaluate_entry_writes_json(tiny_docmnist, tiny_pretrained, tmp_path):
+    from villa.evaluate import run_evaluation
+
+    out = tmp_path / "eval.json"
+    res = run_evaluation(compose_config("evaluate", [f"data_dir={tiny_docmnist}", f"model.pretrained={tiny_pretrained}", "label=tiny",
+                                                     f"output={out}", "device=cpu", "num_workers=0"]))  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["label"] == "tiny" and saved["split"] == "test" and saved["model"]["model"] == "villa-tiny-rn"
+    t = saved["text_to_region"]
+    assert set(t["per_group"]) == {"digit", "color", "shape", "size"} and 0 <= t["r_precision"] <= 1
+    assert saved["regions"] == int(res["regions"]) > 0 and set(t["precision_at"]) == {"10", "50", "100"}
+    assert saved["region_path"]["input_size"] is None  # as the checkpoint was trained
+
+
+def test_demo_pipeline_tiny(tiny_pretrained, tmp_path, capsys):
+    from villa.demo import main
+
+    res = main(["--out", str(tmp_path / "demo"), "--pretrained", str(tiny_pretrained), "--budget", "700", "--stage1_epochs", "2",
+                "--stage2_epochs", "1", "--device", "cpu", "--quiet"])  # fmt: skip
+    assert set(res["retrieval"]) == {"zero-shot", "baseline", "villa"}
+    assert (tmp_path / "demo" / "retrieval.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert saved["mapping"]["stage1"]["all"]["all"]["f1"] >= 0 and "evaluate" in saved["timings"]
+    printed = capsys.readouterr().out
+    assert "R-Precision" in printed and "villa" in printed and "baseline" in printed and "(chance)" in printed
+
+
+def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
+    from experiments.complexity import main
+
+    rows = main(["--targets", "4", "8", "--out", str(tmp_path), "--pretrained", str(tiny_pretrained), "--budget", "500", "--input_size", "0",
+                 "--stage1_epochs", "1", "--stage2_epochs", "1", "--device", "cpu", "--quiet"])  # fmt: skip
+    assert [r["target"] for r in rows] == [4, 8] and rows[0]["complexity"] < rows[1]["complexity"]
+    assert (tmp_path / "complexity.png").is_file() and "| 4 |" in (tmp_path / "table.md").read_text()
+
+
+def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
+    """The shipped starting encoder loads; the command that produced it (docs/pretrained.md) still runs."""
+    from villa.demo import ASSET
+    from villa.encoders import create_clip
+
+    if ASSET.is_file():
+        clip = create_clip("auto", str(ASSET))
+        assert clip.model_name.startswith("villa-small-rn")
+        state = torch.load(ASSET, map_location="cpu", weights_only=True)
+        assert state["kind"] == "villa-stage2-pretrain" and state["config"]["mode"] == "pretrain"
+    r = subprocess.run(
+        [sys.executable, "-m", "villa.stage2", "experiment=pretrain", f"data_dir={tiny_docmnist}", f"checkpoint_dir={tmp_path}",
+         "epochs=1", "device=cpu", "num_workers=0", "progress=false"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "best.pt").is_file()

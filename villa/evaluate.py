@@ -1,0 +1,184 @@
+"""Evaluation: text-to-region and region-to-text retrieval on held-out regions, and Stage 1's mapping quality.
+
+    python -m villa.evaluate model.pretrained=checkpoints/docmnist_stage2/best.pt label=villa
+    python -m villa.evaluate model.name=RN50 model.pretrained=openai label=zero_shot
+
+Definitions (docs/evaluation.md). Queries are the vocabulary's attributes, each embedded as the L2-normalised mean
+of its prompt templates by the model's text tower; the gallery is every ground-truth region of the split,
+embedded by the model's region path. A region is relevant to an attribute when its ``reg_to_attr`` contains it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from preprocess.embed import embed_regions
+from villa.data_format import Annotations, load_annotations
+from villa.encoders import Clip, RegionEncoder, create_clip, encode_attributes
+from villa.errors import VillaError
+from villa.log import setup_logging
+from villa.metrics import precision_at_k, r_precision
+from villa.paths import atomic_write_path, config_dir
+from villa.runtime import Runtime, get_runtime
+from villa.vocab import Vocabulary, vocab_from_dict
+
+log = logging.getLogger(__name__)
+
+
+def region_options(pretrained: Optional[str], normalize: Optional[bool], input_size: Optional[int]) -> dict[str, Any]:
+    """The region-path options a checkpoint was trained with (overridable), so evaluation sees what training saw."""
+    opts = {"normalize": False, "input_size": None}
+    if pretrained and Path(str(pretrained)).is_file():
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        model_cfg = (state.get("config") or {}).get("model") or {}
+        opts.update({k: model_cfg[k] for k in ("normalize", "input_size") if k in model_cfg})
+    if normalize is not None:
+        opts["normalize"] = bool(normalize)
+    if input_size is not None:
+        opts["input_size"] = int(input_size)
+    return opts
+
+
+def retrieval_metrics(
+    region_emb: torch.Tensor,
+    attr_emb: torch.Tensor,
+    gold: np.ndarray,
+    vocab: Vocabulary,
+    ks: Sequence[int] = (10, 50, 100),
+) -> dict[str, Any]:
+    """All retrieval numbers from (R, D) region and (A, D) attribute embeddings and (R, A) bool relevance."""
+    sim = (F.normalize(region_emb.float(), dim=-1) @ F.normalize(attr_emb.float(), dim=-1).t()).numpy()  # (R, A)
+    t2r = r_precision(sim.T, gold.T)  # per attribute query
+    ag = np.asarray(vocab.attribute_group)
+    chance = gold.mean(0)  # expected R-Precision of a random ranking = R / N
+    out: dict[str, Any] = {"regions": int(len(gold)), "queries": int((gold.sum(0) > 0).sum())}
+    out["text_to_region"] = {
+        "r_precision": float(np.nanmean(t2r)),
+        "chance": float(np.mean(chance[gold.sum(0) > 0])),
+        "per_group": {g: float(np.nanmean(t2r[ag == gi])) for gi, g in enumerate(vocab.groups)},
+        "chance_per_group": {
+            g: float(np.mean(chance[(ag == gi) & (gold.sum(0) > 0)])) for gi, g in enumerate(vocab.groups)
+        },
+        "per_attribute": {a: (None if np.isnan(v) else float(v)) for a, v in zip(vocab.attributes, t2r)},
+        "precision_at": {
+            str(k): float(np.nanmean(np.where(gold.sum(0) > 0, precision_at_k(sim.T, gold.T, k), np.nan))) for k in ks
+        },
+    }
+    r2t = r_precision(sim, gold)  # per region query over the attribute texts
+    per_group = {}
+    for gi, g in enumerate(vocab.groups):
+        cols = ag == gi
+        has = gold[:, cols].any(1)
+        per_group[g] = float(np.nanmean(r_precision(sim[has][:, cols], gold[has][:, cols]))) if has.any() else None
+    out["region_to_text"] = {"r_precision": float(np.nanmean(r2t)), "per_group": per_group}
+    return out
+
+
+@torch.no_grad()
+def embed_split_regions(
+    clip: Clip,
+    ann: Annotations,
+    rows: np.ndarray,
+    runtime: Runtime,
+    opts: dict[str, Any],
+    batch_size: int = 256,
+    num_workers: int = 2,
+) -> torch.Tensor:
+    encoder = (
+        RegionEncoder(clip.model.visual, normalize=opts["normalize"], input_size=opts["input_size"])
+        .to(runtime.device)
+        .eval()
+    )
+    n = int(ann.n_regions[rows].sum())
+    out = np.zeros((n, clip.embed_dim), np.float32)
+    embed_regions(encoder, ann, runtime, out, batch_size, num_workers, progress=False, rows=rows)
+    return torch.from_numpy(out)
+
+
+def evaluate_model(
+    clip: Clip, ann: Annotations, vocab: Vocabulary, split: str, runtime: Runtime, opts: dict[str, Any], ks=(10, 50, 100),
+    batch_size: int = 256, num_workers: int = 2,
+) -> dict[str, Any]:  # fmt: skip
+    rows = np.flatnonzero(ann.split == split)
+    if len(rows) == 0:
+        raise VillaError(f"split {split!r} is empty; evaluate another split (split=val)")
+    gold_all = ann.region_attribute_matrix(len(vocab))
+    if gold_all is None:
+        raise VillaError("retrieval needs ground-truth regions: the annotations have no reg_to_attr column")
+    from villa.data import gather_index
+
+    idx, _ = gather_index(ann.region_offsets, rows)
+    regions = embed_split_regions(clip, ann, rows, runtime, opts, batch_size, num_workers)
+    attrs = encode_attributes(clip, vocab, runtime)
+    res = retrieval_metrics(regions, attrs, gold_all[idx], vocab, ks)
+    res.update({"split": split, "model": clip.source, "region_path": opts})
+    return res
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    vocab = vocab_from_dict(OmegaConf.to_container(cfg.dataset, resolve=True), source=f"dataset={cfg.dataset.name}")
+    ann = load_annotations(Path(cfg.data_dir), vocab, required_splits=(cfg.split,))
+    runtime = get_runtime(cfg.device)
+    clip = create_clip(cfg.model.name, cfg.model.pretrained, device=runtime.device)
+    opts = region_options(clip.pretrained, cfg.model.normalize, cfg.model.input_size)
+    res = evaluate_model(
+        clip, ann, vocab, cfg.split, runtime, opts, tuple(cfg.precision_at), cfg.batch_size, cfg.num_workers
+    )
+    res["label"] = cfg.label
+    mq = Path(cfg.mapping_quality)
+    if mq.is_file():
+        res["mapping"] = json.loads(mq.read_text()).get("quality")
+    out = Path(cfg.output)
+    tmp = atomic_write_path(out)
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    tmp.replace(out)
+    print(format_table({cfg.label: res}, vocab))
+    log.info("wrote %s", out)
+    return res
+
+
+def format_table(results: dict[str, dict[str, Any]], vocab: Vocabulary) -> str:
+    """One table: a row per model, text-to-region R-Precision overall and per group, region-to-text, P@10."""
+    groups = list(vocab.groups)
+    head = (
+        f"{'model':<16}{'T2R R-Prec':>11}" + "".join(f"{g:>9}" for g in groups) + f"{'R2T R-Prec':>11}{'T2R P@10':>10}"
+    )
+    lines = [head]
+    chance = None
+    for name, r in results.items():
+        t = r["text_to_region"]
+        chance = t
+        lines.append(
+            f"{name:<16}{100 * t['r_precision']:>11.1f}" + "".join(f"{100 * t['per_group'][g]:>9.1f}" for g in groups)
+            + f"{100 * r['region_to_text']['r_precision']:>11.1f}{100 * t['precision_at'].get('10', float('nan')):>10.1f}"
+        )  # fmt: skip
+    if chance is not None:
+        lines.append(
+            f"{'(chance)':<16}{100 * chance['chance']:>11.1f}"
+            + "".join(f"{100 * chance['chance_per_group'][g]:>9.1f}" for g in groups)
+        )
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    try:
+        run_evaluation(cfg)
+    except VillaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

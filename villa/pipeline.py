@@ -1,0 +1,123 @@
+"""The whole ViLLA pipeline on one DocMNIST setting, from a starting encoder: the demo and the complexity
+experiment both run through :func:`run_pipeline`.
+
+generate -> preprocess (starting encoder) -> Stage 1 -> Stage 2 ViLLA and the one-to-one baseline (both from the
+starting encoder) -> evaluate zero-shot / baseline / ViLLA on the same held-out regions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from docmnist.generate_docmnist import generate
+from preprocess.embed import preprocess
+from villa.config import compose_config
+from villa.data_format import load_annotations
+from villa.encoders import create_clip
+from villa.evaluate import evaluate_model, region_options
+from villa.runtime import get_runtime
+from villa.stage1 import train_stage1
+from villa.stage2 import train_stage2
+from villa.vocab import load_vocab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineSettings:
+    """What one run of the pipeline does; defaults are the CPU demo's."""
+
+    model: str = "auto"  # "auto": the model recorded in the starting checkpoint
+    pretrained: str = "none"  # the starting encoder: a checkpoint path or an open_clip tag
+    input_size: Optional[int] = 168
+    target: int = 16
+    budget: int = 15000
+    val_budget: int = 3000
+    test_budget: int = 3000
+    seed: int = 23
+    stage1_epochs: int = 30
+    stage1_lr: float = 1e-3
+    stage2_epochs: int = 6
+    stage2_batch: int = 64
+    stage2_lr: float = 2e-4
+    device: str = "auto"
+    num_workers: int = 2
+    progress: bool = True
+    extra_stage2: list[str] = field(default_factory=list)
+
+
+def stage2_overrides(s: PipelineSettings, data: Path, ckpt: Path, mode: str, mapping: Optional[Path]) -> list[str]:
+    over = [
+        f"mode={mode}", f"data_dir={data}", f"checkpoint_dir={ckpt}", "resume=false", f"model.name={s.model}",
+        f"model.pretrained={s.pretrained}", f"epochs={s.stage2_epochs}", f"batch_size={s.stage2_batch}", f"lr={s.stage2_lr}",
+        f"device={s.device}", f"num_workers={s.num_workers}", f"progress={str(s.progress).lower()}", f"seed={s.seed}",
+        "early_stop_patience=3",
+    ]  # fmt: skip
+    if s.input_size:
+        over.append(f"model.input_size={s.input_size}")
+    if mapping is not None:
+        over.append(f"mapping_path={mapping}")
+    return over + list(s.extra_stage2)
+
+
+def run_pipeline(s: PipelineSettings, work: Path, eval_data: Optional[Path] = None) -> dict[str, Any]:
+    """Run every step under ``work``; evaluate on ``eval_data``'s test split (default: this dataset's)."""
+    t0 = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def tick(name: str, t: float) -> None:
+        timings[name] = round(time.perf_counter() - t, 1)
+        log.info("[%s] done in %.1fs", name, timings[name])
+
+    t = time.perf_counter()
+    data = generate(s.budget, s.target, seed=s.seed, out_dir=str(work / "data"), val_budget=s.val_budget,
+                    test_budget=s.test_budget, overwrite=True, progress=s.progress)  # fmt: skip
+    tick("docmnist", t)
+    t = time.perf_counter()
+    emb = preprocess(data, "docmnist", model=s.model, pretrained=s.pretrained, device=s.device, num_workers=s.num_workers,
+                     input_size=s.input_size, progress=s.progress, out_dir=data / "embeddings")  # fmt: skip
+    tick("preprocess", t)
+    t = time.perf_counter()
+    mapping = data / "mapping.feather"
+    s1 = train_stage1(compose_config("stage1", [
+        f"data_dir={data}", f"embeddings_dir={emb}", f"mapping_path={mapping}", f"checkpoint_dir={work / 'ckpt' / 'stage1'}",
+        "resume=false", f"epochs={s.stage1_epochs}", f"lr={s.stage1_lr}", f"device={s.device}", f"seed={s.seed}",
+        f"progress={str(s.progress).lower()}",
+    ]))  # fmt: skip
+    tick("stage1", t)
+    results: dict[str, Any] = {"settings": asdict(s), "data": str(data), "mapping": s1.get("quality")}
+    ckpts = {}
+    for mode in ("villa", "baseline"):
+        t = time.perf_counter()
+        ck = work / "ckpt" / mode
+        r = train_stage2(
+            compose_config("stage2", stage2_overrides(s, data, ck, mode, mapping if mode == "villa" else None))
+        )
+        ckpts[mode] = Path(r["best_checkpoint"])
+        results[f"{mode}_training"] = {"best_val": r["best_val"], "epochs": r["epochs_run"]}
+        tick(f"stage2_{mode}", t)
+    t = time.perf_counter()
+    vocab = load_vocab("docmnist")
+    eval_root = eval_data or data
+    ann = load_annotations(eval_root, vocab, required_splits=("test",))
+    runtime = get_runtime(s.device)
+    retrieval = {}
+    for label, pretrained in (
+        ("zero-shot", s.pretrained),
+        ("baseline", str(ckpts["baseline"])),
+        ("villa", str(ckpts["villa"])),
+    ):
+        clip = create_clip(s.model, pretrained, device=runtime.device)
+        opts = region_options(clip.pretrained, None, s.input_size)
+        retrieval[label] = evaluate_model(clip, ann, vocab, "test", runtime, opts, num_workers=s.num_workers)
+    tick("evaluate", t)
+    results.update({"retrieval": retrieval, "eval_data": str(eval_root), "checkpoints": {k: str(v) for k, v in ckpts.items()},
+                    "timings": timings, "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results

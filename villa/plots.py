@@ -1,0 +1,58 @@
+"""Figures saved as PNG (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def retrieval_bars(results: dict[str, dict[str, Any]], groups: list[str], path: Path, title: str) -> Path:
+    """Text-to-region R-Precision per attribute group, one bar per model, chance as a marker."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(results)
+    width = 0.8 / len(names)
+    cols = ["all"] + groups
+    for i, name in enumerate(names):
+        t = results[name]["text_to_region"]
+        vals = [t["r_precision"]] + [t["per_group"][g] for g in groups]
+        ax.bar([c + i * width for c in range(len(cols))], [100 * v for v in vals], width, label=name)
+    t = results[names[0]]["text_to_region"]
+    chance = [t["chance"]] + [t["chance_per_group"][g] for g in groups]
+    ax.scatter(
+        [c + 0.4 - width / 2 for c in range(len(cols))],
+        [100 * v for v in chance],
+        marker="_",
+        s=400,
+        c="k",
+        label="chance",
+    )
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cols))], cols)
+    ax.set_ylabel("text-to-region R-Precision (%)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def complexity_lines(rows: list[dict[str, Any]], path: Path, key: str = "r_precision") -> Path:
+    """R-Precision vs sample complexity, one line per method."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods = [m for m in rows[0] if m not in ("target", "complexity")]
+    xs = [r["complexity"] for r in rows]
+    for m in methods:
+        ax.plot(xs, [100 * r[m] for r in rows], marker="o", label=m)
+    ax.set_xlabel("sample complexity (region-attribute pairs per image)")
+    ax.set_ylabel("text-to-region R-Precision (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
