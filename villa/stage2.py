@@ -98,6 +98,24 @@ class Stage2Model(nn.Module):
         return img, txt, scale
 
 
+def content_boxes(ann: Annotations) -> np.ndarray:
+    """Per image, the bounding box of its content: the union of its region boxes (on DocMNIST, exactly where the
+    non-black pixels can be). (I, 4) float32."""
+    start = ann.region_offsets[:-1]
+    lo = np.minimum.reduceat(ann.boxes[:, :2], start, axis=0)
+    hi = np.maximum.reduceat(ann.boxes[:, 2:], start, axis=0)
+    return np.concatenate([lo, hi], 1).astype(np.float32)
+
+
+def jitter_boxes(boxes: torch.Tensor, sizes: torch.Tensor, margin: float, generator: torch.Generator) -> torch.Tensor:
+    """Grow each box by a random margin in [0, margin] pixels per side, clipped to its image (W, H): a
+    content-aware random crop (CLIP pretraining's random-resized-crop augmentation, keeping all captioned content)."""
+    m = torch.rand(boxes.shape, generator=generator) * margin
+    grown = boxes + m * torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    upper = torch.cat([sizes - 1, sizes - 1], 1).float()
+    return torch.minimum(torch.clamp(grown, min=0), upper)
+
+
 class PairData:
     """One split's images, their pairs, and each pair's text target (embedding or tokens)."""
 
@@ -137,6 +155,10 @@ def load_pair_data(cfg: DictConfig, clip: Clip, runtime: Runtime, d: Dist) -> tu
     text_emb = tokens = None
     if cfg.mode == "pretrain":
         tokens = open_clip.get_tokenizer(clip.model_name)(pairs.text)
+        if cfg.crop == "content":
+            pairs.boxes = content_boxes(ann)
+        elif cfg.crop != "none":
+            raise VillaError(f"crop={cfg.crop!r}: use none or content")
     else:
         cache = (
             Path(cfg.data_dir) / "text_cache" / f"{clip.model_name}-{weights_id(clip.pretrained).replace(':', '_')}.pt"
@@ -177,6 +199,8 @@ def step_loss(
     runtime: Runtime,
     d: Dist,
     channels_last: bool,
+    jitter: float = 0.0,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """The symmetric InfoNCE over all region-text pairs of the (global) batch."""
     pair_idx, box_image = data.pairs.gather(rows.numpy())
@@ -184,7 +208,11 @@ def step_loss(
     images = images.to(dev, non_blocking=True).float().div_(255)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    boxes = torch.from_numpy(data.pairs.boxes[pair_idx]).to(dev)
+    boxes = torch.from_numpy(data.pairs.boxes[pair_idx])
+    if jitter > 0:
+        sizes = torch.from_numpy(data.ann.image_size[rows.numpy()[box_image]])
+        boxes = jitter_boxes(boxes, sizes, jitter, generator)
+    boxes = boxes.to(dev)
     box_image_t = torch.from_numpy(box_image).to(dev)
     pidx = torch.from_numpy(pair_idx).to(dev)
     tokens = data.tokens[pair_idx].to(dev) if data.tokens is not None else None
@@ -284,6 +312,7 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
     )
     train_loader, train_sampler = make_loader(train_data, cfg, d, shuffle=True)
     val_loader, _ = make_loader(val_data, cfg, d, shuffle=False)
+    jitter = float(cfg.crop_margin) if cfg.mode == "pretrain" and cfg.crop == "content" else 0.0
     for epoch in range(start_epoch, cfg.epochs):
         if stopped:
             break
@@ -295,7 +324,7 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
             train_loader, desc=f"{cfg.mode} epoch {epoch + 1}", leave=False, disable=not (cfg.progress and d.is_main)
         )
         for step, (images, rows) in enumerate(bar):
-            loss = step_loss(ddp, train_data, images, rows, runtime, d, channels_last)
+            loss = step_loss(ddp, train_data, images, rows, runtime, d, channels_last, jitter, generator)
             check_finite(loss, step, epoch + 1, last)
             optimizer.zero_grad(set_to_none=True)
             scaled = loss * d.world_size  # DDP averages gradients; see villa.distributed.gather_rows
