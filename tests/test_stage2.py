@@ -221,3 +221,36 @@ def test_experiment_configs_compose():
         name = "stage1" if "stage1" in f.stem else "stage2"
         cfg = compose_config(name, [f"experiment={f.stem}"])
         assert cfg.task_name == f.stem
+
+
+def test_content_crop_boxes(tiny_docmnist):
+    from villa.data_format import load_annotations
+    from villa.stage2 import content_boxes, jitter_boxes
+    from villa.vocab import load_vocab
+
+    ann = load_annotations(tiny_docmnist, load_vocab("docmnist"), check_images=False)
+    cb = content_boxes(ann)
+    for i in range(20):
+        b = ann.boxes[ann.region_offsets[i] : ann.region_offsets[i + 1]]
+        np.testing.assert_array_equal(cb[i], [b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()])
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[28.0, 28, 56, 56], [0, 0, 28, 28]])
+    j = jitter_boxes(boxes, torch.tensor([[84, 84], [84, 84]]), 10.0, g)
+    assert (j[:, :2] <= boxes[:, :2]).all() and (j[:, 2:] >= boxes[:, 2:]).all()  # the content stays inside
+    assert (j >= 0).all() and (j <= 83).all() and (j[0, :2] >= 18).all()
+
+
+def test_export_is_compact_and_loads(tiny_docmnist, tmp_path):
+    from villa.export import export_checkpoint
+
+    res = train_stage2(s2cfg(tmp_path, tiny_docmnist, "experiment=pretrain", "model.name=villa-tiny-rn", "epochs=1", "batch_size=32"))
+    src = Path(res["best_checkpoint"])
+    dst = export_checkpoint(src, tmp_path / "small.pt")
+    assert dst.stat().st_size < src.stat().st_size / 2
+    state = torch.load(dst, weights_only=True)
+    assert "optimizer" not in state and state["kind"] == "villa-stage2-pretrain"
+    a, b = create_clip("auto", str(src)), create_clip("auto", str(dst))
+    x, boxes, owner = torch.rand(2, 3, 84, 84), torch.tensor([[0, 0, 83, 83], [0, 0, 28, 28.0]]), torch.tensor([0, 1])
+    with torch.no_grad():
+        za, zb = RegionEncoder(a.model.visual)(x, boxes, owner), RegionEncoder(b.model.visual)(x, boxes, owner)
+    assert F.cosine_similarity(za, zb).min() > 0.999  # fp16 weights
