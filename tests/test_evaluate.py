@@ -71,7 +71,7 @@ def test_evaluate_entry_writes_json(tiny_docmnist, tiny_pretrained, tmp_path):
     t = saved["text_to_region"]
     assert set(t["per_group"]) == {"digit", "color", "shape", "size"} and 0 <= t["r_precision"] <= 1
     assert saved["regions"] == int(res["regions"]) > 0 and set(t["precision_at"]) == {"10", "50", "100"}
-    assert saved["region_path"]["input_size"] is None  # as the checkpoint was trained
+    assert saved["region_path"]["input_size"] == 168  # as the checkpoint was trained (experiment=pretrain)
 
 
 def test_demo_pipeline_tiny(tiny_pretrained, tmp_path, capsys):

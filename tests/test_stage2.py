@@ -243,7 +243,9 @@ def test_content_crop_boxes(tiny_docmnist):
 def test_export_is_compact_and_loads(tiny_docmnist, tmp_path):
     from villa.export import export_checkpoint
 
-    res = train_stage2(s2cfg(tmp_path, tiny_docmnist, "experiment=pretrain", "model.name=villa-tiny-rn", "epochs=1", "batch_size=32"))
+    res = train_stage2(
+        s2cfg(tmp_path, tiny_docmnist, "experiment=pretrain", "model.name=villa-tiny-rn", "epochs=1", "batch_size=32")
+    )
     src = Path(res["best_checkpoint"])
     dst = export_checkpoint(src, tmp_path / "small.pt")
     assert dst.stat().st_size < src.stat().st_size / 2

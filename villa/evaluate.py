@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from preprocess.embed import embed_regions
+from villa.config import hydra_entry
 from villa.data_format import Annotations, load_annotations
 from villa.encoders import Clip, RegionEncoder, create_clip, encode_attributes
 from villa.errors import VillaError
-from villa.log import setup_logging
 from villa.metrics import precision_at_k, r_precision
-from villa.paths import atomic_write_path, config_dir
+from villa.paths import atomic_write_path
 from villa.runtime import Runtime, get_runtime
 from villa.vocab import Vocabulary, vocab_from_dict
 
@@ -170,14 +168,7 @@ def format_table(results: dict[str, dict[str, Any]], vocab: Vocabulary) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    setup_logging()
-    try:
-        run_evaluation(cfg)
-    except VillaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+main = hydra_entry("evaluate", run_evaluation)
 
 
 if __name__ == "__main__":

@@ -11,28 +11,25 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from villa.config import hydra_entry
 from villa.data import RegionBank, image_batches
 from villa.data_format import Annotations, load_annotations
 from villa.embeddings import EmbeddingSet, open_embeddings
 from villa.errors import VillaError
-from villa.log import setup_logging
 from villa.losses import stage1_loss
 from villa.mapping import assign, assign_text, score_regions, write_mapping
 from villa.metrics import mapping_quality
 from villa.models import MultiHeadProjection
-from villa.paths import config_dir
 from villa.runtime import Runtime, get_runtime, seed_everything
 from villa.training import (
     check_finite,
@@ -244,14 +241,7 @@ def print_quality(quality: dict[str, Any], vocab: Vocabulary) -> None:
         print(row + "".join(f"{100 * q['all'][g]['f1']:>10.1f}" for g in groups))
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="stage1")
-def main(cfg: DictConfig) -> None:
-    setup_logging()
-    try:
-        train_stage1(cfg)
-    except VillaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+main = hydra_entry("stage1", train_stage1)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,10 @@ averaged, L2-normalised) and only the image tower trains, with a fixed temperatu
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 import numpy as np
 import open_clip
 import torch
@@ -31,15 +29,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from preprocess.embed import ImageDataset, calibrate_on_data, collate_images
+from villa.config import hydra_entry
 from villa.data import PairSet, build_pairs
 from villa.data_format import Annotations, load_annotations
 from villa.distributed import Dist, cleanup, gather_rows, init_distributed
 from villa.embeddings import weights_id
 from villa.encoders import Clip, RegionEncoder, create_clip, mean_text_embeddings
 from villa.errors import VillaError
-from villa.log import setup_logging
 from villa.losses import infonce
-from villa.paths import config_dir
 from villa.runtime import Runtime, get_runtime, seed_everything
 from villa.training import (
     check_finite,
@@ -375,14 +372,7 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
     }  # fmt: skip
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="stage2")
-def main(cfg: DictConfig) -> None:
-    setup_logging()
-    try:
-        train_stage2(cfg)
-    except VillaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+main = hydra_entry("stage2", train_stage2)
 
 
 if __name__ == "__main__":
