@@ -148,35 +148,10 @@ def test_shape_bank_matches_skimage():
 
 
 def test_deterministic(tmp_path, mnist):
-    a = generate(
-        500,
-        16,
-        seed=5,
-        out_dir=str(tmp_path / "a"),
-        mnist_dir=mnist,
-        val_budget=50,
-        test_budget=50,
-        progress=False,
-    )
-    b = generate(
-        500,
-        16,
-        seed=5,
-        out_dir=str(tmp_path / "b"),
-        mnist_dir=mnist,
-        val_budget=50,
-        test_budget=50,
-        progress=False,
-    )
-    c = generate(
-        500,
-        16,
-        seed=6,
-        out_dir=str(tmp_path / "c"),
-        mnist_dir=mnist,
-        val_budget=50,
-        test_budget=50,
-        progress=False,
+    kw = dict(mnist_dir=mnist, val_budget=50, test_budget=50, progress=False)
+    a, b, c = (
+        generate(500, 16, seed=seed, out_dir=str(tmp_path / name), **kw)
+        for name, seed in (("a", 5), ("b", 5), ("c", 6))
     )
     fa, fb = (a / "annotations.feather").read_bytes(), (b / "annotations.feather").read_bytes()
     assert fa == fb
