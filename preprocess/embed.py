@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from villa.data import gather_index
 from villa.data_format import Annotations, load_annotations
 from villa.embeddings import FORMAT, encoder_meta, write_index, write_meta
 from villa.encoders import Clip, RegionEncoder, calibrate_batchnorm, create_clip, encode_attributes
@@ -74,11 +75,8 @@ def region_batches(ann: Annotations, rows: np.ndarray, batch_size: int, num_work
 
 def boxes_of(ann: Annotations, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All boxes of the given images, (K, 4) float32, and the batch position of each box (K,)."""
-    r = rows.numpy()
-    counts = ann.n_regions[r]
-    starts = ann.region_offsets[r]
-    idx = np.repeat(starts - np.cumsum(np.concatenate([[0], counts[:-1]])), counts) + np.arange(counts.sum())
-    return torch.from_numpy(ann.boxes[idx]), torch.from_numpy(np.repeat(np.arange(len(r)), counts))
+    idx, pos = gather_index(ann.region_offsets, rows.numpy())
+    return torch.from_numpy(ann.boxes[idx]), torch.from_numpy(pos)
 
 
 @torch.no_grad()

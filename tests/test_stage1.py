@@ -203,7 +203,7 @@ def test_cli_reports_one_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: dataset folder not found")
 
 
-def test_scores_are_cosines(synthetic_stage1):
+def test_scores_are_cosines():
     m = MultiHeadProjection(8, 3)
     x, e = torch.randn(5, 8), torch.randn(3, 8)
     s = m.scores(x, e)

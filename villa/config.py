@@ -8,11 +8,12 @@ from typing import Any, Callable, Sequence
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from villa.errors import VillaError
 from villa.log import setup_logging
 from villa.paths import config_dir
+from villa.vocab import Vocabulary, vocab_from_dict
 
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -21,6 +22,11 @@ def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(name, overrides=list(overrides))
+
+
+def vocab_from_config(cfg: DictConfig) -> Vocabulary:
+    """The vocabulary of the composed ``dataset`` group (configs/dataset/<name>.yaml, or an override)."""
+    return vocab_from_dict(OmegaConf.to_container(cfg.dataset, resolve=True), source=f"dataset={cfg.dataset.name}")
 
 
 def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], None]:

@@ -112,16 +112,14 @@ def build_pairs(
     per_image = kept_per_image + 1
     offsets = np.concatenate([[0], np.cumsum(per_image)])
     boxes = np.empty((offsets[-1], 4), np.float32)
-    text: list[Optional[str]] = [None] * int(offsets[-1])
+    text = np.empty(int(offsets[-1]), dtype=object)
     # region pairs go first within each image, the whole image last
     kept_idx = np.flatnonzero(keep)
     within = np.arange(len(kept_idx)) - np.repeat(np.cumsum(kept_per_image) - kept_per_image, kept_per_image)
     dest = offsets[region_image[kept_idx]] + within
     boxes[dest] = region_boxes[kept_idx]
-    for d, r in zip(dest.tolist(), kept_idx.tolist()):
-        text[d] = region_text[r]
+    text[dest] = np.asarray(region_text, dtype=object)[kept_idx]
     last = offsets[1:] - 1
     boxes[last] = whole
-    for d, c in zip(last.tolist(), captions):
-        text[d] = c
-    return PairSet(offsets, boxes, text)  # type: ignore[arg-type]
+    text[last] = np.asarray(captions, dtype=object)
+    return PairSet(offsets, boxes, text.tolist())

@@ -30,7 +30,7 @@ log = logging.getLogger("villa.demo")
 ASSET = Path(__file__).resolve().parent / "assets" / "villa-small-rn-docmnist.pt"
 
 
-def pretrain_small_clip(work: Path, epochs: int, progress: bool, device: str = "auto") -> Path:
+def pretrain_small_clip(work: Path, epochs: Optional[int], progress: bool, device: str = "auto") -> Path:
     """The shipped checkpoint's recipe (docs/pretrained.md), run here."""
     from docmnist.generate_docmnist import generate
     from villa.config import compose_config
@@ -47,7 +47,7 @@ def pretrain_small_clip(work: Path, epochs: int, progress: bool, device: str = "
     )
     res = train_stage2(compose_config("stage2", [
         "experiment=pretrain", f"data_dir={data}", f"checkpoint_dir={work / 'ckpt' / 'pretrain'}", "resume=false",
-        f"epochs={epochs}", f"progress={str(progress).lower()}", f"device={device}",
+        f"progress={str(progress).lower()}", f"device={device}", *([f"epochs={epochs}"] if epochs else []),
     ]))  # fmt: skip
     return Path(res["best_checkpoint"])
 
@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument(
         "--pretrain", action="store_true", help="pretrain the starting encoder here instead of the shipped one"
     )
-    p.add_argument("--pretrain_epochs", type=int, default=8)
+    p.add_argument("--pretrain_epochs", type=int, default=None, help="default: the recipe's (16)")
     p.add_argument("--pretrained", default=None, help="starting encoder checkpoint (default: the shipped one)")
     p.add_argument("--budget", type=int, default=15000)
     p.add_argument("--stage2_epochs", type=int, default=6)

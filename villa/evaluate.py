@@ -18,17 +18,17 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from preprocess.embed import embed_regions
-from villa.config import hydra_entry
+from villa.config import hydra_entry, vocab_from_config
 from villa.data_format import Annotations, load_annotations
 from villa.encoders import Clip, RegionEncoder, create_clip, encode_attributes
 from villa.errors import VillaError
 from villa.metrics import precision_at_k, r_precision
 from villa.paths import atomic_write_path
 from villa.runtime import Runtime, get_runtime
-from villa.vocab import Vocabulary, vocab_from_dict
+from villa.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def evaluate_model(
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
-    vocab = vocab_from_dict(OmegaConf.to_container(cfg.dataset, resolve=True), source=f"dataset={cfg.dataset.name}")
+    vocab = vocab_from_config(cfg)
     ann = load_annotations(Path(cfg.data_dir), vocab, required_splits=(cfg.split,))
     runtime = get_runtime(cfg.device)
     clip = create_clip(cfg.model.name, cfg.model.pretrained, device=runtime.device)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +50,3 @@ def infonce(
     logits = logit_scale * image_emb @ text_emb.t()
     labels = torch.arange(len(logits), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-
-
-LOG_T = math.log(1 / 0.07)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,7 +48,6 @@ class PipelineSettings:
     device: str = "auto"
     num_workers: int = 2
     progress: bool = True
-    extra_stage2: list[str] = field(default_factory=list)
 
 
 def stage2_overrides(s: PipelineSettings, data: Path, ckpt: Path, mode: str, mapping: Optional[Path]) -> list[str]:
@@ -62,7 +61,7 @@ def stage2_overrides(s: PipelineSettings, data: Path, ckpt: Path, mode: str, map
         over.append(f"model.input_size={s.input_size}")
     if mapping is not None:
         over.append(f"mapping_path={mapping}")
-    return over + list(s.extra_stage2)
+    return over
 
 
 def run_pipeline(s: PipelineSettings, work: Path, eval_data: Optional[Path] = None) -> dict[str, Any]:

@@ -10,6 +10,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from villa.paths import atomic_write_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    """PNG written to a temporary name and renamed: never a half-written figure."""
+    tmp = atomic_write_path(path)
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
 
 def retrieval_bars(results: dict[str, dict[str, Any]], groups: list[str], path: Path, title: str) -> Path:
     """Text-to-region R-Precision per attribute group, one bar per model, chance as a marker."""
@@ -36,8 +46,7 @@ def retrieval_bars(results: dict[str, dict[str, Any]], groups: list[str], path: 
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -53,6 +62,5 @@ def complexity_lines(rows: list[dict[str, Any]], path: Path, key: str = "r_preci
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from villa.config import hydra_entry
+from villa.config import hydra_entry, vocab_from_config
 from villa.data import RegionBank, image_batches
 from villa.data_format import Annotations, load_annotations
 from villa.embeddings import EmbeddingSet, open_embeddings
@@ -40,14 +40,14 @@ from villa.training import (
     save_checkpoint,
     set_rng_state,
 )
-from villa.vocab import Vocabulary, vocab_from_dict
+from villa.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
 
 def load_inputs(cfg: DictConfig) -> tuple[Vocabulary, Annotations, EmbeddingSet]:
     """The vocabulary, validated annotations and matching embeddings; bad input is one VillaError line."""
-    vocab = vocab_from_dict(OmegaConf.to_container(cfg.dataset, resolve=True), source=f"dataset={cfg.dataset.name}")
+    vocab = vocab_from_config(cfg)
     ann = load_annotations(Path(cfg.data_dir), vocab, required_splits=("train", "val"), check_images=False)
     emb = open_embeddings(Path(cfg.embeddings_dir), vocab)
     if len(emb.image_id) != ann.n_images or not np.array_equal(emb.image_id, ann.image_id):

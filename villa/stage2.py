@@ -22,14 +22,14 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from preprocess.embed import ImageDataset, calibrate_on_data, collate_images
-from villa.config import hydra_entry
+from villa.config import hydra_entry, vocab_from_config
 from villa.data import PairSet, build_pairs
 from villa.data_format import Annotations, load_annotations
 from villa.distributed import Dist, cleanup, gather_rows, init_distributed
@@ -47,7 +47,6 @@ from villa.training import (
     save_checkpoint,
     set_rng_state,
 )
-from villa.vocab import vocab_from_dict
 
 log = logging.getLogger(__name__)
 MODES = ("villa", "baseline", "pretrain")
@@ -132,7 +131,7 @@ def load_pair_data(cfg: DictConfig, clip: Clip, runtime: Runtime, d: Dist) -> tu
     """Train and val pairs for the mode; texts embedded once by the frozen text tower (villa, baseline)."""
     if cfg.mode not in MODES:
         raise VillaError(f"mode={cfg.mode!r}: use one of {', '.join(MODES)}")
-    vocab = vocab_from_dict(OmegaConf.to_container(cfg.dataset, resolve=True), source=f"dataset={cfg.dataset.name}")
+    vocab = vocab_from_config(cfg)
     villa_mode = cfg.mode == "villa"
     if villa_mode and not Path(cfg.mapping_path).is_file():
         raise VillaError(
