@@ -350,7 +350,7 @@ def generate(
             raise VillaError(f"--{flag}={b}: must be >= 1 region-attribute pair")
     t0 = time.perf_counter()
     vocab = vocab or load_vocab("docmnist")
-    pools: DigitPools = load_digit_pools(mnist_dir, seed=seed, download=download)
+    pools: DigitPools = load_digit_pools(mnist_dir, download=download)
     n_templates = [len(vocab.templates[vocab.groups.index(g)]) for g in ("digit", "color", "shape", "size")]
     budgets = {"train": attribute_budget, "val": val_budget, "test": test_budget}
     layouts = []
@@ -402,6 +402,11 @@ def generate(
                     "sample_complexity": round(complexity[lay.split], 4),
                     "digit_pool": int(len(pools.images[lay.split])),
                 }
+                for lay in layouts
+            },
+            # which MNIST digits each split drew from: compare datasets with docmnist.mnist.pools_overlap
+            "digit_pools": {
+                lay.split: pools.info[lay.split].to_dict()
                 for lay in layouts
             },
         }

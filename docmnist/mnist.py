@@ -1,12 +1,24 @@
-"""Real MNIST digits for DocMNIST: IDX reading, lookup, and the per-split digit pools."""
+"""Real MNIST digits for DocMNIST: IDX reading, lookup, and the per-split digit pools.
+
+The pools are a fixed partition that never depends on the generator's ``--seed``, so no two DocMNIST datasets
+(whatever their seeds) put one digit in the training pool of one and the test pool of the other:
+
+- full MNIST (all four IDX files): train / val = a fixed 80% / 20% division of MNIST's 60,000 training digits,
+  test = MNIST's 10,000 test digits (the original's pools);
+- only the test files: MNIST's test digits in a fixed 60% / 20% / 20% division.
+
+Each pool is described by :class:`PoolInfo` (the IDX file's digest, the partition scheme and the pool's indices'
+fingerprint), recorded in ``generation.json``; :func:`pools_overlap` tells exactly whether two pools share digits.
+"""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -16,16 +28,41 @@ _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# The partition: a permutation with this fixed seed (never the generator's) and these fractions. Changing either
+# changes every pool, so it is versioned in the scheme names below.
+PARTITION_SEED = 20230407
+SCHEMES = {
+    # scheme -> split -> (IDX file, start fraction, stop fraction) of that file's permuted indices
+    "full-v1": {"train": ("train", 0.2, 1.0), "val": ("train", 0.0, 0.2), "test": ("test", None, None)},
+    "test-only-v1": {"train": ("test", 0.0, 0.6), "val": ("test", 0.6, 0.8), "test": ("test", 0.8, 1.0)},
+}
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """What identifies one split's digit pool: which IDX file (by content digest), which partition, which indices."""
+
+    scheme: str  # a key of SCHEMES
+    split: str  # train | val | test
+    file: str  # "train" (MNIST's training file) or "test" (t10k)
+    file_sha256: str  # of the decompressed images (IDX payload), so .gz or not does not matter
+    file_size: int  # digits in the file
+    digits: int  # digits in this pool
+    fingerprint: str  # sha256 of the file digest + the pool's sorted indices
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
 class DigitPools:
-    """Grey 28x28 uint8 digits and their labels for each split; ``source`` says where they came from."""
+    """Grey 28x28 uint8 digits and their labels for each split; ``info`` says exactly which digits they are."""
 
     images: dict[str, np.ndarray]  # split -> (N, 28, 28) uint8
     labels: dict[str, np.ndarray]  # split -> (N,) int64
     source: str
-    full: bool  # True: full MNIST (train/val from MNIST train); False: the test split divided into three
+    full: bool  # True: full MNIST (train/val from MNIST train); False: the test file divided into three
+    info: dict[str, PoolInfo]
 
 
 def _find(folder: Path, stem: str) -> Optional[Path]:
@@ -55,11 +92,22 @@ def read_idx(path: Path) -> np.ndarray:
         raise VillaError(f"cannot read MNIST file {path}: {e}; re-download MNIST or fix --mnist_dir") from e
 
 
+def _read_pair(folder: Path, which: str, img_path: Path, lab_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    img, lab = read_idx(img_path), read_idx(lab_path)
+    if img.ndim != 3 or img.shape[1:] != (28, 28):
+        raise VillaError(f"{img_path} holds {img.shape} data, not 28x28 images; re-download MNIST")
+    if lab.ndim != 1:
+        raise VillaError(f"{lab_path} holds {lab.shape} data, not a label vector; re-download MNIST")
+    if len(img) != len(lab):
+        raise VillaError(f"MNIST {which} files in {folder}: {len(img)} images but {len(lab)} labels; re-download it")
+    return img, lab.astype(np.int64)
+
+
 def candidate_dirs(mnist_dir: Optional[str]) -> list[Path]:
-    """Lookup order: ``--mnist_dir``, ``$VILLA_MNIST_DIR``, ``data/mnist``."""
-    out = []
+    """Lookup order: ``--mnist_dir`` alone when given; else ``$VILLA_MNIST_DIR``, then ``data/mnist``."""
     if mnist_dir:
-        out.append(Path(mnist_dir))
+        return [Path(mnist_dir)]
+    out = []
     if os.environ.get("VILLA_MNIST_DIR"):
         out.append(Path(os.environ["VILLA_MNIST_DIR"]))
     out.append(Path("data") / "mnist")
@@ -77,48 +125,58 @@ def download_mnist(root: Path) -> None:
         raise VillaError(f"could not download MNIST into {root}: {e}; copy the IDX files there instead") from e
 
 
-def load_digit_pools(
-    mnist_dir: Optional[str] = None, seed: int = 23, download: bool = False, val_fraction: float = 0.2
-) -> DigitPools:
-    """Digit pools per split.
+def pool_indices(scheme: str, split: str, file_size: int) -> np.ndarray:
+    """The indices into its IDX file of one split's pool under a partition scheme (sorted permutation slice)."""
+    file, lo, hi = SCHEMES[scheme][split]
+    if lo is None:
+        return np.arange(file_size)
+    perm = np.random.default_rng(PARTITION_SEED).permutation(file_size)
+    return perm[int(round(lo * file_size)) : int(round(hi * file_size))]
 
-    Full MNIST (train and test files found): train pool = 80% of MNIST train, val pool = the other 20%, test pool =
-    MNIST test. Only the test split found (offline machines): its 10,000 digits split into disjoint pools, 60% /
-    20% / 20%. The split of a pool is a seeded permutation, so the same seed gives the same pools.
-    """
+
+def _pool_info(scheme: str, split: str, file_sha: str, file_size: int, idx: np.ndarray) -> PoolInfo:
+    h = hashlib.sha256(file_sha.encode())
+    h.update(np.sort(idx).astype(np.int64).tobytes())
+    return PoolInfo(scheme, split, SCHEMES[scheme][split][0], file_sha, file_size, int(len(idx)), h.hexdigest())
+
+
+def pools_overlap(a: dict[str, Any], b: dict[str, Any]) -> int:
+    """How many digits two pools (``PoolInfo.to_dict()`` records) share: 0 when they come from different files."""
+    if a["file_sha256"] != b["file_sha256"]:
+        return 0
+    if a["fingerprint"] == b["fingerprint"]:
+        return int(a["digits"])
+    ia = pool_indices(a["scheme"], a["split"], a["file_size"])
+    ib = pool_indices(b["scheme"], b["split"], b["file_size"])
+    return int(len(np.intersect1d(ia, ib)))
+
+
+def load_digit_pools(mnist_dir: Optional[str] = None, download: bool = False) -> DigitPools:
+    """The digit pool of each split (module docstring): a fixed partition, the same for every generator seed."""
     tried = candidate_dirs(mnist_dir)
+    if mnist_dir and not download and not Path(mnist_dir).is_dir():
+        raise VillaError(f"--mnist_dir {mnist_dir} does not exist; pass the folder holding MNIST's IDX files")
     if download:
         download_mnist(tried[0])
     for folder in tried:
         test_img, test_lab = _find(folder, _FILES["test"][0]), _find(folder, _FILES["test"][1])
         if test_img is None or test_lab is None:
             continue
-        rng = np.random.default_rng([seed, 7])
+        files = {"test": _read_pair(folder, "test", test_img, test_lab)}
         train_img, train_lab = _find(folder, _FILES["train"][0]), _find(folder, _FILES["train"][1])
-        timg, tlab = read_idx(test_img), read_idx(test_lab).astype(np.int64)
-        if len(timg) != len(tlab):
-            raise VillaError(f"MNIST in {folder}: {len(timg)} images but {len(tlab)} labels; re-download it")
         if train_img is not None and train_lab is not None:
-            img, lab = read_idx(train_img), read_idx(train_lab).astype(np.int64)
-            perm = rng.permutation(len(img))
-            n_val = int(round(val_fraction * len(img)))
-            tr, va = perm[n_val:], perm[:n_val]
-            return DigitPools(
-                images={"train": img[tr], "val": img[va], "test": timg},
-                labels={"train": lab[tr], "val": lab[va], "test": tlab},
-                source=str(folder),
-                full=True,
-            )
-        perm = rng.permutation(len(timg))
-        n = len(timg)
-        a, b = int(0.6 * n), int(0.8 * n)
-        parts = {"train": perm[:a], "val": perm[a:b], "test": perm[b:]}
-        return DigitPools(
-            images={k: timg[v] for k, v in parts.items()},
-            labels={k: tlab[v] for k, v in parts.items()},
-            source=str(folder),
-            full=False,
-        )
+            files["train"] = _read_pair(folder, "train", train_img, train_lab)
+            scheme = "full-v1"
+        else:
+            scheme = "test-only-v1"
+        digests = {k: hashlib.sha256(v[0].tobytes()).hexdigest() for k, v in files.items()}
+        images, labels, info = {}, {}, {}
+        for split, (file, _, _) in SCHEMES[scheme].items():
+            img, lab = files[file]
+            idx = pool_indices(scheme, split, len(img))
+            images[split], labels[split] = img[idx], lab[idx]
+            info[split] = _pool_info(scheme, split, digests[file], len(img), idx)
+        return DigitPools(images, labels, str(folder), scheme == "full-v1", info)
     tried_s = ", ".join(str(p) for p in tried)
     raise VillaError(
         f"MNIST not found (tried {tried_s}); put the IDX files in one of them, set VILLA_MNIST_DIR, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,13 +160,61 @@ def test_deterministic(tmp_path, mnist):
     assert _ann(c).text.tolist() != _ann(a).text.tolist()
 
 
-def test_disjoint_pools_from_test_split(mnist):
+def _test_only_folder(mnist: str, dest: Path) -> Path:
+    """A copy of MNIST holding only its test files (as offline machines had before the full set)."""
+    dest.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        src = Path(mnist) / name
+        if not src.is_file():
+            pytest.skip(f"{src} missing")
+        shutil.copy(src, dest / name)
+    return dest
+
+
+def _digit_keys(pools) -> dict:
+    return {k: {v.tobytes() for v in pools.images[k]} for k in pools.images}
+
+
+def test_disjoint_pools_from_test_split(mnist, tmp_path):
     from docmnist.mnist import load_digit_pools
 
-    pools = load_digit_pools(mnist, seed=23)
-    assert not pools.full and sum(len(v) for v in pools.images.values()) == 10000
-    keys = {k: {v.tobytes() for v in pools.images[k]} for k in pools.images}
-    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["val"])
+    folder = _test_only_folder(mnist, tmp_path / "mnist_test_only")
+    pools = load_digit_pools(str(folder))
+    assert not pools.full and {k: len(v) for k, v in pools.images.items()} == {"train": 6000, "val": 2000, "test": 2000}
+    keys = _digit_keys(pools)
+    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["val"]) and not (keys["val"] & keys["test"])
+    # the partition never depends on the generator's seed: datasets of different seeds share no train/test digit
+    a = generate(300, 8, seed=1, out_dir=str(tmp_path / "a"), mnist_dir=str(folder), val_budget=50,
+                 test_budget=50, progress=False)  # fmt: skip
+    b = generate(300, 8, seed=2, out_dir=str(tmp_path / "b"), mnist_dir=str(folder), val_budget=50,
+                 test_budget=50, progress=False)  # fmt: skip
+    pa_, pb = (json.loads((d / "generation.json").read_text())["digit_pools"] for d in (a, b))
+    assert pa_ == pb and pa_["test"]["scheme"] == "test-only-v1" and pa_["test"]["digits"] == 2000
+
+
+def test_full_mnist_pools_follow_the_original(mnist, tmp_path):
+    from docmnist.mnist import load_digit_pools, pools_overlap
+
+    pools = load_digit_pools(mnist)
+    if not pools.full:
+        pytest.skip("needs the full MNIST (training files)")
+    assert {k: len(v) for k, v in pools.images.items()} == {"train": 48000, "val": 12000, "test": 10000}
+    assert np.bincount(pools.labels["test"]).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    keys = _digit_keys(pools)
+    assert not (keys["val"] & keys["test"]) and len(keys["train"] & keys["test"]) < 20  # MNIST has a few duplicates
+    info = {k: v.to_dict() for k, v in pools.info.items()}
+    assert pools_overlap(info["train"], info["val"]) == 0 and pools_overlap(info["train"], info["test"]) == 0
+    assert pools_overlap(info["test"], info["test"]) == 10000
+    # a test-only layout's training pool is drawn from MNIST's test file: the overlap is found exactly
+    small = load_digit_pools(str(_test_only_folder(mnist, tmp_path / "t")))
+    overlap = pools_overlap(small.info["train"].to_dict(), info["test"])
+    assert overlap == 6000 and pools_overlap(small.info["train"].to_dict(), info["train"]) == 0
+
+
+def test_explicit_mnist_dir_never_falls_back(tmp_path, mnist, monkeypatch):
+    monkeypatch.setenv("VILLA_MNIST_DIR", mnist)
+    with pytest.raises(VillaError, match=r"--mnist_dir .*nowhere does not exist"):
+        generate(100, 16, mnist_dir=str(tmp_path / "nowhere"), out_dir=str(tmp_path / "out"), progress=False)
 
 
 @pytest.mark.parametrize(
@@ -188,8 +237,9 @@ def test_bad_arguments(args, message, tmp_path, mnist, capsys):
 def test_missing_and_unreadable_mnist(tmp_path, monkeypatch):
     monkeypatch.delenv("VILLA_MNIST_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(VillaError, match="MNIST not found .*nowhere"):
-        generate(100, 16, mnist_dir=str(tmp_path / "nowhere"), out_dir=str(tmp_path / "out"), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VillaError, match="MNIST not found .*empty"):
+        generate(100, 16, mnist_dir=str(tmp_path / "empty"), out_dir=str(tmp_path / "out"), progress=False)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03garbage"))
