@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from villa import encoders
-from villa.encoders import RegionEncoder, create_clip, encode_attributes, encode_texts, save_clip_checkpoint
+from villa.encoders import (
+    CLIP_MEAN,
+    CLIP_STD,
+    RegionEncoder,
+    clip_checkpoint_state,
+    create_clip,
+    encode_attributes,
+    encode_texts,
+    roi_features,
+)
 from villa.errors import VillaError
 from villa.runtime import get_runtime
+from villa.training import save_checkpoint
 from villa.vocab import load_vocab
 
 CPU = get_runtime("cpu")
@@ -65,12 +76,80 @@ def test_region_shapes_and_batched_equals_per_image(tiny):
     assert not torch.allclose(batched[-1], batched[-2])
 
 
-def test_normalize_option_changes_input(tiny):
+def test_normalize_option_applies_clip_mean_and_std(tiny):
     images, boxes, owner = _images(2)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        a = RegionEncoder(tiny.model.visual, normalize=False).eval()(images, boxes, owner)
+        plain = RegionEncoder(tiny.model.visual, normalize=False).eval()
+        a = plain(images, boxes, owner)
         b = RegionEncoder(tiny.model.visual, normalize=True).eval()(images, boxes, owner)
-    assert not torch.allclose(a, b)
+        by_hand = plain((images - mean) / std, boxes, owner)
+    torch.testing.assert_close(b, by_hand, rtol=1e-5, atol=1e-6)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_roi_boxes_stay_fp32_under_autocast():
+    """A box at 150.7 px must not be rounded to bf16 (151) when the features are bf16."""
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 8, 21, 21, generator=g).to(torch.bfloat16)  # a bf16 feature map of a 168-px image
+    boxes = torch.tensor([[10.3, 20.6, 150.7, 97.45], [0.4, 0.9, 83.3, 61.7]])
+    owner = torch.tensor([0, 1])
+    ref = roi_features(feat.float(), boxes, owner, 4, 21 / 168)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_features(feat, boxes, owner, 4, 21 / 168)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.to(torch.bfloat16).float(), rtol=0, atol=0)
+    rounded = roi_features(feat.float(), boxes.to(torch.bfloat16).float(), owner, 4, 21 / 168)
+    assert (rounded - ref).abs().max() > 1e-2  # what rounding the boxes did
+
+
+def _fake_hub_weights(cache: Path, repo: str, state_dict: dict) -> Path:
+    """A Hugging Face cache holding ``repo``'s open_clip weights, as a finished download leaves it."""
+    commit = "0" * 40
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snap = folder / "snapshots" / commit
+    snap.mkdir(parents=True)
+    torch.save(state_dict, snap / "open_clip_pytorch_model.bin")
+    return snap
+
+
+def test_tagged_weights_get_the_tags_activation(tmp_path, monkeypatch):
+    """OpenAI's weights were trained with QuickGELU: a tag that says so is built with it (open_clip #771)."""
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    assert open_clip.get_pretrained_cfg("RN50", "openai")["quick_gelu"] is True
+    torch.manual_seed(1)
+    weights = create_clip("villa-tiny-rn", pretrained=None).model.state_dict()
+    _fake_hub_weights(tmp_path, "villa-test/tiny-openai", weights)
+    tags = {
+        "openai": {"hf_hub": "villa-test/tiny-openai/", "quick_gelu": True},
+        "plain": {"hf_hub": "villa-test/tiny-openai/"},
+    }
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "villa-tiny-rn", tags)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    clip = create_clip("villa-tiny-rn", pretrained="openai", cache_dir=str(tmp_path))
+    acts = {type(m) for m in clip.model.transformer.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))}
+    assert acts == {QuickGELU}
+    assert clip.quick_gelu and clip.source["quick_gelu"] is True
+    loaded = clip.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+    plain = create_clip("villa-tiny-rn", pretrained="plain", cache_dir=str(tmp_path))
+    assert not plain.quick_gelu and not any(isinstance(m, QuickGELU) for m in plain.model.modules())
+    with pytest.raises(VillaError, match="neither a file nor a tag of villa-tiny-rn .*openai, plain"):
+        create_clip("villa-tiny-rn", pretrained="laion9b", cache_dir=str(tmp_path))
+
+
+def test_missing_tag_weights_offline_fail_fast(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(VillaError, match="not downloaded and no network is reachable; pass a local checkpoint path"):
+        create_clip("auto", pretrained="openai", cache_dir=str(tmp_path))  # auto without a checkpoint: RN50
+    assert time.perf_counter() - t0 < 20
 
 
 def test_attribute_embedding_is_normalised_prompt_mean(tiny):
@@ -85,7 +164,7 @@ def test_attribute_embedding_is_normalised_prompt_mean(tiny):
 
 def test_checkpoint_round_trip(tiny, tmp_path):
     path = tmp_path / "ckpt" / "clip.pt"
-    save_clip_checkpoint(tiny.model, tiny.model_name, tiny.model_cfg, path, epoch=3)
+    save_checkpoint(path, clip_checkpoint_state(tiny.model, tiny.model_name, tiny.model_cfg, epoch=3))
     loaded = create_clip("villa-tiny-rn", pretrained=str(path))
     assert loaded.pretrained == str(path) and loaded.model_name == "villa-tiny-rn"
     images, boxes, owner = _images(3)

@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -38,6 +40,7 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NO_WEIGHTS = (None, "", "none", "None", "random")
+DEFAULT_MODEL = "RN50"  # what model=auto means without a villa checkpoint (the paper's encoder)
 _warned_random: set[str] = set()
 
 
@@ -52,9 +55,18 @@ class Clip:
     model_cfg: dict
 
     @property
+    def quick_gelu(self) -> bool:
+        return bool(self.model_cfg.get("quick_gelu", False))
+
+    @property
     def source(self) -> dict[str, Any]:
         """What identifies these weights, recorded next to every embedding file."""
-        return {"model": self.model_name, "pretrained": self.pretrained or "none", "embed_dim": self.embed_dim}
+        return {
+            "model": self.model_name,
+            "pretrained": self.pretrained or "none",
+            "embed_dim": self.embed_dim,
+            "quick_gelu": self.quick_gelu,
+        }
 
 
 def _register_config(name: str, cfg: dict) -> str:
@@ -97,6 +109,90 @@ class _PrefixFilter(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
+def resolve_model_name(model_name: Optional[str], checkpoint: Optional[dict] = None) -> str:
+    """``auto`` (or empty) means: the model a villa checkpoint records, else RN50 (the paper's encoder)."""
+    if checkpoint is not None:
+        return checkpoint["model_name"]
+    if model_name in (None, "", "auto"):
+        return DEFAULT_MODEL
+    return model_name
+
+
+def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a download can even start (a DNS failure answers at once); respects HF_HUB_OFFLINE."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def cached_tag_weights(pcfg: dict, cache_dir: Optional[str]) -> Optional[str]:
+    """The local file of a pretrained tag when it is already downloaded (no network), else None.
+
+    Looks where open_clip's own download would put it: the Hugging Face cache (``hf_hub``) or open_clip's URL cache.
+    """
+    if pcfg.get("file"):
+        return pcfg["file"] if os.path.isfile(pcfg["file"]) else None
+    hub = pcfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import hf_hub_download
+
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in names:
+            try:
+                return hf_hub_download(repo, name, cache_dir=cache_dir, local_files_only=True)
+            except Exception:  # not in the cache (LocalEntryNotFoundError and friends)
+                continue
+    url = pcfg.get("url", "")
+    if url:
+        target = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(url)
+        if target.is_file():
+            return str(target)
+    return None
+
+
+def _create_from_tag(
+    model_name: str, tag: str, device: Union[str, torch.device], precision: str, cache_dir: Optional[str]
+) -> nn.Module:
+    """open_clip weights by tag, with the activation the weights were trained with.
+
+    open_clip 3.x builds RN50's text tower with GELU and only warns when the ``openai`` weights need QuickGELU (open_clip
+    issue #771); every tag whose pretrained config says ``quick_gelu`` is built with ``force_quick_gelu=True`` here.
+    Weights already in the cache load without network; when they are missing and no network is reachable, this fails
+    at once (instead of open_clip's minute of retries) with the way out.
+    """
+    pcfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not pcfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+        raise VillaError(
+            f"pretrained={tag!r} is neither a file nor a tag of {model_name} (its tags: {tags}); "
+            "pass a tag, a checkpoint path or none"
+        )
+    quick = bool(pcfg.get("quick_gelu", False))
+    local = cached_tag_weights(pcfg, cache_dir)
+    if local is None and not _network_reachable():
+        raise VillaError(
+            f"pretrained={tag!r} for {model_name} is not downloaded and no network is reachable; "
+            "pass a local checkpoint path (model.pretrained=/path/to/weights) or pretrained=none"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="QuickGELU mismatch")  # we force the tag's activation
+            return open_clip.create_model(
+                model_name, pretrained=local or tag, precision=precision, device=device,
+                force_quick_gelu=quick, cache_dir=cache_dir,
+            )  # fmt: skip
+    except Exception as e:  # open_clip raises RuntimeError / OSError / hub errors
+        raise VillaError(
+            f"could not load pretrained={tag!r} for {model_name} ({type(e).__name__}: {str(e)[:120]}); "
+            "offline, pass a local checkpoint path or pretrained=none"
+        ) from e
+
+
 def is_villa_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == "villa-clip" and "state_dict" in obj
 
@@ -106,11 +202,14 @@ def create_clip(
     pretrained: Optional[str] = "openai",
     device: Union[str, torch.device] = "cpu",
     precision: str = "fp32",
+    cache_dir: Optional[str] = None,
 ) -> Clip:
     """Build a CLIP model with open_clip's factory.
 
-    ``pretrained``: an open_clip tag (``openai``), a local checkpoint path (open_clip's format, or a
-    checkpoint written by villa's ``pretrain`` mode / Stage 2), or none for random init (warned once per model).
+    ``model_name``: an open_clip config name, or ``auto`` (the model a villa checkpoint records, else RN50).
+    ``pretrained``: an open_clip tag (``openai``; QuickGELU where the tag needs it), a local checkpoint path
+    (open_clip's format, or a checkpoint written by villa's ``pretrain`` mode / Stage 2), or none for random init
+    (warned once per model). ``cache_dir``: where tagged weights are downloaded (open_clip's argument).
     """
     ckpt = None
     if pretrained not in NO_WEIGHTS and (os.sep in str(pretrained) or os.path.exists(str(pretrained))):
@@ -126,6 +225,8 @@ def create_clip(
                     f"checkpoint {path} holds a {saved!r} model but model={model_name!r}; set model={saved}"
                 )
             model_name = _register_config(saved, obj["model_cfg"])
+    if ckpt is None:
+        model_name = resolve_model_name(model_name)
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         known = ", ".join(sorted(open_clip.list_models())[:8])
@@ -147,33 +248,23 @@ def create_clip(
         model.load_state_dict(ckpt["state_dict"], strict=True)
         model = model.to(device)
     else:
-        try:
-            model = open_clip.create_model(model_name, pretrained=str(pretrained), precision=precision, device=device)
-        except Exception as e:  # open_clip raises RuntimeError / OSError / hub errors when offline
-            raise VillaError(
-                f"could not load pretrained={pretrained!r} for {model_name} ({type(e).__name__}: {str(e)[:120]}); "
-                "offline, pass a local checkpoint path or pretrained=none"
-            ) from e
+        model = _create_from_tag(model_name, str(pretrained), device, precision, cache_dir)
+        if open_clip.get_pretrained_cfg(model_name, str(pretrained)).get("quick_gelu"):
+            cfg = {**cfg, "quick_gelu": True}
     model.eval()
     return Clip(model, model_name, None if pretrained is None else str(pretrained), int(cfg["embed_dim"]), cfg)
 
 
-def save_clip_checkpoint(
-    clip_model: nn.Module, model_name: str, model_cfg: dict, path: Union[str, Path], **extra
-) -> None:
-    """Write a self-describing CLIP checkpoint that :func:`create_clip` loads as ``pretrained=<path>``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {
+def clip_checkpoint_state(clip_model: nn.Module, model_name: str, model_cfg: dict, **extra: Any) -> dict[str, Any]:
+    """The self-describing ``villa-clip`` checkpoint dict that :func:`create_clip` loads as ``pretrained=<path>``
+    (write it with :func:`villa.training.save_checkpoint`). ``extra``: training state, config, history..."""
+    return {
         "format": "villa-clip",
         "model_name": model_name,
         "model_cfg": model_cfg,
         "state_dict": clip_model.state_dict(),
+        **extra,
     }
-    obj.update(extra)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class RegionEncoder(nn.Module):
@@ -219,12 +310,25 @@ class RegionEncoder(nn.Module):
             boxes = boxes * boxes.new_tensor([self.input_size / w, self.input_size / h] * 2)
             w = self.input_size
         feat = self.trunk(images)
-        rois = torch.cat([box_image[:, None].to(boxes.dtype), boxes], dim=1).to(feat.dtype)
-        x = roi_align(
-            feat, rois, output_size=self.roi_size, spatial_scale=feat.shape[-1] / w, sampling_ratio=0, aligned=True
-        )
+        x = roi_features(feat, boxes, box_image, self.roi_size, feat.shape[-1] / w)
         x = self.visual.layer4(x)
         return self.visual.attnpool(x)
+
+
+def roi_features(
+    feat: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor, output_size: int, spatial_scale: float
+) -> torch.Tensor:
+    """ROI-Align of ``boxes`` (K, 4) on ``feat`` (B, C, h, w) -> (K, C, s, s) in ``feat``'s dtype.
+
+    The boxes stay fp32 whatever ``feat``'s dtype: under bf16 autocast a pixel coordinate such as 150.7 would become
+    151 (bf16 keeps 8 significant bits). The features are upcast for the interpolation, as torchvision's own autocast
+    wrapper of roi_align does on CUDA, and the result is cast back.
+    """
+    rois = torch.cat([box_image[:, None].to(torch.float32), boxes.to(torch.float32)], dim=1)
+    x = roi_align(
+        feat.float(), rois, output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=0, aligned=True
+    )
+    return x.to(feat.dtype)
 
 
 @torch.no_grad()
