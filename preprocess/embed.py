@@ -157,7 +157,9 @@ def preprocess(
     clip: Clip = create_clip(model, pretrained, device=runtime.device)
     encoder = RegionEncoder(clip.model.visual, normalize=normalize, input_size=input_size).to(runtime.device)
     if clip.pretrained is None:
-        calibrate_on_data(encoder, ann, runtime, np.arange(ann.n_images))
+        # training images only (no statistics from the held-out splits); all images for data without a train split
+        train = np.flatnonzero(ann.split == "train")
+        calibrate_on_data(encoder, ann, runtime, train if len(train) else np.arange(ann.n_images))
     out = Path(out_dir) if out_dir else root / "embeddings"
     enc = encoder_meta(clip.source)
     with atomic_dir(out, overwrite=True) as tmp:

@@ -32,9 +32,9 @@ from preprocess.embed import ImageDataset, calibrate_on_data, collate_images
 from villa.config import hydra_entry, vocab_from_config
 from villa.data import PairSet, build_pairs
 from villa.data_format import Annotations, load_annotations
-from villa.distributed import Dist, cleanup, gather_rows, init_distributed
+from villa.distributed import Dist, cleanup, gather_rows, init_distributed, scale_grad
 from villa.embeddings import weights_id
-from villa.encoders import Clip, RegionEncoder, create_clip, mean_text_embeddings
+from villa.encoders import Clip, RegionEncoder, clip_checkpoint_state, create_clip, mean_text_embeddings
 from villa.errors import VillaError
 from villa.losses import infonce
 from villa.runtime import Runtime, get_runtime, seed_everything
@@ -174,15 +174,25 @@ def load_pair_data(cfg: DictConfig, clip: Clip, runtime: Runtime, d: Dist) -> tu
     return out[0], out[1]
 
 
-def make_loader(data: PairData, cfg: DictConfig, d: Dist, shuffle: bool) -> tuple[DataLoader, DistributedSampler]:
+def make_loader(
+    data: PairData, cfg: DictConfig, d: Dist, train: bool, split: str = "train"
+) -> tuple[DataLoader, DistributedSampler]:
+    """Training batches are shuffled and, as the original's (``drop_last=True``), the last partial one is dropped
+    unless ``drop_last=false``; validation keeps every image."""
     ds = ImageDataset(data.ann, data.rows)
     sampler = DistributedSampler(
-        ds, num_replicas=d.world_size, rank=d.rank, shuffle=shuffle, seed=cfg.seed, drop_last=False
+        ds, num_replicas=d.world_size, rank=d.rank, shuffle=train, seed=cfg.seed, drop_last=False
     )
     per_rank = max(1, cfg.batch_size // d.world_size)
+    drop_last = bool(train and cfg.drop_last)
+    if drop_last and len(sampler) < per_rank:
+        raise VillaError(
+            f"the {split} split has {len(ds)} images, fewer than one batch ({cfg.batch_size}) with drop_last=true; "
+            "lower batch_size or set drop_last=false"
+        )
     loader = DataLoader(
         ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_images,
-        pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0, drop_last=drop_last,
     )  # fmt: skip
     return loader, sampler
 
@@ -214,30 +224,71 @@ def step_loss(
     tokens = data.tokens[pair_idx].to(dev) if data.tokens is not None else None
     with runtime.autocast():
         img, txt, scale = model(images, boxes, box_image_t, tokens)
+    if d.enabled and scale.requires_grad:
+        # every rank sees the whole gathered logit matrix, so logit_scale already gets the full gradient locally;
+        # undo the world-size factor that the caller applies for the towers' gathered features
+        scale = scale_grad(scale, 1.0 / d.world_size)
     if txt is None:
         txt = data.text_emb.index_select(0, pidx)
     return infonce(gather_rows(img, d), gather_rows(txt.float(), d), scale.float())
+
+
+class LossMeter:
+    """Mean of the losses of an epoch: per batch (the original's) or weighted by images per batch."""
+
+    def __init__(self, average: str):
+        if average not in ("batch", "image"):
+            raise VillaError(f"loss_average={average!r}: use batch (the original's) or image")
+        self.average, self.total, self.n = average, 0.0, 0
+
+    def add(self, loss: float, images: int) -> None:
+        w = 1 if self.average == "batch" else images
+        self.total += loss * w
+        self.n += w
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.n, 1)
 
 
 def evaluate_loss(
     model: nn.Module, data: PairData, loader: DataLoader, runtime: Runtime, d: Dist, cfg: DictConfig
 ) -> float:
     model.eval()
-    total, n = 0.0, 0
+    meter = LossMeter(cfg.loss_average)
     with torch.no_grad():
         for images, rows in loader:
             loss = step_loss(model, data, images, rows, runtime, d, cfg.model.channels_last and runtime.is_cuda)
-            total += loss.item() * len(rows)
-            n += len(rows)
-    return total / max(n, 1)
+            meter.add(loss.item(), len(rows))
+    return meter.mean
 
 
-def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
-    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
+def no_decay(name: str, p: torch.Tensor) -> bool:
+    """open_clip's training rule (gains, biases, logit_scale: ``ndim < 2``, ``bn``, ``ln``, ``bias``), plus the
+    token and positional embeddings."""
+    return p.ndim < 2 or any(k in name for k in ("bn", "ln", "bias", "logit_scale", "embedding"))
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict[str, Any]]:
+    """Trainable parameters as optimiser groups: one decayed group (``decay_all``: the original's), or decayed
+    weights and undecayed gains, biases, temperature and embeddings (open_clip's pretraining)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if decay_all:
+        return [{"params": [p for _, p in named], "weight_decay": weight_decay}]
+    groups = [
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, **kw)  # the original's: L2 weight decay added to the gradient
+        return torch.optim.Adam(groups, **kw)  # the original's: L2 weight decay added to the gradient
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kw)
+        return torch.optim.AdamW(groups, **kw)
     raise VillaError(f"optimizer={cfg.optimizer!r}: use adam or adamw")
 
 
@@ -268,8 +319,7 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     if d.enabled and runtime.is_cuda and not cfg.model.freeze_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, params)
+    optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.scheduler.factor, patience=cfg.scheduler.patience,
         threshold=cfg.scheduler.threshold, threshold_mode="abs",
@@ -306,8 +356,8 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
         if d.enabled
         else model
     )
-    train_loader, train_sampler = make_loader(train_data, cfg, d, shuffle=True)
-    val_loader, _ = make_loader(val_data, cfg, d, shuffle=False)
+    train_loader, train_sampler = make_loader(train_data, cfg, d, train=True)
+    val_loader, _ = make_loader(val_data, cfg, d, train=False, split="val")
     jitter = float(cfg.crop_margin) if cfg.mode == "pretrain" and cfg.crop == "content" else 0.0
     for epoch in range(start_epoch, cfg.epochs):
         if stopped:
@@ -315,7 +365,7 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
         t0 = time.perf_counter()
         train_sampler.set_epoch(epoch)
         ddp.train()
-        total, n = 0.0, 0
+        meter = LossMeter(cfg.loss_average)
         bar = tqdm(
             train_loader, desc=f"{cfg.mode} epoch {epoch + 1}", leave=False, disable=not (cfg.progress and d.is_main)
         )
@@ -331,9 +381,8 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
             else:
                 scaled.backward()
                 optimizer.step()
-            total += loss.item() * len(rows)
-            n += len(rows)
-        train_loss = total / max(n, 1)
+            meter.add(loss.item(), len(rows))
+        train_loss = meter.mean
         val_loss = evaluate_loss(ddp, val_data, val_loader, runtime, d, cfg)
         scheduler.step(val_loss)
         improved = val_loss < best_val
@@ -349,14 +398,14 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
         }  # fmt: skip
         history.append(rec)
         if d.is_main:
-            state = {
-                "format": "villa-clip", "kind": f"villa-stage2-{cfg.mode}", "model_name": clip.model_name,
-                "model_cfg": clip.model_cfg, "state_dict": model.clip.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1, "best_val": best_val, "bad_epochs": bad_epochs, "stopped": stopped,
-                "rng": rng_state(generator), "history": history, "config": config_dict(cfg),
-                "started_from": {"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)},
-            }  # fmt: skip
+            state = clip_checkpoint_state(
+                model.clip, clip.model_name, clip.model_cfg, kind=f"villa-stage2-{cfg.mode}",
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch + 1, best_val=best_val,
+                bad_epochs=bad_epochs, stopped=stopped, rng=rng_state(generator), history=history,
+                config=config_dict(cfg),
+                started_from={"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)},
+            )  # fmt: skip
             save_checkpoint(last, state)
             if improved:
                 save_checkpoint(best, state)
