@@ -92,10 +92,17 @@ def test_loss_matches_hand_computation(original):
     assert got.item() == pytest.approx(_loss_by_hand(scores, region_image, attrs, 0.07, original), rel=1e-5)
 
 
-def test_original_denominator_is_larger():
-    scores, ri = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
-    attrs = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
-    assert stage1_loss(scores, ri, attrs, original=True) > stage1_loss(scores, ri, attrs, original=False)
+def test_original_denominator_adds_one_per_positive_image():
+    """All scores 0: each (i, a) term is log(1 + #negatives) clean, log(1 + #negatives + #positives) original."""
+    scores, ri = torch.zeros(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    attrs = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    ri = torch.tensor([0, 0, 1, 1, 2, 3])
+    n_pos = attrs.sum(0).float()  # [3, 2, 2] positive images per attribute
+    n_neg = 4 - n_pos
+    terms_clean = torch.cat([torch.log(1 + n_neg[a]).repeat(int(n_pos[a])) for a in range(3)])
+    terms_orig = torch.cat([torch.log(1 + n_neg[a] + n_pos[a]).repeat(int(n_pos[a])) for a in range(3)])
+    assert stage1_loss(scores, ri, attrs, original=False).item() == pytest.approx(terms_clean.mean().item(), rel=1e-6)
+    assert stage1_loss(scores, ri, attrs, original=True).item() == pytest.approx(terms_orig.mean().item(), rel=1e-6)
 
 
 def test_assignment_rule():
@@ -115,6 +122,55 @@ def test_assign_text_picks_matching_sentences():
     picks = {assign_text(texts, np.array([0, 2]), assigned, VOCAB, np.random.default_rng(s))[0] for s in range(20)}
     assert picks == {"the number is a one . the color is red", "the number is a one . the image is red"}
     assert assign_text(texts, np.array([0, 2]), assigned, VOCAB, np.random.default_rng(0))[1] == "there is a circle"
+
+
+def test_sentence_choice_per_image_is_shared_by_its_regions():
+    """The original draws one sentence per (image, attribute) for every region given that attribute."""
+    texts = ["the color is red . the image is red . the number is a one"]
+    assigned = np.zeros((3, len(VOCAB)), bool)
+    assigned[:2, VOCAB.index["red"]] = True
+    assigned[2, VOCAB.index["one"]] = True
+    off = np.array([0, 3])
+    per_image = [assign_text(texts, off, assigned, VOCAB, np.random.default_rng(s), per="image") for s in range(30)]
+    assert all(t[0] == t[1] for t in per_image) and {t[0] for t in per_image} == {
+        "the color is red",
+        "the image is red",
+    }
+    per_region = [assign_text(texts, off, assigned, VOCAB, np.random.default_rng(s), per="region") for s in range(30)]
+    assert any(t[0] != t[1] for t in per_region) and all(t[2] == "the number is a one" for t in per_region)
+    with pytest.raises(VillaError, match="sentence_choice='pixel'"):
+        assign_text(texts, off, assigned, VOCAB, np.random.default_rng(0), per="pixel")
+
+
+def test_image_batches_drop_last():
+    from villa.data import image_batches
+
+    rows = np.arange(10)
+    assert [len(b) for b in image_batches(rows, 4)] == [4, 4, 2]
+    kept = list(image_batches(rows, 4, shuffle=True, generator=torch.Generator().manual_seed(0), drop_last=True))
+    assert [len(b) for b in kept] == [4, 4] and len(set(np.concatenate(kept))) == 8
+
+
+def test_mapping_scores_fp32_unless_asked(monkeypatch):
+    """Scores for the mapping stay fp32 under a mixed-precision runtime (the original maps in fp32)."""
+    from types import SimpleNamespace
+
+    from villa.data import RegionBank
+    from villa.mapping import score_regions
+    from villa.runtime import Runtime
+
+    g = torch.Generator().manual_seed(0)
+    regions = torch.randn(50, 32, generator=g).numpy()
+    bank = RegionBank(SimpleNamespace(regions=regions, offsets=np.array([0, 50])), torch.device("cpu"))
+    model = MultiHeadProjection(32, 4)
+    attr = torch.randn(4, 32, generator=g)
+    bf16 = Runtime(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(Runtime, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    ref = model.scores(torch.from_numpy(regions), attr).detach().numpy()
+    fp32 = score_regions(bank, attr, bf16, model, chunk=16)
+    low = score_regions(bank, attr, bf16, model, chunk=16, amp=True)
+    np.testing.assert_allclose(fp32, ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(low - ref).max() > 1e-4  # what bf16 scoring changes
 
 
 def test_stage1_learns_synthetic_mapping(synthetic_stage1, tmp_path):
@@ -156,14 +212,49 @@ def test_resume_equals_uninterrupted(synthetic_stage1, tmp_path):
 
 
 def test_overrides_one_proj_and_adapter(synthetic_stage1, tmp_path):
+    """The overrides reach the model and the loss: one shared head, the adapter's residual mix, the clean loss."""
+    from villa.data import RegionBank, image_batches
+    from villa.data_format import load_annotations
+    from villa.embeddings import open_embeddings
+
     data, emb = synthetic_stage1
     cfg = stage1_cfg(
         data, emb, tmp_path, "epochs=1", "model.one_proj=true", "model.adapter=true", "original_loss=false"
     )
-    m = train_stage1(cfg)
+    train_stage1(cfg)
     state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
-    assert state["model"]["w1"].shape[0] == 1 and state["model_args"]["adapter"] is True
-    assert "quality" in m
+    assert state["model"]["w1"].shape[0] == 1 and state["model_args"] == {
+        **state["model_args"],
+        "one_proj": True,
+        "adapter": True,
+    }
+    m = MultiHeadProjection(**state["model_args"])
+    m.load_state_dict(state["model"])
+    plain = MultiHeadProjection(state["model_args"]["dim"], state["model_args"]["n_heads"], one_proj=True)
+    plain.load_state_dict(state["model"])
+    x = torch.randn(5, state["model_args"]["dim"])
+    with torch.no_grad():
+        out, head = m(x), plain(x)
+    torch.testing.assert_close(out, 0.2 * head + 0.8 * x[None].expand_as(head))
+    assert torch.equal(out[0], out[-1])
+    # the recorded val loss is the clean loss (original_loss=false), not the original's
+    ann = load_annotations(data, VOCAB, check_images=False)
+    e = open_embeddings(emb, VOCAB)
+    bank, attrs = RegionBank(e, torch.device("cpu")), torch.from_numpy(ann.attribute_matrix(len(VOCAB)))
+    attr_emb = torch.from_numpy(e.attributes)
+    losses = {True: [], False: []}
+    with torch.no_grad():
+        for batch in image_batches(np.flatnonzero(ann.split == "val"), 16):
+            xb, ri = bank.gather(batch)
+            for orig in losses:
+                losses[orig].append(
+                    stage1_loss(m.scores(xb, attr_emb), ri, attrs[batch], 0.07, original=orig).item() * len(batch)
+                )
+    n = int((ann.split == "val").sum())
+    val = json.loads((tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()[0])["val_loss"]
+    assert val == pytest.approx(sum(losses[False]) / n, rel=1e-5) and val != pytest.approx(
+        sum(losses[True]) / n, rel=1e-3
+    )
 
 
 def _copy(src: Path, dst: Path) -> Path:

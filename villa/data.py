@@ -51,11 +51,17 @@ class RegionBank:
 
 
 def image_batches(
-    rows: np.ndarray, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None
+    rows: np.ndarray,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: Optional[torch.Generator] = None,
+    drop_last: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Chunks of image rows; shuffled with ``generator`` (passed down, not global) when asked."""
+    """Chunks of image rows; shuffled with ``generator`` (passed down, not global) when asked; ``drop_last`` leaves
+    out the last partial chunk (the original's training loaders)."""
     order = rows[torch.randperm(len(rows), generator=generator).numpy()] if shuffle else rows
-    for s in range(0, len(order), batch_size):
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    for s in range(0, stop, batch_size):
         yield order[s : s + batch_size]
 
 

@@ -7,6 +7,7 @@ assignment rule is a segment max, and sentences are matched through a table of t
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from villa.data import RegionBank
+from villa.errors import VillaError
 from villa.losses import segment_max
 from villa.models import MultiHeadProjection
 from villa.paths import atomic_write_path
@@ -32,11 +34,13 @@ def score_regions(
     runtime: Runtime,
     model: Optional[MultiHeadProjection] = None,
     chunk: int = 8192,
+    amp: bool = False,
 ) -> np.ndarray:
     """Cosine similarity of every region with every attribute, (R, A) float32.
 
     With ``model``: each attribute's head applied to the region (Stage 1). Without: the raw region embedding
-    against the attribute embedding (the paper's zero-shot mapping).
+    against the attribute embedding (the paper's zero-shot mapping). In fp32 unless ``amp`` (the original maps in
+    fp32; bf16 scores flip 26-34 of 20,053 assignment decisions at epsilon 0.2).
     """
     n = len(bank.memmap)
     out = np.empty((n, attr_emb.shape[0]), dtype=np.float32)
@@ -48,7 +52,7 @@ def score_regions(
             if bank.tensor is not None
             else torch.from_numpy(np.asarray(bank.memmap[idx], np.float32)).to(runtime.device)
         )
-        with runtime.autocast():
+        with runtime.autocast() if amp else contextlib.nullcontext():
             sc = model.scores(x, e) if model is not None else F.normalize(x.float(), dim=-1) @ e.t()
         out[s : s + len(idx)] = sc.float().cpu().numpy()
     return out
@@ -75,35 +79,59 @@ def _sentence_table(texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]
     return np.concatenate([[0], np.cumsum(counts)]), inv.astype(np.int64), list(uniq)
 
 
+SENTENCE_CHOICES = ("image", "region")
+
+
 def assign_text(
-    texts: list[str], offsets: np.ndarray, assigned: np.ndarray, vocab: Vocabulary, rng: np.random.Generator
+    texts: list[str],
+    offsets: np.ndarray,
+    assigned: np.ndarray,
+    vocab: Vocabulary,
+    rng: np.random.Generator,
+    per: str = "image",
 ) -> list[str]:
     """Each region's text: for each of its attributes, a caption sentence containing the attribute word (chosen at
     random among matches, seeded), joined with " . " in vocabulary order.
 
+    ``per="image"`` (the original's): one sentence is drawn per (image, attribute) and every region assigned that
+    attribute gets it. ``per="region"``: one is drawn per (region, attribute), so two regions sharing an attribute
+    may get different sentences.
+
     Matching is on whole words (regex ``\\b``); the original tests substring containment, which is the same on
-    DocMNIST but would match e.g. "red" inside "covered" on other data (docs/stage1.md).
+    DocMNIST but would match e.g. "red" inside "covered" on other data (docs/differences.md).
     """
+    if per not in SENTENCE_CHOICES:
+        raise VillaError(f"sentence_choice={per!r}: use image (the original's) or region")
     sent_off, sent_id, uniq = _sentence_table(texts)
     patterns = [re.compile(rf"\b{re.escape(a)}\b") for a in vocab.attributes]
     match = np.array([[bool(p.search(u)) for p in patterns] for u in uniq], dtype=bool).reshape(len(uniq), len(vocab))
     counts = np.diff(offsets)
     region_image = np.repeat(np.arange(len(counts)), counts)
     pr, pa_ = np.nonzero(assigned)  # region-attribute pairs, sorted by region then attribute
-    img = region_image[pr]
-    n_sent = sent_off[img + 1] - sent_off[img]
-    rep = np.repeat(np.arange(len(pr)), n_sent)  # candidate (pair, sentence) rows
+    # the units a sentence is drawn for: (region, attribute) pairs, or their (image, attribute) groups
+    if per == "region":
+        unit_of_pair = np.arange(len(pr))
+    else:
+        _, unit_of_pair = np.unique(region_image[pr] * assigned.shape[1] + pa_, return_inverse=True)
+        unit_of_pair = unit_of_pair.reshape(-1)
+    n_units = int(unit_of_pair.max()) + 1 if len(pr) else 0
+    first_pair = np.full(n_units, len(pr))
+    np.minimum.at(first_pair, unit_of_pair, np.arange(len(pr)))
+    u_img, u_attr = region_image[pr[first_pair]], pa_[first_pair]
+    n_sent = sent_off[u_img + 1] - sent_off[u_img]
+    rep = np.repeat(np.arange(n_units), n_sent)  # candidate (unit, sentence) rows
     within = np.arange(len(rep)) - np.repeat(np.cumsum(n_sent) - n_sent, n_sent)
-    cand = sent_id[sent_off[img[rep]] + within]
-    ok = match[cand, pa_[rep]]
+    cand = sent_id[sent_off[u_img[rep]] + within]
+    ok = match[cand, u_attr[rep]]
     rep, cand = rep[ok], cand[ok]
     key = rng.random(len(rep))
     order = np.lexsort((key, rep))
     rep, cand = rep[order], cand[order]
     first = np.ones(len(rep), bool)
     first[1:] = rep[1:] != rep[:-1]
-    chosen = np.full(len(pr), -1)
-    chosen[rep[first]] = cand[first]
+    unit_choice = np.full(n_units, -1)
+    unit_choice[rep[first]] = cand[first]
+    chosen = unit_choice[unit_of_pair] if len(pr) else np.zeros(0, int)
     has = chosen >= 0
     uniq_arr = np.array(uniq, dtype=object)
     out = [""] * len(region_image)

@@ -76,7 +76,9 @@ def run_epoch(
     train = optimizer is not None
     model.train(train)
     total, n = 0.0, 0
-    batches = list(image_batches(rows, cfg.batch_size, shuffle=train, generator=generator))
+    batches = list(
+        image_batches(rows, cfg.batch_size, shuffle=train, generator=generator, drop_last=train and cfg.drop_last)
+    )
     for step, batch in enumerate(
         tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not (cfg.progress and train))
     ):
@@ -132,6 +134,11 @@ def train_stage1(cfg: DictConfig) -> dict[str, Any]:
         log.info("resumed from %s at epoch %d", last, start_epoch)
     train_rows = np.flatnonzero(ann.split == "train")
     val_rows = np.flatnonzero(ann.split == "val")
+    if cfg.drop_last and len(train_rows) < cfg.batch_size:
+        raise VillaError(
+            f"the train split has {len(train_rows)} images, fewer than one batch ({cfg.batch_size}) with "
+            "drop_last=true; lower batch_size or set drop_last=false"
+        )
     log.info(
         "stage1: %d train / %d val images, D=%d, %d heads%s, %s",
         len(train_rows), len(val_rows), emb.dim, len(vocab), " (one shared)" if cfg.model.one_proj else "", runtime.device,
@@ -190,14 +197,16 @@ def make_mapping(
     attr_emb = torch.from_numpy(emb.attributes)
     image_attrs = ann.attribute_matrix(len(vocab))
     t0 = time.perf_counter()
-    scores = score_regions(bank, attr_emb, runtime, model, cfg.mapping_batch_regions)
+    scores = score_regions(bank, attr_emb, runtime, model, cfg.mapping_batch_regions, amp=cfg.mapping_amp)
     assigned = assign(scores, ann.region_offsets, image_attrs, cfg.epsilon)
-    texts = assign_text(ann.text, ann.region_offsets, assigned, vocab, np.random.default_rng(cfg.seed))
+    texts = assign_text(
+        ann.text, ann.region_offsets, assigned, vocab, np.random.default_rng(cfg.seed), per=cfg.sentence_choice
+    )
     out = Path(cfg.mapping_path)
     write_mapping(ann.table, ann.region_offsets, assigned, texts, vocab, out)
     secs = time.perf_counter() - t0
     zs = assign(
-        score_regions(bank, attr_emb, runtime, None, cfg.mapping_batch_regions),
+        score_regions(bank, attr_emb, runtime, None, cfg.mapping_batch_regions, amp=cfg.mapping_amp),
         ann.region_offsets,
         image_attrs,
         cfg.epsilon,
