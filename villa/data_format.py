@@ -75,9 +75,6 @@ class Annotations:
         m[reg, self.reg_attr_ids] = True
         return m
 
-    def split_mask(self, split: str) -> np.ndarray:
-        return self.split == split
-
 
 def _list_offsets(col: pa.ChunkedArray, name: str) -> tuple[np.ndarray, pa.Array]:
     arr = col.combine_chunks()

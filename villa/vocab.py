@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-import numpy as np
 import yaml
 
 from villa.errors import VillaError
@@ -35,9 +34,6 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.attributes)
 
-    def group_of(self, attribute: str) -> str:
-        return self.groups[self.attribute_group[self.index[attribute]]]
-
     def group_attributes(self, group: str) -> list[str]:
         g = self.groups.index(group)
         return [a for a, gi in zip(self.attributes, self.attribute_group) if gi == g]
@@ -46,28 +42,6 @@ class Vocabulary:
         """The prompt sentences of one attribute (its group's templates filled in)."""
         g = self.attribute_group[self.index[attribute]]
         return [t.format(attribute) for t in self.templates[g]]
-
-    def encode(self, names: Sequence[str], what: str = "attribute") -> np.ndarray:
-        """Indices of ``names``; an unknown name is a :class:`VillaError` naming it."""
-        idx = self.index
-        out = np.empty(len(names), dtype=np.int64)
-        for i, n in enumerate(names):
-            if n not in idx:
-                raise VillaError(
-                    f"unknown {what} {n!r}: not in the {self.name!r} vocabulary ({', '.join(self.attributes)}); "
-                    "add it to the dataset config or fix the annotations"
-                )
-            out[i] = idx[n]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "groups": [
-                {"name": g, "attributes": self.group_attributes(g), "templates": list(self.templates[i])}
-                for i, g in enumerate(self.groups)
-            ],
-        }
 
 
 def vocab_from_dict(cfg: Mapping[str, Any], source: str = "<dict>") -> Vocabulary:
