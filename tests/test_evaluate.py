@@ -75,25 +75,57 @@ def test_evaluate_entry_writes_json(tiny_docmnist, tiny_pretrained, tmp_path):
 
 
 def test_demo_pipeline_tiny(tiny_pretrained, tmp_path, capsys):
-    from villa.demo import main
+    """The demo's printed table is its results.json; the methods were evaluated on the same held-out regions; the
+    mapping figures are Stage 1's own file; ViLLA trained on that mapping and the baseline did not."""
+    import pyarrow.feather as feather
 
-    res = main(["--out", str(tmp_path / "demo"), "--pretrained", str(tiny_pretrained), "--budget", "700", "--stage1_epochs", "2",
+    from villa.demo import main
+    from villa.evaluate import format_table
+    from villa.vocab import load_vocab
+
+    res = main(["--out", str(tmp_path / "demo"), "--pretrained", str(tiny_pretrained), "--budget", "1300", "--stage1_epochs", "2",
                 "--stage2_epochs", "1", "--device", "cpu", "--quiet"])  # fmt: skip
     assert set(res["retrieval"]) == {"zero-shot", "baseline", "villa"}
     assert (tmp_path / "demo" / "retrieval.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert saved["mapping"]["stage1"]["all"]["all"]["f1"] >= 0 and "evaluate" in saved["timings"]
+    data = Path(saved["data"])
+    ann = feather.read_table(data / "annotations.feather").to_pandas()
+    test_regions = int(ann[ann.split == "test"].num_regions.sum())
+    assert {r["regions"] for r in saved["retrieval"].values()} == {test_regions}
+    quality = json.loads((data / "mapping_quality.json").read_text())["quality"]
+    assert saved["mapping"] == quality and 0 < quality["stage1"]["all"]["all"]["f1"] <= 1
     printed = capsys.readouterr().out
-    assert "R-Precision" in printed and "villa" in printed and "baseline" in printed and "(chance)" in printed
+    assert format_table(saved["retrieval"], load_vocab("docmnist")) in printed
+    assert f"stage1     F1 {100 * quality['stage1']['all']['all']['f1']:5.1f}" in printed
+    kinds = {m: torch.load(p, map_location="cpu", weights_only=True) for m, p in saved["checkpoints"].items()}
+    assert kinds["villa"]["config"]["mode"] == "villa" and kinds["baseline"]["config"]["mode"] == "baseline"
+    assert kinds["villa"]["config"]["mapping_path"] == str(data / "mapping.feather")
+    start = torch.load(tiny_pretrained, map_location="cpu", weights_only=True)["state_dict"]
+    for m in ("villa", "baseline"):
+        w = kinds[m]["state_dict"]["visual.conv1.weight"]
+        assert not torch.equal(w, start["visual.conv1.weight"])  # trained from the starting encoder
 
 
 def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
+    """One fixed held-out set for every target (same regions, so the same zero-shot figure), and the table written
+    equals the one computed from results.json."""
     from experiments.complexity import main
 
-    rows = main(["--targets", "4", "8", "--out", str(tmp_path), "--pretrained", str(tiny_pretrained), "--budget", "500", "--input_size", "0",
+    rows = main(["--targets", "4", "8", "--out", str(tmp_path), "--pretrained", str(tiny_pretrained), "--budget", "600", "--input_size", "0",
                  "--stage1_epochs", "1", "--stage2_epochs", "1", "--device", "cpu", "--quiet"])  # fmt: skip
     assert [r["target"] for r in rows] == [4, 8] and rows[0]["complexity"] < rows[1]["complexity"]
-    assert (tmp_path / "complexity.png").is_file() and "| 4 |" in (tmp_path / "table.md").read_text()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == rows
+    runs = saved["runs"]
+    assert len({runs[t]["eval_data"] for t in runs}) == 1
+    assert len({runs[t]["retrieval"]["zero-shot"]["regions"] for t in runs}) == 1
+    assert rows[0]["zero-shot"] == rows[1]["zero-shot"]  # same encoder, same held-out regions
+    table = (tmp_path / "table.md").read_text().splitlines()
+    for r, line in zip(rows, table[2:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:5] == [str(r["target"]), f"{r['complexity']:.1f}", f"{100 * r['zero-shot']:.1f}",
+                             f"{100 * r['baseline']:.1f}", f"{100 * r['villa']:.1f}"]  # fmt: skip
+    assert (tmp_path / "complexity.png").stat().st_size > 1000
 
 
 def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
@@ -113,3 +145,18 @@ def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "best.pt").is_file()
+
+
+def test_evaluate_default_config_resolves_its_model(tiny_docmnist, tmp_path, monkeypatch):
+    """The default (model.name=auto, pretrained=openai) means RN50 with OpenAI's weights, not 'unknown model auto';
+    offline, it fails at once with the way out."""
+    from villa.encoders import resolve_model_name
+    from villa.evaluate import run_evaluation
+    from villa.errors import VillaError
+
+    cfg = compose_config("evaluate", [f"data_dir={tiny_docmnist}", f"output={tmp_path / 'e.json'}", "device=cpu"])
+    assert cfg.model.name == "auto" and cfg.model.pretrained == "openai" and resolve_model_name("auto") == "RN50"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VillaError, match=r"pretrained='openai' for RN50 is not downloaded .*pretrained=none"):
+        run_evaluation(cfg)
+    assert not (tmp_path / "e.json").exists()

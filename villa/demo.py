@@ -1,4 +1,4 @@
-"""`make demo`: the main job on an embedded default, offline, on 2 CPU cores in about 10 minutes.
+"""`make demo`: the main job on an embedded default, offline, on 2 CPU cores in about 5 minutes.
 
 1. DocMNIST: target complexity 16 (the experiment).
 2. The starting encoder: villa's small CLIP pretrained by villa's own ``pretrain`` mode on low-complexity
@@ -7,7 +7,7 @@
 3. Preprocess, Stage 1 (mapping F1 vs zero-shot), Stage 2 ViLLA and the one-to-one baseline, evaluation of
    zero-shot / baseline / ViLLA on the same held-out regions; a table and a PNG plot.
 
-With a GPU and OpenAI's weights, ``configs/experiment/paper_*.yaml`` run the paper-scale version (README).
+With a GPU and OpenAI's weights, the README's "Paper scale" commands run the paper-scale version.
 """
 
 from __future__ import annotations
