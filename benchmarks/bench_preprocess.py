@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from docmnist.generate_docmnist import generate
-from preprocess.embed import boxes_of, embed_regions, read_image
 from villa.data_format import load_annotations
 from villa.encoders import RegionEncoder, create_clip
+from villa.regions import boxes_of, embed_regions, read_image
 from villa.runtime import get_runtime
 from villa.vocab import load_vocab
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,9 +36,10 @@ if __package__ in (None, ""):  # run as a script: python docmnist/generate_docmn
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docmnist.mnist import DigitPools, load_digit_pools  # noqa: E402
+from villa.data import SENTENCE_SEP  # noqa: E402
 from villa.errors import VillaError, exit_on_error  # noqa: E402
 from villa.log import setup_logging  # noqa: E402
-from villa.paths import atomic_dir  # noqa: E402
+from villa.paths import atomic_dir, ensure_writable_parent  # noqa: E402
 from villa.vocab import Vocabulary, load_vocab  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ CELL = 28
 GRID = 3
 CANVAS = CELL * GRID
 MAX_REGIONS = GRID * GRID
+MAX_COMPLEXITY = 4 * MAX_REGIONS  # every region with digit, colour, shape and size
+PNG_BYTES = 1500  # a lower bound on one 84x84 DocMNIST PNG
 COLOR_THRESHOLD = 120
 SHAPES = ("circle", "rectangle")  # drawn uniformly among (circle, rectangle, none)
 SIZES = ("small", "medium", "large")
@@ -205,7 +209,7 @@ def captions(layout: SplitLayout, vocab: Vocabulary, attr: np.ndarray, valid: np
     img, sid = img[order], sid[order]
     bounds = np.searchsorted(img, np.arange(layout.n_images + 1))
     sent = sentences[sid]
-    return [" . ".join(sent[bounds[i] : bounds[i + 1]]) for i in range(layout.n_images)]
+    return [SENTENCE_SEP.join(sent[bounds[i] : bounds[i + 1]]) for i in range(layout.n_images)]
 
 
 def render(
@@ -317,6 +321,18 @@ def build_table(
     return table, filepaths
 
 
+def check_disk_space(root: Path, pairs: int, target: int) -> None:
+    """Refuse budgets whose images cannot fit on the disk (at least ``pairs / target`` images of ~1.5 KB each)."""
+    min_images = pairs // max(target, 1)
+    need = min_images * PNG_BYTES
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise VillaError(
+            f"budgets of {pairs:.3g} pairs need at least {min_images:.3g} images (~{need / 2**30:.3g} GiB of PNGs) but "
+            f"{root} has {free / 2**30:.1f} GiB free; lower --attribute_budget / --val_budget / --test_budget"
+        )
+
+
 def dataset_name(budget: int, complexity: float) -> str:
     return f"docmnist_{budget}_{complexity:.1f}"
 
@@ -337,9 +353,10 @@ def generate(
     progress: bool = True,
 ) -> Path:
     """Generate a DocMNIST dataset folder and return its path (``<out_dir>/docmnist_{budget}_{complexity:.1f}``)."""
-    if target_sample_complexity < 2:
+    if not 2 <= target_sample_complexity <= MAX_COMPLEXITY:
         raise VillaError(
-            f"--target_sample_complexity={target_sample_complexity}: must be >= 2 (a region has at least 2 attributes)"
+            f"--target_sample_complexity={target_sample_complexity}: must be in 2..{MAX_COMPLEXITY} (a region has "
+            f"2 to 4 attributes and an image at most {GRID * GRID} regions)"
         )
     for flag, b in (
         ("attribute_budget", attribute_budget),
@@ -348,6 +365,9 @@ def generate(
     ):
         if b < 1:
             raise VillaError(f"--{flag}={b}: must be >= 1 region-attribute pair")
+    root = Path(out_dir) if out_dir else Path(os.environ.get("VILLA_DATA_DIR") or "data")
+    ensure_writable_parent(root / "docmnist")
+    check_disk_space(root, attribute_budget + val_budget + test_budget, target_sample_complexity)
     t0 = time.perf_counter()
     vocab = vocab or load_vocab("docmnist")
     pools: DigitPools = load_digit_pools(mnist_dir, download=download)
@@ -359,10 +379,10 @@ def generate(
         lay = draw_layout(rng, split, len(pools.images[split]), target_sample_complexity, budgets[split], n_templates)
         lay.digit = pools.labels[split][lay.pool_index]
         if lay.n_images == 0:
-            raise VillaError(f"--{split}_budget too small: no {split} image fits (each image has >= 2 pairs)")
+            flag = "attribute_budget" if split == "train" else f"{split}_budget"
+            raise VillaError(f"--{flag}={budgets[split]} too small: no {split} image fits (each image has >= 2 pairs)")
         layouts.append(lay)
     complexity = {lay.split: float(lay.pairs.sum() / lay.n_images) for lay in layouts}
-    root = Path(out_dir) if out_dir else Path(os.environ.get("VILLA_DATA_DIR") or "data")
     final = root / dataset_name(attribute_budget, complexity["train"])
     if final.exists() and not overwrite:
         raise VillaError(f"output folder {final} exists; pass --overwrite to replace it or choose another --out_dir")
@@ -405,10 +425,7 @@ def generate(
                 for lay in layouts
             },
             # which MNIST digits each split drew from: compare datasets with docmnist.mnist.pools_overlap
-            "digit_pools": {
-                lay.split: pools.info[lay.split].to_dict()
-                for lay in layouts
-            },
+            "digit_pools": {lay.split: pools.info[lay.split].to_dict() for lay in layouts},
         }
         (tmp / "generation.json").write_text(json.dumps(info, indent=2) + "\n")
     secs = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from docmnist.generate_docmnist import generate  # noqa: E402
 from villa.demo import ASSET  # noqa: E402
 from villa.errors import exit_on_error  # noqa: E402
 from villa.log import setup_logging  # noqa: E402
+from villa.paths import write_json_atomic, write_text_atomic  # noqa: E402
 from villa.pipeline import PipelineSettings, run_pipeline  # noqa: E402
 from villa.plots import complexity_lines  # noqa: E402
 
@@ -65,7 +66,7 @@ def main(argv=None) -> list[dict]:
         row.update({m: res["retrieval"][m]["text_to_region"]["r_precision"] for m in METHODS})
         rows.append(row)
         full[str(t)] = res
-        (out / "results.json").write_text(json.dumps({"rows": rows, "runs": full}, indent=2) + "\n")
+        write_json_atomic(out / "results.json", {"rows": rows, "runs": full})
     lines = [
         "| target | complexity | zero-shot | baseline | ViLLA | mapping F1 Stage 1 | mapping F1 zero-shot |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -76,7 +77,7 @@ def main(argv=None) -> list[dict]:
             f"| {r['target']} | {r['complexity']:.1f} | {100 * r['zero-shot']:.1f} | {100 * r['baseline']:.1f} | {100 * r['villa']:.1f} "
             f"| {100 * m['stage1']['all']['all']['f1']:.1f} | {100 * m['zero_shot']['all']['all']['f1']:.1f} |"
         )  # fmt: skip
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "table.md", "\n".join(lines) + "\n")
     complexity_lines(rows, out / "complexity.png")
     print("\n".join(lines))
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'complexity.png'}")

@@ -38,11 +38,11 @@ def build_parser(default_config: Optional[str] = None) -> argparse.ArgumentParse
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = None):
-    from preprocess.embed import preprocess
+    from villa.regions import embed_dataset
 
     setup_logging()
     a = build_parser(default_config).parse_args(argv)
-    return preprocess(
+    return embed_dataset(
         a.data_dir,
         dataset_config=a.dataset_config,
         model=a.model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,36 @@ def synthetic_stage1(tmp_path_factory, mnist):
     ann = load_annotations(data, vocab, check_images=False)
     emb = write_synthetic_embeddings(ann, vocab, out / "embeddings", dim=32, seed=0)
     return data, emb
+
+
+@pytest.fixture(scope="session")
+def tiny_mapping(tiny_docmnist, tmp_path_factory):
+    """Stage 1 on the tiny DocMNIST with synthetic embeddings: a real mapping.feather."""
+    from villa.data_format import load_annotations
+    from villa.stage1 import train_stage1
+    from villa.synthetic import write_synthetic_embeddings
+    from villa.vocab import load_vocab
+
+    tmp = tmp_path_factory.mktemp("map")
+    vocab = load_vocab("docmnist")
+    emb = write_synthetic_embeddings(
+        load_annotations(tiny_docmnist, vocab, check_images=False), vocab, tmp / "emb", dim=32
+    )
+    cfg = compose_config("stage1", [f"data_dir={tiny_docmnist}", f"embeddings_dir={emb}", f"mapping_path={tmp / 'mapping.feather'}",
+                                    f"checkpoint_dir={tmp / 'ck'}", "epochs=4", "lr=1e-3", "batch_size=16", "device=cpu", "progress=false"])  # fmt: skip
+    train_stage1(cfg)
+    return tmp / "mapping.feather"
+
+
+def mnist_test_files_only(mnist: str, dest: Path) -> Path:
+    """A copy of MNIST holding only its test files (as offline machines had before the full set)."""
+    dest.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        src = Path(mnist) / name
+        if not src.is_file():
+            pytest.skip(f"{src} missing")
+        shutil.copy(src, dest / name)
+    return dest
 
 
 def compose_config(name: str, overrides: list[str]):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import mnist_test_files_only
 from PIL import Image
 
 from docmnist.generate_docmnist import CELL, generate, main, shape_mask_bank
@@ -160,17 +160,6 @@ def test_deterministic(tmp_path, mnist):
     assert _ann(c).text.tolist() != _ann(a).text.tolist()
 
 
-def _test_only_folder(mnist: str, dest: Path) -> Path:
-    """A copy of MNIST holding only its test files (as offline machines had before the full set)."""
-    dest.mkdir()
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        src = Path(mnist) / name
-        if not src.is_file():
-            pytest.skip(f"{src} missing")
-        shutil.copy(src, dest / name)
-    return dest
-
-
 def _digit_keys(pools) -> dict:
     return {k: {v.tobytes() for v in pools.images[k]} for k in pools.images}
 
@@ -178,7 +167,7 @@ def _digit_keys(pools) -> dict:
 def test_disjoint_pools_from_test_split(mnist, tmp_path):
     from docmnist.mnist import load_digit_pools
 
-    folder = _test_only_folder(mnist, tmp_path / "mnist_test_only")
+    folder = mnist_test_files_only(mnist, tmp_path / "mnist_test_only")
     pools = load_digit_pools(str(folder))
     assert not pools.full and {k: len(v) for k, v in pools.images.items()} == {"train": 6000, "val": 2000, "test": 2000}
     keys = _digit_keys(pools)
@@ -206,7 +195,7 @@ def test_full_mnist_pools_follow_the_original(mnist, tmp_path):
     assert pools_overlap(info["train"], info["val"]) == 0 and pools_overlap(info["train"], info["test"]) == 0
     assert pools_overlap(info["test"], info["test"]) == 10000
     # a test-only layout's training pool is drawn from MNIST's test file: the overlap is found exactly
-    small = load_digit_pools(str(_test_only_folder(mnist, tmp_path / "t")))
+    small = load_digit_pools(str(mnist_test_files_only(mnist, tmp_path / "t")))
     overlap = pools_overlap(small.info["train"].to_dict(), info["test"])
     assert overlap == 6000 and pools_overlap(small.info["train"].to_dict(), info["train"]) == 0
 

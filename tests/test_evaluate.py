@@ -151,8 +151,8 @@ def test_evaluate_default_config_resolves_its_model(tiny_docmnist, tmp_path, mon
     """The default (model.name=auto, pretrained=openai) means RN50 with OpenAI's weights, not 'unknown model auto';
     offline, it fails at once with the way out."""
     from villa.encoders import resolve_model_name
-    from villa.evaluate import run_evaluation
     from villa.errors import VillaError
+    from villa.evaluate import run_evaluation
 
     cfg = compose_config("evaluate", [f"data_dir={tiny_docmnist}", f"output={tmp_path / 'e.json'}", "device=cpu"])
     assert cfg.model.name == "auto" and cfg.model.pretrained == "openai" and resolve_model_name("auto") == "RN50"

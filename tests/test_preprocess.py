@@ -14,10 +14,10 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from preprocess.embed import preprocess
 from villa.data_format import load_annotations
 from villa.embeddings import open_embeddings, write_meta
 from villa.errors import VillaError
+from villa.regions import embed_dataset as preprocess
 from villa.vocab import load_vocab
 
 ROOT = Path(__file__).resolve().parent.parent

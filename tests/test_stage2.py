@@ -67,25 +67,6 @@ def test_build_pairs():
     assert base.text == ["cap0", "cap1"] and list(base.offsets) == [0, 1, 2]
 
 
-@pytest.fixture(scope="module")
-def tiny_mapping(tiny_docmnist, tmp_path_factory):
-    """Stage 1 on the tiny DocMNIST with synthetic embeddings: a real mapping.feather."""
-    from villa.data_format import load_annotations
-    from villa.stage1 import train_stage1
-    from villa.synthetic import write_synthetic_embeddings
-    from villa.vocab import load_vocab
-
-    tmp = tmp_path_factory.mktemp("map")
-    vocab = load_vocab("docmnist")
-    emb = write_synthetic_embeddings(
-        load_annotations(tiny_docmnist, vocab, check_images=False), vocab, tmp / "emb", dim=32
-    )
-    cfg = compose_config("stage1", [f"data_dir={tiny_docmnist}", f"embeddings_dir={emb}", f"mapping_path={tmp / 'mapping.feather'}",
-                                    f"checkpoint_dir={tmp / 'ck'}", "epochs=4", "lr=1e-3", "batch_size=16", "device=cpu", "progress=false"])  # fmt: skip
-    train_stage1(cfg)
-    return tmp / "mapping.feather"
-
-
 def test_modes_see_their_pairs(tiny_docmnist, tiny_mapping, tmp_path):
     from villa.distributed import Dist
 
@@ -137,7 +118,7 @@ def test_pretrain_checkpoint_loads_and_reproduces(tiny_docmnist, tmp_path):
 
 def test_end_to_end_lowers_val_loss(tiny_docmnist, tmp_path):
     """DocMNIST -> preprocess -> Stage 1 -> Stage 2 (ViLLA), all real, tiny config."""
-    from preprocess.embed import preprocess
+    from villa.regions import embed_dataset as preprocess
     from villa.stage1 import train_stage1
 
     emb = preprocess(tiny_docmnist, "docmnist", model="villa-tiny-rn", pretrained="none", device="cpu",

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from villa.errors import VillaError
 from villa.log import setup_logging
 from villa.paths import config_dir
+from villa.schemas import help_text, register_schemas, validate_config
 from villa.vocab import Vocabulary, vocab_from_dict
+
+
+def _basename(path: Any) -> str:
+    return Path(str(path)).name or "data"
+
+
+register_schemas()
+
+# ${basename:${data_dir}} in the configs: checkpoint folders named by their dataset, so two datasets never share one
+if not OmegaConf.has_resolver("basename"):
+    OmegaConf.register_new_resolver("basename", _basename)
 
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -29,16 +44,60 @@ def vocab_from_config(cfg: DictConfig) -> Vocabulary:
     return vocab_from_dict(OmegaConf.to_container(cfg.dataset, resolve=True), source=f"dataset={cfg.dataset.name}")
 
 
-def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], None]:
-    """A ``@hydra.main`` entry point for ``run(cfg)``: villa's logging, and bad input as one ``error:`` line, exit 2."""
+def _one_line(e: BaseException) -> str:
+    parts = []
+    while e is not None and len(parts) < 3:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].strip()
+        if first and first not in parts and "$VALUE" not in first:
+            parts.append(first)
+        e = e.__cause__ or e.__context__
+    return ": ".join(parts)
+
+
+def check_overrides(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """Compose and validate ``config_name`` with ``overrides``; any problem is one :class:`VillaError` line."""
+    try:
+        cfg = compose_config(config_name, overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise VillaError(
+            f"{_one_line(e)}; see python -m villa.{config_name} --help for the keys and their types"
+        ) from e
+    validate_config(cfg, config_name)
+    return cfg
+
+
+def hydra_entry(config_name: str, run: Callable[[DictConfig], Any], doc: str = "") -> Callable[[], None]:
+    """A ``@hydra.main`` entry point for ``run(cfg)``: villa's logging, and bad input as one ``error:`` line, exit 2.
+
+    Plain ``key=value`` overrides are composed and validated against the schema (villa/schemas.py) before Hydra
+    starts, so a bad override creates no output folder; ``--help`` prints each key with its type and description.
+    """
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
-    def main(cfg: DictConfig) -> None:
+    def hydra_main(cfg: DictConfig) -> None:
         setup_logging()
         try:
             run(cfg)
         except VillaError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+
+    def main() -> None:
+        args = sys.argv[1:]
+        if "--help" in args or "-h" in args:
+            overrides = [a for a in args if not a.startswith("-")]
+            try:
+                cfg = compose_config(config_name, overrides)
+            except Exception:  # help still prints, without the defaults
+                cfg = None
+            print(help_text(config_name, doc or f"python -m villa.{config_name} [key=value ...]", cfg))
+            return
+        if not any(a.startswith("-") for a in args):  # Hydra's own flags (--multirun, --cfg...) go to Hydra
+            try:
+                check_overrides(config_name, args)
+            except VillaError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
+        hydra_main()
 
     return main

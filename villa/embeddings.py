@@ -125,10 +125,22 @@ def open_embeddings(path: PathLike, vocab: Optional[Vocabulary] = None) -> Embed
     idx = feather.read_table(str(root / "index.feather"))
     attributes = np.load(root / "attributes.npy")
     names = list(meta["attribute_names"])
+    if vocab is not None and names != list(vocab.attributes) and sorted(names) == sorted(vocab.attributes):
+        k = next(i for i, (a, b) in enumerate(zip(names, vocab.attributes)) if a != b)
+        raise VillaError(
+            f"{root}: attribute embeddings hold the {len(names)} attributes of {vocab.name!r} in another order "
+            f"(#{k}: {names[k]!r} there, {vocab.attributes[k]!r} in the dataset config); re-run preprocessing with "
+            "this dataset config"
+        )
     if vocab is not None and names != list(vocab.attributes):
         raise VillaError(
             f"{root}: attribute embeddings are for {len(names)} attributes of vocabulary {meta.get('vocab')!r}, "
             f"not the {len(vocab)} of {vocab.name!r}; re-run preprocessing with this dataset config"
+        )
+    if vocab is not None and meta.get("vocab_digest") not in (None, vocab.digest):
+        raise VillaError(
+            f"{root}: attribute embeddings were made from other prompt templates (or groups) than the dataset "
+            f"config {vocab.name!r} now has; re-run preprocessing with this dataset config"
         )
     if regions.shape[1] != attributes.shape[1]:
         raise VillaError(f"{root}: region dim {regions.shape[1]} != attribute dim {attributes.shape[1]}")

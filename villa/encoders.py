@@ -30,7 +30,9 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from villa.errors import VillaError
+from villa.paths import atomic_file
 from villa.runtime import Runtime
+from villa.training import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +195,18 @@ def _create_from_tag(
         ) from e
 
 
+def _create_from_file(model_name: str, path: Path, device: Union[str, torch.device], precision: str) -> nn.Module:
+    """An open_clip-format checkpoint file (a state dict, or OpenAI's TorchScript archive) loaded by open_clip."""
+    try:
+        return open_clip.create_model(model_name, pretrained=str(path), precision=precision, device=device)
+    except Exception as e:  # corrupt archive, wrong keys or shapes: all one line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise VillaError(
+            f"cannot load {path} as {model_name} weights ({reason}); pass a checkpoint of that model "
+            "(model.name=<its open_clip name>), a villa checkpoint, a tag or none"
+        ) from e
+
+
 def is_villa_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == "villa-clip" and "state_dict" in obj
 
@@ -211,12 +225,21 @@ def create_clip(
     (open_clip's format, or a checkpoint written by villa's ``pretrain`` mode / Stage 2), or none for random init
     (warned once per model). ``cache_dir``: where tagged weights are downloaded (open_clip's argument).
     """
-    ckpt = None
+    ckpt, path = None, None
     if pretrained not in NO_WEIGHTS and (os.sep in str(pretrained) or os.path.exists(str(pretrained))):
         path = Path(str(pretrained))
         if not path.is_file():
             raise VillaError(f"pretrained checkpoint not found: {path}; pass an existing file, a tag or none")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = load_checkpoint(path, "pretrained checkpoint")
+        except VillaError:
+            obj = {}  # perhaps a format only open_clip reads (TorchScript); it decides below, with one line
+        kind = str(obj.get("kind", ""))
+        if not is_villa_checkpoint(obj) and kind.startswith("villa-"):
+            raise VillaError(
+                f"{path} is a {kind} checkpoint, not a CLIP model; pass a Stage 2 or pretraining checkpoint "
+                "(<checkpoint_dir>/best.pt), an open_clip checkpoint, a tag or none"
+            )
         if is_villa_checkpoint(obj):
             ckpt = obj
             saved = obj["model_name"]
@@ -247,6 +270,8 @@ def create_clip(
             model = open_clip.create_model(model_name, pretrained=None, precision=precision, device="cpu")
         model.load_state_dict(ckpt["state_dict"], strict=True)
         model = model.to(device)
+    elif path is not None:
+        model = _create_from_file(model_name, path, device, precision)
     else:
         model = _create_from_tag(model_name, str(pretrained), device, precision, cache_dir)
         if open_clip.get_pretrained_cfg(model_name, str(pretrained)).get("quick_gelu"):
@@ -387,10 +412,8 @@ def embed_sentences_cached(
         cached.update({s: start + i for i, s in enumerate(missing)})
         emb = torch.cat([emb, new])
         if cache_path is not None:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}")
-            torch.save({"encoder": key, "sentences": list(cached), "embeddings": emb}, tmp)
-            os.replace(tmp, cache_path)
+            with atomic_file(cache_path) as tmp:
+                torch.save({"encoder": key, "sentences": list(cached), "embeddings": emb}, tmp)
     return emb[torch.tensor([cached[s] for s in sentences], dtype=torch.long)] if sentences else emb[:0]
 
 

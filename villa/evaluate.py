@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from preprocess.embed import embed_regions
 from villa.config import hydra_entry, vocab_from_config
 from villa.data_format import Annotations, load_annotations
 from villa.encoders import Clip, RegionEncoder, create_clip, encode_attributes
 from villa.errors import VillaError
 from villa.metrics import precision_at_k, r_precision
-from villa.paths import atomic_write_path
+from villa.paths import write_json_atomic
+from villa.regions import embed_regions
 from villa.runtime import Runtime, get_runtime
+from villa.schemas import validate_config
 from villa.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def evaluate_model(
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    validate_config(cfg, "evaluate")
     vocab = vocab_from_config(cfg)
     ann = load_annotations(Path(cfg.data_dir), vocab, required_splits=(cfg.split,))
     runtime = get_runtime(cfg.device)
@@ -137,9 +139,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     if mq.is_file():
         res["mapping"] = json.loads(mq.read_text()).get("quality")
     out = Path(cfg.output)
-    tmp = atomic_write_path(out)
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(out)
+    write_json_atomic(out, res)
     print(format_table({cfg.label: res}, vocab))
     log.info("wrote %s", out)
     return res
@@ -168,7 +168,7 @@ def format_table(results: dict[str, dict[str, Any]], vocab: Vocabulary) -> str:
     return "\n".join(lines)
 
 
-main = hydra_entry("evaluate", run_evaluation)
+main = hydra_entry("evaluate", run_evaluation, __doc__)
 
 
 if __name__ == "__main__":

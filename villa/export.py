@@ -17,7 +17,10 @@ from villa.encoders import is_villa_checkpoint
 from villa.errors import VillaError, exit_on_error
 from villa.training import save_checkpoint
 
-KEEP = ("format", "kind", "model_name", "model_cfg", "epoch", "best_val", "history", "config", "started_from")
+KEEP = (
+    "format", "kind", "model_name", "model_cfg", "epoch", "best_val", "history", "config", "started_from", "inputs",
+    "data_pools",
+)  # fmt: skip
 
 
 def export_checkpoint(src: Path, dst: Path, dtype: str = "float16") -> Path:

@@ -8,6 +8,7 @@ assignment rule is a segment max, and sentences are matched through a table of t
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from pathlib import Path
 from typing import Optional
@@ -18,13 +19,15 @@ import pyarrow.feather as feather
 import torch
 import torch.nn.functional as F
 
-from villa.data import RegionBank
+from villa.data import SENTENCE_SEP, RegionBank, split_sentences
 from villa.errors import VillaError
 from villa.losses import segment_max
 from villa.models import MultiHeadProjection
-from villa.paths import atomic_write_path
+from villa.paths import atomic_file
 from villa.runtime import Runtime
 from villa.vocab import Vocabulary
+
+MAPPING_META = "villa_mapping"
 
 
 @torch.no_grad()
@@ -70,7 +73,7 @@ def assign(scores: np.ndarray, offsets: np.ndarray, image_attributes: np.ndarray
 
 def _sentence_table(texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Split captions on '.' into (stripped, non-empty) sentences: per-image offsets, unique-sentence ids, uniques."""
-    sents = [[t.strip() for t in text.split(".") if t.strip()] for text in texts]
+    sents = [split_sentences(text) for text in texts]
     counts = np.fromiter((len(s) for s in sents), dtype=np.int64, count=len(sents))
     flat = [t for s in sents for t in s]
     uniq, inv = (
@@ -138,7 +141,7 @@ def assign_text(
     pr_has, sent_has = pr[has], uniq_arr[chosen[has]] if has.any() else np.array([], dtype=object)
     bounds = np.searchsorted(pr_has, np.arange(len(region_image) + 1))
     for r in np.flatnonzero(np.diff(bounds)):
-        out[r] = " . ".join(sent_has[bounds[r] : bounds[r + 1]])
+        out[r] = SENTENCE_SEP.join(sent_has[bounds[r] : bounds[r + 1]])
     return out
 
 
@@ -149,8 +152,11 @@ def write_mapping(
     region_text: list[str],
     vocab: Vocabulary,
     path: Path,
+    made_by: Optional[dict] = None,
 ) -> None:
-    """The annotations plus ``assigned_attributes`` and ``assigned_text`` per region; written atomically."""
+    """The annotations plus ``assigned_attributes`` and ``assigned_text`` per region; written atomically.
+    ``made_by`` (the Stage 1 checkpoint, encoder and dataset hash) goes into the schema metadata as JSON
+    (``villa_mapping``; read it with :func:`mapping_record`)."""
     names = np.array(vocab.attributes, dtype=object)
     pr, pa_ = np.nonzero(assigned)
     attr_off = np.concatenate([[0], np.cumsum(assigned.sum(1))]).astype(np.int64)
@@ -162,6 +168,20 @@ def write_mapping(
             table = table.drop_columns([name])
     table = table.append_column("assigned_attributes", pa.ListArray.from_arrays(reg_off, per_region_attrs))
     table = table.append_column("assigned_text", pa.ListArray.from_arrays(reg_off, pa.array(region_text, pa.string())))
-    tmp = atomic_write_path(path)
-    feather.write_feather(table, str(tmp), compression="zstd")
-    tmp.replace(path)
+    if made_by is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[MAPPING_META] = json.dumps(made_by).encode()
+        table = table.replace_schema_metadata(meta)
+    with atomic_file(path) as tmp:
+        feather.write_feather(table, str(tmp), compression="zstd")
+
+
+def mapping_record(path: Path) -> Optional[dict]:
+    """What :func:`write_mapping` recorded about the run that made ``path`` (None for a mapping without a record)."""
+    try:
+        with pa.memory_map(str(path)) as f:
+            meta = pa.ipc.open_file(f).schema.metadata or {}
+    except (OSError, pa.ArrowInvalid) as e:
+        raise VillaError(f"cannot read {path}: {e}; re-run Stage 1 to write it again") from e
+    raw = meta.get(MAPPING_META.encode())
+    return json.loads(raw) if raw else None

@@ -7,7 +7,6 @@ starting encoder) -> evaluate zero-shot / baseline / ViLLA on the same held-out 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -15,11 +14,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from docmnist.generate_docmnist import generate
-from preprocess.embed import preprocess
 from villa.config import compose_config
 from villa.data_format import load_annotations
 from villa.encoders import create_clip
 from villa.evaluate import evaluate_model, region_options
+from villa.paths import write_json_atomic
+from villa.provenance import check_held_out, checkpoint_pools, dataset_pools
+from villa.regions import embed_dataset
 from villa.runtime import get_runtime
 from villa.stage1 import train_stage1
 from villa.stage2 import train_stage2
@@ -78,8 +79,14 @@ def run_pipeline(s: PipelineSettings, work: Path, eval_data: Optional[Path] = No
     data = generate(s.budget, s.target, seed=s.seed, out_dir=str(work / "data"), val_budget=s.val_budget,
                     test_budget=s.test_budget, overwrite=True, progress=s.progress)  # fmt: skip
     tick("docmnist", t)
+    eval_root = eval_data or data
+    # refuse before any training: the evaluation digits must be new to everything that trains in this run
+    held_out = check_held_out(eval_root, {
+        f"this run's training data ({data.name}, train and val splits)": dataset_pools(data, ("train", "val")),
+        f"the starting encoder {s.pretrained}": checkpoint_pools(s.pretrained),
+    })  # fmt: skip
     t = time.perf_counter()
-    emb = preprocess(data, "docmnist", model=s.model, pretrained=s.pretrained, device=s.device, num_workers=s.num_workers,
+    emb = embed_dataset(data, "docmnist", model=s.model, pretrained=s.pretrained, device=s.device, num_workers=s.num_workers,
                      input_size=s.input_size, progress=s.progress, out_dir=data / "embeddings")  # fmt: skip
     tick("preprocess", t)
     t = time.perf_counter()
@@ -90,7 +97,9 @@ def run_pipeline(s: PipelineSettings, work: Path, eval_data: Optional[Path] = No
         f"progress={str(s.progress).lower()}",
     ]))  # fmt: skip
     tick("stage1", t)
-    results: dict[str, Any] = {"settings": asdict(s), "data": str(data), "mapping": s1.get("quality")}
+    results: dict[str, Any] = {
+        "settings": asdict(s), "data": str(data), "mapping": s1.get("quality"), "held_out": held_out,
+    }  # fmt: skip
     ckpts = {}
     for mode in ("villa", "baseline"):
         t = time.perf_counter()
@@ -103,7 +112,6 @@ def run_pipeline(s: PipelineSettings, work: Path, eval_data: Optional[Path] = No
         tick(f"stage2_{mode}", t)
     t = time.perf_counter()
     vocab = load_vocab("docmnist")
-    eval_root = eval_data or data
     ann = load_annotations(eval_root, vocab, required_splits=("test",))
     runtime = get_runtime(s.device)
     retrieval = {}
@@ -118,5 +126,5 @@ def run_pipeline(s: PipelineSettings, work: Path, eval_data: Optional[Path] = No
     tick("evaluate", t)
     results.update({"retrieval": retrieval, "eval_data": str(eval_root), "checkpoints": {k: str(v) for k, v in ckpts.items()},
                     "timings": timings, "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
-    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(work / "results.json", results)
     return results

@@ -10,15 +10,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from villa.paths import atomic_write_path  # noqa: E402
+from villa.paths import atomic_file  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
     """PNG written to a temporary name and renamed: never a half-written figure."""
-    tmp = atomic_write_path(path)
-    fig.savefig(tmp, dpi=120, format="png")
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def retrieval_bars(results: dict[str, dict[str, Any]], groups: list[str], path: Path, title: str) -> Path:

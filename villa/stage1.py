@@ -9,7 +9,6 @@ the original's loss (:func:`villa.losses.stage1_loss`), then assigns every attri
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -30,7 +29,10 @@ from villa.losses import stage1_loss
 from villa.mapping import assign, assign_text, score_regions, write_mapping
 from villa.metrics import mapping_quality
 from villa.models import MultiHeadProjection
+from villa.paths import write_json_atomic
+from villa.provenance import check_resume, file_sha256, run_fingerprint
 from villa.runtime import Runtime, get_runtime, seed_everything
+from villa.schemas import validate_config
 from villa.training import (
     check_finite,
     config_dict,
@@ -103,8 +105,18 @@ def run_epoch(
     return total / max(n, 1)
 
 
+def stage1_inputs(cfg: DictConfig) -> dict[str, str]:
+    """What a Stage 1 run reads, by content (the resume fingerprint's inputs)."""
+    emb = Path(cfg.embeddings_dir)
+    return {
+        "annotations": file_sha256(Path(cfg.data_dir) / "annotations.feather"),
+        "embeddings": file_sha256(emb / "meta.json") + file_sha256(emb / "index.feather"),
+    }
+
+
 def train_stage1(cfg: DictConfig) -> dict[str, Any]:
     """Train Stage 1, write mapping.feather and mapping_quality.json; return the metrics."""
+    validate_config(cfg, "stage1")
     t_start = time.perf_counter()
     vocab, ann, emb = load_inputs(cfg)
     runtime = get_runtime(cfg.device, cfg.amp)
@@ -118,8 +130,10 @@ def train_stage1(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = Path(cfg.checkpoint_dir)
     last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     start_epoch, best_val = 0, float("inf")
+    fingerprint = run_fingerprint(cfg, stage1_inputs(cfg))
     if cfg.resume and last.exists():
         state = load_checkpoint(last)
+        check_resume(state.get("fingerprint"), fingerprint, last)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -169,6 +183,7 @@ def train_stage1(cfg: DictConfig) -> dict[str, Any]:
             "encoder": emb.encoder,
             "vocab": list(vocab.attributes),
             "config": config_dict(cfg),
+            "fingerprint": fingerprint,
         }
         save_checkpoint(last, state)
         if improved:
@@ -203,7 +218,14 @@ def make_mapping(
         ann.text, ann.region_offsets, assigned, vocab, np.random.default_rng(cfg.seed), per=cfg.sentence_choice
     )
     out = Path(cfg.mapping_path)
-    write_mapping(ann.table, ann.region_offsets, assigned, texts, vocab, out)
+    made_by = {
+        "stage1_checkpoint": str(Path(cfg.checkpoint_dir) / "last.pt"),
+        "encoder": emb.encoder,
+        "annotations": file_sha256(Path(cfg.data_dir) / "annotations.feather"),
+        "epsilon": cfg.epsilon,
+        "sentence_choice": cfg.sentence_choice,
+    }
+    write_mapping(ann.table, ann.region_offsets, assigned, texts, vocab, out, made_by)
     secs = time.perf_counter() - t0
     zs = assign(
         score_regions(bank, attr_emb, runtime, None, cfg.mapping_batch_regions, amp=cfg.mapping_amp),
@@ -233,9 +255,7 @@ def make_mapping(
         result["quality"] = quality
         print_quality(quality, vocab)
     qpath = out.with_name(out.stem + "_quality.json")
-    tmp = qpath.with_name(f".{qpath.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(qpath)
+    write_json_atomic(qpath, result)
     log.info("wrote %s (%d regions, %d pairs, %.2fs) and %s", out, len(ann.boxes), assigned.sum(), secs, qpath.name)
     return result
 
@@ -250,7 +270,7 @@ def print_quality(quality: dict[str, Any], vocab: Vocabulary) -> None:
         print(row + "".join(f"{100 * q['all'][g]['f1']:>10.1f}" for g in groups))
 
 
-main = hydra_entry("stage1", train_stage1)
+main = hydra_entry("stage1", train_stage1, __doc__)
 
 
 if __name__ == "__main__":

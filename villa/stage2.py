@@ -28,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from preprocess.embed import ImageDataset, calibrate_on_data, collate_images
 from villa.config import hydra_entry, vocab_from_config
 from villa.data import PairSet, build_pairs
 from villa.data_format import Annotations, load_annotations
@@ -37,7 +36,11 @@ from villa.embeddings import weights_id
 from villa.encoders import Clip, RegionEncoder, clip_checkpoint_state, create_clip, mean_text_embeddings
 from villa.errors import VillaError
 from villa.losses import infonce
+from villa.mapping import mapping_record
+from villa.provenance import check_resume, checkpoint_pools, dataset_pools, file_sha256, run_fingerprint, unique_pools
+from villa.regions import ImageDataset, calibrate_on_data, collate_images
 from villa.runtime import Runtime, get_runtime, seed_everything
+from villa.schemas import validate_config
 from villa.training import (
     check_finite,
     config_dict,
@@ -127,21 +130,49 @@ class PairData:
         self.text_emb, self.tokens = text_emb, tokens
 
 
-def load_pair_data(cfg: DictConfig, clip: Clip, runtime: Runtime, d: Dist) -> tuple[PairData, PairData]:
-    """Train and val pairs for the mode; texts embedded once by the frozen text tower (villa, baseline)."""
+def load_stage2_annotations(cfg: DictConfig, d: Dist) -> Annotations:
+    """The dataset (and, in villa mode, Stage 1's mapping) checked and loaded before any weights are."""
     if cfg.mode not in MODES:
         raise VillaError(f"mode={cfg.mode!r}: use one of {', '.join(MODES)}")
-    vocab = vocab_from_config(cfg)
     villa_mode = cfg.mode == "villa"
     if villa_mode and not Path(cfg.mapping_path).is_file():
         raise VillaError(
             f"mapping not found: {cfg.mapping_path}; run Stage 1 first (python -m villa.stage1 ...) or set mapping_path"
         )
-    ann = load_annotations(
-        Path(cfg.data_dir), vocab, required_splits=("train", "val"), check_images=d.is_main,
+    ann_path = Path(cfg.data_dir) / "annotations.feather"
+    if villa_mode and ann_path.is_file():
+        rec = mapping_record(Path(cfg.mapping_path))
+        if rec is not None and rec.get("annotations") != file_sha256(ann_path):
+            raise VillaError(
+                f"{cfg.mapping_path} was made by Stage 1 for another dataset than {cfg.data_dir}; "
+                "run Stage 1 on this dataset or pass its mapping_path"
+            )
+    return load_annotations(
+        Path(cfg.data_dir), vocab_from_config(cfg), required_splits=("train", "val"), check_images=d.is_main,
         table_path=cfg.mapping_path if villa_mode else None,
         required_columns=("assigned_text",) if villa_mode else (),
     )  # fmt: skip
+
+
+def stage2_inputs(cfg: DictConfig) -> dict[str, Any]:
+    """What a Stage 2 run reads, by content: the resume fingerprint's inputs and the checkpoint's record."""
+    inputs = {
+        "annotations": file_sha256(Path(cfg.data_dir) / "annotations.feather"),
+        "pretrained": weights_id(None if cfg.model.pretrained == "none" else str(cfg.model.pretrained)),
+    }
+    if cfg.mode == "villa":
+        inputs["mapping"] = file_sha256(cfg.mapping_path)
+        inputs["mapping_path"] = str(cfg.mapping_path)
+    return inputs
+
+
+def load_pair_data(
+    cfg: DictConfig, clip: Clip, runtime: Runtime, d: Dist, ann: Optional[Annotations] = None
+) -> tuple[PairData, PairData]:
+    """Train and val pairs for the mode; texts embedded once by the frozen text tower (villa, baseline)."""
+    if ann is None:
+        ann = load_stage2_annotations(cfg, d)
+    villa_mode = cfg.mode == "villa"
     if villa_mode:
         col = ann.table.column("assigned_text").combine_chunks()
         region_text = col.flatten().to_pylist()
@@ -294,6 +325,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 def train_stage2(cfg: DictConfig) -> dict[str, Any]:
     """Train one of the three modes; write best.pt / last.pt (villa-clip checkpoints); return the history."""
+    validate_config(cfg, "stage2")
     d = init_distributed(cfg.device)
     try:
         return _train(cfg, d)
@@ -308,10 +340,20 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
         device = f"cuda:{d.local_rank}"
     runtime = get_runtime(device, cfg.amp)
     generator = seed_everything(cfg.seed)
+    ann = load_stage2_annotations(cfg, d)
+    inputs = stage2_inputs(cfg)
+    fingerprint = run_fingerprint(cfg, {k: v for k, v in inputs.items() if k != "mapping_path"})
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    state = load_checkpoint(last) if cfg.resume and last.exists() else None
+    if state is not None:
+        check_resume(state.get("fingerprint"), fingerprint, last)
+    started = checkpoint_pools(str(cfg.model.pretrained))
+    data_pools = None if started is None else unique_pools(started + dataset_pools(cfg.data_dir, ("train", "val")))
     clip = create_clip(cfg.model.name, cfg.model.pretrained, device=runtime.device)
-    train_data, val_data = load_pair_data(cfg, clip, runtime, d)
+    train_data, val_data = load_pair_data(cfg, clip, runtime, d, ann)
     model = Stage2Model(clip, cfg).to(runtime.device)
-    if clip.pretrained is None and not (cfg.resume and (Path(cfg.checkpoint_dir) / "last.pt").exists()):
+    if clip.pretrained is None and state is None:
         # the same fixed batches on every rank, so the statistics do not depend on the world size
         calibrate_on_data(model.regions, train_data.ann, runtime, train_data.rows)
     channels_last = bool(cfg.model.channels_last and runtime.is_cuda)
@@ -325,12 +367,9 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
         threshold=cfg.scheduler.threshold, threshold_mode="abs",
     )  # fmt: skip
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
-    ckpt_dir = Path(cfg.checkpoint_dir)
-    last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     start_epoch, best_val, bad_epochs, stopped = 0, float("inf"), 0, False
     history: list[dict[str, Any]] = []
-    if cfg.resume and last.exists():
-        state = load_checkpoint(last)
+    if state is not None:
         try:
             model.clip.load_state_dict(state["state_dict"])
         except RuntimeError as e:
@@ -405,6 +444,7 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
                 bad_epochs=bad_epochs, stopped=stopped, rng=rng_state(generator), history=history,
                 config=config_dict(cfg),
                 started_from={"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)},
+                fingerprint=fingerprint, inputs=inputs, data_pools=data_pools,
             )  # fmt: skip
             save_checkpoint(last, state)
             if improved:
@@ -420,7 +460,7 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
     }  # fmt: skip
 
 
-main = hydra_entry("stage2", train_stage2)
+main = hydra_entry("stage2", train_stage2, __doc__)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -15,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from villa.errors import VillaError
-from villa.paths import PathLike
+from villa.paths import PathLike, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +48,27 @@ def set_rng_state(state: dict[str, Any], generator: Optional[torch.Generator] = 
 
 def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
     """Write with torch.save to a temp file, then os.replace: a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
-def load_checkpoint(path: PathLike) -> dict[str, Any]:
+def load_checkpoint(path: PathLike, what: str = "checkpoint") -> dict[str, Any]:
+    """``torch.load`` a checkpoint (weights only); a missing, corrupt, truncated or non-torch file is one
+    :class:`VillaError` line naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise VillaError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise VillaError(f"{what} not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and EOF errors all mean the same to the user
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise VillaError(
+            f"{what} {path} cannot be read ({reason}): it is corrupt, truncated or not a torch file; "
+            "delete it (or set resume=false) or pass another file"
+        ) from e
+    if not isinstance(obj, dict):
+        raise VillaError(f"{what} {path} holds a {type(obj).__name__}, not a checkpoint dict; pass another file")
+    return obj
 
 
 def config_dict(cfg: DictConfig) -> dict[str, Any]:

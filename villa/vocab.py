@@ -6,6 +6,8 @@ the DocMNIST generator, preprocessing and both stages read it through :func:`loa
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,6 +35,12 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.attributes)
+
+    @property
+    def digest(self) -> str:
+        """Identifies what attribute embeddings depend on: the attributes in order, their groups and templates."""
+        blob = json.dumps([self.attributes, self.groups, self.attribute_group, self.templates])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def group_attributes(self, group: str) -> list[str]:
         g = self.groups.index(group)

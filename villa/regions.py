@@ -1,4 +1,8 @@
-"""Embed a dataset's regions (batched ROI path) and its attribute vocabulary, and write them to disk."""
+"""Regions of a dataset's images: image loading, the batched region-embedding loop, BatchNorm calibration, and
+:func:`embed_dataset`, which writes a dataset's region and attribute embeddings (the ``preprocess`` command).
+
+Stage 2 and evaluation read images through :class:`ImageDataset` as preprocessing does: one loader for all.
+"""
 
 from __future__ import annotations
 
@@ -36,11 +40,13 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 class ImageDataset(Dataset):
-    """Images of a dataset by row index (boxes stay in flat arrays in the main process)."""
+    """Images of a dataset by row index (boxes stay in flat arrays in the main process). An image whose size is
+    not its annotated ``image_size`` is an error: its boxes would point at the wrong pixels."""
 
     def __init__(self, ann: Annotations, rows: Optional[np.ndarray] = None):
         self.root = ann.root
         self.filepath = ann.filepath
+        self.image_size = ann.image_size
         self.rows = np.arange(ann.n_images) if rows is None else rows
 
     def __len__(self) -> int:
@@ -48,7 +54,15 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         row = int(self.rows[i])
-        return read_image(self.root / self.filepath[row]), row
+        path = self.root / self.filepath[row]
+        im = read_image(path)
+        w, h = (int(v) for v in self.image_size[row])
+        if (im.shape[2], im.shape[1]) != (w, h):
+            raise VillaError(
+                f"image {path} is {im.shape[2]}x{im.shape[1]} but annotations.feather says image_size [{w}, {h}]; "
+                "fix the annotation or the file"
+            )
+        return im, row
 
 
 def collate_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +140,7 @@ def calibrate_on_data(encoder: RegionEncoder, ann: Annotations, runtime: Runtime
     log.info("random init: BatchNorm statistics estimated from %d batches of the data", n)
 
 
-def preprocess(
+def embed_dataset(
     data_dir: PathLike,
     dataset_config: str = "docmnist",
     model: str = "RN50",
@@ -176,6 +190,7 @@ def preprocess(
             "dataset": str(root),
             "vocab": vocab.name,
             "attribute_names": list(vocab.attributes),
+            "vocab_digest": vocab.digest,
             "encoder": enc,
             "attribute_encoder": enc,
             "region_path": {"normalize": normalize, "input_size": input_size, "roi_size": encoder.roi_size},

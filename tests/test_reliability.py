@@ -1,0 +1,364 @@
+"""Reliability: resume never mixes runs, configs are validated first, bad input is one line, nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import compose_config, mnist_test_files_only
+from PIL import Image
+
+from villa.errors import VillaError
+from villa.mapping import mapping_record
+from villa.paths import atomic_dir, atomic_file, remove_stale_temporaries
+from villa.provenance import file_sha256
+from villa.schemas import validate_config
+from villa.stage1 import train_stage1
+from villa.stage2 import train_stage2
+from villa.training import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_S2 = ["model.name=villa-tiny-rn", "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false",
+           "amp=false", "batch_size=16"]  # fmt: skip
+
+
+def s1(data: Path, emb: Path, tmp: Path, *extra: str):
+    return compose_config("stage1", [
+        f"data_dir={data}", f"embeddings_dir={emb}", f"mapping_path={tmp / 'mapping.feather'}",
+        f"checkpoint_dir={tmp / 'ckpt'}", "device=cpu", "progress=false", "batch_size=16", "lr=1e-3", *extra,
+    ])  # fmt: skip
+
+
+def s2(data: Path, ckpt: Path, *extra: str):
+    return compose_config("stage2", [f"data_dir={data}", f"checkpoint_dir={ckpt}", *TINY_S2, *extra])
+
+
+def cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("[")]  # log lines start with a time
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+# --- resume never mixes runs ------------------------------------------------------------------------------------
+
+
+def _other_dataset(data: Path, emb: Path, tmp: Path) -> tuple[Path, Path]:
+    """A copy of ``data`` with one caption changed (same images and embeddings, other annotations)."""
+    b = shutil.copytree(data, tmp / "other_data", ignore=shutil.ignore_patterns("embeddings", "images"))
+    os.symlink(Path(data) / "images", b / "images")
+    df = pd.read_feather(b / "annotations.feather")
+    df.at[0, "text"] = df.at[0, "text"] + " . the image shows a digit"
+    df.to_feather(b / "annotations.feather")
+    return b, emb
+
+
+def test_stage1_resume_refuses_another_run(synthetic_stage1, tmp_path):
+    data, emb = synthetic_stage1
+    train_stage1(s1(data, emb, tmp_path, "epochs=1"))
+    last = tmp_path / "ckpt" / "last.pt"
+    fp = load_checkpoint(last)["fingerprint"]
+    assert fp["inputs"]["annotations"] == file_sha256(data / "annotations.feather") and fp["config"]["lr"] == 1e-3
+    other, _ = _other_dataset(data, emb, tmp_path)
+    with pytest.raises(VillaError, match=r"is from another run \(annotations: .*resume=false"):
+        train_stage1(s1(other, emb, tmp_path, "epochs=2"))
+    with pytest.raises(VillaError, match=r"is from another run \(lr: 0.001 -> 10000000000.0\)"):
+        train_stage1(s1(data, emb, tmp_path, "epochs=2", "lr=1e10"))
+    with pytest.raises(VillaError, match=r"made from other prompt templates"):  # templates changed in the config
+        train_stage1(s1(data, emb, tmp_path, "epochs=2", 'dataset.groups.0.templates.0="a photo of a {}"'))
+    before = load_checkpoint(last)
+    assert before["epoch"] == 1  # nothing was trained or written by the refused runs
+    train_stage1(s1(data, emb, tmp_path, "epochs=2"))  # only epochs changed: resumes
+    after = load_checkpoint(last)
+    assert after["epoch"] == 2 and after["config"]["epochs"] == 2
+    train_stage1(s1(other, emb, tmp_path, "epochs=1", "resume=false"))  # the way out
+    assert load_checkpoint(last)["fingerprint"]["inputs"]["annotations"] == file_sha256(other / "annotations.feather")
+
+
+def test_checkpoint_without_fingerprint_is_refused(synthetic_stage1, tmp_path):
+    data, emb = synthetic_stage1
+    train_stage1(s1(data, emb, tmp_path, "epochs=1"))
+    last = tmp_path / "ckpt" / "last.pt"
+    state = load_checkpoint(last)
+    del state["fingerprint"]
+    save_checkpoint(last, state)
+    with pytest.raises(VillaError, match="records no run fingerprint.*new checkpoint_dir, or resume=false"):
+        train_stage1(s1(data, emb, tmp_path, "epochs=2"))
+
+
+def test_stage2_resume_refuses_another_mode_or_dataset(tiny_docmnist, tiny_mapping, tmp_path):
+    ck = tmp_path / "ck"
+    train_stage2(s2(tiny_docmnist, ck, "mode=baseline", "epochs=1"))
+    state = load_checkpoint(ck / "last.pt")
+    assert state["inputs"]["annotations"] == file_sha256(tiny_docmnist / "annotations.feather")
+    assert state["data_pools"] and {p["split"] for p in state["data_pools"]} == {"train", "val"}
+    with pytest.raises(VillaError, match=r"another run \(.*mode: 'baseline' -> 'villa'"):
+        train_stage2(s2(tiny_docmnist, ck, "mode=villa", f"mapping_path={tiny_mapping}", "epochs=2"))
+    other, _ = _other_dataset(tiny_docmnist, None, tmp_path)
+    with pytest.raises(VillaError, match=r"another run \(annotations: "):
+        train_stage2(s2(other, ck, "mode=baseline", "epochs=2"))
+    assert load_checkpoint(ck / "last.pt")["epoch"] == 1
+
+
+def test_mapping_records_its_run_and_stage2_checks_it(tiny_docmnist, tiny_mapping, tmp_path):
+    rec = mapping_record(tiny_mapping)
+    assert rec["annotations"] == file_sha256(tiny_docmnist / "annotations.feather")
+    assert rec["stage1_checkpoint"].endswith("last.pt") and rec["encoder"]["model"] == "synthetic"
+    assert rec["sentence_choice"] == "image" and rec["epsilon"] == 0.2
+    other, _ = _other_dataset(tiny_docmnist, None, tmp_path)
+    with pytest.raises(VillaError, match="made by Stage 1 for another dataset"):
+        train_stage2(s2(other, tmp_path / "ck", "mode=villa", f"mapping_path={tiny_mapping}", "epochs=1"))
+
+
+def test_stage2_checks_data_before_weights(tiny_docmnist, tmp_path):
+    """A missing mapping is reported before pretrained=openai would try to load (or download) anything."""
+    cfg = s2(tiny_docmnist, tmp_path / "ck", "mode=villa", "model.name=RN50", "model.pretrained=openai",
+             f"mapping_path={tmp_path / 'none.feather'}")  # fmt: skip
+    with pytest.raises(VillaError, match="mapping not found"):
+        train_stage2(cfg)
+
+
+def test_default_checkpoint_dir_names_the_dataset():
+    a = compose_config("stage1", ["data_dir=data/set_a"])
+    b = compose_config("stage1", ["data_dir=data/set_b"])
+    assert a.checkpoint_dir == "checkpoints/stage1/set_a" and b.checkpoint_dir != a.checkpoint_dir
+    c = compose_config("stage2", ["experiment=pretrain", "data_dir=/x/docmnist_9_3.5/"])
+    assert c.checkpoint_dir == "checkpoints/pretrain/docmnist_9_3.5"
+
+
+# --- configs validated before any work --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,override,match",
+    [
+        ("stage2", "batch_size=0", "batch_size=0: must be > 0"),
+        ("stage2", "temperature=0", "temperature=0.0: must be > 0"),
+        ("stage2", "epochs=-1", "epochs=-1: must be > 0"),
+        ("stage2", "epochs=0", "epochs=0: must be > 0"),
+        ("stage2", "loss_average=mean", "loss_average='mean': use one of batch, image"),
+        ("stage1", "epsilon=-1", "epsilon=-1.0: must be >= 0"),
+        ("stage1", "sentence_choice=caption", "use one of image, region"),
+        ("evaluate", "batch_size=-3", "batch_size=-3: must be > 0"),
+    ],
+)
+def test_ranges_and_choices(name, override, match):
+    with pytest.raises(VillaError, match=match):
+        validate_config(compose_config(name, [override]), name)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("epochs=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("lr=fast", "could not be converted to Float"),
+        ("batch_size=0", "batch_size=0: must be > 0"),
+        ("nosuchkey=1", "Key 'nosuchkey' not in 'Stage2Config'"),
+    ],
+)
+def test_cli_bad_override_is_one_line_and_leaves_nothing(tmp_path, override, match):
+    r = cli("villa.stage2", override, cwd=tmp_path)
+    assert match in one_error_line(r)
+    assert list(tmp_path.iterdir()) == []  # no outputs/ folder, no checkpoints
+
+
+def test_help_describes_keys_without_the_vocabulary(tmp_path):
+    r = cli("villa.stage2", "--help", cwd=tmp_path)
+    assert r.returncode == 0
+    out = r.stdout
+    assert out.startswith("Stage 2: a CLIP-style trainer")
+    for line in ("batch_size ", "images per step", "loss_average", "[batch|image]", "(int; default 256)"):
+        assert line in out
+    assert "seven" not in out and "the digit appears to be" not in out  # the vocabulary is not dumped
+
+
+# --- one line for each bad input --------------------------------------------------------------------------------
+
+
+def test_corrupt_and_wrong_checkpoints(tmp_path, synthetic_stage1):
+    from villa.encoders import create_clip
+
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(VillaError, match=r"notes.pt cannot be read .*corrupt, truncated or not a torch file"):
+        load_checkpoint(text)
+    good = tmp_path / "good.pt"
+    torch.save({"format": "villa-clip", "state_dict": {"w": torch.zeros(1000)}}, good)
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(VillaError, match="trunc.pt cannot be read"):
+        load_checkpoint(trunc)
+    with pytest.raises(VillaError, match=r"cannot load .*notes.pt as villa-tiny-rn weights"):
+        create_clip("villa-tiny-rn", str(text))
+    data, emb = synthetic_stage1
+    train_stage1(s1(data, emb, tmp_path, "epochs=1"))
+    with pytest.raises(VillaError, match="is a villa-stage1 checkpoint, not a CLIP model"):
+        create_clip("auto", str(tmp_path / "ckpt" / "last.pt"))
+    # resuming a corrupt last.pt
+    (tmp_path / "ckpt" / "last.pt").write_bytes(trunc.read_bytes())
+    with pytest.raises(VillaError, match="last.pt cannot be read"):
+        train_stage1(s1(data, emb, tmp_path, "epochs=2"))
+
+
+def test_cli_checkpoint_errors_are_one_line(tmp_path, tiny_docmnist):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello\n")
+    r = cli("villa.evaluate", f"data_dir={tiny_docmnist}", f"model.pretrained={text}", "model.name=villa-tiny-rn",
+            "device=cpu", f"output={tmp_path / 'r.json'}", cwd=tmp_path)  # fmt: skip
+    assert "notes.pt" in one_error_line(r)
+    r = cli("preprocess", f"--data_dir={tiny_docmnist}", "--dataset_config=docmnist", "--model=villa-tiny-rn",
+            f"--pretrained={text}", f"--out_dir={tmp_path / 'emb'}", "--device=cpu", cwd=tmp_path)  # fmt: skip
+    assert "notes.pt" in one_error_line(r)
+    assert not (tmp_path / "emb").exists() and not list(tmp_path.glob(".emb.*"))
+
+
+def test_docmnist_bad_input(tmp_path, mnist):
+    from docmnist.generate_docmnist import generate
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(VillaError, match="afile is a file, not a folder"):
+        generate(1000, 16, out_dir=str(afile), mnist_dir=mnist, progress=False)
+    with pytest.raises(VillaError, match="must be in 2..36"):
+        generate(1000, 37, out_dir=str(tmp_path), mnist_dir=mnist, progress=False)
+    with pytest.raises(VillaError, match=r"need at least .* GiB of PNGs.*lower --attribute_budget"):
+        generate(10**20, 16, out_dir=str(tmp_path), mnist_dir=mnist, progress=False)
+    with pytest.raises(VillaError, match=r"--attribute_budget=1 too small"):
+        generate(1, 16, out_dir=str(tmp_path), mnist_dir=mnist, val_budget=100, test_budget=100, progress=False)
+    with pytest.raises(VillaError, match=r"--val_budget=1 too small"):
+        generate(100, 16, out_dir=str(tmp_path), mnist_dir=mnist, val_budget=1, test_budget=100, progress=False)
+    # a labels file that holds image data
+    bad = tmp_path / "mnist_bad"
+    bad.mkdir()
+    src = Path(mnist)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        found = next(p for p in (src / name, src / f"{name}.gz") if p.exists())
+        shutil.copy(found, bad / found.name)
+    images = next(bad.glob("t10k-images*"))
+    labels = next(bad.glob("t10k-labels*"))
+    labels.unlink()
+    shutil.copy(images, bad / labels.name.replace("images", "labels"))
+    with pytest.raises(VillaError, match=r"holds \(10000, 28, 28\) data, not a label vector"):
+        generate(
+            100, 16, out_dir=str(tmp_path / "o"), mnist_dir=str(bad), val_budget=50, test_budget=50, progress=False
+        )
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes everywhere: an unwritable folder cannot be made")
+def test_docmnist_unwritable_out_dir(tmp_path, mnist):
+    from docmnist.generate_docmnist import generate
+
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    with pytest.raises(VillaError, match="not writable"):
+        generate(1000, 16, out_dir=str(ro), mnist_dir=mnist, progress=False)
+
+
+def test_losing_writer_gets_one_line_and_leaves_nothing(tmp_path):
+    final = tmp_path / "dataset"
+    with pytest.raises(VillaError, match="created by another process while this one ran; pass --overwrite"):
+        with atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("mine")
+            final.mkdir()  # the other generator finished first
+            (final / "a.txt").write_text("theirs")
+    assert (final / "a.txt").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+
+def test_image_size_must_match_annotation(tiny_docmnist, tmp_path):
+    from villa.regions import embed_dataset
+
+    data = shutil.copytree(tiny_docmnist, tmp_path / "d", ignore=shutil.ignore_patterns("embeddings", "text_cache"))
+    df = pd.read_feather(data / "annotations.feather")
+    first = data / df.image_filepath.iloc[0]
+    Image.new("RGB", (80, 84)).save(first)
+    with pytest.raises(VillaError, match=r"is 80x84 but annotations.feather says image_size \[84, 84\]"):
+        embed_dataset(data, model="villa-tiny-rn", pretrained="none", device="cpu", num_workers=0, progress=False)
+    assert not (data / "embeddings").exists()
+
+
+def test_embeddings_of_another_vocabulary_order_or_templates(synthetic_stage1, tmp_path):
+    from villa.embeddings import open_embeddings
+    from villa.vocab import load_vocab, vocab_from_dict
+
+    data, emb = synthetic_stage1
+    vocab = load_vocab("docmnist")
+    e = shutil.copytree(emb, tmp_path / "e")
+    meta = json.loads((e / "meta.json").read_text())
+    meta["attribute_names"] = meta["attribute_names"][::-1]
+    (e / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(VillaError, match=r"in another order \(#0: 'large' there, 'zero' in the dataset config\)"):
+        open_embeddings(e, vocab)
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs" / "dataset" / "docmnist.yaml").read_text())
+    raw["groups"][0]["templates"][0] = "a photo of the number {}"
+    with pytest.raises(VillaError, match="other prompt templates"):
+        open_embeddings(emb, vocab_from_dict(raw))
+
+
+# --- no litter --------------------------------------------------------------------------------------------------
+
+
+def test_output_folders_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale_dir = tmp_path / f".dataset.tmp-{dead_pid}-abcd1234"
+    stale_dir.mkdir()
+    (stale_dir / "img.png").write_bytes(b"x" * 100)
+    stale_file = tmp_path / f".last.pt.tmp-{dead_pid}-00000000"
+    stale_file.write_bytes(b"x")
+    live = tmp_path / f".dataset.tmp-{os.getppid()}-live0000"  # a process that is alive: kept
+    live.mkdir()
+    with atomic_dir(tmp_path / "dataset") as tmp:
+        (tmp / "a").write_text("1")
+    with atomic_file(tmp_path / "last.pt") as tmp:
+        tmp.write_bytes(b"ok")
+    assert not stale_dir.exists() and not stale_file.exists() and live.exists()
+    assert remove_stale_temporaries(tmp_path / "dataset") == []
+
+
+def test_held_out_check_refuses_shared_digits(tmp_path, mnist):
+    from docmnist.generate_docmnist import generate
+    from villa.provenance import check_held_out, checkpoint_pools, dataset_pools
+
+    full = generate(200, 8, out_dir=str(tmp_path / "full"), mnist_dir=mnist, val_budget=100, test_budget=100,
+                    progress=False)  # fmt: skip
+    old = generate(200, 8, out_dir=str(tmp_path / "old"), mnist_dir=str(mnist_test_files_only(mnist, tmp_path / "m")),
+                   val_budget=100, test_budget=100, progress=False)  # fmt: skip
+    ok = check_held_out(full, {"training data": dataset_pools(full, ("train", "val"))})
+    assert ok["overlap"] == {"training data": 0} and ok["test_pool"]["scheme"] == "full-v1"
+    # an encoder pretrained on the test-only folder's train pool (6,000 MNIST test digits): refused
+    ck = tmp_path / "enc.pt"
+    torch.save({"format": "villa-clip", "data_pools": dataset_pools(old, ("train", "val"))}, ck)
+    assert len(checkpoint_pools(str(ck))) == 2
+    with pytest.raises(VillaError, match=r"shares 8000 of its 10000 digits with what trained the starting encoder"):
+        check_held_out(full, {"the starting encoder": checkpoint_pools(str(ck))})
+    assert checkpoint_pools("none") == [] and checkpoint_pools("openai") == []
+    torch.save({"format": "villa-clip"}, ck)  # a checkpoint from before the record: unknown, warned about
+    assert checkpoint_pools(str(ck)) is None
+    assert check_held_out(full, {"an old encoder": None})["overlap"] == {"an old encoder": "unrecorded"}

@@ -1,0 +1,214 @@
+"""The typed schemas of the Hydra commands (stage1, stage2, evaluate): Hydra structured configs.
+
+Each YAML in configs/ lists its schema first in its defaults list (Hydra's "structured config as schema"), so a
+key of the wrong type or a key that does not exist fails when the config is composed, before any data or weights
+load. The YAML files keep the experiment defaults; the schemas hold each key's type, its allowed range or
+choices and its description, which is what ``python -m villa.stage1 --help`` prints.
+
+A field's ``metadata``: ``help`` (one line), ``gt`` / ``ge`` (numeric bound), ``choices``. :func:`validate_config`
+checks the bounds and choices (OmegaConf checks only types).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from villa.errors import VillaError
+
+
+def opt(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - the name reads well at the call sites
+    """A schema field: its default (the YAML overrides it), one line of help and its checks."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+
+
+# --- Stage 1 ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage1Model:
+    _target_: str = opt("villa.models.MultiHeadProjection", "the mapping model class")
+    one_proj: bool = opt(False, "one projection head shared by every attribute (ablation)")
+    adapter: bool = opt(False, "each head as 0.2 * head(x) + 0.8 * x (ablation)")
+
+
+@dataclass
+class Stage1Config:
+    dataset: Any = opt(None, "the attribute vocabulary and prompt templates (configs/dataset/<name>.yaml)")
+    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+    model: Stage1Model = field(default_factory=Stage1Model)
+    task_name: str = opt("stage1", "names the checkpoint and output folders")
+    data_dir: str = opt("???", "the dataset folder (annotations.feather and images)")
+    embeddings_dir: str = opt("???", "preprocessing's output for this dataset")
+    mapping_path: str = opt("???", "where to write the mapping (region-attribute pairs)")
+    checkpoint_dir: str = opt("???", "last.pt / best.pt; default: one folder per task and dataset")
+    resume: bool = opt(True, "continue <checkpoint_dir>/last.pt when it is the same run (else a one-line error)")
+    seed: int = opt(23, "seed of every random draw")
+    device: str = opt("auto", DEVICE_HELP)
+    amp: bool = opt(True, "bf16 (else fp16) autocast for training on CUDA")
+    epochs: int = opt(30, "training epochs (may be raised on resume)", gt=0)
+    batch_size: int = opt(48, "images per batch", gt=0)
+    drop_last: bool = opt(True, "drop the last partial training batch (the original's)")
+    lr: float = opt(1e-4, "AdamW learning rate", gt=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay", ge=0)
+    temperature: float = opt(0.07, "contrastive temperature", gt=0)
+    original_loss: bool = opt(True, "the original's denominator (adds 1 per positive image); false: clean InfoNCE")
+    epsilon: float = opt(0.2, "assign an attribute to every region scoring > max - epsilon", ge=0)
+    sentence_choice: str = opt(
+        "image", "one caption sentence per (image, attribute) (the original's) or per (region, attribute)",
+        choices=("image", "region"),
+    )  # fmt: skip
+    mapping_amp: bool = opt(False, "score the mapping under autocast on CUDA (bf16 flips a few decisions)")
+    mapping_batch_regions: int = opt(8192, "regions scored per chunk", gt=0)
+    log_every: int = opt(0, "steps between log lines inside an epoch (0: one line per epoch)", ge=0)
+    progress: bool = opt(True, "tqdm progress bars")
+
+
+# --- Stage 2 ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClipModel:
+    name: str = opt("RN50", "open_clip model name (RN50, villa-tiny-rn, villa-small-rn...) or auto")
+    pretrained: str = opt("openai", "open_clip tag, checkpoint path, or none (random init)")
+    normalize: bool = opt(False, "CLIP mean/std on the input (the original: none)")
+    input_size: Optional[int] = opt(None, "resize images to this square size first (null: native)", gt=0)
+    freeze_bn: bool = opt(False, "BatchNorm statistics frozen during training")
+    channels_last: bool = opt(True, "channels-last memory format on CUDA")
+
+
+@dataclass
+class Scheduler:
+    factor: float = opt(0.5, "ReduceLROnPlateau factor", gt=0)
+    patience: int = opt(1, "epochs without improvement before the lr drops", ge=0)
+    threshold: float = opt(0.005, "absolute improvement that counts", ge=0)
+
+
+@dataclass
+class Stage2Config:
+    dataset: Any = opt(None, "the attribute vocabulary and prompt templates (configs/dataset/<name>.yaml)")
+    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+    model: ClipModel = field(default_factory=ClipModel)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    task_name: str = opt("stage2", "names the checkpoint and output folders")
+    mode: str = opt("villa", "villa | baseline (one-to-one) | pretrain (CLIP pretraining)",
+                    choices=("villa", "baseline", "pretrain"))  # fmt: skip
+    data_dir: str = opt("???", "the dataset folder (annotations.feather and images)")
+    mapping_path: str = opt("???", "Stage 1's mapping.feather (villa mode)")
+    checkpoint_dir: str = opt("???", "last.pt / best.pt; default: one folder per task and dataset")
+    resume: bool = opt(True, "continue <checkpoint_dir>/last.pt when it is the same run (else a one-line error)")
+    seed: int = opt(23, "seed of every random draw")
+    device: str = opt("auto", DEVICE_HELP)
+    amp: bool = opt(True, "bf16 (else fp16) autocast on CUDA")
+    epochs: int = opt(100, "maximum epochs (early stopping may end sooner; may be raised on resume)", gt=0)
+    batch_size: int = opt(256, "images per step (global, split across ranks)", gt=0)
+    optimizer: str = opt("adam", "adam (the original's, L2 decay) or adamw", choices=("adam", "adamw"))
+    lr: float = opt(5e-5, "learning rate", gt=0)
+    weight_decay: float = opt(0.2, "weight decay", ge=0)
+    weight_decay_all: bool = opt(True, "decay every parameter (the original's); false: not gains, biases, temperature")
+    betas: list = opt([0.9, 0.999], "Adam betas")
+    eps: float = opt(1e-8, "Adam epsilon", gt=0)
+    temperature: float = opt(0.07, "contrastive temperature (fixed unless learn_temperature)", gt=0)
+    learn_temperature: bool = opt(False, "CLIP's learnable logit scale (pretraining)")
+    early_stop_patience: int = opt(5, "stop after this many epochs without a better val loss", gt=0)
+    drop_last: bool = opt(True, "drop the last partial training batch (the original's)")
+    loss_average: str = opt("batch", "epoch loss: mean over batches (the original's) or weighted by images",
+                            choices=("batch", "image"))  # fmt: skip
+    crop: str = opt("none", "pretrain mode: whole image (none) or content box + random margin (content)",
+                    choices=("none", "content"))  # fmt: skip
+    crop_margin: int = opt(28, "pixels per side, drawn per step, for crop=content", ge=0)
+    num_workers: int = opt(2, "DataLoader worker processes", ge=0)
+    progress: bool = opt(True, "tqdm progress bars")
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalModel:
+    name: str = opt("auto", "taken from a villa checkpoint; else an open_clip name (RN50, villa-small-rn...)")
+    pretrained: str = opt("openai", "a checkpoint path (Stage 2 / baseline / pretrain) or an open_clip tag")
+    normalize: Optional[bool] = opt(None, "null: as the checkpoint was trained (else false)")
+    input_size: Optional[int] = opt(None, "null: as the checkpoint was trained (else native)", gt=0)
+
+
+@dataclass
+class EvaluateConfig:
+    dataset: Any = opt(None, "the attribute vocabulary and prompt templates (configs/dataset/<name>.yaml)")
+    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+    model: EvalModel = field(default_factory=EvalModel)
+    task_name: str = opt("evaluate", "names the output folder")
+    label: str = opt("model", "the model's name in the report")
+    data_dir: str = opt("???", "the dataset folder")
+    split: str = opt("test", "the held-out split to evaluate")
+    mapping_quality: str = opt("???", "Stage 1's mapping_quality.json, included when present")
+    output: str = opt("???", "where the JSON report is written")
+    precision_at: list = opt([10, 50, 100], "k of precision@k")
+    batch_size: int = opt(256, "images per batch", gt=0)
+    num_workers: int = opt(2, "DataLoader worker processes", ge=0)
+    device: str = opt("auto", DEVICE_HELP)
+
+
+SCHEMAS = {"stage1": Stage1Config, "stage2": Stage2Config, "evaluate": EvaluateConfig}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        cs.store(name=f"{name}_schema", node=schema)
+
+
+def _walk(schema: type, prefix: str = ""):
+    for f in fields(schema):
+        sub = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
+        if is_dataclass(sub):
+            yield from _walk(type(sub), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def validate_config(cfg: DictConfig, name: str) -> None:
+    """Check the bounds and choices of ``cfg`` against the schema ``name``; the first violation is one line."""
+    from omegaconf import OmegaConf
+
+    for key, f in _walk(SCHEMAS[name]):
+        meta = f.metadata
+        if not any(k in meta for k in ("gt", "ge", "choices")):
+            continue
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if "gt" in meta and not value > meta["gt"]:
+            raise VillaError(f"{key}={value}: must be > {meta['gt']} ({meta['help']})")
+        if "ge" in meta and not value >= meta["ge"]:
+            raise VillaError(f"{key}={value}: must be >= {meta['ge']} ({meta['help']})")
+        if "choices" in meta and value not in meta["choices"]:
+            raise VillaError(f"{key}={value!r}: use one of {', '.join(meta['choices'])} ({meta['help']})")
+
+
+def help_text(name: str, doc: str, cfg: Optional[DictConfig] = None) -> str:
+    """``--help``: the command's description, then each key with its type, current default and description."""
+    from omegaconf import OmegaConf
+
+    lines = [doc.strip(), "", "Keys (override as key=value; experiment=<name> loads configs/experiment/<name>.yaml):"]
+    for key, f in _walk(SCHEMAS[name]):
+        if key in ("dataset", "paths"):
+            lines.append(f"  {key:<24} {f.metadata['help']}")
+            continue
+        default = OmegaConf.select(cfg, key, throw_on_missing=False) if cfg is not None else None
+        try:
+            shown = OmegaConf.to_container(default) if OmegaConf.is_config(default) else default
+        except Exception:  # an interpolation that cannot resolve here
+            shown = "?"
+        typ = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
+        extra = f" [{'|'.join(f.metadata['choices'])}]" if "choices" in f.metadata else ""
+        lines.append(f"  {key:<24} {f.metadata.get('help', '')}{extra} ({typ}; default {shown})")
+    return "\n".join(lines)
