@@ -39,7 +39,7 @@ from docmnist.mnist import DigitPools, load_digit_pools  # noqa: E402
 from villa.data import SENTENCE_SEP  # noqa: E402
 from villa.errors import VillaError, exit_on_error  # noqa: E402
 from villa.log import setup_logging  # noqa: E402
-from villa.paths import atomic_dir, ensure_writable_parent  # noqa: E402
+from villa.paths import atomic_dir, check_writable  # noqa: E402
 from villa.vocab import Vocabulary, load_vocab  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -366,8 +366,7 @@ def generate(
         if b < 1:
             raise VillaError(f"--{flag}={b}: must be >= 1 region-attribute pair")
     root = Path(out_dir) if out_dir else Path(os.environ.get("VILLA_DATA_DIR") or "data")
-    ensure_writable_parent(root / "docmnist")
-    check_disk_space(root, attribute_budget + val_budget + test_budget, target_sample_complexity)
+    check_disk_space(check_writable(root), attribute_budget + val_budget + test_budget, target_sample_complexity)
     t0 = time.perf_counter()
     vocab = vocab or load_vocab("docmnist")
     pools: DigitPools = load_digit_pools(mnist_dir, download=download)

@@ -209,7 +209,7 @@ def test_explicit_mnist_dir_never_falls_back(tmp_path, mnist, monkeypatch):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--target_sample_complexity=1"], "must be >= 2"),
+        (["--target_sample_complexity=1"], "must be in 2..36"),
         (["--attribute_budget=0"], "--attribute_budget=0"),
         (["--val_budget=-3"], "--val_budget=-3"),
     ],

@@ -72,6 +72,22 @@ def remove_stale_temporaries(final: PathLike) -> list[Path]:
     return removed
 
 
+def check_writable(folder: PathLike) -> Path:
+    """Check, without creating anything, that ``folder`` can be created or written; return its nearest existing
+    ancestor (or itself). One VillaError line when an ancestor is a file or the folder is not writable."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise VillaError(f"cannot write {folder}: {probe} is a file, not a folder; choose another output folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise VillaError(f"cannot write {folder}: {probe} is not writable; choose another output folder")
+    return probe
+
+
 def _temporary_name(final: Path, kind: str = "tmp") -> Path:
     return final.with_name(f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 

@@ -30,6 +30,18 @@ def opt(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - the name
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 
 
+@dataclass
+class Common:
+    dataset: Any = opt(None, "the attribute vocabulary and prompt templates (configs/dataset/<name>.yaml)")
+    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+
+
+@dataclass
+class TrainingRun(Common):
+    resume: bool = opt(True, "continue <checkpoint_dir>/last.pt when it is the same run (else a one-line error)")
+    seed: int = opt(23, "seed of every random draw")
+
+
 # --- Stage 1 ----------------------------------------------------------------------------------------------------
 
 
@@ -41,17 +53,13 @@ class Stage1Model:
 
 
 @dataclass
-class Stage1Config:
-    dataset: Any = opt(None, "the attribute vocabulary and prompt templates (configs/dataset/<name>.yaml)")
-    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+class Stage1Config(TrainingRun):
     model: Stage1Model = field(default_factory=Stage1Model)
     task_name: str = opt("stage1", "names the checkpoint and output folders")
     data_dir: str = opt("???", "the dataset folder (annotations.feather and images)")
     embeddings_dir: str = opt("???", "preprocessing's output for this dataset")
     mapping_path: str = opt("???", "where to write the mapping (region-attribute pairs)")
     checkpoint_dir: str = opt("???", "last.pt / best.pt; default: one folder per task and dataset")
-    resume: bool = opt(True, "continue <checkpoint_dir>/last.pt when it is the same run (else a one-line error)")
-    seed: int = opt(23, "seed of every random draw")
     device: str = opt("auto", DEVICE_HELP)
     amp: bool = opt(True, "bf16 (else fp16) autocast for training on CUDA")
     epochs: int = opt(30, "training epochs (may be raised on resume)", gt=0)
@@ -93,9 +101,7 @@ class Scheduler:
 
 
 @dataclass
-class Stage2Config:
-    dataset: Any = opt(None, "the attribute vocabulary and prompt templates (configs/dataset/<name>.yaml)")
-    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+class Stage2Config(TrainingRun):
     model: ClipModel = field(default_factory=ClipModel)
     scheduler: Scheduler = field(default_factory=Scheduler)
     task_name: str = opt("stage2", "names the checkpoint and output folders")
@@ -104,8 +110,6 @@ class Stage2Config:
     data_dir: str = opt("???", "the dataset folder (annotations.feather and images)")
     mapping_path: str = opt("???", "Stage 1's mapping.feather (villa mode)")
     checkpoint_dir: str = opt("???", "last.pt / best.pt; default: one folder per task and dataset")
-    resume: bool = opt(True, "continue <checkpoint_dir>/last.pt when it is the same run (else a one-line error)")
-    seed: int = opt(23, "seed of every random draw")
     device: str = opt("auto", DEVICE_HELP)
     amp: bool = opt(True, "bf16 (else fp16) autocast on CUDA")
     epochs: int = opt(100, "maximum epochs (early stopping may end sooner; may be raised on resume)", gt=0)
@@ -141,9 +145,7 @@ class EvalModel:
 
 
 @dataclass
-class EvaluateConfig:
-    dataset: Any = opt(None, "the attribute vocabulary and prompt templates (configs/dataset/<name>.yaml)")
-    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+class EvaluateConfig(Common):
     model: EvalModel = field(default_factory=EvalModel)
     task_name: str = opt("evaluate", "names the output folder")
     label: str = opt("model", "the model's name in the report")
