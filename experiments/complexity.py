@@ -1,13 +1,23 @@
 """The paper's complexity experiment, offline: one-to-one VLM vs ViLLA as the sample complexity of the data rises.
 
-    python experiments/complexity.py --targets 4 8 12 16 --out outputs/complexity
-    python experiments/complexity.py --targets 4 8 12 16 --model RN50 --pretrained openai --input_size 0 \\
-        --budget 30000 --stage2_epochs 100 --stage2_batch 256 --stage2_lr 5e-5 --device cuda      # the paper's scale
+    python experiments/complexity.py --out docs/results/complexity          # 6 complexities x 3 seeds, ~90 min on 2 CPU cores
+    python experiments/complexity.py --targets 5 30 --seeds 1 --budget 2000 --out outputs/cx   # a quick look
+    python experiments/complexity.py --model RN50 --pretrained openai --input_size 0 --budget 30000 \\
+        --stage2_epochs 100 --stage2_batch 256 --stage2_lr 5e-5 --device cuda                  # the paper's scale
 
-For each target complexity: generate DocMNIST, then (villa.pipeline) preprocess with the starting encoder,
-Stage 1, Stage 2 ViLLA and the one-to-one baseline from the same starting encoder, and evaluate zero-shot /
-baseline / ViLLA on the same held-out regions: the test split of one target-16 DocMNIST generated once.
-Writes results.json, table.md and complexity.png under --out.
+The protocol (the paper's, on the offline analogue; docs/results/README.md says where they differ):
+- one fixed held-out evaluation set: the test split of one target-16 DocMNIST generated once (``--eval_seed``) from
+  MNIST's test digits, which no training step of the sweep sees (checked against every pool that trains,
+  including the starting encoder's pretraining data recorded in its checkpoint);
+- for each target complexity and each seed: DocMNIST at a fixed attribute budget, preprocessing with the starting
+  encoder, Stage 1, then Stage 2 from the same starting encoder three ways: ViLLA (Stage 1's mapping), the
+  one-to-one baseline, and the oracle ablation (ViLLA's Stage 2 on the ground-truth region-attribute pairs);
+  Stage 2 stops early on its validation loss (``--stage2_epochs`` is the cap);
+- text-to-region and region-to-text R-Precision, overall and per attribute group, for zero-shot (the starting
+  encoder), baseline, ViLLA and oracle; Stage 1's mapping F1 next to the zero-shot mapping's.
+
+Writes ``results.json`` (every run and the summary), ``table.md`` (computed from results.json by
+:func:`format_tables`) and ``complexity.png`` (mean +- std over seeds) under ``--out``.
 """
 
 from __future__ import annotations
@@ -15,73 +25,231 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docmnist.generate_docmnist import generate  # noqa: E402
 from villa.demo import ASSET  # noqa: E402
-from villa.errors import exit_on_error  # noqa: E402
+from villa.errors import VillaError, exit_on_error  # noqa: E402
 from villa.log import setup_logging  # noqa: E402
 from villa.paths import write_json_atomic, write_text_atomic  # noqa: E402
 from villa.pipeline import PipelineSettings, run_pipeline  # noqa: E402
 from villa.plots import complexity_lines  # noqa: E402
+from villa.vocab import load_vocab  # noqa: E402
 
-METHODS = ("zero-shot", "baseline", "villa")
+METHODS = ("zero-shot", "baseline", "villa", "oracle")
+NAMES = {"zero-shot": "zero-shot", "baseline": "baseline", "villa": "ViLLA", "oracle": "oracle"}
+DIRECTIONS = {"text_to_region": "text-to-region", "region_to_text": "region-to-text"}
+
+
+def _ms(values: list[float]) -> dict[str, float]:
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+def summarize(runs: list[dict[str, Any]], groups: list[str]) -> list[dict[str, Any]]:
+    """Per target: the mean and std over seeds of every reported number."""
+    out = []
+    for t in sorted({r["target"] for r in runs}):
+        rs = [r for r in runs if r["target"] == t]
+        row: dict[str, Any] = {"target": t, "seeds": [r["seed"] for r in rs],
+                               "complexity": _ms([r["complexity"] for r in rs])}  # fmt: skip
+        for d in DIRECTIONS:
+            row[d] = {}
+            for m in METHODS:
+                row[d][m] = {"all": _ms([r["retrieval"][m][d]["all"] for r in rs])}
+                for g in groups:
+                    row[d][m][g] = _ms([r["retrieval"][m][d][g] for r in rs])
+        row["mapping_f1"] = {k: _ms([r["mapping_f1"][k] for r in rs]) for k in ("stage1", "zero_shot")}
+        row["epochs"] = {m: _ms([r["epochs"][m] for r in rs]) for m in METHODS if m != "zero-shot"}
+        out.append(row)
+    return out
+
+
+def check_targets(summary: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets, measured (lowest vs highest complexity of the sweep)."""
+    lo, hi = summary[0], summary[-1]
+    t2r, r2t = "text_to_region", "region_to_text"
+
+    def fall(m: str) -> float:
+        a, b = lo[t2r][m]["all"]["mean"], hi[t2r][m]["all"]["mean"]
+        return (a - b) / a
+
+    base_fall, villa_fall = fall("baseline"), fall("villa")
+    gap_t2r = hi[t2r]["villa"]["all"]["mean"] - hi[t2r]["baseline"]["all"]["mean"]
+    gap_r2t = hi[r2t]["villa"]["all"]["mean"] - hi[r2t]["baseline"]["all"]["mean"]
+    std_t2r = max(hi[t2r]["villa"]["all"]["std"], hi[t2r]["baseline"]["all"]["std"])
+    std_r2t = max(hi[r2t]["villa"]["all"]["std"], hi[r2t]["baseline"]["all"]["std"])
+    map_gap = hi["mapping_f1"]["stage1"]["mean"] - hi["mapping_f1"]["zero_shot"]["mean"]
+    return {
+        "baseline_relative_fall": {"value": base_fall, "goal": ">= 0.25", "met": base_fall >= 0.25},
+        "villa_relative_fall": {"value": villa_fall, "goal": "<= baseline's / 3", "met": villa_fall <= base_fall / 3},
+        "villa_minus_baseline_t2r_at_highest": {
+            "value": gap_t2r,
+            "goal": ">= 0.10 and > std",
+            "std": std_t2r,
+            "met": gap_t2r >= 0.10 and gap_t2r > std_t2r,
+        },  # fmt: skip
+        "villa_minus_baseline_r2t_at_highest": {
+            "value": gap_r2t,
+            "goal": "> 0 and > std",
+            "std": std_r2t,
+            "met": gap_r2t > 0 and gap_r2t > std_r2t,
+        },  # fmt: skip
+        "mapping_f1_minus_zero_shot_at_highest": {"value": map_gap, "goal": ">= 0.20", "met": map_gap >= 0.20},
+    }
+
+
+def _pm(s: dict[str, float]) -> str:
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    """table.md, computed from results.json alone (a test checks that the file equals this)."""
+    summary, groups = results["summary"], results["groups"]
+    n = len(results["settings"]["seeds"])
+    ev = results["eval"]
+    lines = [
+        f"Mean ± std over {n} seeds ({', '.join(map(str, results['settings']['seeds']))}); held-out evaluation set: "
+        f"{ev['regions']} regions of {ev['images']} test images (MNIST test digits), the same for every run.",
+        "",
+    ]
+    for d, title in DIRECTIONS.items():
+        lines += [f"**{title} R-Precision (%)**", ""]
+        head = "| target | complexity | " + " | ".join(NAMES[m] for m in METHODS) + " | ViLLA − baseline |"
+        if d == "text_to_region":
+            head += " mapping F1 Stage 1 (train) | mapping F1 zero-shot (train) |"
+        lines += [head, "| " + " | ".join(["---:"] * (head.count("|") - 1)) + " |"]
+        for row in summary:
+            r = row[d]
+            gap = r["villa"]["all"]["mean"] - r["baseline"]["all"]["mean"]
+            cells = [str(row["target"]), f"{row['complexity']['mean']:.1f}"]
+            cells += [_pm(r[m]["all"]) for m in METHODS] + [f"{100 * gap:+.1f}"]
+            if d == "text_to_region":
+                cells += [_pm(row["mapping_f1"]["stage1"]), _pm(row["mapping_f1"]["zero_shot"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["**text-to-region R-Precision (%) per attribute group (mean over seeds)**", ""]
+    head = "| target | method | " + " | ".join(groups) + " |"
+    lines += [head, "| ---: | --- | " + " | ".join(["---:"] * len(groups)) + " |"]
+    for row in summary:
+        for m in METHODS:
+            vals = [f"{100 * row['text_to_region'][m][g]['mean']:.1f}" for g in groups]
+            lines.append(f"| {row['target']} | {NAMES[m]} | " + " | ".join(vals) + " |")
+    lines += ["", "**The targets (lowest vs highest complexity)**", ""]
+    lines += ["| target | measured | goal | met |", "| --- | ---: | --- | --- |"]
+    for k, v in results["targets"].items():
+        std = f" (std {100 * v['std']:.1f})" if "std" in v else ""
+        lines.append(
+            f"| {k.replace('_', ' ')} | {100 * v['value']:.1f}{std} | {v['goal']} | {'yes' if v['met'] else 'no'} |"
+        )
+    w = results["wall_seconds"]
+    lines += ["", f"Wall time: {w / 60:.1f} min on {results['machine']}.", ""]
+    return "\n".join(lines)
+
+
+def run_row(res: dict[str, Any], target: int, seed: int, groups: list[str], zero_shot: dict) -> dict[str, Any]:
+    gen = json.loads((Path(res["data"]) / "generation.json").read_text())
+    retrieval = {"zero-shot": zero_shot, **res["retrieval"]}
+    row: dict[str, Any] = {"target": target, "seed": seed, "complexity": gen["splits"]["train"]["sample_complexity"],
+                           "train_images": gen["splits"]["train"]["images"], "retrieval": {}}  # fmt: skip
+    for m in METHODS:
+        row["retrieval"][m] = {}
+        for d in DIRECTIONS:
+            r = retrieval[m][d]
+            row["retrieval"][m][d] = {"all": r["r_precision"], **{g: r["per_group"][g] for g in groups}}
+    q = res["mapping"]
+    row["mapping_f1"] = {k: q[k]["train"]["all"]["f1"] for k in ("stage1", "zero_shot")}
+    row["epochs"] = {m: res[f"{m}_training"]["epochs"] for m in METHODS if m != "zero-shot"}
+    row["timings"], row["seconds"] = res["timings"], res["seconds"]
+    return row
 
 
 @exit_on_error
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> dict[str, Any]:
     setup_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", type=int, nargs="+", default=[4, 8, 12, 16])
+    p.add_argument("--targets", type=int, nargs="+", default=[5, 10, 15, 20, 25, 30])
+    p.add_argument("--seeds", type=int, default=3, help="runs per target, seeds --seed, --seed+1, ...")
+    p.add_argument("--seed", type=int, default=23)
     p.add_argument("--out", default="outputs/complexity")
     p.add_argument("--model", default="auto", help="auto: as recorded in the --pretrained checkpoint")
     p.add_argument("--pretrained", default=str(ASSET))
     p.add_argument("--input_size", type=int, default=168, help="0: native image size")
-    p.add_argument("--budget", type=int, default=15000)
+    p.add_argument("--budget", type=int, default=8000, help="attribute budget of every training set (fixed)")
+    p.add_argument("--val_budget", type=int, default=4000)
+    p.add_argument("--eval_test_budget", type=int, default=7000, help="pairs of the held-out evaluation set")
+    p.add_argument("--eval_seed", type=int, default=1000)
+    p.add_argument("--min_eval_regions", type=int, default=2000)
     p.add_argument("--stage1_epochs", type=int, default=30)
-    p.add_argument("--stage2_epochs", type=int, default=6)
+    p.add_argument("--stage2_epochs", type=int, default=10, help="cap; early stopping on the val loss")
+    p.add_argument("--patience", type=int, default=2, help="Stage 2 early stopping patience (epochs)")
     p.add_argument("--stage2_batch", type=int, default=64)
     p.add_argument("--stage2_lr", type=float, default=2e-4)
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=23)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    if a.seeds < 1 or not a.targets:
+        raise VillaError("--seeds must be >= 1 and --targets non-empty")
+    t_start = time.perf_counter()
     out = Path(a.out)
-    eval_data = generate(a.budget, 16, seed=a.seed + 1000, out_dir=str(out / "eval_data"), val_budget=100, test_budget=a.budget // 5,
-                         overwrite=True, progress=not a.quiet)  # fmt: skip
-    rows, full = [], {}
-    for t in a.targets:
-        s = PipelineSettings(
-            model=a.model, pretrained=a.pretrained, input_size=a.input_size or None, target=t, budget=a.budget,
-            val_budget=a.budget // 5, test_budget=a.budget // 10, seed=a.seed, stage1_epochs=a.stage1_epochs,
-            stage2_epochs=a.stage2_epochs, stage2_batch=a.stage2_batch, stage2_lr=a.stage2_lr, device=a.device,
-            progress=not a.quiet,
-        )  # fmt: skip
-        res = run_pipeline(s, out / f"target_{t}", eval_data=eval_data)
-        gen = json.loads((Path(res["data"]) / "generation.json").read_text())
-        row = {"target": t, "complexity": gen["splits"]["train"]["sample_complexity"]}
-        row.update({m: res["retrieval"][m]["text_to_region"]["r_precision"] for m in METHODS})
-        rows.append(row)
-        full[str(t)] = res
-        write_json_atomic(out / "results.json", {"rows": rows, "runs": full})
-    lines = [
-        "| target | complexity | zero-shot | baseline | ViLLA | mapping F1 Stage 1 | mapping F1 zero-shot |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        m = full[str(r["target"])]["mapping"]
-        lines.append(
-            f"| {r['target']} | {r['complexity']:.1f} | {100 * r['zero-shot']:.1f} | {100 * r['baseline']:.1f} | {100 * r['villa']:.1f} "
-            f"| {100 * m['stage1']['all']['all']['f1']:.1f} | {100 * m['zero_shot']['all']['all']['f1']:.1f} |"
-        )  # fmt: skip
-    write_text_atomic(out / "table.md", "\n".join(lines) + "\n")
-    complexity_lines(rows, out / "complexity.png")
-    print("\n".join(lines))
+    vocab = load_vocab("docmnist")
+    groups = list(vocab.groups)
+    eval_data = generate(200, 16, seed=a.eval_seed, out_dir=str(out / "eval_data"), val_budget=100,
+                         test_budget=a.eval_test_budget, overwrite=True, progress=not a.quiet)  # fmt: skip
+    eval_gen = json.loads((eval_data / "generation.json").read_text())["splits"]["test"]
+    if eval_gen["regions"] < a.min_eval_regions:
+        raise VillaError(
+            f"the evaluation set has {eval_gen['regions']} regions, fewer than --min_eval_regions="
+            f"{a.min_eval_regions}; raise --eval_test_budget"
+        )
+    seeds = [a.seed + k for k in range(a.seeds)]
+    settings = {**vars(a), "seeds": seeds}
+    runs: list[dict[str, Any]] = []
+    zero_shot = None
+    for seed in seeds:
+        for t in a.targets:
+            s = PipelineSettings(
+                model=a.model, pretrained=a.pretrained, input_size=a.input_size or None, target=t, budget=a.budget,
+                val_budget=a.val_budget, test_budget=200, seed=seed, stage1_epochs=a.stage1_epochs,
+                stage2_epochs=a.stage2_epochs, stage2_batch=a.stage2_batch, stage2_lr=a.stage2_lr,
+                early_stop_patience=a.patience, device=a.device, progress=not a.quiet,
+            )  # fmt: skip
+            # zero-shot is the starting encoder on the fixed evaluation set: the same for every run, evaluated once
+            res = run_pipeline(s, out / f"seed_{seed}" / f"target_{t}", eval_data=eval_data,
+                               methods=("baseline", "villa", "oracle"), zero_shot=zero_shot is None)  # fmt: skip
+            zero_shot = zero_shot or res["retrieval"]["zero-shot"]
+            runs.append(run_row(res, t, seed, groups, zero_shot))
+            write_json_atomic(out / "runs.partial.json", runs)
+    summary = summarize(runs, groups)
+    results = {
+        "command": "python experiments/complexity.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": settings, "groups": groups, "machine": f"{_cores()} CPU cores" if a.device != "cuda" else "CUDA",
+        "eval": {"data": str(eval_data), "images": eval_gen["images"], "regions": eval_gen["regions"],
+                 "sample_complexity": eval_gen["sample_complexity"]},
+        "runs": runs, "summary": summary, "targets": check_targets(summary),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }  # fmt: skip
+    write_json_atomic(out / "results.json", results)
+    (out / "runs.partial.json").unlink(missing_ok=True)
+    table = format_tables(results)
+    write_text_atomic(out / "table.md", table)
+    complexity_lines(summary, list(METHODS), out / "complexity.png")
+    print(table)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'complexity.png'}")
-    return rows
+    return results
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 if __name__ == "__main__":

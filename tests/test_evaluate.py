@@ -79,8 +79,8 @@ def test_demo_pipeline_tiny(tiny_pretrained, tmp_path, capsys):
     mapping figures are Stage 1's own file; ViLLA trained on that mapping and the baseline did not."""
     import pyarrow.feather as feather
 
-    from villa.demo import main
-    from villa.evaluate import format_table
+    from villa.demo import demo_tables, main
+    from villa.evaluate import format_markdown_table
     from villa.vocab import load_vocab
 
     res = main(["--out", str(tmp_path / "demo"), "--pretrained", str(tiny_pretrained), "--budget", "1300", "--stage1_epochs", "2",
@@ -95,8 +95,11 @@ def test_demo_pipeline_tiny(tiny_pretrained, tmp_path, capsys):
     quality = json.loads((data / "mapping_quality.json").read_text())["quality"]
     assert saved["mapping"] == quality and 0 < quality["stage1"]["all"]["all"]["f1"] <= 1
     printed = capsys.readouterr().out
-    assert format_table(saved["retrieval"], load_vocab("docmnist")) in printed
-    assert f"stage1     F1 {100 * quality['stage1']['all']['all']['f1']:5.1f}" in printed
+    assert format_markdown_table(saved["retrieval"], load_vocab("docmnist")) in printed
+    table = (tmp_path / "demo" / "table.md").read_text()
+    assert table == demo_tables(saved) and table in printed
+    assert f"| Stage 1 | {100 * quality['stage1']['all']['all']['f1']:.1f} |" in table
+    assert f"Retrieval on the {test_regions} held-out regions" in table
     kinds = {m: torch.load(p, map_location="cpu", weights_only=True) for m, p in saved["checkpoints"].items()}
     assert kinds["villa"]["config"]["mode"] == "villa" and kinds["baseline"]["config"]["mode"] == "baseline"
     assert kinds["villa"]["config"]["mapping_path"] == str(data / "mapping.feather")
@@ -107,25 +110,35 @@ def test_demo_pipeline_tiny(tiny_pretrained, tmp_path, capsys):
 
 
 def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
-    """One fixed held-out set for every target (same regions, so the same zero-shot figure), and the table written
-    equals the one computed from results.json."""
-    from experiments.complexity import main
+    """Seeds x targets x four methods on one fixed held-out set; the summary is the mean/std of the runs; the table
+    written equals the one computed from results.json; the targets are computed from the summary."""
+    from experiments.complexity import METHODS, format_tables, main
 
-    rows = main(["--targets", "4", "8", "--out", str(tmp_path), "--pretrained", str(tiny_pretrained), "--budget", "600", "--input_size", "0",
-                 "--stage1_epochs", "1", "--stage2_epochs", "1", "--device", "cpu", "--quiet"])  # fmt: skip
-    assert [r["target"] for r in rows] == [4, 8] and rows[0]["complexity"] < rows[1]["complexity"]
+    res = main(["--targets", "4", "8", "--seeds", "2", "--out", str(tmp_path), "--pretrained", str(tiny_pretrained),
+                "--budget", "600", "--val_budget", "300", "--eval_test_budget", "300", "--min_eval_regions", "50",
+                "--input_size", "0", "--stage1_epochs", "1", "--stage2_epochs", "1", "--device", "cpu", "--quiet"])  # fmt: skip
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["rows"] == rows
-    runs = saved["runs"]
-    assert len({runs[t]["eval_data"] for t in runs}) == 1
-    assert len({runs[t]["retrieval"]["zero-shot"]["regions"] for t in runs}) == 1
-    assert rows[0]["zero-shot"] == rows[1]["zero-shot"]  # same encoder, same held-out regions
-    table = (tmp_path / "table.md").read_text().splitlines()
-    for r, line in zip(rows, table[2:]):
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[:5] == [str(r["target"]), f"{r['complexity']:.1f}", f"{100 * r['zero-shot']:.1f}",
-                             f"{100 * r['baseline']:.1f}", f"{100 * r['villa']:.1f}"]  # fmt: skip
+    assert saved == json.loads(json.dumps(res))
+    runs, summary = saved["runs"], saved["summary"]
+    assert sorted((r["target"], r["seed"]) for r in runs) == [(4, 23), (4, 24), (8, 23), (8, 24)]
+    assert [s["target"] for s in summary] == [4, 8]
+    assert summary[0]["complexity"]["mean"] < summary[1]["complexity"]["mean"]
+    for r in runs:
+        assert set(r["retrieval"]) == set(METHODS) and r["epochs"]["oracle"] == 1
+        assert r["retrieval"]["zero-shot"] == runs[0]["retrieval"]["zero-shot"]  # same encoder, same regions
+    for row in summary:
+        vals = [r["retrieval"]["villa"]["region_to_text"]["color"] for r in runs if r["target"] == row["target"]]
+        got = row["region_to_text"]["villa"]["color"]
+        assert got["mean"] == pytest.approx(np.mean(vals)) and got["std"] == pytest.approx(np.std(vals, ddof=1))
+    lo, hi = summary[0]["text_to_region"], summary[-1]["text_to_region"]
+    fall = (lo["baseline"]["all"]["mean"] - hi["baseline"]["all"]["mean"]) / lo["baseline"]["all"]["mean"]
+    assert saved["targets"]["baseline_relative_fall"]["value"] == pytest.approx(fall)
+    assert saved["eval"]["regions"] >= 50
+    assert (tmp_path / "table.md").read_text() == format_tables(saved)
     assert (tmp_path / "complexity.png").stat().st_size > 1000
+    # every run refused overlapping digits before training: the held-out check ran and found none
+    one = json.loads((tmp_path / "seed_23" / "target_4" / "results.json").read_text())
+    assert set(one["held_out"]["overlap"].values()) == {0} and one["held_out"]["test_pool"]["split"] == "test"
 
 
 def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from villa.errors import VillaError, exit_on_error
-from villa.evaluate import format_table
+from villa.evaluate import format_markdown_table
 from villa.log import setup_logging
+from villa.paths import write_text_atomic
 from villa.pipeline import PipelineSettings, run_pipeline
 from villa.plots import retrieval_bars
 from villa.vocab import load_vocab
@@ -50,6 +51,27 @@ def pretrain_small_clip(work: Path, epochs: Optional[int], progress: bool, devic
         f"progress={str(progress).lower()}", f"device={device}", *([f"epochs={epochs}"] if epochs else []),
     ]))  # fmt: skip
     return Path(res["best_checkpoint"])
+
+
+def demo_tables(res: dict) -> str:
+    """The demo's two tables (Stage 1 mapping F1; retrieval), computed from its results.json alone."""
+    vocab = load_vocab("docmnist")
+    groups = list(vocab.groups)
+    lines = ["| Stage 1 mapping, micro F1 % (all splits) | all | " + " | ".join(groups) + " |",
+             "| --- | ---: | " + " | ".join(["---:"] * len(groups)) + " |"]  # fmt: skip
+    for name, label in (("stage1", "Stage 1"), ("zero_shot", "zero-shot mapping (same rule, no heads)")):
+        q = res["mapping"][name]["all"]
+        lines.append(
+            f"| {label} | {100 * q['all']['f1']:.1f} | " + " | ".join(f"{100 * q[g]['f1']:.1f}" for g in groups) + " |"
+        )
+    n = {r["regions"] for r in res["retrieval"].values()}
+    lines += [
+        "",
+        f"Retrieval on the {', '.join(map(str, sorted(n)))} held-out regions (test split), R-Precision %:",
+        "",
+    ]
+    lines.append(format_markdown_table(res["retrieval"], vocab))
+    return "\n".join(lines) + "\n"
 
 
 @exit_on_error
@@ -82,20 +104,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     plot = retrieval_bars(
         res["retrieval"], list(vocab.groups), work / "retrieval.png", "DocMNIST target 16: text-to-region retrieval"
     )
-    m = res["mapping"]
-    print("\n== Stage 1 mapping (all splits): micro F1 overall and per group ==")
-    for name in ("stage1", "zero_shot"):
-        q = m[name]["all"]
-        print(
-            f"{name:<10} F1 {100 * q['all']['f1']:5.1f}  "
-            + "  ".join(f"{g} {100 * q[g]['f1']:5.1f}" for g in vocab.groups)
-        )
-    print("\n== Retrieval on held-out regions (test split), R-Precision % ==")
-    print(format_table(res["retrieval"], vocab))
+    table = demo_tables(res)
+    write_text_atomic(work / "table.md", table)
+    print("\n" + table)
     print(f"\nartefacts under {work}/:")
     print(f"  data + embeddings + mapping.feather: {res['data']}")
     print(f"  checkpoints: {work / 'ckpt'} (stage1, villa, baseline)")
-    print(f"  results: {work / 'results.json'}   plot: {plot}")
+    print(f"  results: {work / 'results.json'}   tables: {work / 'table.md'}   plot: {plot}")
     print(f"  timings (s): {json.dumps(res['timings'])}  total {res['seconds']}s")
     return res
 

@@ -168,6 +168,26 @@ def format_table(results: dict[str, dict[str, Any]], vocab: Vocabulary) -> str:
     return "\n".join(lines)
 
 
+def format_markdown_table(results: dict[str, dict[str, Any]], vocab: Vocabulary) -> str:
+    """:func:`format_table` as a Markdown table (the README's form), with chance as the last row."""
+    groups = list(vocab.groups)
+    lines = ["| R-Precision % | text-to-region | " + " | ".join(groups) + " | region-to-text | T2R P@10 |",
+             "| --- | ---: | " + " | ".join(["---:"] * len(groups)) + " | ---: | ---: |"]  # fmt: skip
+    t = None
+    for name, r in results.items():
+        t = r["text_to_region"]
+        cells = [f"{100 * t['r_precision']:.1f}", *(f"{100 * t['per_group'][g]:.1f}" for g in groups),
+                 f"{100 * r['region_to_text']['r_precision']:.1f}", f"{100 * t['precision_at'].get('10', float('nan')):.1f}"]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if t is not None:
+        lines.append(
+            f"| chance | {100 * t['chance']:.1f} | "
+            + " | ".join(f"{100 * t['chance_per_group'][g]:.1f}" for g in groups)
+            + " | | |"
+        )
+    return "\n".join(lines)
+
+
 main = hydra_entry("evaluate", run_evaluation, __doc__)
 
 

@@ -185,3 +185,21 @@ def mapping_record(path: Path) -> Optional[dict]:
         raise VillaError(f"cannot read {path}: {e}; re-run Stage 1 to write it again") from e
     raw = meta.get(MAPPING_META.encode())
     return json.loads(raw) if raw else None
+
+
+def write_oracle_mapping(data_dir: Path, vocab: Vocabulary, path: Path, seed: int = 23, per: str = "image") -> Path:
+    """The ablation's "perfect Stage 1": a mapping.feather whose pairs are the ground truth (``reg_to_attr``),
+    with sentences chosen by the same rule as Stage 1's (:func:`assign_text`). Stage 2 trained on it separates what
+    mapping errors cost from what the data (budget, complexity) costs."""
+    from villa.data_format import load_annotations
+    from villa.provenance import file_sha256
+
+    ann = load_annotations(data_dir, vocab, required_splits=("train", "val"), check_images=False)
+    gold = ann.region_attribute_matrix(len(vocab))
+    if gold is None:
+        raise VillaError(f"{data_dir}: the oracle mapping needs ground-truth regions (a reg_to_attr column)")
+    texts = assign_text(ann.text, ann.region_offsets, gold, vocab, np.random.default_rng(seed), per=per)
+    made_by = {"oracle": True, "annotations": file_sha256(Path(data_dir) / "annotations.feather"),
+               "sentence_choice": per}  # fmt: skip
+    write_mapping(ann.table, ann.region_offsets, gold, texts, vocab, path, made_by)
+    return path

@@ -11,13 +11,15 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from docmnist.generate_docmnist import generate
 from villa.config import compose_config
 from villa.data_format import load_annotations
 from villa.encoders import create_clip
+from villa.errors import VillaError
 from villa.evaluate import evaluate_model, region_options
+from villa.mapping import write_oracle_mapping
 from villa.paths import write_json_atomic
 from villa.provenance import check_held_out, checkpoint_pools, dataset_pools
 from villa.regions import embed_dataset
@@ -46,6 +48,7 @@ class PipelineSettings:
     stage2_epochs: int = 6
     stage2_batch: int = 64
     stage2_lr: float = 2e-4
+    early_stop_patience: int = 3  # Stage 2: epochs without a better val loss; ``stage2_epochs`` is the cap
     device: str = "auto"
     num_workers: int = 2
     progress: bool = True
@@ -56,7 +59,7 @@ def stage2_overrides(s: PipelineSettings, data: Path, ckpt: Path, mode: str, map
         f"mode={mode}", f"data_dir={data}", f"checkpoint_dir={ckpt}", "resume=false", f"model.name={s.model}",
         f"model.pretrained={s.pretrained}", f"epochs={s.stage2_epochs}", f"batch_size={s.stage2_batch}", f"lr={s.stage2_lr}",
         f"device={s.device}", f"num_workers={s.num_workers}", f"progress={str(s.progress).lower()}", f"seed={s.seed}",
-        "early_stop_patience=3",
+        f"early_stop_patience={s.early_stop_patience}",
     ]  # fmt: skip
     if s.input_size:
         over.append(f"model.input_size={s.input_size}")
@@ -65,8 +68,24 @@ def stage2_overrides(s: PipelineSettings, data: Path, ckpt: Path, mode: str, map
     return over
 
 
-def run_pipeline(s: PipelineSettings, work: Path, eval_data: Optional[Path] = None) -> dict[str, Any]:
-    """Run every step under ``work``; evaluate on ``eval_data``'s test split (default: this dataset's)."""
+METHODS = ("villa", "baseline", "oracle")  # Stage 2 trainings; "zero-shot" is the starting encoder itself
+
+
+def run_pipeline(
+    s: PipelineSettings,
+    work: Path,
+    eval_data: Optional[Path] = None,
+    methods: Sequence[str] = ("villa", "baseline"),
+    zero_shot: bool = True,
+) -> dict[str, Any]:
+    """Run every step under ``work``; evaluate on ``eval_data``'s test split (default: this dataset's).
+
+    ``methods``: the Stage 2 models trained from the starting encoder: ``villa`` (Stage 1's mapping), ``baseline``
+    (one-to-one) and ``oracle`` (ViLLA's Stage 2 on the ground-truth region-attribute pairs: the ablation).
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise VillaError(f"unknown method(s) {unknown}: use {', '.join(METHODS)}")
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -87,7 +106,7 @@ def run_pipeline(s: PipelineSettings, work: Path, eval_data: Optional[Path] = No
     })  # fmt: skip
     t = time.perf_counter()
     emb = embed_dataset(data, "docmnist", model=s.model, pretrained=s.pretrained, device=s.device, num_workers=s.num_workers,
-                     input_size=s.input_size, progress=s.progress, out_dir=data / "embeddings")  # fmt: skip
+                        input_size=s.input_size, progress=s.progress, out_dir=data / "embeddings")  # fmt: skip
     tick("preprocess", t)
     t = time.perf_counter()
     mapping = data / "mapping.feather"
@@ -97,29 +116,28 @@ def run_pipeline(s: PipelineSettings, work: Path, eval_data: Optional[Path] = No
         f"progress={str(s.progress).lower()}",
     ]))  # fmt: skip
     tick("stage1", t)
+    vocab = load_vocab("docmnist")
+    if "oracle" in methods:
+        write_oracle_mapping(data, vocab, data / "oracle_mapping.feather", seed=s.seed)
     results: dict[str, Any] = {
         "settings": asdict(s), "data": str(data), "mapping": s1.get("quality"), "held_out": held_out,
     }  # fmt: skip
     ckpts = {}
-    for mode in ("villa", "baseline"):
+    for method in methods:
         t = time.perf_counter()
-        ck = work / "ckpt" / mode
-        r = train_stage2(
-            compose_config("stage2", stage2_overrides(s, data, ck, mode, mapping if mode == "villa" else None))
-        )
-        ckpts[mode] = Path(r["best_checkpoint"])
-        results[f"{mode}_training"] = {"best_val": r["best_val"], "epochs": r["epochs_run"]}
-        tick(f"stage2_{mode}", t)
+        ck = work / "ckpt" / method
+        mode = "baseline" if method == "baseline" else "villa"
+        pairs = {"villa": mapping, "oracle": data / "oracle_mapping.feather"}.get(method)
+        r = train_stage2(compose_config("stage2", stage2_overrides(s, data, ck, mode, pairs)))
+        ckpts[method] = Path(r["best_checkpoint"])
+        results[f"{method}_training"] = {"best_val": r["best_val"], "epochs": r["epochs_run"]}
+        tick(f"stage2_{method}", t)
     t = time.perf_counter()
-    vocab = load_vocab("docmnist")
     ann = load_annotations(eval_root, vocab, required_splits=("test",))
     runtime = get_runtime(s.device)
     retrieval = {}
-    for label, pretrained in (
-        ("zero-shot", s.pretrained),
-        ("baseline", str(ckpts["baseline"])),
-        ("villa", str(ckpts["villa"])),
-    ):
+    models = ([("zero-shot", s.pretrained)] if zero_shot else []) + [(m, str(c)) for m, c in ckpts.items()]
+    for label, pretrained in models:
         clip = create_clip(s.model, pretrained, device=runtime.device)
         opts = region_options(clip.pretrained, None, s.input_size)
         retrieval[label] = evaluate_model(clip, ann, vocab, "test", runtime, opts, num_workers=s.num_workers)

@@ -49,17 +49,20 @@ def retrieval_bars(results: dict[str, dict[str, Any]], groups: list[str], path: 
     return path
 
 
-def complexity_lines(rows: list[dict[str, Any]], path: Path, key: str = "r_precision") -> Path:
-    """R-Precision vs sample complexity, one line per method."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    methods = [m for m in rows[0] if m not in ("target", "complexity")]
-    xs = [r["complexity"] for r in rows]
-    for m in methods:
-        ax.plot(xs, [100 * r[m] for r in rows], marker="o", label=m)
-    ax.set_xlabel("sample complexity (region-attribute pairs per image)")
-    ax.set_ylabel("text-to-region R-Precision (%)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+def complexity_lines(summary: list[dict[str, Any]], methods: list[str], path: Path) -> Path:
+    """Text-to-region and region-to-text R-Precision vs sample complexity: one line per method, mean +- std over
+    seeds as error bars (``summary``: rows of ``experiments/complexity.py``'s results.json)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [r["complexity"]["mean"] for r in summary]
+    for ax, (key, title) in zip(axes, (("text_to_region", "text-to-region"), ("region_to_text", "region-to-text"))):
+        for m in methods:
+            mean = [100 * r[key][m]["all"]["mean"] for r in summary]
+            std = [100 * r[key][m]["all"]["std"] for r in summary]
+            ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=m)
+        ax.set_xlabel("sample complexity (region-attribute pairs per image)")
+        ax.set_ylabel(f"{title} R-Precision (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
     fig.tight_layout()
     _save(fig, path)
     return path
