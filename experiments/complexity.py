@@ -167,7 +167,7 @@ def run_row(res: dict[str, Any], target: int, seed: int, groups: list[str], zero
     q = res["mapping"]
     row["mapping_f1"] = {k: q[k]["train"]["all"]["f1"] for k in ("stage1", "zero_shot")}
     row["epochs"] = {m: res[f"{m}_training"]["epochs"] for m in METHODS if m != "zero-shot"}
-    row["timings"], row["seconds"] = res["timings"], res["seconds"]
+    row["timings"], row["seconds"], row["held_out"] = res["timings"], res["seconds"], res["held_out"]
     return row
 
 
@@ -188,7 +188,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--eval_seed", type=int, default=1000)
     p.add_argument("--min_eval_regions", type=int, default=2000)
     p.add_argument("--stage1_epochs", type=int, default=30)
-    p.add_argument("--stage2_epochs", type=int, default=10, help="cap; early stopping on the val loss")
+    p.add_argument("--stage2_epochs", type=int, default=8, help="cap; early stopping on the val loss")
     p.add_argument("--patience", type=int, default=2, help="Stage 2 early stopping patience (epochs)")
     p.add_argument("--stage2_batch", type=int, default=64)
     p.add_argument("--stage2_lr", type=float, default=2e-4)

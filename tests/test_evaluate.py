@@ -142,15 +142,23 @@ def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
 
 
 def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
-    """The shipped starting encoder loads; the command that produced it (docs/pretrained.md) still runs."""
+    """The shipped starting encoder loads, records the digits it was pretrained on, and none of them is a DocMNIST
+    test digit (MNIST's test file); the command that produced it (docs/pretrained.md) still runs."""
+    from docmnist.mnist import load_digit_pools, pools_overlap
     from villa.demo import ASSET
     from villa.encoders import create_clip
 
-    if ASSET.is_file():
-        clip = create_clip("auto", str(ASSET))
-        assert clip.model_name.startswith("villa-small-rn")
-        state = torch.load(ASSET, map_location="cpu", weights_only=True)
-        assert state["kind"] == "villa-stage2-pretrain" and state["config"]["mode"] == "pretrain"
+    assert ASSET.is_file()
+    clip = create_clip("auto", str(ASSET))
+    assert clip.model_name.startswith("villa-small-rn")
+    state = torch.load(ASSET, map_location="cpu", weights_only=True)
+    assert state["kind"] == "villa-stage2-pretrain" and state["config"]["mode"] == "pretrain"
+    pools = state["data_pools"]
+    assert {p["split"] for p in pools} == {"train", "val"} and {p["scheme"] for p in pools} == {"full-v1"}
+    test_pool = load_digit_pools().info["test"].to_dict()
+    assert test_pool["scheme"] == "full-v1"  # the shared folder holds the full MNIST
+    assert sum(pools_overlap(test_pool, p) for p in pools) == 0
+    assert sum(p["digits"] for p in pools) == 60000  # train 48,000 + val 12,000: MNIST's training file
     r = subprocess.run(
         [sys.executable, "-m", "villa.stage2", "experiment=pretrain", f"data_dir={tiny_docmnist}", f"checkpoint_dir={tmp_path}",
          "epochs=1", "device=cpu", "num_workers=0", "progress=false"],

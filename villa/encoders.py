@@ -55,6 +55,7 @@ class Clip:
     pretrained: Optional[str]
     embed_dim: int
     model_cfg: dict
+    villa_checkpoint: bool = False  # weights from a villa checkpoint (trained through the region path)
 
     @property
     def quick_gelu(self) -> bool:
@@ -277,7 +278,9 @@ def create_clip(
         if open_clip.get_pretrained_cfg(model_name, str(pretrained)).get("quick_gelu"):
             cfg = {**cfg, "quick_gelu": True}
     model.eval()
-    return Clip(model, model_name, None if pretrained is None else str(pretrained), int(cfg["embed_dim"]), cfg)
+    return Clip(
+        model, model_name, None if pretrained is None else str(pretrained), int(cfg["embed_dim"]), cfg, ckpt is not None
+    )
 
 
 def clip_checkpoint_state(clip_model: nn.Module, model_name: str, model_cfg: dict, **extra: Any) -> dict[str, Any]:

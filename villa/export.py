@@ -15,7 +15,7 @@ import torch
 
 from villa.encoders import is_villa_checkpoint
 from villa.errors import VillaError, exit_on_error
-from villa.training import save_checkpoint
+from villa.training import load_checkpoint, save_checkpoint
 
 KEEP = (
     "format", "kind", "model_name", "model_cfg", "epoch", "best_val", "history", "config", "started_from", "inputs",
@@ -24,7 +24,7 @@ KEEP = (
 
 
 def export_checkpoint(src: Path, dst: Path, dtype: str = "float16") -> Path:
-    state = torch.load(src, map_location="cpu", weights_only=True)
+    state = load_checkpoint(src)
     if not is_villa_checkpoint(state):
         raise VillaError(
             f"{src} is not a villa CLIP checkpoint (format villa-clip); export a Stage 2 / pretrain checkpoint"

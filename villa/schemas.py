@@ -159,7 +159,32 @@ class EvaluateConfig(Common):
     device: str = opt("auto", DEVICE_HELP)
 
 
-SCHEMAS = {"stage1": Stage1Config, "stage2": Stage2Config, "evaluate": EvaluateConfig}
+# --- fine-grained -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinegrainedModel:
+    name: str = opt("auto", "taken from a villa checkpoint; else an open_clip name (RN50, ViT-B-32...)")
+    pretrained: str = opt("openai", "an open_clip tag, a checkpoint path (villa or open_clip), or none")
+
+
+@dataclass
+class FinegrainedConfig:
+    paths: Any = opt(None, "where data and outputs live (configs/paths/default.yaml)")
+    model: FinegrainedModel = field(default_factory=FinegrainedModel)
+    benchmark: str = opt(
+        "docmnist", "which benchmark", choices=("winoground", "valse", "vsr", "svo_probes", "docmnist")
+    )
+    data_dir: str = opt("???", "the benchmark's local folder (its published layout; docmnist: a dataset folder)")
+    split: str = opt("test", "vsr: the jsonl evaluated (a dev.jsonl beside it fits the threshold)")
+    valse_valid_only: bool = opt(True, "VALSE: only the samples its annotators validated (mturk.caption >= 2)")
+    seed: int = opt(0, "docmnist: which regions the foils change")
+    batch_size: int = opt(64, "images per batch", gt=0)
+    device: str = opt("auto", DEVICE_HELP)
+    output: str = opt("???", "where the JSON metrics are written")
+
+
+SCHEMAS = {"stage1": Stage1Config, "stage2": Stage2Config, "evaluate": EvaluateConfig, "finegrained": FinegrainedConfig}
 
 
 def register_schemas() -> None:

@@ -1,0 +1,43 @@
+"""The README's result tables are the committed results files, and each table is what its results.json gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+README = (ROOT / "README.md").read_text()
+
+
+def test_demo_table_is_its_results_file_and_in_the_readme():
+    from villa.demo import demo_tables
+
+    table = (RESULTS / "demo" / "table.md").read_text()
+    assert table == demo_tables(json.loads((RESULTS / "demo" / "results.json").read_text()))
+    assert table.strip() in README
+
+
+def test_complexity_table_is_its_results_file_and_in_the_readme():
+    from experiments.complexity import format_tables
+
+    results = json.loads((RESULTS / "complexity" / "results.json").read_text())
+    table = (RESULTS / "complexity" / "table.md").read_text()
+    assert table == format_tables(results)
+    assert table.strip() in README
+    assert results["command"] in README
+    assert len(results["summary"]) >= 6 and len(results["settings"]["seeds"]) >= 3
+    assert results["eval"]["regions"] >= 2000
+
+
+@pytest.mark.parametrize("folder", ["demo", "complexity"])
+def test_results_record_a_held_out_evaluation(folder):
+    """The committed runs evaluated on digits that trained nothing (the starting encoder's included)."""
+    path = RESULTS / folder / "results.json"
+    results = json.loads(path.read_text())
+    held = [results["held_out"]] if folder == "demo" else [r["held_out"] for r in results["runs"]]
+    for h in held:
+        assert h["test_pool"]["scheme"] == "full-v1" and h["test_pool"]["file"] == "test"
+        assert set(h["overlap"].values()) == {0}

@@ -1,0 +1,272 @@
+"""Fine-grained benchmarks: metric definitions by hand, each public loader on a fixture in its published format
+(and a malformed one: one line, exit 2), and the DocMNIST binding benchmark's construction."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from villa.finegrained.benchmarks import best_threshold, pairwise_accuracy, threshold_accuracy, winoground_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_winoground_metrics_by_hand():
+    # s[n, caption, image]
+    s = np.array([
+        [[0.9, 0.1], [0.2, 0.8]],  # both right: text, image, group
+        [[0.5, 0.6], [0.4, 0.7]],  # text: 0.5 > 0.4 and 0.7 > 0.6 -> yes; image: 0.5 > 0.6 no -> group no
+        [[0.3, 0.2], [0.4, 0.1]],  # text: 0.3 > 0.4 no; image: 0.3 > 0.2 and 0.1 > 0.4 no
+    ])  # fmt: skip
+    m = winoground_metrics(s)
+    assert m == {
+        "text": pytest.approx(2 / 3),
+        "image": pytest.approx(1 / 3),
+        "group": pytest.approx(1 / 3),
+        "examples": 3,
+    }
+
+
+def test_pairwise_and_threshold_accuracy_by_hand():
+    assert pairwise_accuracy(np.array([0.5, 0.2, 0.9]), np.array([0.4, 0.3, 0.9])) == pytest.approx(1 / 3)
+    scores, labels = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 1, 0, 1])
+    assert threshold_accuracy(scores, labels, 0.3) == 0.75
+    t = best_threshold(scores, labels)
+    assert 0.35 < t < 0.4 and threshold_accuracy(scores, labels, t) == 1.0
+
+
+# --- fixtures in the published layouts --------------------------------------------------------------------------
+
+
+def _img(path: Path, rgb, size=(40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, tuple(rgb)).save(path)
+
+
+COLORS = [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0)]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A fixed tiny model saved as a villa checkpoint (so every process loads the same weights)."""
+    from villa.encoders import clip_checkpoint_state, create_clip
+    from villa.training import save_checkpoint
+
+    torch.manual_seed(0)
+    clip = create_clip("villa-tiny-rn", "none")
+    path = tmp_path_factory.mktemp("ck") / "tiny.pt"
+    save_checkpoint(path, clip_checkpoint_state(clip.model, clip.model_name, clip.model_cfg, config={"model": {}}))
+    return path
+
+
+def winoground_fixture(root: Path) -> None:
+    rows = []
+    for i in range(3):
+        for k in (0, 1):
+            _img(root / "images" / f"ex_{i}_img_{k}.png", COLORS[(i + k) % 4])
+        rows.append({"id": i, "caption_0": f"a red square number {i}", "caption_1": f"number {i} a square red",
+                     "image_0": f"ex_{i}_img_0", "image_1": f"ex_{i}_img_1", "tag": "Object" if i else "Relation",
+                     "secondary_tag": "", "num_main_preds": 1, "collapsed_tag": "Object" if i else "Relation"})  # fmt: skip
+    (root / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def valse_fixture(root: Path) -> None:
+    pieces = {"existence": {}, "counting-hard": {}}
+    for name in pieces:
+        for i in range(3):
+            f = f"img_{name}_{i}.jpg"
+            _img(root / "images" / "coco" / f, COLORS[i])
+            pieces[name][f"{name}_{i}"] = {"dataset": "coco", "image_file": f, "caption": f"there are {i} red things",
+                                           "foil": f"there are {i + 1} blue things", "mturk": {"caption": 3 - i, "foil": 0}}  # fmt: skip
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        (root / "data" / f"{name}.json").write_text(json.dumps(pieces[name]))
+
+
+def vsr_fixture(root: Path) -> None:
+    for split, n in (("test", 4), ("dev", 4)):
+        rows = []
+        for i in range(n):
+            name = f"{split}_{i}.jpg"
+            _img(root / "images" / name, COLORS[i])
+            rows.append({"image": name, "image_link": "http://x/" + name, "caption": f"the cat is left of thing {i}",
+                         "label": i % 2, "relation": "left of" if i < 2 else "on top of"})  # fmt: skip
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def svo_fixture(root: Path) -> None:
+    rows = []
+    for i in range(4):
+        _img(root / "images" / f"p{i}.jpg", COLORS[i])
+        _img(root / "images" / f"n{i}.jpg", COLORS[(i + 1) % 4])
+        kind = ("subj_neg", "verb_neg", "obj_neg", "obj_neg")[i]
+        rows.append({"sentence": f"a dog catches ball {i}", "pos_triplet": "dog,catch,ball", "neg_triplet": "cat,catch,ball",
+                     "subj_neg": str(kind == "subj_neg"), "verb_neg": str(kind == "verb_neg"), "obj_neg": str(kind == "obj_neg"),
+                     "pos_url": f"http://x/p{i}.jpg", "neg_url": f"http://x/n{i}.jpg", "pos_image_id": f"p{i}", "neg_image_id": f"n{i}"})  # fmt: skip
+    with open(root / "svo_probes.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+FIXTURES = {"winoground": winoground_fixture, "valse": valse_fixture, "vsr": vsr_fixture, "svo_probes": svo_fixture}
+
+
+def run_cli(bench: str, data: Path, ckpt: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "villa.finegrained", f"benchmark={bench}", f"data_dir={data}", f"model.pretrained={ckpt}",
+         "device=cpu", f"output={out}"], capture_output=True, text=True, cwd=out.parent, env=env,
+    )  # fmt: skip
+
+
+def _scores(ckpt: Path, images: list[Path], texts: list[str]) -> np.ndarray:
+    """Cosine of each (image, text) pair computed here, from the model's region path on the whole image."""
+    from villa.encoders import RegionEncoder, create_clip, encode_texts
+    from villa.runtime import get_runtime
+
+    clip = create_clip("auto", str(ckpt))
+    enc = RegionEncoder(clip.model.visual).eval()
+    out = []
+    with torch.no_grad():
+        for path, text in zip(images, texts):
+            im = (
+                torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)[None].float()
+                / 255
+            )
+            box = torch.tensor([[0.0, 0.0, im.shape[-1], im.shape[-2]]])
+            z = torch.nn.functional.normalize(enc(im, box, torch.zeros(1, dtype=torch.long)), dim=-1)[0]
+            out.append(float(z @ encode_texts(clip, [text], get_runtime("cpu"))[0]))
+    return np.array(out)
+
+
+def test_winoground_end_to_end(tmp_path, tiny_ckpt):
+    winoground_fixture(tmp_path / "wg")
+    r = run_cli("winoground", tmp_path / "wg", tiny_ckpt, tmp_path / "wg.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "wg.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "wg" / "examples.jsonl").read_text().splitlines()]
+    s = np.zeros((3, 2, 2))
+    for n, row in enumerate(rows):
+        for c in (0, 1):
+            for i in (0, 1):
+                s[n, c, i] = _scores(
+                    tiny_ckpt, [tmp_path / "wg" / "images" / f"{row[f'image_{i}']}.png"], [row[f"caption_{c}"]]
+                )[0]
+    text = [(x[0, 0] > x[1, 0]) and (x[1, 1] > x[0, 1]) for x in s]
+    image = [(x[0, 0] > x[0, 1]) and (x[1, 1] > x[1, 0]) for x in s]
+    assert res["text"] == pytest.approx(np.mean(text)) and res["image"] == pytest.approx(np.mean(image))
+    assert res["group"] == pytest.approx(np.mean(np.array(text) & np.array(image)))
+    assert set(res["per_tag"]) == {"Object", "Relation"} and res["per_tag"]["Relation"]["examples"] == 1
+
+
+def test_valse_end_to_end_valid_only(tmp_path, tiny_ckpt):
+    valse_fixture(tmp_path / "v")
+    r = run_cli("valse", tmp_path / "v", tiny_ckpt, tmp_path / "v.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "v.json").read_text())
+    # mturk.caption = 3, 2, 1: the third sample of each piece is not in VALSE's valid set
+    assert res["examples"] == 4 and res["per_piece"]["existence"]["examples"] == 2
+    imgs = [tmp_path / "v" / "images" / "coco" / f"img_existence_{i}.jpg" for i in range(2)]
+    cap = _scores(tiny_ckpt, imgs, [f"there are {i} red things" for i in range(2)])
+    foil = _scores(tiny_ckpt, imgs, [f"there are {i + 1} blue things" for i in range(2)])
+    assert res["per_piece"]["existence"]["pairwise_accuracy"] == pytest.approx(np.mean(cap > foil))
+
+
+def test_vsr_threshold_from_dev(tmp_path, tiny_ckpt):
+    vsr_fixture(tmp_path / "vsr")
+    r = run_cli("vsr", tmp_path / "vsr", tiny_ckpt, tmp_path / "vsr.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "vsr.json").read_text())
+    dev = _scores(tiny_ckpt, [tmp_path / "vsr" / "images" / f"dev_{i}.jpg" for i in range(4)],
+                  [f"the cat is left of thing {i}" for i in range(4)])  # fmt: skip
+    t = best_threshold(dev, np.array([0, 1, 0, 1]))
+    test = _scores(tiny_ckpt, [tmp_path / "vsr" / "images" / f"test_{i}.jpg" for i in range(4)],
+                   [f"the cat is left of thing {i}" for i in range(4)])  # fmt: skip
+    assert res["threshold"] == pytest.approx(t, abs=1e-6) and res["threshold_from"] == "fitted on dev.jsonl"
+    assert res["accuracy"] == pytest.approx(np.mean((test > t) == np.array([0, 1, 0, 1], bool)))
+    assert set(res["per_relation"]) == {"left of", "on top of"} and "zero-shot" in res["note"]
+
+
+def test_svo_probes_end_to_end(tmp_path, tiny_ckpt):
+    svo_fixture(tmp_path / "svo")
+    r = run_cli("svo_probes", tmp_path / "svo", tiny_ckpt, tmp_path / "svo.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "svo.json").read_text())
+    sent = [f"a dog catches ball {i}" for i in range(4)]
+    pos = _scores(tiny_ckpt, [tmp_path / "svo" / "images" / f"p{i}.jpg" for i in range(4)], sent)
+    neg = _scores(tiny_ckpt, [tmp_path / "svo" / "images" / f"n{i}.jpg" for i in range(4)], sent)
+    right = pos > neg
+    assert res["accuracy"] == pytest.approx(right.mean()) and res["examples"] == 4
+    assert res["per_kind"]["obj_neg"] == pytest.approx(right[2:].mean())
+
+
+@pytest.mark.parametrize(
+    "bench,corrupt,match",
+    [
+        ("winoground", lambda d: (d / "examples.jsonl").write_text("{not json\n"), "examples.jsonl line 1 is not JSON"),
+        ("winoground", lambda d: (d / "images" / "ex_0_img_0.png").unlink(), "image 'ex_0_img_0' not found"),
+        ("valse", lambda d: (d / "data" / "existence.json").write_text("[1, 2]"), "is not a mapping of sample id"),
+        ("vsr", lambda d: (d / "test.jsonl").write_text('{"image": "x.jpg"}\n'), "lacks caption, label, relation"),
+        ("svo_probes", lambda d: (d / "svo_probes.csv").write_text("sentence,pos_url\na,b\n"), "lacks columns"),
+        ("svo_probes", lambda d: (d / "svo_probes.csv").unlink(), "svo_probes.csv not found; get svo_probes.csv from"),
+    ],
+)
+def test_malformed_benchmark_is_one_line(tmp_path, tiny_ckpt, bench, corrupt, match):
+    FIXTURES[bench](tmp_path / "d")
+    corrupt(tmp_path / "d")
+    r = run_cli(bench, tmp_path / "d", tiny_ckpt, tmp_path / "o.json")
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("[")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr[-1500:]
+    assert not (tmp_path / "o.json").exists()
+
+
+# --- DocMNIST binding -------------------------------------------------------------------------------------------
+
+
+def test_docmnist_binding_foils_and_pairs(tiny_docmnist, tiny_ckpt):
+    from villa.encoders import create_clip
+    from villa.finegrained.docmnist_binding import build_benchmark, recolor, score_benchmark
+    from villa.finegrained.scorer import Scorer
+    from villa.runtime import get_runtime
+
+    a, b = build_benchmark(tiny_docmnist, seed=0), build_benchmark(tiny_docmnist, seed=0)
+    assert [f["foil"] for f in a["foils"]] == [f["foil"] for f in b["foils"]]  # deterministic
+    gen = json.loads((tiny_docmnist / "generation.json").read_text())
+    assert a["test_pool"] == gen["digit_pools"]["test"]["fingerprint"] and a["generator_seed"] == 23
+    n_test = int((a["ann"].split == "test").sum())
+    by_kind = Counter(f["kind"] for f in a["foils"])
+    assert by_kind["change_digit"] == by_kind["drop_attribute"] == n_test and by_kind["swap_color"] == len(a["pairs"])
+    for f in a["foils"]:
+        words, foil_words = Counter(f["caption"].split()), Counter(f["foil"].split())
+        if f["kind"] in ("swap_color", "swap_shape"):  # same words, other bindings
+            assert words == foil_words and sorted(f["caption"].split(" . ")) != sorted(f["foil"].split(" . "))
+        elif f["kind"] == "change_digit":
+            assert sum((words - foil_words).values()) == 1 == sum((foil_words - words).values())
+        else:
+            assert foil_words < words and f["region_foil"] != f["region_text"]
+        assert f["region_text"] in f["caption"].split(" . ")
+    # recolouring exchanges exactly the two colours, and twice gives the image back
+    p = a["pairs"][0]
+    img = np.asarray(Image.open(p["path"]).convert("RGB"))
+    rgb = a["vocab"].extra["docmnist"]["color_rgb"]
+    cols = (np.array(rgb[p["colors"][0]]), np.array(rgb[p["colors"][1]]))
+    boxes = (a["ann"].boxes[p["regions"][0]], a["ann"].boxes[p["regions"][1]])
+    once = recolor(img, boxes, cols)
+    assert (once != img).any() and np.array_equal(recolor(once, boxes, (cols[1], cols[0])), img)
+    # scoring embeds each distinct image once: the test images and the recoloured ones
+    scorer = Scorer(create_clip("auto", str(tiny_ckpt)), get_runtime("cpu"), sentence_mean=True)
+    res = score_benchmark(a, scorer)
+    assert res["embedded"]["images"] == n_test + len(a["pairs"])
+    assert set(res["global"]) == {"swap_color", "swap_shape", "change_digit", "drop_attribute", "binding"}
+    assert 0 <= res["pairs_global"]["group"] <= res["pairs_global"]["text"] <= 1
