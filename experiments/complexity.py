@@ -142,6 +142,24 @@ def format_tables(results: dict[str, Any]) -> str:
         for m in METHODS:
             vals = [f"{100 * row['text_to_region'][m][g]['mean']:.1f}" for g in groups]
             lines.append(f"| {row['target']} | {NAMES[m]} | " + " | ".join(vals) + " |")
+    if "binding" in results:
+        b = results["binding"]
+        lines += ["", f"**DocMNIST binding (%)**: {b['foils']} foils and {b['pairs']} recoloured pairs from the evaluation "
+                  "set (`villa.finegrained`, benchmark=docmnist); pairwise accuracy on the binding foils (swapped colours "
+                  "or shapes: chance 50) with the global image embedding and with the changed region's embedding, and "
+                  "the Winoground-style group score of the pairs (global readout; chance 16.7)", ""]  # fmt: skip
+        head = (
+            "| target | "
+            + " | ".join(f"{NAMES[m]} global | {NAMES[m]} region | {NAMES[m]} pairs" for m in METHODS)
+            + " |"
+        )
+        lines += [head, "| " + " | ".join(["---:"] * (head.count("|") - 1)) + " |"]
+        for row in summary:
+            cells = [str(row["target"])]
+            for m in METHODS:
+                bm = row["binding"][m]
+                cells += [_pm(bm["global"]), _pm(bm["region"]), _pm(bm["pairs_global"])]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "**The targets (lowest vs highest complexity)**", ""]
     lines += ["| target | measured | goal | met |", "| --- | ---: | --- | --- |"]
     for k, v in results["targets"].items():
@@ -150,8 +168,53 @@ def format_tables(results: dict[str, Any]) -> str:
             f"| {k.replace('_', ' ')} | {100 * v['value']:.1f}{std} | {v['goal']} | {'yes' if v['met'] else 'no'} |"
         )
     w = results["wall_seconds"]
-    lines += ["", f"Wall time: {w / 60:.1f} min on {results['machine']}.", ""]
+    extra = (
+        f" (the binding benchmark: {results['binding']['seconds'] / 60:.1f} min more)" if "binding" in results else ""
+    )
+    lines += ["", f"Wall time: {w / 60:.1f} min on {results['machine']}{extra}.", ""]
     return "\n".join(lines)
+
+
+BINDING_KEYS = ("global", "region", "pairs_global", "pairs_region")
+
+
+def binding_figures(res: dict[str, Any]) -> dict[str, float]:
+    """The binding benchmark's headline numbers: pairwise accuracy on the binding foils (swap colour / shape) with
+    the global and the region readout, and the Winoground-style group score of the recoloured pairs."""
+    return {
+        "global": res["global"]["binding"], "region": res["region"].get("binding", float("nan")),
+        "pairs_global": res["pairs_global"]["group"], "pairs_region": res.get("pairs_region", {}).get("group", float("nan")),
+    }  # fmt: skip
+
+
+def add_binding(results: dict[str, Any], out: Path, device: str) -> None:
+    """Score the DocMNIST binding benchmark (villa.finegrained) on the evaluation set for every run's models, and
+    add it per run and to the summary (mean +- std over seeds)."""
+    from villa.encoders import create_clip
+    from villa.finegrained.docmnist_binding import build_benchmark, score_benchmark
+    from villa.finegrained.scorer import Scorer
+    from villa.runtime import get_runtime
+
+    t0 = time.perf_counter()
+    bench = build_benchmark(Path(results["eval"]["data"]), seed=0)
+    runtime = get_runtime(device)
+    settings = results["settings"]
+
+    def score(pretrained: str) -> dict[str, float]:
+        clip = create_clip(settings["model"], pretrained, device=runtime.device)
+        return binding_figures(score_benchmark(bench, Scorer(clip, runtime, sentence_mean=True)))
+
+    zero = score(settings["pretrained"])
+    for run in results["runs"]:
+        run_dir = out / f"seed_{run['seed']}" / f"target_{run['target']}"
+        ckpts = json.loads((run_dir / "results.json").read_text())["checkpoints"]
+        run["binding"] = {"zero-shot": zero, **{m: score(ckpts[m]) for m in METHODS if m != "zero-shot"}}
+    for row in results["summary"]:
+        rs = [r for r in results["runs"] if r["target"] == row["target"]]
+        row["binding"] = {m: {k: _ms([r["binding"][m][k] for r in rs]) for k in BINDING_KEYS} for m in METHODS}
+    results["binding"] = {"benchmark": "docmnist", "foils": len(bench["foils"]), "pairs": len(bench["pairs"]),
+                          "seed": bench["seed"], "test_pool": bench["test_pool"],
+                          "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
 
 def run_row(res: dict[str, Any], target: int, seed: int, groups: list[str], zero_shot: dict) -> dict[str, Any]:
@@ -182,8 +245,8 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--model", default="auto", help="auto: as recorded in the --pretrained checkpoint")
     p.add_argument("--pretrained", default=str(ASSET))
     p.add_argument("--input_size", type=int, default=168, help="0: native image size")
-    p.add_argument("--budget", type=int, default=8000, help="attribute budget of every training set (fixed)")
-    p.add_argument("--val_budget", type=int, default=4000)
+    p.add_argument("--budget", type=int, default=6000, help="attribute budget of every training set (fixed)")
+    p.add_argument("--val_budget", type=int, default=3000)
     p.add_argument("--eval_test_budget", type=int, default=7000, help="pairs of the held-out evaluation set")
     p.add_argument("--eval_seed", type=int, default=1000)
     p.add_argument("--min_eval_regions", type=int, default=2000)
@@ -193,8 +256,13 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--stage2_batch", type=int, default=64)
     p.add_argument("--stage2_lr", type=float, default=2e-4)
     p.add_argument("--device", default="auto")
+    p.add_argument("--no_binding", action="store_true", help="skip the DocMNIST binding benchmark")
+    p.add_argument("--binding_only", action="store_true",
+                   help="add the binding benchmark to an existing --out (its results.json and checkpoints)")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    if a.binding_only:
+        return binding_only(Path(a.out), a.device)
     if a.seeds < 1 or not a.targets:
         raise VillaError("--seeds must be >= 1 and --targets non-empty")
     t_start = time.perf_counter()
@@ -236,14 +304,31 @@ def main(argv=None) -> dict[str, Any]:
         "runs": runs, "summary": summary, "targets": check_targets(summary),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }  # fmt: skip
+    if not a.no_binding:
+        add_binding(results, out, a.device)
     write_json_atomic(out / "results.json", results)
     (out / "runs.partial.json").unlink(missing_ok=True)
+    return write_outputs(results, out)
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> dict[str, Any]:
     table = format_tables(results)
     write_text_atomic(out / "table.md", table)
-    complexity_lines(summary, list(METHODS), out / "complexity.png")
+    complexity_lines(results["summary"], list(METHODS), out / "complexity.png")
     print(table)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'complexity.png'}")
     return results
+
+
+def binding_only(out: Path, device: str) -> dict[str, Any]:
+    path = out / "results.json"
+    if not path.is_file():
+        raise VillaError(f"{path} not found; run the experiment first (without --binding_only)")
+    results = json.loads(path.read_text())
+    add_binding(results, out, device)
+    results["commands"] = [results["command"], f"python experiments/complexity.py --binding_only --out {out}"]
+    write_json_atomic(path, results)
+    return write_outputs(results, out)
 
 
 def _cores() -> int:

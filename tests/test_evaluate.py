@@ -134,7 +134,12 @@ def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
     fall = (lo["baseline"]["all"]["mean"] - hi["baseline"]["all"]["mean"]) / lo["baseline"]["all"]["mean"]
     assert saved["targets"]["baseline_relative_fall"]["value"] == pytest.approx(fall)
     assert saved["eval"]["regions"] >= 50
+    for row in summary:  # the binding benchmark, per run and summarised
+        vals = [r["binding"]["villa"]["global"] for r in runs if r["target"] == row["target"]]
+        assert row["binding"]["villa"]["global"]["mean"] == pytest.approx(np.mean(vals)) and 0 <= vals[0] <= 1
+    assert runs[0]["binding"]["zero-shot"] == runs[-1]["binding"]["zero-shot"] and saved["binding"]["foils"] > 0
     assert (tmp_path / "table.md").read_text() == format_tables(saved)
+    assert "**DocMNIST binding (%)**" in format_tables(saved)
     assert (tmp_path / "complexity.png").stat().st_size > 1000
     # every run refused overlapping digits before training: the held-out check ran and found none
     one = json.loads((tmp_path / "seed_23" / "target_4" / "results.json").read_text())
