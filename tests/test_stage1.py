@@ -300,3 +300,29 @@ def test_scores_are_cosines():
     s = m.scores(x, e)
     ref = torch.stack([F.cosine_similarity(m(x)[a], e[a][None], dim=-1) for a in range(3)], 1)
     torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mapping_scores_only_caption_pairs(synthetic_stage1):
+    """Scoring only each region's caption attributes gives the same scores there, and the same assignment."""
+    from villa.data import RegionBank
+    from villa.data_format import load_annotations
+    from villa.embeddings import open_embeddings
+    from villa.mapping import score_regions
+    from villa.runtime import get_runtime
+
+    data, emb_dir = synthetic_stage1
+    ann = load_annotations(data, VOCAB, check_images=False)
+    e = open_embeddings(emb_dir, VOCAB)
+    rt = get_runtime("cpu")
+    torch.manual_seed(0)
+    model = MultiHeadProjection(e.dim, len(VOCAB))
+    bank, attr = RegionBank(e, rt.device), torch.from_numpy(e.attributes)
+    image_attrs = ann.attribute_matrix(len(VOCAB))
+    pairs = image_attrs[np.repeat(np.arange(ann.n_images), ann.n_regions)]
+    full = score_regions(bank, attr, rt, model, chunk=500)
+    part = score_regions(bank, attr, rt, model, chunk=500, pairs=pairs)
+    assert pairs.mean() < 0.8 and np.isneginf(part[~pairs]).all()
+    np.testing.assert_allclose(part[pairs], full[pairs], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        assign(part, ann.region_offsets, image_attrs), assign(full, ann.region_offsets, image_attrs)
+    )

@@ -212,7 +212,10 @@ def make_mapping(
     attr_emb = torch.from_numpy(emb.attributes)
     image_attrs = ann.attribute_matrix(len(vocab))
     t0 = time.perf_counter()
-    scores = score_regions(bank, attr_emb, runtime, model, cfg.mapping_batch_regions, amp=cfg.mapping_amp)
+    caption_pairs = image_attrs[np.repeat(np.arange(ann.n_images), ann.n_regions)]  # what the rule can assign
+    scores = score_regions(
+        bank, attr_emb, runtime, model, cfg.mapping_batch_regions, amp=cfg.mapping_amp, pairs=caption_pairs
+    )
     assigned = assign(scores, ann.region_offsets, image_attrs, cfg.epsilon)
     texts = assign_text(
         ann.text, ann.region_offsets, assigned, vocab, np.random.default_rng(cfg.seed), per=cfg.sentence_choice
