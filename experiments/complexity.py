@@ -27,7 +27,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -144,8 +144,8 @@ def format_tables(results: dict[str, Any]) -> str:
             lines.append(f"| {row['target']} | {NAMES[m]} | " + " | ".join(vals) + " |")
     if "binding" in results:
         b = results["binding"]
-        lines += ["", f"**DocMNIST binding (%)**: {b['foils']} foils and {b['pairs']} recoloured pairs from the evaluation "
-                  "set (`villa.finegrained`, benchmark=docmnist); pairwise accuracy on the binding foils (swapped colours "
+        lines += ["", f"**DocMNIST binding (%)**: {b['foils']} foils and {b['pairs']} recoloured pairs from {b['images']} "
+                  "images of the evaluation set (`villa.finegrained`, benchmark=docmnist); pairwise accuracy on the binding foils (swapped colours "
                   "or shapes: chance 50) with the global image embedding and with the changed region's embedding, and "
                   "the Winoground-style group score of the pairs (global readout; chance 16.7)", ""]  # fmt: skip
         head = (
@@ -187,7 +187,7 @@ def binding_figures(res: dict[str, Any]) -> dict[str, float]:
     }  # fmt: skip
 
 
-def add_binding(results: dict[str, Any], out: Path, device: str) -> None:
+def add_binding(results: dict[str, Any], out: Path, device: str, max_images: Optional[int] = 200) -> None:
     """Score the DocMNIST binding benchmark (villa.finegrained) on the evaluation set for every run's models, and
     add it per run and to the summary (mean +- std over seeds)."""
     from villa.encoders import create_clip
@@ -196,7 +196,7 @@ def add_binding(results: dict[str, Any], out: Path, device: str) -> None:
     from villa.runtime import get_runtime
 
     t0 = time.perf_counter()
-    bench = build_benchmark(Path(results["eval"]["data"]), seed=0)
+    bench = build_benchmark(Path(results["eval"]["data"]), seed=0, max_images=max_images)
     runtime = get_runtime(device)
     settings = results["settings"]
 
@@ -212,7 +212,8 @@ def add_binding(results: dict[str, Any], out: Path, device: str) -> None:
     for row in results["summary"]:
         rs = [r for r in results["runs"] if r["target"] == row["target"]]
         row["binding"] = {m: {k: _ms([r["binding"][m][k] for r in rs]) for k in BINDING_KEYS} for m in METHODS}
-    results["binding"] = {"benchmark": "docmnist", "foils": len(bench["foils"]), "pairs": len(bench["pairs"]),
+    results["binding"] = {"benchmark": "docmnist", "images": len({f["image"] for f in bench["foils"]}),
+                          "foils": len(bench["foils"]), "pairs": len(bench["pairs"]),
                           "seed": bench["seed"], "test_pool": bench["test_pool"],
                           "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
@@ -257,12 +258,13 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--stage2_lr", type=float, default=2e-4)
     p.add_argument("--device", default="auto")
     p.add_argument("--no_binding", action="store_true", help="skip the DocMNIST binding benchmark")
+    p.add_argument("--binding_images", type=int, default=200, help="evaluation images the binding benchmark uses")
     p.add_argument("--binding_only", action="store_true",
                    help="add the binding benchmark to an existing --out (its results.json and checkpoints)")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.binding_only:
-        return binding_only(Path(a.out), a.device)
+        return binding_only(Path(a.out), a.device, a.binding_images)
     if a.seeds < 1 or not a.targets:
         raise VillaError("--seeds must be >= 1 and --targets non-empty")
     t_start = time.perf_counter()
@@ -305,7 +307,7 @@ def main(argv=None) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }  # fmt: skip
     if not a.no_binding:
-        add_binding(results, out, a.device)
+        add_binding(results, out, a.device, a.binding_images)
     write_json_atomic(out / "results.json", results)
     (out / "runs.partial.json").unlink(missing_ok=True)
     return write_outputs(results, out)
@@ -320,12 +322,12 @@ def write_outputs(results: dict[str, Any], out: Path) -> dict[str, Any]:
     return results
 
 
-def binding_only(out: Path, device: str) -> dict[str, Any]:
+def binding_only(out: Path, device: str, max_images: Optional[int]) -> dict[str, Any]:
     path = out / "results.json"
     if not path.is_file():
         raise VillaError(f"{path} not found; run the experiment first (without --binding_only)")
     results = json.loads(path.read_text())
-    add_binding(results, out, device)
+    add_binding(results, out, device, max_images)
     results["commands"] = [results["command"], f"python experiments/complexity.py --binding_only --out {out}"]
     write_json_atomic(path, results)
     return write_outputs(results, out)

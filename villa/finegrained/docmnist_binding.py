@@ -71,15 +71,18 @@ def _changed(words, new) -> bool:
     return sorted(map(bound_sentence, words)) != sorted(map(bound_sentence, new))
 
 
-def build_benchmark(data_dir: Path, vocab: Optional[Vocabulary] = None, seed: int = 0) -> dict[str, Any]:
-    """Foils and pairs for every test image of ``data_dir`` (deterministic for a dataset and ``seed``)."""
+def build_benchmark(
+    data_dir: Path, vocab: Optional[Vocabulary] = None, seed: int = 0, max_images: Optional[int] = None
+) -> dict[str, Any]:
+    """Foils and pairs for every test image of ``data_dir`` (the first ``max_images`` when given; deterministic for
+    a dataset, ``seed`` and ``max_images``)."""
     vocab = vocab or load_vocab("docmnist")
     ann = load_annotations(data_dir, vocab, required_splits=("test",))
     words = region_words(ann, vocab)
     rng = np.random.default_rng(seed)
     digits = vocab.group_attributes("digit")
     foils, pairs = [], []
-    for i in np.flatnonzero(ann.split == "test"):
+    for i in np.flatnonzero(ann.split == "test")[:max_images]:
         r0, r1 = int(ann.region_offsets[i]), int(ann.region_offsets[i + 1])
         w = words[r0:r1]
         cap = caption(w)
@@ -115,7 +118,7 @@ def build_benchmark(data_dir: Path, vocab: Optional[Vocabulary] = None, seed: in
     gen_path = Path(data_dir) / "generation.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
     return {
-        "data": str(data_dir), "seed": seed, "generator_seed": gen.get("args", {}).get("seed"),
+        "data": str(data_dir), "seed": seed, "max_images": max_images, "generator_seed": gen.get("args", {}).get("seed"),
         "test_pool": gen.get("digit_pools", {}).get("test", {}).get("fingerprint"),
         "foils": foils, "pairs": pairs, "ann": ann, "vocab": vocab,
     }  # fmt: skip
