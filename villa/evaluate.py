@@ -29,6 +29,7 @@ from villa.paths import write_json_atomic
 from villa.regions import embed_regions
 from villa.runtime import Runtime, get_runtime
 from villa.schemas import validate_config
+from villa.training import load_checkpoint
 from villa.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,10 @@ def region_options(pretrained: Optional[str], normalize: Optional[bool], input_s
     """The region-path options a checkpoint was trained with (overridable), so evaluation sees what training saw."""
     opts = {"normalize": False, "input_size": None}
     if pretrained and Path(str(pretrained)).is_file():
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        try:
+            state = load_checkpoint(pretrained, "pretrained checkpoint")
+        except VillaError:  # a format only open_clip reads: no villa region options recorded
+            state = {}
         model_cfg = (state.get("config") or {}).get("model") or {}
         opts.update({k: model_cfg[k] for k in ("normalize", "input_size") if k in model_cfg})
     if normalize is not None:

@@ -91,13 +91,13 @@ def checkpoint_pools(pretrained: Optional[str]) -> Optional[list[dict[str, Any]]
     digits), the recorded list for a villa checkpoint, ``None`` for a checkpoint that records nothing."""
     if pretrained in (None, "none") or not Path(pretrained).is_file():
         return []
-    import torch
+    from villa.training import load_checkpoint
 
     try:
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-    except Exception:  # not a torch file, or not one of ours: nothing is recorded
+        state = load_checkpoint(pretrained, "pretrained checkpoint")
+    except VillaError:  # not a checkpoint dict villa can read (e.g. TorchScript): nothing is recorded
         return None
-    return state.get("data_pools") if isinstance(state, dict) else None
+    return state.get("data_pools")
 
 
 def unique_pools(pools: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
