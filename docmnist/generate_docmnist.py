@@ -21,14 +21,14 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.feather as feather
+import pyarrow.ipc as ipc
 from PIL import Image
 from tqdm import tqdm
 
@@ -36,11 +36,10 @@ if __package__ in (None, ""):  # run as a script: python docmnist/generate_docmn
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docmnist.mnist import DigitPools, load_digit_pools  # noqa: E402
-from villa.data import SENTENCE_SEP  # noqa: E402
 from villa.errors import VillaError, exit_on_error  # noqa: E402
 from villa.log import setup_logging  # noqa: E402
 from villa.paths import atomic_dir, check_writable  # noqa: E402
-from villa.vocab import Vocabulary, load_vocab  # noqa: E402
+from villa.vocab import SENTENCE_SEP, Vocabulary, load_vocab  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,9 @@ def shape_mask_bank(vocab: Vocabulary) -> np.ndarray:
 
     Index = ((shape * 3 + size) * 15 + (row - 5)) * 15 + (col - 5), shape 0 = circle, 1 = rectangle. Drawn with
     scikit-image's ``circle_perimeter`` (centre, radius 1/3/5) and ``rectangle_perimeter`` (start, end = start +
-    1/4/7, clipped to 28x28), as the original.
+    1/4/7, clipped to 28x28), as the original. Both are translation-invariant on integer positions, so each of the
+    six (shape, size) outlines is drawn once at the origin and shifted to every position (pixels outside the cell
+    dropped, as ``shape=`` / ``clip=`` do); ``tests/test_docmnist.py`` checks the bank against skimage call by call.
     """
     from skimage.draw import circle_perimeter, rectangle_perimeter
 
@@ -70,15 +71,16 @@ def shape_mask_bank(vocab: Vocabulary) -> np.ndarray:
     offset = vocab.extra["docmnist"]["rectangle_offset"]
     n = POS_HI - POS_LO + 1
     bank = np.zeros((2, 3, n, n, CELL, CELL), dtype=bool)
+    start = np.arange(POS_LO, POS_HI + 1)
     for zi, z in enumerate(SIZES):
-        for r in range(n):
-            for c in range(n):
-                row, col = r + POS_LO, c + POS_LO
-                rr, cc = circle_perimeter(row, col, radius[z], shape=(CELL, CELL))
-                bank[0, zi, r, c, rr, cc] = True
-                d = offset[z]
-                rr, cc = rectangle_perimeter((row, col), end=(row + d, col + d), shape=(CELL, CELL), clip=True)
-                bank[1, zi, r, c, rr, cc] = True
+        outlines = (circle_perimeter(0, 0, radius[z]), rectangle_perimeter((0, 0), end=(offset[z], offset[z])))
+        for si, (dr, dc) in enumerate(outlines):
+            rr = start[:, None, None] + np.asarray(dr)[None, None, :]  # (row, 1, point)
+            cc = start[None, :, None] + np.asarray(dc)[None, None, :]  # (1, col, point)
+            rr, cc = np.broadcast_arrays(rr, cc)
+            inside = (rr >= 0) & (rr < CELL) & (cc >= 0) & (cc < CELL)
+            r_i, c_i, _ = np.nonzero(inside)
+            bank[si, zi, r_i, c_i, rr[inside], cc[inside]] = True
     return bank.reshape(-1, CELL, CELL)
 
 
@@ -221,7 +223,7 @@ def render(
     n = stop - start
     gray = pool[layout.pool_index[r0:r1]]  # (r, 28, 28)
     color = rgb[layout.color[r0:r1]]  # (r, 3)
-    tile = np.where((gray >= COLOR_THRESHOLD)[..., None], color[:, None, None, :], gray[..., None]).astype(np.uint8)
+    tile = np.where((gray >= COLOR_THRESHOLD)[..., None], color[:, None, None, :], gray[..., None])  # uint8
     shape = layout.shape[r0:r1]
     has = shape < 2
     if has.any():
@@ -231,16 +233,50 @@ def render(
         shaped = tile[has]
         shaped[bank[mask_id]] = 255  # white 1-pixel perimeter over the digit
         tile[has] = shaped
-    canvas = np.zeros((n, GRID, CELL, GRID, CELL, 3), dtype=np.uint8)
-    local = np.repeat(np.arange(n), layout.n_regions[start:stop])
-    cell = layout.cell[r0:r1]
-    canvas[local, cell // GRID, :, cell % GRID, :, :] = tile
-    return canvas.reshape(n, CANVAS, CANVAS, 3)
+    cells = np.zeros((n, GRID * GRID, CELL, CELL, 3), dtype=np.uint8)
+    cells[np.repeat(np.arange(n), layout.n_regions[start:stop]), layout.cell[r0:r1]] = tile  # whole-tile copies
+    canvas = cells.reshape(n, GRID, GRID, CELL, CELL, 3).transpose(0, 1, 3, 2, 4, 5)  # (n, row, y, col, x, rgb)
+    return np.ascontiguousarray(canvas).reshape(n, CANVAS, CANVAS, 3)
 
 
-def _save_png(args: tuple[np.ndarray, str]) -> None:
-    arr, path = args
-    Image.fromarray(arr).save(path, format="PNG")
+def _write_chunk(
+    lay: SplitLayout, pool: np.ndarray, rgb: np.ndarray, bank: np.ndarray, paths: list[str], root: Path, s: int, e: int
+) -> int:
+    """Render images ``s:e`` of a split and write their PNGs (one worker task; numpy and PNG encoding release
+    the GIL, so chunks run in parallel threads)."""
+    imgs = render(lay, pool, rgb, bank, s, e)
+    for k in range(e - s):
+        Image.fromarray(imgs[k]).save(str(root / paths[s + k]), format="PNG")
+    return e - s
+
+
+def _arrow(values: np.ndarray) -> pa.Array:
+    """A numeric Arrow array over a numpy buffer. Arrow arrays are built from buffers here because ``pa.array``
+    imports pandas, a third of a second of a 30000-pair run; the bytes written are the same."""
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def _strings(values: Sequence[Optional[str]]) -> pa.Array:
+    """An Arrow string array (``None`` is null), built from buffers as :func:`_arrow`."""
+    valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+    enc = [v.encode() if v is not None else b"" for v in values]
+    offsets = np.zeros(len(enc) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)), out=offsets[1:])
+    bitmap = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    buffers = [bitmap, pa.py_buffer(offsets), pa.py_buffer(b"".join(enc))]
+    return pa.Array.from_buffers(pa.string(), len(enc), buffers, null_count=int(len(enc) - valid.sum()))
+
+
+def _lists(offsets: np.ndarray, values: pa.Array) -> pa.Array:
+    return pa.ListArray.from_arrays(_arrow(offsets.astype(np.int32)), values)
+
+
+def write_feather(table: pa.Table, path: Path) -> None:
+    """Feather V2 with zstd, as ``pyarrow.feather.write_feather`` writes it (an Arrow IPC file in chunks of 64K
+    rows; the same bytes), without its pandas check."""
+    with ipc.new_file(str(path), table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(table, max_chunksize=64 * 1024)
 
 
 def build_table(
@@ -274,7 +310,7 @@ def build_table(
         onehot[np.broadcast_to(region_image[:, None], attr.shape)[valid], attr[valid]] = True
         img_attr_chunks.append(onehot)
     n_reg = np.concatenate(n_regions)
-    reg_off = pa.array(np.concatenate([[0], np.cumsum(n_reg)]).astype(np.int32))
+    reg_off = _arrow(np.concatenate([[0], np.cumsum(n_reg)]).astype(np.int32))
     box = np.concatenate(reg_chunks["box"]).astype(np.int32)
     attr = np.concatenate(reg_chunks["attr"])
     valid = np.concatenate(reg_chunks["v"])
@@ -289,35 +325,34 @@ def build_table(
         return pa.ListArray.from_arrays(reg_off, values)
 
     n_box = len(box)
-    region_coord = per_region(
-        pa.ListArray.from_arrays(pa.array(np.arange(0, 4 * n_box + 1, 4, dtype=np.int32)), box.ravel())
-    )
-    attr_off = np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(np.int32)
-    reg_to_attr = per_region(pa.ListArray.from_arrays(pa.array(attr_off), pa.array(names[attr[valid]], pa.string())))
+    region_coord = per_region(_lists(np.arange(0, 4 * n_box + 1, 4), _arrow(box.ravel())))
+    attr_off = np.concatenate([[0], np.cumsum(valid.sum(1))])
+    reg_to_attr = per_region(_lists(attr_off, _strings(names[attr[valid]].tolist())))
     onehot = np.concatenate(img_attr_chunks)
-    img_attr_off = np.concatenate([[0], np.cumsum(onehot.sum(1))]).astype(np.int32)
+    img_attr_off = np.concatenate([[0], np.cumsum(onehot.sum(1))])
     img_attr_vals = np.broadcast_to(np.arange(len(vocab)), onehot.shape)[onehot]
     n_img = len(n_reg)
-    table = pa.table(
-        {
-            "image_id": pa.array(np.concatenate(cols["id"]).astype(np.int64)),
-            "image_size": pa.ListArray.from_arrays(
-                pa.array(np.arange(0, 2 * n_img + 1, 2, dtype=np.int32)),
-                pa.array(np.full(2 * n_img, CANVAS, np.int32)),
-            ),
-            "image_filepath": pa.array([p for chunk in filepaths for p in chunk], pa.string()),
-            "region_coord": region_coord,
-            "num_regions": pa.array(n_reg.astype(np.int32)),
-            "split": pa.array(cols["split"], pa.string()),
-            "text": pa.array(cols["text"], pa.string()),
-            "digit_label": per_region(pa.array(np.concatenate(reg_chunks["digit"]).astype(np.int64))),
-            "color_label": per_region(pa.array(color_names[np.concatenate(reg_chunks["color"])], pa.string())),
-            "shape_label": per_region(pa.array(shape_names[shape], pa.string())),
-            "size_label": per_region(pa.array(np.where(shape < 2, size_names[sizes], None), pa.string())),
-            "reg_to_attr": reg_to_attr,
-            "attributes": pa.ListArray.from_arrays(pa.array(img_attr_off), pa.array(names[img_attr_vals], pa.string())),
-        }
-    )
+    table = pa.Table.from_arrays(
+        [
+            _arrow(np.concatenate(cols["id"]).astype(np.int64)),
+            _lists(np.arange(0, 2 * n_img + 1, 2), _arrow(np.full(2 * n_img, CANVAS, np.int32))),
+            _strings([p for chunk in filepaths for p in chunk]),
+            region_coord,
+            _arrow(n_reg.astype(np.int32)),
+            _strings(cols["split"]),
+            _strings(cols["text"]),
+            per_region(_arrow(np.concatenate(reg_chunks["digit"]).astype(np.int64))),
+            per_region(_strings(color_names[np.concatenate(reg_chunks["color"])].tolist())),
+            per_region(_strings(shape_names[shape].tolist())),
+            per_region(_strings(np.where(shape < 2, size_names[sizes], None).tolist())),
+            reg_to_attr,
+            _lists(img_attr_off, _strings(names[img_attr_vals].tolist())),
+        ],
+        names=[
+            "image_id", "image_size", "image_filepath", "region_coord", "num_regions", "split", "text",
+            "digit_label", "color_label", "shape_label", "size_label", "reg_to_attr", "attributes",
+        ],
+    )  # fmt: skip
     return table, filepaths
 
 
@@ -348,7 +383,7 @@ def generate(
     overwrite: bool = False,
     download: bool = False,
     workers: Optional[int] = None,
-    chunk_images: int = 2048,
+    chunk_images: int = 256,
     vocab: Optional[Vocabulary] = None,
     progress: bool = True,
 ) -> Path:
@@ -392,16 +427,18 @@ def generate(
     n_total = sum(lay.n_images for lay in layouts)
     workers = workers or min(8, os.cpu_count() or 1)
     with atomic_dir(final, overwrite=overwrite) as tmp, ThreadPoolExecutor(workers) as ex:
-        bar = tqdm(total=n_total, desc="docmnist images", unit="img", disable=not progress)
+        # Worker threads render and write chunks of images while this thread writes the annotations.
+        tasks = []
         for lay, paths in zip(layouts, filepaths):
             (tmp / "images" / lay.split).mkdir(parents=True, exist_ok=True)
+            pool = pools.images[lay.split]
             for s in range(0, lay.n_images, chunk_images):
                 e = min(s + chunk_images, lay.n_images)
-                imgs = render(lay, pools.images[lay.split], rgb, bank, s, e)
-                list(ex.map(_save_png, [(imgs[k], str(tmp / paths[s + k])) for k in range(e - s)]))
-                bar.update(e - s)
-        bar.close()
-        feather.write_feather(table, str(tmp / "annotations.feather"), compression="zstd")
+                tasks.append(ex.submit(_write_chunk, lay, pool, rgb, bank, paths, tmp, s, e))
+        write_feather(table, tmp / "annotations.feather")
+        with tqdm(total=n_total, desc="docmnist images", unit="img", disable=not progress) as bar:
+            for task in as_completed(tasks):
+                bar.update(task.result())
         info = {
             "generator": "villa docmnist",
             "args": {

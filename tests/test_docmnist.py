@@ -136,16 +136,55 @@ def test_colors_are_matplotlib_hsv():
 
 
 def test_shape_bank_matches_skimage():
+    """The bank (outlines drawn once and shifted) equals skimage's drawing at every position, call by call."""
     from skimage.draw import circle_perimeter, rectangle_perimeter
 
     bank = shape_mask_bank(VOCAB)
     assert bank.shape == (2 * 3 * 15 * 15, 28, 28)
-    m = np.zeros((28, 28), bool)
-    m[circle_perimeter(19, 5, 5, shape=(28, 28))] = True
-    assert np.array_equal(bank[((0 * 3 + 2) * 15 + 14) * 15 + 0], m)
-    m = np.zeros((28, 28), bool)
-    m[rectangle_perimeter((7, 12), end=(11, 16), shape=(28, 28), clip=True)] = True
-    assert np.array_equal(bank[((1 * 3 + 1) * 15 + 2) * 15 + 7], m)
+    radius = VOCAB.extra["docmnist"]["circle_radius"]
+    offset = VOCAB.extra["docmnist"]["rectangle_offset"]
+    for zi, z in enumerate(("small", "medium", "large")):
+        for r in range(5, 20):
+            for c in range(5, 20):
+                circle = np.zeros((28, 28), bool)
+                circle[circle_perimeter(r, c, radius[z], shape=(28, 28))] = True
+                rect = np.zeros((28, 28), bool)
+                d = offset[z]
+                rect[rectangle_perimeter((r, c), end=(r + d, c + d), shape=(28, 28), clip=True)] = True
+                assert np.array_equal(bank[((0 * 3 + zi) * 15 + r - 5) * 15 + c - 5], circle), (z, r, c)
+                assert np.array_equal(bank[((1 * 3 + zi) * 15 + r - 5) * 15 + c - 5], rect), (z, r, c)
+
+
+# Content digests (annotation table + decoded pixels) of two small datasets as the generator wrote them before its
+# speed-up (2026-11-26, full MNIST): a faster generator must write the same data.
+PINNED_DIGESTS = {
+    (500, 16, 5, 50, 50): "60f6e40d8677c59948640f08ee1f91f87abd2ad0250c0fa8417b04594dc807c8",
+    (300, 7, 9, 40, 40): "b7933c129dab111025623d094d7268d11ea7f8f42e8909249606706292e2e005",
+}
+
+
+def _content_digest(root: Path) -> str:
+    import hashlib
+
+    import pyarrow.feather as feather
+
+    h = hashlib.sha256()
+    table = feather.read_table(root / "annotations.feather")
+    h.update(json.dumps(table.to_pydict(), sort_keys=True).encode())
+    for p in table.column("image_filepath").to_pylist():
+        h.update(p.encode())
+        h.update(np.asarray(Image.open(root / p)).tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("args", list(PINNED_DIGESTS))
+def test_output_pinned(tmp_path, mnist, args):
+    budget, target, seed, val, test = args
+    out = generate(budget, target, seed=seed, out_dir=str(tmp_path), mnist_dir=mnist, val_budget=val,
+                   test_budget=test, progress=False, chunk_images=16)  # fmt: skip
+    if not json.loads((out / "generation.json").read_text())["mnist_full"]:
+        pytest.skip("the pinned digests were taken with the full MNIST")
+    assert _content_digest(out) == PINNED_DIGESTS[args]
 
 
 def test_deterministic(tmp_path, mnist):

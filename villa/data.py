@@ -69,14 +69,6 @@ def image_batches(
 # Stage 2 / pretraining: (region box, text) pairs per image.
 
 
-SENTENCE_SEP = " . "  # how captions and a region's assigned sentences are joined (the original's)
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of a caption or region text: split on ".", stripped, empties dropped."""
-    return [s.strip() for s in text.split(".") if s.strip()]
-
-
 class PairSet:
     """The training pairs of a set of images, as flat arrays: image i's pairs are ``offsets[i]:offsets[i+1]``.
 

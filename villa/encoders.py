@@ -427,7 +427,7 @@ def mean_text_embeddings(
 
     All unique sentences are embedded once, in large batches (and cached); never per item.
     """
-    from villa.data import split_sentences
+    from villa.vocab import split_sentences
 
     sents = [split_sentences(t) for t in texts]
     counts = torch.tensor([len(s) for s in sents])

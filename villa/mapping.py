@@ -19,13 +19,13 @@ import pyarrow.feather as feather
 import torch
 import torch.nn.functional as F
 
-from villa.data import SENTENCE_SEP, RegionBank, split_sentences
+from villa.data import RegionBank
 from villa.errors import VillaError
 from villa.losses import segment_max
 from villa.models import MultiHeadProjection
 from villa.paths import atomic_file
 from villa.runtime import Runtime
-from villa.vocab import Vocabulary
+from villa.vocab import SENTENCE_SEP, Vocabulary, split_sentences
 
 MAPPING_META = "villa_mapping"
 

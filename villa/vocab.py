@@ -17,6 +17,13 @@ import yaml
 from villa.errors import VillaError
 from villa.paths import PathLike, config_dir
 
+SENTENCE_SEP = " . "  # how captions and a region's assigned sentences are joined (the original's)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a caption or region text: split on ".", stripped, empties dropped."""
+    return [s.strip() for s in text.split(".") if s.strip()]
+
 
 @dataclass(frozen=True)
 class Vocabulary:
