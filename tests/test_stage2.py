@@ -166,6 +166,53 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_docmnist, tmp_path, mon
     assert (tmp_path / "ckpt" / "last.pt").read_bytes() == before
 
 
+def test_non_finite_stop_within_one_sync_interval(tiny_docmnist, tmp_path, monkeypatch):
+    """Losses are checked every log_every steps (no host sync per step): a NaN at step 0 stops the run at the
+    interval's end (step 1 with log_every=2), the error names step 0, and no checkpoint is written."""
+    calls = {"n": 0}
+    real = stage2_module.infonce
+
+    def nan_first(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 1 else out
+
+    monkeypatch.setattr(stage2_module, "infonce", nan_first)
+    cfg = s2cfg(tmp_path, tiny_docmnist, "mode=baseline", "batch_size=16", "epochs=1", "log_every=2")
+    with pytest.raises(VillaError, match=r"non-finite loss \(nan\) at epoch 1 step 0;"):
+        train_stage2(cfg)
+    assert calls["n"] == 2
+    assert not (tmp_path / "ckpt" / "last.pt").exists()
+
+
+def test_pair_collate_gathers_the_pairs_of_its_images(tiny_docmnist, tmp_path):
+    from villa.distributed import Dist
+    from villa.stage2 import PairCollate, make_loader
+
+    cfg = s2cfg(tmp_path, tiny_docmnist, "mode=baseline", "batch_size=8")
+    train, _ = load_pair_data(cfg, create_clip("villa-tiny-rn", None), get_runtime("cpu"), Dist())
+    loader, _ = make_loader(train, cfg, Dist(), train=True)
+    assert isinstance(loader.collate_fn, PairCollate)
+    batch = next(iter(loader))
+    pair_idx, box_image = train.pairs.gather(batch.rows.numpy())
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (8, 3, 84, 84)
+    assert batch.pair_idx.tolist() == pair_idx.tolist() and batch.box_image.tolist() == box_image.tolist()
+    assert torch.equal(batch.boxes, torch.from_numpy(train.pairs.boxes[pair_idx]))
+
+
+def test_compiled_region_path_trains_the_same(tiny_docmnist, tmp_path):
+    """compile=true (traced by dynamo and AOT autograd; aot_eager generates no code, so the test is quick) trains
+    to the same weights as eager, and its checkpoint keys are the eager model's."""
+    common = ["mode=baseline", "batch_size=16", "epochs=1"]
+    eager = train_stage2(s2cfg(tmp_path / "e", tiny_docmnist, *common))
+    compiled = train_stage2(s2cfg(tmp_path / "c", tiny_docmnist, *common, "compile=true", "compile_backend=aot_eager"))
+    assert compiled["checksum"] == pytest.approx(eager["checksum"], rel=1e-9)
+    assert compiled["history"][0]["val_loss"] == pytest.approx(eager["history"][0]["val_loss"], rel=1e-6)
+    a = torch.load(tmp_path / "e" / "ckpt" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "c" / "ckpt" / "last.pt", weights_only=True)["state_dict"]
+    assert list(a) == list(b)
+
+
 def _even_subset(src: Path, dst: Path, n_train: int = 16, n_val: int = 8) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("embeddings", "text_cache"))
     df = pd.read_feather(dst / "annotations.feather")

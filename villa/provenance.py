@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 # Config keys that may change when a run is resumed (they do not change what an epoch computes): epochs (train
 # further), where things are written or read from (their contents are fingerprinted instead), and runtime knobs.
 RESUME_FREE = {
-    "epochs", "resume", "progress", "device", "num_workers", "log_every", "task_name", "checkpoint_dir",
+    "epochs", "resume", "progress", "device", "num_workers", "log_every", "compile", "compile_backend",
+    "task_name", "checkpoint_dir",
     "data_dir", "embeddings_dir", "mapping_path", "paths", "hydra",
 }  # fmt: skip
 

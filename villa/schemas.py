@@ -129,6 +129,10 @@ class Stage2Config(TrainingRun):
     crop: str = opt("none", "pretrain mode: whole image (none) or content box + random margin (content)",
                     choices=("none", "content"))  # fmt: skip
     crop_margin: int = opt(28, "pixels per side, drawn per step, for crop=content", ge=0)
+    log_every: int = opt(50, "steps between host syncs of the loss: non-finite check, progress bar (0: epoch end)",
+                         ge=0)  # fmt: skip
+    compile: bool = opt(False, "torch.compile the image tower's region path (where the platform supports it)")
+    compile_backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager to check tracing quickly)")
     num_workers: int = opt(2, "DataLoader worker processes", ge=0)
     progress: bool = opt(True, "tqdm progress bars")
 

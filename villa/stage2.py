@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import open_clip
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from villa.config import hydra_entry, vocab_from_config
-from villa.data import PairSet, build_pairs
+from villa.data import PairSet, build_pairs, gather_index
 from villa.data_format import Annotations, load_annotations
 from villa.distributed import Dist, cleanup, gather_rows, init_distributed, scale_grad
 from villa.embeddings import weights_id
@@ -42,7 +42,7 @@ from villa.regions import ImageDataset, calibrate_on_data, collate_images
 from villa.runtime import Runtime, get_runtime, seed_everything
 from villa.schemas import validate_config
 from villa.training import (
-    check_finite,
+    FiniteGuard,
     config_dict,
     load_checkpoint,
     log_epoch,
@@ -205,6 +205,35 @@ def load_pair_data(
     return out[0], out[1]
 
 
+class PairBatch(NamedTuple):
+    """One step's input, assembled in the DataLoader (worker processes, pinned memory): uint8 images, their rows,
+    and every pair of those images: index into the pair arrays, owning batch position, box."""
+
+    images: torch.Tensor  # (B, 3, H, W) uint8
+    rows: torch.Tensor  # (B,)
+    pair_idx: torch.Tensor  # (P,)
+    box_image: torch.Tensor  # (P,) in [0, B)
+    boxes: torch.Tensor  # (P, 4) float32, pixels
+
+
+class PairCollate:
+    """Collate images and gather their pairs' boxes off the training loop (picklable for worker processes)."""
+
+    def __init__(self, pairs: PairSet):
+        self.offsets, self.boxes = pairs.offsets, pairs.boxes
+
+    def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> PairBatch:
+        images, rows = collate_images(batch)
+        pair_idx, box_image = gather_index(self.offsets, rows.numpy())
+        return PairBatch(
+            images,
+            rows,
+            torch.from_numpy(pair_idx),
+            torch.from_numpy(box_image),
+            torch.from_numpy(self.boxes[pair_idx]),
+        )
+
+
 def make_loader(
     data: PairData, cfg: DictConfig, d: Dist, train: bool, split: str = "train"
 ) -> tuple[DataLoader, DistributedSampler]:
@@ -222,7 +251,7 @@ def make_loader(
             "lower batch_size or set drop_last=false"
         )
     loader = DataLoader(
-        ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_images,
+        ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, collate_fn=PairCollate(data.pairs),
         pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0, drop_last=drop_last,
     )  # fmt: skip
     return loader, sampler
@@ -231,55 +260,56 @@ def make_loader(
 def step_loss(
     model: nn.Module,
     data: PairData,
-    images: torch.Tensor,
-    rows: torch.Tensor,
+    batch: PairBatch,
     runtime: Runtime,
     d: Dist,
     channels_last: bool,
     jitter: float = 0.0,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """The symmetric InfoNCE over all region-text pairs of the (global) batch."""
-    pair_idx, box_image = data.pairs.gather(rows.numpy())
+    """The symmetric InfoNCE over all region-text pairs of the (global) batch. No host sync: inputs are copied
+    asynchronously from pinned memory and the loss stays on the device."""
     dev = runtime.device
-    images = images.to(dev, non_blocking=True).float().div_(255)
+    images = batch.images.to(dev, non_blocking=True).float().div_(255)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    boxes = torch.from_numpy(data.pairs.boxes[pair_idx])
+    boxes = batch.boxes
     if jitter > 0:
-        sizes = torch.from_numpy(data.ann.image_size[rows.numpy()[box_image]])
+        sizes = torch.from_numpy(data.ann.image_size[batch.rows.numpy()[batch.box_image.numpy()]])
         boxes = jitter_boxes(boxes, sizes, jitter, generator)
-    boxes = boxes.to(dev)
-    box_image_t = torch.from_numpy(box_image).to(dev)
-    pidx = torch.from_numpy(pair_idx).to(dev)
-    tokens = data.tokens[pair_idx].to(dev) if data.tokens is not None else None
+    boxes = boxes.to(dev, non_blocking=True)
+    box_image = batch.box_image.to(dev, non_blocking=True)
+    tokens = data.tokens[batch.pair_idx].to(dev, non_blocking=True) if data.tokens is not None else None
     with runtime.autocast():
-        img, txt, scale = model(images, boxes, box_image_t, tokens)
+        img, txt, scale = model(images, boxes, box_image, tokens)
     if d.enabled and scale.requires_grad:
         # every rank sees the whole gathered logit matrix, so logit_scale already gets the full gradient locally;
         # undo the world-size factor that the caller applies for the towers' gathered features
         scale = scale_grad(scale, 1.0 / d.world_size)
     if txt is None:
-        txt = data.text_emb.index_select(0, pidx)
+        txt = data.text_emb.index_select(0, batch.pair_idx.to(dev, non_blocking=True))
     return infonce(gather_rows(img, d), gather_rows(txt.float(), d), scale.float())
 
 
 class LossMeter:
-    """Mean of the losses of an epoch: per batch (the original's) or weighted by images per batch."""
+    """Mean of the losses of an epoch: per batch (the original's) or weighted by images per batch. Losses are
+    summed on the device; reading :attr:`mean` is the one host sync."""
 
     def __init__(self, average: str):
         if average not in ("batch", "image"):
             raise VillaError(f"loss_average={average!r}: use batch (the original's) or image")
-        self.average, self.total, self.n = average, 0.0, 0
+        self.average, self.n = average, 0
+        self.total: torch.Tensor | float = 0.0
 
-    def add(self, loss: float, images: int) -> None:
+    def add(self, loss: torch.Tensor | float, images: int) -> None:
         w = 1 if self.average == "batch" else images
-        self.total += loss * w
+        value = loss.detach().double() if isinstance(loss, torch.Tensor) else loss
+        self.total = self.total + value * w
         self.n += w
 
     @property
     def mean(self) -> float:
-        return self.total / max(self.n, 1)
+        return float(self.total) / max(self.n, 1)
 
 
 def evaluate_loss(
@@ -288,9 +318,9 @@ def evaluate_loss(
     model.eval()
     meter = LossMeter(cfg.loss_average)
     with torch.no_grad():
-        for images, rows in loader:
-            loss = step_loss(model, data, images, rows, runtime, d, cfg.model.channels_last and runtime.is_cuda)
-            meter.add(loss.item(), len(rows))
+        for batch in loader:
+            loss = step_loss(model, data, batch, runtime, d, cfg.model.channels_last and runtime.is_cuda)
+            meter.add(loss, len(batch.rows))
     return meter.mean
 
 
@@ -356,6 +386,9 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
     if clip.pretrained is None and state is None:
         # the same fixed batches on every rank, so the statistics do not depend on the world size
         calibrate_on_data(model.regions, train_data.ann, runtime, train_data.rows)
+    if cfg.compile:
+        # in place (state_dict keys unchanged); dynamic: the number of regions differs from batch to batch
+        model.regions.compile(dynamic=True, backend=cfg.compile_backend)
     channels_last = bool(cfg.model.channels_last and runtime.is_cuda)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -405,12 +438,12 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
         train_sampler.set_epoch(epoch)
         ddp.train()
         meter = LossMeter(cfg.loss_average)
+        guard = FiniteGuard(cfg.log_every, epoch + 1, last)
         bar = tqdm(
             train_loader, desc=f"{cfg.mode} epoch {epoch + 1}", leave=False, disable=not (cfg.progress and d.is_main)
         )
-        for step, (images, rows) in enumerate(bar):
-            loss = step_loss(ddp, train_data, images, rows, runtime, d, channels_last, jitter, generator)
-            check_finite(loss, step, epoch + 1, last)
+        for step, batch in enumerate(bar):
+            loss = step_loss(ddp, train_data, batch, runtime, d, channels_last, jitter, generator)
             optimizer.zero_grad(set_to_none=True)
             scaled = loss * d.world_size  # DDP averages gradients; see villa.distributed.gather_rows
             if scaler is not None:
@@ -420,7 +453,10 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
             else:
                 scaled.backward()
                 optimizer.step()
-            meter.add(loss.item(), len(rows))
+            meter.add(loss, len(batch.rows))
+            if guard.add(loss, step):  # a host sync only every log_every steps
+                bar.set_postfix(loss=f"{guard.last:.4f}")
+        guard.flush()
         train_loss = meter.mean
         val_loss = evaluate_loss(ddp, val_data, val_loader, runtime, d, cfg)
         scheduler.step(val_loss)

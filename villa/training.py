@@ -75,13 +75,47 @@ def config_dict(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def _non_finite_error(value: float, step: int, epoch: int, checkpoint: Optional[Path]) -> VillaError:
+    kept = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
+    return VillaError(f"non-finite loss ({value}) at epoch {epoch} step {step}{kept}; lower lr or check inputs")
+
+
 def check_finite(loss: torch.Tensor, step: int, epoch: int, checkpoint: Optional[Path]) -> None:
     """Stop the run with a clear message on a non-finite loss (the last good checkpoint is left untouched)."""
     if not math.isfinite(loss.item()):
-        kept = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
-        raise VillaError(
-            f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}{kept}; lower lr or check inputs"
-        )
+        raise _non_finite_error(loss.item(), step, epoch, checkpoint)
+
+
+class FiniteGuard:
+    """The non-finite stop without a host sync per step: losses stay on the device and are checked every ``every``
+    steps (0: only at :meth:`flush`, e.g. the epoch's end). A NaN or inf still stops the run within one interval,
+    and the error names the step where it first appeared; checkpoints are written only after a flush."""
+
+    def __init__(self, every: int, epoch: int, checkpoint: Optional[Path]):
+        self.every, self.epoch, self.checkpoint = every, epoch, checkpoint
+        self.losses: list[torch.Tensor] = []
+        self.steps: list[int] = []
+        self.last: Optional[float] = None  # the last checked loss, for progress bars
+
+    def add(self, loss: torch.Tensor, step: int) -> bool:
+        """Record a step's loss; True when this step was a check (one host sync)."""
+        self.losses.append(loss.detach().reshape(()))
+        self.steps.append(step)
+        if self.every and len(self.losses) >= self.every:
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        if not self.losses:
+            return
+        values = torch.stack(self.losses).float()
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0, 0])
+            raise _non_finite_error(float(values[i]), self.steps[i], self.epoch, self.checkpoint)
+        self.last = float(values[-1])
+        self.losses, self.steps = [], []
 
 
 def log_epoch(prefix: str, metrics: dict[str, Any], path: Optional[Path] = None) -> None:
