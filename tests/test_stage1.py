@@ -45,19 +45,36 @@ def stage1_cfg(data: Path, emb: Path, tmp: Path, *extra: str):
     )
 
 
-def test_batched_heads_equal_separate_heads():
+@pytest.mark.parametrize("kernel", ["bmm", "loop", "auto"])
+def test_heads_equal_separate_heads(kernel):
+    """Either kernel (one batched matmul, or one GEMM per head) computes the original's separate heads."""
     torch.manual_seed(0)
     heads = separate_heads(16, 5)
     x = torch.randn(7, 16)
+    e = torch.randn(5, 16)
     for adapter in (False, True):
         m = MultiHeadProjection.from_heads(list(heads), adapter=adapter)
+        m.kernel = kernel
+        assert m.uses_loop(x) == (kernel != "bmm")  # auto on CPU: the loop
         out = m(x)
         ref = torch.stack([h(x) for h in heads])
         if adapter:
             ref = 0.2 * ref + 0.8 * x
         assert out.shape == (5, 7, 16)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        ref_scores = torch.stack([F.normalize(ref[a], dim=-1) @ F.normalize(e[a], dim=0) for a in range(5)], 1)
+        torch.testing.assert_close(m.scores(x, e), ref_scores, rtol=1e-5, atol=1e-6)
+        if kernel == "loop" and not adapter:
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)  # nn.Linear's own computation
     torch.testing.assert_close(m(x, heads=torch.tensor([3, 1])), m(x)[[3, 1]])
+    loss = m.scores(x, e).sum()
+    loss.backward()
+    assert m.w1.grad is not None and m.w1.grad.abs().sum() > 0
+
+
+def test_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match="kernel='gemm'"):
+        MultiHeadProjection(8, 2, kernel="gemm")
 
 
 def test_one_proj_shares_a_head():
