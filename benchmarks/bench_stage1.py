@@ -51,7 +51,8 @@ class LoopHeads(torch.nn.Module):
 
 
 def epoch(model, bank, attrs, e, rows, rt, bs, gen):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # as each trainer: villa's Stage 1 uses the fused AdamW; the original, the default one
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=isinstance(model, MultiHeadProjection))
     steps = 0
     for batch in image_batches(rows, bs, shuffle=True, generator=gen):
         x, ri = bank.gather(batch)
