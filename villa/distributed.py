@@ -64,6 +64,26 @@ def gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def row_offset(n: int, d: Dist) -> tuple[int, int]:
+    """Where this rank's ``n`` rows start in :func:`gather_rows`'s result, and the total over ranks."""
+    if not d.enabled:
+        return 0, n
+    t = torch.tensor([n], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    sizes = [torch.zeros_like(t) for _ in range(d.world_size)]
+    dist.all_gather(sizes, t)
+    sizes = [int(s.item()) for s in sizes]
+    return sum(sizes[: d.rank]), sum(sizes)
+
+
+def sum_over_ranks(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The sum of a (detached) tensor over ranks; ``x`` itself without distribution."""
+    if not d.enabled:
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y
+
+
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     """``x`` unchanged in value, its gradient multiplied by ``factor``."""
     return x * factor + (x * (1.0 - factor)).detach()

@@ -326,8 +326,8 @@ class RegionEncoder(nn.Module):
         x = images.to(v.conv1.weight.dtype)
         return v.layer3(v.layer2(v.layer1(v.stem(x))))
 
-    def forward(self, images: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) float in [0, 1]; boxes (K, 4) [x0, y0, x1, y1] in pixels; box_image (K,) long."""
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """The region path's input: CLIP's mean/std when ``normalize``, resized to ``input_size`` when set."""
         if self.normalize:
             images = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         h, w = images.shape[-2:]
@@ -335,8 +335,15 @@ class RegionEncoder(nn.Module):
             images = F.interpolate(
                 images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
             )
-            boxes = boxes * boxes.new_tensor([self.input_size / w, self.input_size / h] * 2)
-            w = self.input_size
+        return images
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) float in [0, 1]; boxes (K, 4) [x0, y0, x1, y1] in pixels; box_image (K,) long."""
+        h, w = images.shape[-2:]
+        images = self.prepare(images)
+        if images.shape[-1] != w:
+            boxes = boxes * boxes.new_tensor([images.shape[-1] / w, images.shape[-2] / h] * 2)
+            w = images.shape[-1]
         feat = self.trunk(images)
         x = roi_features(feat, boxes, box_image, self.roi_size, feat.shape[-1] / w)
         x = self.visual.layer4(x)

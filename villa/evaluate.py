@@ -24,9 +24,10 @@ from villa.config import hydra_entry, vocab_from_config
 from villa.data_format import Annotations, load_annotations
 from villa.encoders import Clip, RegionEncoder, create_clip, encode_attributes
 from villa.errors import VillaError
+from villa.grain import GrainHead, GrainSpec, normalized_targets, query_readout
 from villa.metrics import precision_at_k, r_precision
 from villa.paths import write_json_atomic
-from villa.regions import embed_regions
+from villa.regions import boxes_of, embed_regions, region_batches
 from villa.runtime import Runtime, get_runtime
 from villa.schemas import validate_config
 from villa.training import load_checkpoint
@@ -108,10 +109,61 @@ def embed_split_regions(
     return torch.from_numpy(out)
 
 
+def load_grain_head(clip: Clip, device: torch.device) -> GrainHead:
+    """The GRAIN head a ``mode=grain`` checkpoint holds (for the query readout)."""
+    state = (
+        load_checkpoint(clip.pretrained, "checkpoint") if clip.pretrained and Path(clip.pretrained).is_file() else {}
+    )
+    if "grain_state" not in state:
+        raise VillaError(
+            f"readout=query needs a mode=grain checkpoint (with its decoder); {clip.source} has none: use readout=roi"
+        )
+    head = GrainHead(GrainSpec(**state["grain"]))
+    head.load_state_dict(state["grain_state"])
+    return head.to(device).eval()
+
+
+@torch.no_grad()
+def embed_split_queries(
+    clip: Clip,
+    ann: Annotations,
+    rows: np.ndarray,
+    runtime: Runtime,
+    opts: dict[str, Any],
+    batch_size: int = 256,
+    num_workers: int = 2,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRAIN's own readout: each ground-truth region's embedding is the region query matched to its box (box
+    costs only, no text), batched over images; plus the matched queries' box quality (mean IoU)."""
+    head = load_grain_head(clip, runtime.device)
+    prep = RegionEncoder(clip.model.visual, normalize=opts["normalize"], input_size=opts["input_size"])
+    prep = prep.to(runtime.device).eval()
+    outs, matched, ious = [], [], []
+    for images, batch_rows in region_batches(ann, rows, batch_size, num_workers):
+        boxes, box_image = boxes_of(ann, batch_rows)
+        images = images.to(runtime.device, non_blocking=True).float().div_(255)
+        target = normalized_targets(boxes, images.shape[-1], images.shape[-2]).to(runtime.device)
+        with runtime.autocast():
+            z, m, iou = query_readout(
+                head, clip.model.visual, prep.prepare(images), target, box_image.to(runtime.device)
+            )
+        outs.append(z.float().cpu())
+        matched.append(m.cpu())
+        ious.append(iou.float().cpu())
+    m_all, iou_all = torch.cat(matched), torch.cat(ious)
+    quality = {"mean_iou": float(iou_all.mean()) if len(iou_all) else 0.0, "matched": float(m_all.float().mean()),
+               "queries": head.spec.queries}  # fmt: skip
+    return torch.cat(outs), quality
+
+
 def evaluate_model(
     clip: Clip, ann: Annotations, vocab: Vocabulary, split: str, runtime: Runtime, opts: dict[str, Any], ks=(10, 50, 100),
-    batch_size: int = 256, num_workers: int = 2,
+    batch_size: int = 256, num_workers: int = 2, readout: str = "roi",
 ) -> dict[str, Any]:  # fmt: skip
+    """Retrieval on ``split``'s ground-truth regions. ``readout``: ``roi``, the region path of the image tower (every
+    method); ``query``, a GRAIN checkpoint's matched region queries (and their box quality)."""
+    if readout not in ("roi", "query"):
+        raise VillaError(f"readout={readout!r}: use roi or query")
     rows = np.flatnonzero(ann.split == split)
     if len(rows) == 0:
         raise VillaError(f"split {split!r} is empty; evaluate another split (split=val)")
@@ -121,10 +173,16 @@ def evaluate_model(
     from villa.data import gather_index
 
     idx, _ = gather_index(ann.region_offsets, rows)
-    regions = embed_split_regions(clip, ann, rows, runtime, opts, batch_size, num_workers)
+    boxes = None
+    if readout == "query":
+        regions, boxes = embed_split_queries(clip, ann, rows, runtime, opts, batch_size, num_workers)
+    else:
+        regions = embed_split_regions(clip, ann, rows, runtime, opts, batch_size, num_workers)
     attrs = encode_attributes(clip, vocab, runtime)
     res = retrieval_metrics(regions, attrs, gold_all[idx], vocab, ks)
-    res.update({"split": split, "model": clip.source, "region_path": opts})
+    res.update({"split": split, "model": clip.source, "region_path": opts, "readout": readout})
+    if boxes is not None:
+        res["boxes"] = boxes
     return res
 
 
@@ -136,7 +194,16 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     clip = create_clip(cfg.model.name, cfg.model.pretrained, device=runtime.device)
     opts = region_options(clip.pretrained, cfg.model.normalize, cfg.model.input_size)
     res = evaluate_model(
-        clip, ann, vocab, cfg.split, runtime, opts, tuple(cfg.precision_at), cfg.batch_size, cfg.num_workers
+        clip,
+        ann,
+        vocab,
+        cfg.split,
+        runtime,
+        opts,
+        tuple(cfg.precision_at),
+        cfg.batch_size,
+        cfg.num_workers,
+        cfg.readout,
     )
     res["label"] = cfg.label
     mq = Path(cfg.mapping_quality)

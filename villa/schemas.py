@@ -101,12 +101,29 @@ class Scheduler:
 
 
 @dataclass
+class GrainOptions:
+    queries: int = opt(5, "region queries (GRAIN: 5), plus one image query", gt=0)
+    width: int = opt(256, "decoder width (a multiple of 4 and of heads)", gt=0)
+    heads: int = opt(8, "decoder attention heads", gt=0)
+    layers: int = opt(3, "decoder layers (each gets the box loss: DETR's auxiliary losses)", gt=0)
+    ffn: int = opt(1024, "decoder feed-forward width", gt=0)
+    dropout: float = opt(0.1, "decoder dropout", ge=0)
+    aux_loss: bool = opt(True, "box losses at every decoder layer (GRAIN's aux_loss)")
+    rd_weight: float = opt(1.0, "weight of L_rd (region-description alignment)", ge=0)
+    l1_weight: float = opt(1.0, "weight of the box L1 loss", ge=0)
+    giou_weight: float = opt(1.0, "weight of the box GIoU loss", ge=0)
+
+
+@dataclass
 class Stage2Config(TrainingRun):
     model: ClipModel = field(default_factory=ClipModel)
     scheduler: Scheduler = field(default_factory=Scheduler)
+    grain: GrainOptions = field(default_factory=GrainOptions)
     task_name: str = opt("stage2", "names the checkpoint and output folders")
-    mode: str = opt("villa", "villa | baseline (one-to-one) | pretrain (CLIP pretraining)",
-                    choices=("villa", "baseline", "pretrain"))  # fmt: skip
+    mode: str = opt("villa", "villa | baseline (one-to-one) | pretrain (CLIP pretraining) | grain (GRAIN-style)",
+                    choices=("villa", "baseline", "pretrain", "grain"))  # fmt: skip
+    grain_boxes: str = opt("mapping", "grain: region descriptions and boxes from Stage 1's mapping (no labels) or "
+                           "gold (reg_to_attr: an upper bound)", choices=("mapping", "gold"))  # fmt: skip
     data_dir: str = opt("???", "the dataset folder (annotations.feather and images)")
     mapping_path: str = opt("???", "Stage 1's mapping.feather (villa mode)")
     checkpoint_dir: str = opt("???", "last.pt / best.pt; default: one folder per task and dataset")
@@ -155,6 +172,8 @@ class EvaluateConfig(Common):
     label: str = opt("model", "the model's name in the report")
     data_dir: str = opt("???", "the dataset folder")
     split: str = opt("test", "the held-out split to evaluate")
+    readout: str = opt("roi", "region embeddings: the image tower's ROI path (every method) or, for a mode=grain "
+                       "checkpoint, its matched region queries (query)", choices=("roi", "query"))  # fmt: skip
     mapping_quality: str = opt("???", "Stage 1's mapping_quality.json, included when present")
     output: str = opt("???", "where the JSON report is written")
     precision_at: list = opt([10, 50, 100], "k of precision@k")

@@ -3,18 +3,21 @@
     python -m villa.stage2 experiment=docmnist_stage2      # ViLLA: Stage 1's region-attribute pairs + whole images
     python -m villa.stage2 experiment=docmnist_baseline    # one-to-one VLM: whole image <-> whole caption only
     python -m villa.stage2 experiment=pretrain             # CLIP pretraining, both towers, learnable temperature
+    python -m villa.stage2 experiment=docmnist_grain       # GRAIN-style: decoder queries, boxes, L_ic + L_rd + L_box
     torchrun --nproc_per_node=4 -m villa.stage2 experiment=docmnist_stage2    # multi-GPU (DDP)
 
 The image tower is open_clip's ModifiedResNet through the region path (:class:`villa.encoders.RegionEncoder`):
 backbone to the third stage over the batch of images, one ROI-Align over all regions of the batch, last stage and
 attention pool. In ``villa`` and ``baseline`` modes texts are embedded once by the frozen text tower (sentences
-averaged, L2-normalised) and only the image tower trains, with a fixed temperature, as the original.
+averaged, L2-normalised) and only the image tower trains, with a fixed temperature, as the original. ``grain``
+trains the image tower's trunk with a GRAIN-style head (villa/grain.py, docs/grain.md) on the same pairs as ViLLA.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -31,12 +34,13 @@ from tqdm import tqdm
 from villa.config import hydra_entry, vocab_from_config
 from villa.data import PairSet, build_pairs, gather_index
 from villa.data_format import Annotations, load_annotations
-from villa.distributed import Dist, cleanup, gather_rows, init_distributed, scale_grad
+from villa.distributed import Dist, cleanup, gather_rows, init_distributed, row_offset, scale_grad, sum_over_ranks
 from villa.embeddings import weights_id
 from villa.encoders import Clip, RegionEncoder, clip_checkpoint_state, create_clip, mean_text_embeddings
 from villa.errors import VillaError
+from villa.grain import GrainHead, GrainSpec, grain_losses, image_tokens, normalized_targets, tower_width
 from villa.losses import infonce
-from villa.mapping import mapping_record
+from villa.mapping import assign_text, mapping_record
 from villa.provenance import check_resume, checkpoint_pools, dataset_pools, file_sha256, run_fingerprint, unique_pools
 from villa.regions import ImageDataset, calibrate_on_data, collate_images
 from villa.runtime import Runtime, get_runtime, seed_everything
@@ -52,7 +56,7 @@ from villa.training import (
 )
 
 log = logging.getLogger(__name__)
-MODES = ("villa", "baseline", "pretrain")
+MODES = ("villa", "baseline", "pretrain", "grain")
 
 
 class Stage2Model(nn.Module):
@@ -73,6 +77,13 @@ class Stage2Model(nn.Module):
             self.clip.logit_scale.requires_grad_(True)
         self.fixed_scale = 1.0 / cfg.temperature
         self.learn_temperature = bool(cfg.learn_temperature)
+        self.grain: Optional[GrainHead] = None
+        if cfg.mode == "grain":
+            g = cfg.grain
+            self.grain = GrainHead(GrainSpec(tower_width(clip.model.visual), clip.embed_dim, g.queries, g.width,
+                                             g.heads, g.layers, g.ffn, g.dropout))  # fmt: skip
+            for p in self.clip.visual.attnpool.parameters():  # GRAIN's objective does not reach CLIP's pooling
+                p.requires_grad_(False)
 
     def train(self, mode: bool = True) -> Stage2Model:
         super().train(mode)
@@ -84,17 +95,20 @@ class Stage2Model(nn.Module):
                     m.eval()
         return self
 
+    def scale(self, device: torch.device) -> torch.Tensor:
+        if self.learn_temperature:
+            return self.clip.logit_scale.exp().clamp(max=100)
+        return torch.tensor(self.fixed_scale, device=device)
+
     def forward(
         self, images: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor, tokens: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
+        if self.grain is not None:  # (L, B, Q, 4) boxes, (B, Q, E) region and (B, E) image embeddings, scale
+            feat, positions = image_tokens(self.clip.visual, self.regions.prepare(images))
+            return (*self.grain(feat, positions), self.scale(images.device))
         img = F.normalize(self.regions(images, boxes, box_image).float(), dim=-1)
         txt = F.normalize(self.clip.encode_text(tokens).float(), dim=-1) if tokens is not None else None
-        scale = (
-            self.clip.logit_scale.exp().clamp(max=100)
-            if self.learn_temperature
-            else torch.tensor(self.fixed_scale, device=img.device)
-        )
-        return img, txt, scale
+        return img, txt, self.scale(img.device)
 
 
 def content_boxes(ann: Annotations) -> np.ndarray:
@@ -128,13 +142,19 @@ class PairData:
     ):
         self.ann, self.rows, self.pairs = ann, rows, pairs
         self.text_emb, self.tokens = text_emb, tokens
+        self.grain: Optional[DictConfig] = None  # mode=grain: its options (cfg.grain)
+
+
+def uses_mapping(cfg: DictConfig) -> bool:
+    """ViLLA, and GRAIN on Stage 1's mapping, read mapping.feather; GRAIN on gold pairs reads reg_to_attr."""
+    return cfg.mode == "villa" or (cfg.mode == "grain" and cfg.grain_boxes == "mapping")
 
 
 def load_stage2_annotations(cfg: DictConfig, d: Dist) -> Annotations:
     """The dataset (and, in villa mode, Stage 1's mapping) checked and loaded before any weights are."""
     if cfg.mode not in MODES:
         raise VillaError(f"mode={cfg.mode!r}: use one of {', '.join(MODES)}")
-    villa_mode = cfg.mode == "villa"
+    villa_mode = uses_mapping(cfg)
     if villa_mode and not Path(cfg.mapping_path).is_file():
         raise VillaError(
             f"mapping not found: {cfg.mapping_path}; run Stage 1 first (python -m villa.stage1 ...) or set mapping_path"
@@ -160,7 +180,7 @@ def stage2_inputs(cfg: DictConfig) -> dict[str, Any]:
         "annotations": file_sha256(Path(cfg.data_dir) / "annotations.feather"),
         "pretrained": weights_id(None if cfg.model.pretrained == "none" else str(cfg.model.pretrained)),
     }
-    if cfg.mode == "villa":
+    if uses_mapping(cfg):
         inputs["mapping"] = file_sha256(cfg.mapping_path)
         inputs["mapping_path"] = str(cfg.mapping_path)
     return inputs
@@ -172,10 +192,16 @@ def load_pair_data(
     """Train and val pairs for the mode; texts embedded once by the frozen text tower (villa, baseline)."""
     if ann is None:
         ann = load_stage2_annotations(cfg, d)
-    villa_mode = cfg.mode == "villa"
-    if villa_mode:
+    if uses_mapping(cfg):
         col = ann.table.column("assigned_text").combine_chunks()
         region_text = col.flatten().to_pylist()
+        pairs = build_pairs(ann.image_size, ann.text, ann.region_offsets, ann.boxes, region_text)
+    elif cfg.mode == "grain":  # grain_boxes=gold: the ground-truth pairs, sentences chosen as Stage 1's rule does
+        vocab = vocab_from_config(cfg)
+        gold = ann.region_attribute_matrix(len(vocab))
+        if gold is None:
+            raise VillaError(f"grain_boxes=gold needs ground-truth regions: {cfg.data_dir} has no reg_to_attr column")
+        region_text = assign_text(ann.text, ann.region_offsets, gold, vocab, np.random.default_rng(cfg.seed))
         pairs = build_pairs(ann.image_size, ann.text, ann.region_offsets, ann.boxes, region_text)
     else:
         pairs = build_pairs(ann.image_size, ann.text)
@@ -194,6 +220,8 @@ def load_pair_data(
     out = []
     for split in ("train", "val"):
         out.append(PairData(ann, np.flatnonzero(ann.split == split), pairs, text_emb, tokens))
+        if cfg.mode == "grain":
+            out[-1].grain = cfg.grain
     n_pairs = int(np.diff(pairs.offsets)[out[0].rows].sum())
     log.info(
         "stage2 (%s): %d train images, %d train pairs, %d val images",
@@ -214,6 +242,7 @@ class PairBatch(NamedTuple):
     pair_idx: torch.Tensor  # (P,)
     box_image: torch.Tensor  # (P,) in [0, B)
     boxes: torch.Tensor  # (P, 4) float32, pixels
+    whole: torch.Tensor  # (P,) bool: the whole-image pair (the caption), last of each image's pairs
 
 
 class PairCollate:
@@ -225,13 +254,11 @@ class PairCollate:
     def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> PairBatch:
         images, rows = collate_images(batch)
         pair_idx, box_image = gather_index(self.offsets, rows.numpy())
+        whole = pair_idx == self.offsets[rows.numpy() + 1][box_image] - 1
         return PairBatch(
-            images,
-            rows,
-            torch.from_numpy(pair_idx),
-            torch.from_numpy(box_image),
-            torch.from_numpy(self.boxes[pair_idx]),
-        )
+            images, rows, torch.from_numpy(pair_idx), torch.from_numpy(box_image),
+            torch.from_numpy(self.boxes[pair_idx]), torch.from_numpy(whole),
+        )  # fmt: skip
 
 
 def make_loader(
@@ -267,8 +294,10 @@ def step_loss(
     jitter: float = 0.0,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """The symmetric InfoNCE over all region-text pairs of the (global) batch. No host sync: inputs are copied
-    asynchronously from pinned memory and the loss stays on the device."""
+    """The symmetric InfoNCE over all region-text pairs of the (global) batch (GRAIN: :func:`grain_step_loss`). No
+    host sync: inputs are copied asynchronously from pinned memory and the loss stays on the device."""
+    if data.grain is not None:
+        return grain_step_loss(model, data, batch, runtime, d, channels_last)
     dev = runtime.device
     images = batch.images.to(dev, non_blocking=True).float().div_(255)
     if channels_last:
@@ -289,6 +318,41 @@ def step_loss(
     if txt is None:
         txt = data.text_emb.index_select(0, batch.pair_idx.to(dev, non_blocking=True))
     return infonce(gather_rows(img, d), gather_rows(txt.float(), d), scale.float())
+
+
+def grain_step_loss(
+    model: nn.Module, data: PairData, batch: PairBatch, runtime: Runtime, d: Dist, channels_last: bool
+) -> torch.Tensor:
+    """L_ic + w_rd L_rd + w_l1 L1 + w_giou GIoU (villa/grain.py) on the (global) batch.
+
+    L_ic is computed whole on every rank (gathered features, as the other modes). L_rd and L_box are sums over this
+    rank's matched targets divided by the global number of targets, so after the trainer's world-size factor and
+    DDP's averaging their gradients are a single process's; their value is summed over ranks for logging. Matching
+    copies one cost tensor to the host per decoder layer (scipy's Hungarian solver runs there).
+    """
+    g = data.grain
+    dev = runtime.device
+    images = batch.images.to(dev, non_blocking=True).float().div_(255)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    region = ~batch.whole
+    h, w = images.shape[-2:]
+    target = normalized_targets(batch.boxes[region], w, h).to(dev, non_blocking=True)
+    target_image = batch.box_image[region].to(dev, non_blocking=True)
+    desc = data.text_emb.index_select(0, batch.pair_idx[region].to(dev, non_blocking=True))
+    caption = data.text_emb.index_select(0, batch.pair_idx[batch.whole].to(dev, non_blocking=True))
+    with runtime.autocast():
+        boxes, region_emb, image_emb, scale = model(images, None, None, None)
+    if d.enabled and scale.requires_grad:
+        scale = scale_grad(scale, 1.0 / d.world_size)
+    scale = scale.float()
+    l_ic = infonce(gather_rows(F.normalize(image_emb.float(), dim=-1), d), gather_rows(caption, d), scale)
+    offset, total = row_offset(len(desc), d)
+    parts = grain_losses(boxes.float(), region_emb, target, target_image, gather_rows(desc, d), offset, scale,
+                         torch.tensor(float(total), device=dev), aux=g.aux_loss)  # fmt: skip
+    local = g.rd_weight * parts["rd"] + g.l1_weight * parts["l1"] + g.giou_weight * parts["giou"]
+    value = sum_over_ranks(local.detach(), d)
+    return l_ic + local + (value - local.detach())
 
 
 class LossMeter:
@@ -353,6 +417,13 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     raise VillaError(f"optimizer={cfg.optimizer!r}: use adam or adamw")
 
 
+def grain_state(model: Stage2Model) -> dict[str, Any]:
+    """GRAIN's head in a checkpoint: its shape and weights (evaluation's query readout rebuilds it)."""
+    if model.grain is None:
+        return {}
+    return {"grain": asdict(model.grain.spec), "grain_state": model.grain.state_dict()}
+
+
 def train_stage2(cfg: DictConfig) -> dict[str, Any]:
     """Train one of the three modes; write best.pt / last.pt (villa-clip checkpoints); return the history."""
     validate_config(cfg, "stage2")
@@ -409,6 +480,8 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
             raise VillaError(
                 f"{last} holds another model ({str(e).splitlines()[0]}); set resume=false or delete it"
             ) from e
+        if model.grain is not None:
+            model.grain.load_state_dict(state["grain_state"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -480,7 +553,7 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
                 bad_epochs=bad_epochs, stopped=stopped, rng=rng_state(generator), history=history,
                 config=config_dict(cfg),
                 started_from={"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)},
-                fingerprint=fingerprint, inputs=inputs, data_pools=data_pools,
+                fingerprint=fingerprint, inputs=inputs, data_pools=data_pools, **grain_state(model),
             )  # fmt: skip
             save_checkpoint(last, state)
             if improved:

@@ -1,0 +1,193 @@
+"""GRAIN-style mode: Hungarian matching and box losses on hand-computed cases, query-permutation invariance, a tiny
+run that trains, resumes to identical weights and evaluates with both readouts, and DDP against one process."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_stage2 import ROOT, TINY, _even_subset, s2cfg
+
+from villa.errors import VillaError
+from villa.grain import (
+    GrainHead,
+    GrainSpec,
+    box_loss_sums,
+    grain_losses,
+    hungarian_match,
+    image_tokens,
+    normalized_targets,
+    permute_queries,
+    sine_positions,
+)
+from villa.stage2 import train_stage2
+
+
+def _giou(a, b):
+    """Generalised IoU of two xyxy boxes, by hand."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union - (hull - union) / hull
+
+
+def _xyxy(c):
+    cx, cy, w, h = c
+    return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+
+
+def test_hungarian_match_and_box_loss_by_hand():
+    # image 0: 3 queries, 2 targets; the cheap assignment is crossed (query 2 -> target 0, query 0 -> target 1)
+    pred = torch.tensor([[[0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.9, 0.9], [0.2, 0.2, 0.2, 0.2]]])
+    target = torch.tensor([[0.25, 0.2, 0.2, 0.2], [0.7, 0.75, 0.2, 0.1]])
+    img, qry, tgt = hungarian_match(pred, target, torch.tensor([0, 0]), 1)
+    # all 6 assignments of 2 targets to distinct queries, costs by hand: 5 L1 - 2 GIoU
+    cost = [[5 * sum(abs(p - t) for p, t in zip(pred[0, q].tolist(), target[j].tolist()))
+             - 2 * _giou(_xyxy(pred[0, q].tolist()), _xyxy(target[j].tolist())) for j in range(2)] for q in range(3)]  # fmt: skip
+    best = min(
+        ((q0, q1) for q0 in range(3) for q1 in range(3) if q0 != q1), key=lambda p: cost[p[0]][0] + cost[p[1]][1]
+    )
+    assert best == (2, 0)
+    assert img.tolist() == [0, 0] and sorted(zip(tgt.tolist(), qry.tolist())) == [(0, 2), (1, 0)]
+    l1, giou = box_loss_sums(pred, target, (img, qry, tgt))
+    want_l1 = sum(abs(p - t) for q, j in ((2, 0), (0, 1)) for p, t in zip(pred[0, q].tolist(), target[j].tolist()))
+    want_giou = sum(1 - _giou(_xyxy(pred[0, q].tolist()), _xyxy(target[j].tolist())) for q, j in ((2, 0), (0, 1)))
+    assert l1.item() == pytest.approx(want_l1, rel=1e-6) and giou.item() == pytest.approx(want_giou, rel=1e-5)
+
+
+def test_match_per_image_and_more_targets_than_queries():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(3, 2, 4, generator=g) * 0.5 + 0.25
+    target = torch.rand(4, 4, generator=g) * 0.5 + 0.25
+    target_image = torch.tensor([0, 2, 2, 2])  # image 1 has none, image 2 more targets than queries
+    img, qry, tgt = hungarian_match(pred, target, target_image, 3)
+    assert (target_image[tgt] == img).all()  # never across images
+    assert (img == 0).sum() == 1 and (img == 2).sum() == 2 and (img == 1).sum() == 0
+    assert len({(i, q) for i, q in zip(img.tolist(), qry.tolist())}) == len(img)  # each query at most once
+
+
+def test_query_permutation_leaves_the_loss_unchanged():
+    g = torch.Generator().manual_seed(1)
+    layers, b, q, e = 2, 3, 5, 8
+    boxes = torch.rand(layers, b, q, 4, generator=g) * 0.5 + 0.25
+    region = torch.randn(b, q, e, generator=g)
+    target = normalized_targets(
+        torch.tensor([[0, 0, 28, 28], [28, 0, 56, 28], [0, 28, 28, 56.0], [56, 56, 84, 84]]), 84, 84
+    )
+    target_image = torch.tensor([0, 0, 1, 2])
+    desc = F.normalize(torch.randn(4, e, generator=g), dim=-1)
+    args = (target, target_image, desc, 0, torch.tensor(1 / 0.07), torch.tensor(4.0))
+    ref = grain_losses(boxes, region, *args)
+    perm = torch.randperm(q, generator=g)
+    out = grain_losses(*permute_queries(boxes, region, perm), *args)
+    for k in ("rd", "l1", "giou"):
+        assert out[k].item() == pytest.approx(ref[k].item(), rel=1e-6), k
+    assert ref["l1"] > 0 and ref["rd"] > 0
+
+
+def test_head_shapes_and_tokens():
+    from villa.encoders import create_clip
+
+    clip = create_clip("villa-tiny-rn", None)
+    feat, positions = image_tokens(clip.model.visual, torch.rand(2, 3, 84, 84))
+    assert positions and feat.dim() == 4
+    head = GrainHead(GrainSpec(feat.shape[1], clip.embed_dim, queries=4, width=32, heads=4, layers=2, ffn=64))
+    boxes, region, image = head(feat, positions)
+    assert boxes.shape == (2, 2, 4, 4) and region.shape == (2, 4, clip.embed_dim) and image.shape == (2, clip.embed_dim)
+    assert ((boxes > 0) & (boxes < 1)).all()
+    pos = sine_positions(3, 2, 8, torch.device("cpu"))
+    assert pos.shape == (6, 8) and not torch.equal(pos[0], pos[1]) and not torch.equal(pos[0], pos[2])
+
+
+def _grain_cfg(tmp, data, *extra):
+    return s2cfg(tmp, data, "mode=grain", "grain_boxes=gold", "batch_size=16", "grain.queries=9", "grain.width=32",
+                 "grain.heads=4", "grain.layers=2", "grain.ffn=64", *extra)  # fmt: skip
+
+
+def test_grain_trains_resumes_and_evaluates(tiny_docmnist, tmp_path):
+    from villa.data_format import load_annotations
+    from villa.encoders import create_clip
+    from villa.evaluate import evaluate_model, region_options
+    from villa.runtime import get_runtime, seed_everything
+    from villa.vocab import load_vocab
+
+    full = train_stage2(_grain_cfg(tmp_path / "full", tiny_docmnist, "epochs=2"))
+    assert full["epochs_run"] == 2 and all(math.isfinite(h["train_loss"]) for h in full["history"])
+    train_stage2(_grain_cfg(tmp_path / "half", tiny_docmnist, "epochs=1"))
+    resumed = train_stage2(_grain_cfg(tmp_path / "half", tiny_docmnist, "epochs=2"))
+    assert resumed["checksum"] == full["checksum"]
+    a = torch.load(tmp_path / "full" / "ckpt" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "half" / "ckpt" / "last.pt", weights_only=True)
+    for k, v in a["grain_state"].items():
+        assert torch.equal(v, b["grain_state"][k]), k
+    assert a["grain"]["queries"] == 9 and a["history"][1]["val_loss"] == b["history"][1]["val_loss"]
+    # CLIP's attention pool is not reached by GRAIN's objective: it stays as it started
+    seed_everything(23)  # the run's seed, before its model is built: the same random init
+    start = create_clip("villa-tiny-rn", None).model.state_dict()
+    assert torch.equal(a["state_dict"]["visual.attnpool.c_proj.weight"], start["visual.attnpool.c_proj.weight"])
+    vocab = load_vocab("docmnist")
+    ann = load_annotations(tiny_docmnist, vocab, required_splits=("test",))
+    ckpt = str(tmp_path / "full" / "ckpt" / "best.pt")
+    clip = create_clip("auto", ckpt)
+    rt = get_runtime("cpu")
+    opts = region_options(ckpt, None, None)
+    roi = evaluate_model(clip, ann, vocab, "test", rt, opts, num_workers=0)
+    query = evaluate_model(clip, ann, vocab, "test", rt, opts, num_workers=0, readout="query")
+    assert roi["regions"] == query["regions"] == int(ann.n_regions[ann.split == "test"].sum())
+    assert query["readout"] == "query" and 0 <= query["boxes"]["mean_iou"] <= 1
+    assert query["boxes"]["matched"] == 1.0  # 9 queries: every region has one
+    assert query["text_to_region"]["r_precision"] != roi["text_to_region"]["r_precision"]
+    with pytest.raises(VillaError, match="readout=query needs a mode=grain checkpoint"):
+        evaluate_model(create_clip("villa-tiny-rn", None), ann, vocab, "test", rt, opts, num_workers=0, readout="query")
+
+
+def test_grain_on_the_mapping_needs_the_mapping(tiny_docmnist, tmp_path):
+    with pytest.raises(VillaError, match="mapping not found"):
+        train_stage2(s2cfg(tmp_path, tiny_docmnist, "mode=grain", f"mapping_path={tmp_path / 'none.feather'}"))
+
+
+def test_grain_ddp_gloo_matches_single_process(tiny_docmnist, tmp_path):
+    """2 gloo processes against one process on the same global batch: losses and weights match (the box and
+    region-description losses are local sums over a global count; the caption loss gathers features)."""
+    data = _even_subset(tiny_docmnist, tmp_path / "data")
+    common = ["mode=grain", "grain_boxes=gold", "batch_size=16", "epochs=2", "lr=1e-3", "model.freeze_bn=true",
+              "seed=5", "grain.queries=9", "grain.width=32", "grain.heads=4", "grain.layers=2", "grain.ffn=64",
+              "grain.dropout=0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m", "villa.stage2",
+         f"data_dir={data}", f"checkpoint_dir={tmp_path / 'ddp'}", *TINY, *common],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    sums = re.findall(r"rank (\d)/2 finished: trainable parameter checksum (\S+)", r.stdout + r.stderr)
+    assert sorted(s[0] for s in sums) == ["0", "1"] and sums[0][1] == sums[1][1]
+    single = train_stage2(s2cfg(tmp_path / "single", data, *common))
+    ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    for h_ddp, h_one in zip(ddp["history"], single["history"]):
+        assert h_ddp["train_loss"] == pytest.approx(h_one["train_loss"], rel=1e-4)
+        assert h_ddp["val_loss"] == pytest.approx(h_one["val_loss"], rel=1e-4)
+    one = torch.load(tmp_path / "single" / "ckpt" / "last.pt", weights_only=True)
+    for k, v in one["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+    width = one["grain"]["width"]
+    for k, v in one["grain_state"].items():
+        a = ddp["grain_state"][k]
+        if k.endswith("self_attn.in_proj_bias") or k.endswith("multihead_attn.in_proj_bias"):
+            # the key bias has no gradient in exact arithmetic (softmax ignores a shift of every key); Adam turns
+            # its rounding noise into steps of up to lr, so it is compared through the optimiser moments below
+            a, v = torch.cat([a[:width], a[2 * width :]]), torch.cat([v[:width], v[2 * width :]])
+        torch.testing.assert_close(a, v, rtol=1e-3, atol=1e-4, msg=k)
+    for i, st in one["optimizer"]["state"].items():  # (key biases: rounding noise of a zero gradient, ~2e-6)
+        torch.testing.assert_close(ddp["optimizer"]["state"][i]["exp_avg"], st["exp_avg"], rtol=1e-2, atol=1e-5)
+    assert np.isfinite(single["best_val"])
