@@ -1,6 +1,8 @@
 """The paper's complexity experiment, offline: one-to-one VLM vs ViLLA as the sample complexity of the data rises.
 
     python experiments/complexity.py --out docs/results/complexity          # 6 complexities x 3 seeds, ~90 min on 2 CPU cores
+    python experiments/complexity.py --add_methods grain --out docs/results/complexity --work outputs/complexity
+                                              # add a method to a finished sweep: the same settings, seeds, held-out set
     python experiments/complexity.py --targets 5 30 --seeds 1 --budget 2000 --out outputs/cx   # a quick look
     python experiments/complexity.py --model RN50 --pretrained openai --input_size 0 --budget 30000 \\
         --stage2_epochs 100 --stage2_batch 256 --stage2_lr 5e-5 --device cuda                  # the paper's scale
@@ -10,8 +12,9 @@ The protocol (the paper's, on the offline analogue; docs/results/README.md says 
   MNIST's test digits, which no training step of the sweep sees (checked against every pool that trains,
   including the starting encoder's pretraining data recorded in its checkpoint);
 - for each target complexity and each seed: DocMNIST at a fixed attribute budget, preprocessing with the starting
-  encoder, Stage 1, then Stage 2 from the same starting encoder three ways: ViLLA (Stage 1's mapping), the
-  one-to-one baseline, and the oracle ablation (ViLLA's Stage 2 on the ground-truth region-attribute pairs);
+  encoder, Stage 1, then Stage 2 from the same starting encoder four ways: ViLLA (Stage 1's mapping), the
+  one-to-one baseline, the oracle ablation (ViLLA's Stage 2 on the ground-truth region-attribute pairs) and the
+  GRAIN-style objective on Stage 1's mapping (evaluated with the ROI path, and with its matched region queries);
   Stage 2 stops early on its validation loss (``--stage2_epochs`` is the cap);
 - text-to-region and region-to-text R-Precision, overall and per attribute group, for zero-shot (the starting
   encoder), baseline, ViLLA and oracle; Stage 1's mapping F1 next to the zero-shot mapping's.
@@ -43,8 +46,21 @@ from villa.pipeline import PipelineSettings, run_pipeline  # noqa: E402
 from villa.plots import complexity_lines  # noqa: E402
 from villa.vocab import load_vocab  # noqa: E402
 
-METHODS = ("zero-shot", "baseline", "villa", "oracle")
-NAMES = {"zero-shot": "zero-shot", "baseline": "baseline", "villa": "ViLLA", "oracle": "oracle"}
+TRAINED = ("baseline", "villa", "oracle", "grain")  # Stage 2 methods (villa.pipeline.METHODS)
+METHODS = ("zero-shot", "baseline", "villa", "oracle", "grain", "grain-queries")  # every reported model
+NAMES = {"zero-shot": "zero-shot", "baseline": "baseline", "villa": "ViLLA", "oracle": "oracle", "grain": "GRAIN",
+         "grain-queries": "GRAIN (queries)"}  # fmt: skip
+
+
+def reported(trained) -> list[str]:
+    """The reported models of a sweep that trained ``trained``: zero-shot, those, and GRAIN's second readout."""
+    return [m for m in METHODS if m == "zero-shot" or m in trained or (m == "grain-queries" and "grain" in trained)]
+
+
+def methods_of(results: dict[str, Any]) -> list[str]:
+    return results.get("methods", ["zero-shot", "baseline", "villa", "oracle"])  # a sweep from before GRAIN
+
+
 DIRECTIONS = {"text_to_region": "text-to-region", "region_to_text": "region-to-text"}
 
 
@@ -53,7 +69,7 @@ def _ms(values: list[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
 
 
-def summarize(runs: list[dict[str, Any]], groups: list[str]) -> list[dict[str, Any]]:
+def summarize(runs: list[dict[str, Any]], groups: list[str], methods: list[str]) -> list[dict[str, Any]]:
     """Per target: the mean and std over seeds of every reported number."""
     out = []
     for t in sorted({r["target"] for r in runs}):
@@ -62,12 +78,14 @@ def summarize(runs: list[dict[str, Any]], groups: list[str]) -> list[dict[str, A
                                "complexity": _ms([r["complexity"] for r in rs])}  # fmt: skip
         for d in DIRECTIONS:
             row[d] = {}
-            for m in METHODS:
+            for m in methods:
                 row[d][m] = {"all": _ms([r["retrieval"][m][d]["all"] for r in rs])}
                 for g in groups:
                     row[d][m][g] = _ms([r["retrieval"][m][d][g] for r in rs])
         row["mapping_f1"] = {k: _ms([r["mapping_f1"][k] for r in rs]) for k in ("stage1", "zero_shot")}
-        row["epochs"] = {m: _ms([r["epochs"][m] for r in rs]) for m in METHODS if m != "zero-shot"}
+        row["epochs"] = {m: _ms([r["epochs"][m] for r in rs]) for m in methods if m in TRAINED}
+        if "grain-queries" in methods:
+            row["grain_boxes_iou"] = _ms([r["grain_boxes"]["mean_iou"] for r in rs])
         out.append(row)
     return out
 
@@ -113,6 +131,7 @@ def _pm(s: dict[str, float]) -> str:
 def format_tables(results: dict[str, Any]) -> str:
     """table.md, computed from results.json alone (a test checks that the file equals this)."""
     summary, groups = results["summary"], results["groups"]
+    methods = methods_of(results)
     n = len(results["settings"]["seeds"])
     ev = results["eval"]
     lines = [
@@ -122,7 +141,7 @@ def format_tables(results: dict[str, Any]) -> str:
     ]
     for d, title in DIRECTIONS.items():
         lines += [f"**{title} R-Precision (%)**", ""]
-        head = "| target | complexity | " + " | ".join(NAMES[m] for m in METHODS) + " | ViLLA − baseline |"
+        head = "| target | complexity | " + " | ".join(NAMES[m] for m in methods) + " | ViLLA − baseline |"
         if d == "text_to_region":
             head += " mapping F1 Stage 1 (train) | mapping F1 zero-shot (train) |"
         lines += [head, "| " + " | ".join(["---:"] * (head.count("|") - 1)) + " |"]
@@ -130,7 +149,7 @@ def format_tables(results: dict[str, Any]) -> str:
             r = row[d]
             gap = r["villa"]["all"]["mean"] - r["baseline"]["all"]["mean"]
             cells = [str(row["target"]), f"{row['complexity']['mean']:.1f}"]
-            cells += [_pm(r[m]["all"]) for m in METHODS] + [f"{100 * gap:+.1f}"]
+            cells += [_pm(r[m]["all"]) for m in methods] + [f"{100 * gap:+.1f}"]
             if d == "text_to_region":
                 cells += [_pm(row["mapping_f1"]["stage1"]), _pm(row["mapping_f1"]["zero_shot"])]
             lines.append("| " + " | ".join(cells) + " |")
@@ -139,7 +158,7 @@ def format_tables(results: dict[str, Any]) -> str:
     head = "| target | method | " + " | ".join(groups) + " |"
     lines += [head, "| ---: | --- | " + " | ".join(["---:"] * len(groups)) + " |"]
     for row in summary:
-        for m in METHODS:
+        for m in methods:
             vals = [f"{100 * row['text_to_region'][m][g]['mean']:.1f}" for g in groups]
             lines.append(f"| {row['target']} | {NAMES[m]} | " + " | ".join(vals) + " |")
     if "binding" in results:
@@ -148,18 +167,26 @@ def format_tables(results: dict[str, Any]) -> str:
                   "images of the evaluation set (`villa.finegrained`, benchmark=docmnist); pairwise accuracy on the binding foils (swapped colours "
                   "or shapes: chance 50) with the global image embedding and with the changed region's embedding, and "
                   "the Winoground-style group score of the pairs (global readout; chance 16.7)", ""]  # fmt: skip
+        bound = [m for m in methods if m in row_binding(summary)]
         head = (
             "| target | "
-            + " | ".join(f"{NAMES[m]} global | {NAMES[m]} region | {NAMES[m]} pairs" for m in METHODS)
+            + " | ".join(f"{NAMES[m]} global | {NAMES[m]} region | {NAMES[m]} pairs" for m in bound)
             + " |"
         )
         lines += [head, "| " + " | ".join(["---:"] * (head.count("|") - 1)) + " |"]
         for row in summary:
             cells = [str(row["target"])]
-            for m in METHODS:
+            for m in bound:
                 bm = row["binding"][m]
                 cells += [_pm(bm["global"]), _pm(bm["region"]), _pm(bm["pairs_global"])]
             lines.append("| " + " | ".join(cells) + " |")
+    if "grain-queries" in methods:
+        lines += ["", "**GRAIN's boxes**: mean IoU (%) of the region queries matched to the held-out regions' boxes, "
+                  "and the epochs its Stage 2 ran (cap " + str(results["settings"]["stage2_epochs"]) + ")", ""]  # fmt: skip
+        lines += ["| target | mean IoU | epochs |", "| ---: | ---: | ---: |"]
+        for row in summary:
+            e = row["epochs"]["grain"]
+            lines.append(f"| {row['target']} | {_pm(row['grain_boxes_iou'])} | {e['mean']:.1f} |")
     lines += ["", "**The targets (lowest vs highest complexity)**", ""]
     lines += ["| target | measured | goal | met |", "| --- | ---: | --- | --- |"]
     for k, v in results["targets"].items():
@@ -171,8 +198,14 @@ def format_tables(results: dict[str, Any]) -> str:
     extra = (
         f" (the binding benchmark: {results['binding']['seconds'] / 60:.1f} min more)" if "binding" in results else ""
     )
+    for m, info in results.get("added", {}).items():
+        extra += f"; {NAMES.get(m, m)} added later by `{info['command']}` ({info['wall_seconds'] / 60:.1f} min)"
     lines += ["", f"Wall time: {w / 60:.1f} min on {results['machine']}{extra}.", ""]
     return "\n".join(lines)
+
+
+def row_binding(summary: list[dict[str, Any]]) -> dict[str, Any]:
+    return summary[0].get("binding", {})
 
 
 BINDING_KEYS = ("global", "region", "pairs_global", "pairs_region")
@@ -187,9 +220,11 @@ def binding_figures(res: dict[str, Any]) -> dict[str, float]:
     }  # fmt: skip
 
 
-def add_binding(results: dict[str, Any], out: Path, device: str, max_images: Optional[int] = 200) -> None:
-    """Score the DocMNIST binding benchmark (villa.finegrained) on the evaluation set for every run's models, and
-    add it per run and to the summary (mean +- std over seeds)."""
+def add_binding(
+    results: dict[str, Any], out: Path, device: str, max_images: Optional[int] = 200, only: Optional[list[str]] = None
+) -> None:
+    """Score the DocMNIST binding benchmark (villa.finegrained) on the evaluation set for every run's models (or
+    ``only`` those methods), and add it per run and to the summary (mean +- std over seeds)."""
     from villa.encoders import create_clip
     from villa.finegrained.docmnist_binding import build_benchmark, score_benchmark
     from villa.finegrained.scorer import Scorer
@@ -204,33 +239,43 @@ def add_binding(results: dict[str, Any], out: Path, device: str, max_images: Opt
         clip = create_clip(settings["model"], pretrained, device=runtime.device)
         return binding_figures(score_benchmark(bench, Scorer(clip, runtime, sentence_mean=True)))
 
-    zero = score(settings["pretrained"])
+    methods = [m for m in methods_of(results) if m != "grain-queries" and (only is None or m in only)]
+    zero = score(settings["pretrained"]) if "zero-shot" in methods else None
     for run in results["runs"]:
         run_dir = out / f"seed_{run['seed']}" / f"target_{run['target']}"
         ckpts = json.loads((run_dir / "results.json").read_text())["checkpoints"]
-        run["binding"] = {"zero-shot": zero, **{m: score(ckpts[m]) for m in METHODS if m != "zero-shot"}}
+        new = {m: (zero if m == "zero-shot" else score(ckpts[m])) for m in methods}
+        run["binding"] = {**run.get("binding", {}), **new}
+    bound = [m for m in methods_of(results) if m in results["runs"][0]["binding"]]
     for row in results["summary"]:
         rs = [r for r in results["runs"] if r["target"] == row["target"]]
-        row["binding"] = {m: {k: _ms([r["binding"][m][k] for r in rs]) for k in BINDING_KEYS} for m in METHODS}
+        row["binding"] = {m: {k: _ms([r["binding"][m][k] for r in rs]) for k in BINDING_KEYS} for m in bound}
+    if only is not None and "binding" in results:
+        results["binding"]["seconds"] += round(time.perf_counter() - t0, 1)
+        return
     results["binding"] = {"benchmark": "docmnist", "images": len({f["image"] for f in bench["foils"]}),
                           "foils": len(bench["foils"]), "pairs": len(bench["pairs"]),
                           "seed": bench["seed"], "test_pool": bench["test_pool"],
                           "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
 
-def run_row(res: dict[str, Any], target: int, seed: int, groups: list[str], zero_shot: dict) -> dict[str, Any]:
+def run_row(
+    res: dict[str, Any], target: int, seed: int, groups: list[str], zero_shot: Optional[dict], methods: list[str]
+) -> dict[str, Any]:
     gen = json.loads((Path(res["data"]) / "generation.json").read_text())
     retrieval = {"zero-shot": zero_shot, **res["retrieval"]}
     row: dict[str, Any] = {"target": target, "seed": seed, "complexity": gen["splits"]["train"]["sample_complexity"],
                            "train_images": gen["splits"]["train"]["images"], "retrieval": {}}  # fmt: skip
-    for m in METHODS:
+    for m in methods:
         row["retrieval"][m] = {}
         for d in DIRECTIONS:
             r = retrieval[m][d]
             row["retrieval"][m][d] = {"all": r["r_precision"], **{g: r["per_group"][g] for g in groups}}
     q = res["mapping"]
     row["mapping_f1"] = {k: q[k]["train"]["all"]["f1"] for k in ("stage1", "zero_shot")}
-    row["epochs"] = {m: res[f"{m}_training"]["epochs"] for m in METHODS if m != "zero-shot"}
+    row["epochs"] = {m: res[f"{m}_training"]["epochs"] for m in methods if m in TRAINED}
+    if "grain-queries" in methods:
+        row["grain_boxes"] = res["retrieval"]["grain-queries"]["boxes"]
     row["timings"], row["seconds"], row["held_out"] = res["timings"], res["seconds"], res["held_out"]
     return row
 
@@ -256,24 +301,38 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--patience", type=int, default=2, help="Stage 2 early stopping patience (epochs)")
     p.add_argument("--stage2_batch", type=int, default=64)
     p.add_argument("--stage2_lr", type=float, default=2e-4)
+    p.add_argument("--grain_head_lr", type=float, default=None, help="GRAIN's head lr (None: --stage2_lr)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no_binding", action="store_true", help="skip the DocMNIST binding benchmark")
     p.add_argument("--binding_images", type=int, default=200, help="evaluation images the binding benchmark uses")
     p.add_argument("--binding_only", action="store_true",
                    help="add the binding benchmark to an existing --out (its results.json and checkpoints)")  # fmt: skip
+    p.add_argument("--methods", nargs="+", default=list(TRAINED), choices=TRAINED, help="Stage 2 methods to train")
+    p.add_argument(
+        "--add_methods",
+        nargs="+",
+        choices=TRAINED,
+        default=None,
+        help="train these for every run of the finished sweep in --out (its settings) and add them",
+    )
+    p.add_argument("--work", default=None, help="where datasets and checkpoints go (default: --out)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.binding_only:
         return binding_only(Path(a.out), a.device, a.binding_images)
+    if a.add_methods:
+        return add_methods(Path(a.out), Path(a.work or a.out), a.add_methods, a.device, a.quiet, argv,
+                           {"grain_head_lr": a.grain_head_lr})  # fmt: skip
+    if not {"baseline", "villa"} <= set(a.methods):
+        raise VillaError("--methods must include baseline and villa (the comparison the targets measure)")
     if a.seeds < 1 or not a.targets:
         raise VillaError("--seeds must be >= 1 and --targets non-empty")
     t_start = time.perf_counter()
     out = Path(a.out)
+    work = Path(a.work or a.out)
     vocab = load_vocab("docmnist")
     groups = list(vocab.groups)
-    eval_data = generate(200, 16, seed=a.eval_seed, out_dir=str(out / "eval_data"), val_budget=100,
-                         test_budget=a.eval_test_budget, overwrite=True, progress=not a.quiet)  # fmt: skip
-    eval_gen = json.loads((eval_data / "generation.json").read_text())["splits"]["test"]
+    eval_data, eval_gen = evaluation_set(work, a.eval_seed, a.eval_test_budget, a.quiet)
     if eval_gen["regions"] < a.min_eval_regions:
         raise VillaError(
             f"the evaluation set has {eval_gen['regions']} regions, fewer than --min_eval_regions="
@@ -283,23 +342,18 @@ def main(argv=None) -> dict[str, Any]:
     settings = {**vars(a), "seeds": seeds}
     runs: list[dict[str, Any]] = []
     zero_shot = None
+    methods = reported(a.methods)
     for seed in seeds:
         for t in a.targets:
-            s = PipelineSettings(
-                model=a.model, pretrained=a.pretrained, input_size=a.input_size or None, target=t, budget=a.budget,
-                val_budget=a.val_budget, test_budget=200, seed=seed, stage1_epochs=a.stage1_epochs,
-                stage2_epochs=a.stage2_epochs, stage2_batch=a.stage2_batch, stage2_lr=a.stage2_lr,
-                early_stop_patience=a.patience, device=a.device, progress=not a.quiet,
-            )  # fmt: skip
             # zero-shot is the starting encoder on the fixed evaluation set: the same for every run, evaluated once
-            res = run_pipeline(s, out / f"seed_{seed}" / f"target_{t}", eval_data=eval_data,
-                               methods=("baseline", "villa", "oracle"), zero_shot=zero_shot is None)  # fmt: skip
+            res = run_pipeline(pipeline_settings(settings, t, seed, a.device, a.quiet), work / f"seed_{seed}" / f"target_{t}",
+                               eval_data=eval_data, methods=tuple(a.methods), zero_shot=zero_shot is None)  # fmt: skip
             zero_shot = zero_shot or res["retrieval"]["zero-shot"]
-            runs.append(run_row(res, t, seed, groups, zero_shot))
+            runs.append(run_row(res, t, seed, groups, zero_shot, methods))
             write_json_atomic(out / "runs.partial.json", runs)
-    summary = summarize(runs, groups)
+    summary = summarize(runs, groups, methods)
     results = {
-        "command": "python experiments/complexity.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": _command(argv), "methods": methods,
         "settings": settings, "groups": groups, "machine": f"{_cores()} CPU cores" if a.device != "cuda" else "CUDA",
         "eval": {"data": str(eval_data), "images": eval_gen["images"], "regions": eval_gen["regions"],
                  "sample_complexity": eval_gen["sample_complexity"]},
@@ -307,8 +361,79 @@ def main(argv=None) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }  # fmt: skip
     if not a.no_binding:
-        add_binding(results, out, a.device, a.binding_images)
+        add_binding(results, work, a.device, a.binding_images)
     write_json_atomic(out / "results.json", results)
+    (out / "runs.partial.json").unlink(missing_ok=True)
+    return write_outputs(results, out)
+
+
+def _command(argv) -> str:
+    return "python experiments/complexity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def evaluation_set(work: Path, eval_seed: int, test_budget: int, quiet: bool) -> tuple[Path, dict[str, Any]]:
+    """The fixed held-out set: the test split of one target-16 DocMNIST (MNIST's test digits)."""
+    data = generate(200, 16, seed=eval_seed, out_dir=str(work / "eval_data"), val_budget=100,
+                    test_budget=test_budget, overwrite=True, progress=not quiet)  # fmt: skip
+    return data, json.loads((data / "generation.json").read_text())["splits"]["test"]
+
+
+def pipeline_settings(settings: dict[str, Any], target: int, seed: int, device: str, quiet: bool) -> PipelineSettings:
+    a = settings
+    return PipelineSettings(
+        model=a["model"], pretrained=a["pretrained"], input_size=a["input_size"] or None, target=target,
+        budget=a["budget"], val_budget=a["val_budget"], test_budget=200, seed=seed, stage1_epochs=a["stage1_epochs"],
+        stage2_epochs=a["stage2_epochs"], stage2_batch=a["stage2_batch"], stage2_lr=a["stage2_lr"],
+        early_stop_patience=a["patience"], device=device, progress=not quiet, grain_head_lr=a.get("grain_head_lr"),
+    )  # fmt: skip
+
+
+def add_methods(
+    out: Path, work: Path, new: list[str], device: str, quiet: bool, argv, new_settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Train ``new`` methods for every run of the finished sweep whose results.json is in ``out``, with its settings,
+    seeds and held-out set (regenerated identically, checked), and merge them into results.json. Stage 1 is run
+    again for them (its mapping F1 is recorded as ``mapping_f1_rerun``, next to the sweep's)."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise VillaError(f"{path} not found; run the sweep first (without --add_methods)")
+    results = json.loads(path.read_text())
+    t0 = time.perf_counter()
+    st = results["settings"]
+    for k, v in new_settings.items():  # settings the sweep did not have (they concern only the added methods)
+        if v is None:
+            continue
+        if k in st and st[k] != v:
+            raise VillaError(f"--{k}={v} differs from the sweep's {st[k]}; leave it out")
+        st[k] = v
+    eval_data, eval_gen = evaluation_set(work, st["eval_seed"], st["eval_test_budget"], quiet)
+    if (eval_gen["images"], eval_gen["regions"]) != (results["eval"]["images"], results["eval"]["regions"]):
+        raise VillaError(f"the regenerated evaluation set ({eval_gen['regions']} regions) is not the sweep's "
+                         f"({results['eval']['regions']}): the generator or MNIST changed; run the whole sweep")  # fmt: skip
+    methods = reported(sorted({m for m in methods_of(results) if m in TRAINED} | set(new), key=TRAINED.index))
+    added = [m for m in methods if m not in methods_of(results)]
+    groups = results["groups"]
+    for run in results["runs"]:
+        res = run_pipeline(pipeline_settings(st, run["target"], run["seed"], device, quiet),
+                           work / f"seed_{run['seed']}" / f"target_{run['target']}", eval_data=eval_data,
+                           methods=tuple(new), zero_shot=False)  # fmt: skip
+        row = run_row(res, run["target"], run["seed"], groups, None, added)
+        run["retrieval"].update(row["retrieval"])
+        run["epochs"].update(row["epochs"])
+        run.setdefault("mapping_f1_rerun", {})[",".join(new)] = row["mapping_f1"]
+        if "grain_boxes" in row:
+            run["grain_boxes"] = row["grain_boxes"]
+        write_json_atomic(out / "runs.partial.json", results["runs"])
+    results["methods"] = methods
+    results["summary"] = (
+        summarize(results["runs"], groups, methods) | {} if False else summarize(results["runs"], groups, methods)
+    )
+    if "binding" in results:
+        add_binding(results, work, device, results["binding"].get("images"), only=new)
+    results.setdefault("added", {})[",".join(new)] = {"command": _command(argv),
+                                                       "wall_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    results["targets"] = check_targets(results["summary"])
+    write_json_atomic(path, results)
     (out / "runs.partial.json").unlink(missing_ok=True)
     return write_outputs(results, out)
 
@@ -316,7 +441,7 @@ def main(argv=None) -> dict[str, Any]:
 def write_outputs(results: dict[str, Any], out: Path) -> dict[str, Any]:
     table = format_tables(results)
     write_text_atomic(out / "table.md", table)
-    complexity_lines(results["summary"], list(METHODS), out / "complexity.png")
+    complexity_lines(results["summary"], methods_of(results), out / "complexity.png")
     print(table)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'complexity.png'}")
     return results

@@ -110,15 +110,25 @@ def test_demo_pipeline_tiny(tiny_pretrained, tmp_path, capsys):
 
 
 def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
-    """Seeds x targets x four methods on one fixed held-out set; the summary is the mean/std of the runs; the table
-    written equals the one computed from results.json; the targets are computed from the summary."""
+    """Seeds x targets x the methods on one fixed held-out set; the summary is the mean/std of the runs; the table
+    written equals the one computed from results.json; the targets are computed from the summary. GRAIN is added to
+    the finished sweep afterwards (--add_methods), as the committed sweep's was."""
     from experiments.complexity import METHODS, format_tables, main
 
-    res = main(["--targets", "4", "8", "--seeds", "2", "--out", str(tmp_path), "--pretrained", str(tiny_pretrained),
-                "--budget", "600", "--val_budget", "300", "--eval_test_budget", "300", "--min_eval_regions", "50",
-                "--input_size", "0", "--stage1_epochs", "1", "--stage2_epochs", "1", "--device", "cpu", "--quiet"])  # fmt: skip
+    sweep = ["--targets", "4", "8", "--seeds", "2", "--out", str(tmp_path), "--pretrained", str(tiny_pretrained),
+             "--budget", "600", "--val_budget", "300", "--eval_test_budget", "300", "--min_eval_regions", "50",
+             "--input_size", "0", "--stage1_epochs", "1", "--stage2_epochs", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+    first = main([*sweep, "--methods", "baseline", "villa", "oracle"])
+    assert first["methods"] == ["zero-shot", "baseline", "villa", "oracle"] and "GRAIN" not in format_tables(first)
+    res = main(["--add_methods", "grain", "--out", str(tmp_path), "--device", "cpu", "--quiet"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(res))
+    assert saved["methods"] == list(METHODS) and set(saved["added"]) == {"grain"}
+    for before, after in zip(first["runs"], saved["runs"]):  # the sweep's own numbers are untouched
+        assert after["retrieval"]["villa"] == before["retrieval"]["villa"]
+        assert 0 <= after["grain_boxes"]["mean_iou"] <= 1 and after["epochs"]["grain"] == 1
+        assert "grain" in after["mapping_f1_rerun"]
+    assert "| target | mean IoU | epochs |" in format_tables(saved) and "GRAIN (queries)" in format_tables(saved)
     runs, summary = saved["runs"], saved["summary"]
     assert sorted((r["target"], r["seed"]) for r in runs) == [(4, 23), (4, 24), (8, 23), (8, 24)]
     assert [s["target"] for s in summary] == [4, 8]

@@ -49,6 +49,8 @@ class PipelineSettings:
     stage2_batch: int = 64
     stage2_lr: float = 2e-4
     early_stop_patience: int = 3  # Stage 2: epochs without a better val loss; ``stage2_epochs`` is the cap
+    grain_queries: int = 9  # mode=grain: one region query per DocMNIST grid cell
+    grain_head_lr: Optional[float] = None  # mode=grain: the head's learning rate (None: stage2_lr)
     device: str = "auto"
     num_workers: int = 2
     progress: bool = True
@@ -68,7 +70,8 @@ def stage2_overrides(s: PipelineSettings, data: Path, ckpt: Path, mode: str, map
     return over
 
 
-METHODS = ("villa", "baseline", "oracle")  # Stage 2 trainings; "zero-shot" is the starting encoder itself
+METHODS = ("villa", "baseline", "oracle", "grain")  # Stage 2 trainings; "zero-shot" is the starting encoder itself
+READOUTS = {"grain": ("roi", "query")}  # evaluated twice: the ROI path, and as "grain-queries" the matched queries
 
 
 def run_pipeline(
@@ -81,7 +84,8 @@ def run_pipeline(
     """Run every step under ``work``; evaluate on ``eval_data``'s test split (default: this dataset's).
 
     ``methods``: the Stage 2 models trained from the starting encoder: ``villa`` (Stage 1's mapping), ``baseline``
-    (one-to-one) and ``oracle`` (ViLLA's Stage 2 on the ground-truth region-attribute pairs: the ablation).
+    (one-to-one), ``oracle`` (ViLLA's Stage 2 on the ground-truth region-attribute pairs: the ablation) and
+    ``grain`` (the GRAIN-style objective on Stage 1's mapping, ``grain_boxes=mapping``).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -126,9 +130,14 @@ def run_pipeline(
     for method in methods:
         t = time.perf_counter()
         ck = work / "ckpt" / method
-        mode = "baseline" if method == "baseline" else "villa"
-        pairs = {"villa": mapping, "oracle": data / "oracle_mapping.feather"}.get(method)
-        r = train_stage2(compose_config("stage2", stage2_overrides(s, data, ck, mode, pairs)))
+        mode = {"baseline": "baseline", "grain": "grain"}.get(method, "villa")
+        pairs = {"villa": mapping, "oracle": data / "oracle_mapping.feather", "grain": mapping}.get(method)
+        extra = (
+            [f"grain.queries={s.grain_queries}", f"grain.head_lr={s.grain_head_lr or 'null'}"]
+            if method == "grain"
+            else []
+        )
+        r = train_stage2(compose_config("stage2", stage2_overrides(s, data, ck, mode, pairs) + extra))
         ckpts[method] = Path(r["best_checkpoint"])
         results[f"{method}_training"] = {"best_val": r["best_val"], "epochs": r["epochs_run"]}
         tick(f"stage2_{method}", t)
@@ -140,7 +149,10 @@ def run_pipeline(
     for label, pretrained in models:
         clip = create_clip(s.model, pretrained, device=runtime.device)
         opts = region_options(clip.pretrained, None, s.input_size)
-        retrieval[label] = evaluate_model(clip, ann, vocab, "test", runtime, opts, num_workers=s.num_workers)
+        for readout in READOUTS.get(label, ("roi",)):
+            name = label if readout == "roi" else f"{label}-queries"
+            retrieval[name] = evaluate_model(clip, ann, vocab, "test", runtime, opts, num_workers=s.num_workers,
+                                             readout=readout)  # fmt: skip
     tick("evaluate", t)
     results.update({"retrieval": retrieval, "eval_data": str(eval_root), "checkpoints": {k: str(v) for k, v in ckpts.items()},
                     "timings": timings, "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip

@@ -103,6 +103,8 @@ class Scheduler:
 @dataclass
 class GrainOptions:
     queries: int = opt(5, "region queries (GRAIN: 5), plus one image query", gt=0)
+    head_lr: Optional[float] = opt(None, "learning rate of the GRAIN head (decoder, queries, box MLP, projections); "
+                                   "null: lr", gt=0)  # fmt: skip
     width: int = opt(256, "decoder width (a multiple of 4 and of heads)", gt=0)
     heads: int = opt(8, "decoder attention heads", gt=0)
     layers: int = opt(3, "decoder layers (each gets the box loss: DETR's auxiliary losses)", gt=0)

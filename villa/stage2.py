@@ -409,6 +409,12 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
+    head = getattr(model, "grain", None)
+    if head is not None and cfg.grain.head_lr is not None:  # the GRAIN head (trained from scratch) at its own lr
+        mine = {id(p) for p in head.parameters()}
+        tower = [{**g, "params": [p for p in g["params"] if id(p) not in mine]} for g in groups]
+        heads = [{**g, "params": [p for p in g["params"] if id(p) in mine], "lr": cfg.grain.head_lr} for g in groups]
+        groups = [g for g in tower + heads if g["params"]]
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, **kw)  # the original's: L2 weight decay added to the gradient
