@@ -146,19 +146,25 @@ def test_resume_equals_uninterrupted(tiny_docmnist, tmp_path):
     )
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_docmnist, tmp_path, monkeypatch):
-    cfg = ["mode=baseline", "batch_size=32"]
-    train_stage2(s2cfg(tmp_path, tiny_docmnist, *cfg, "epochs=1"))
-    before = (tmp_path / "ckpt" / "last.pt").read_bytes()
+def nan_at_call(monkeypatch, n: int) -> dict[str, int]:
+    """Make Stage 2's n-th loss (from now on) NaN; returns the call counter."""
     calls = {"n": 0}
     real = stage2_module.infonce
 
     def flaky(*a, **k):
         calls["n"] += 1
         out = real(*a, **k)
-        return out * float("nan") if calls["n"] == 2 else out
+        return out * float("nan") if calls["n"] == n else out
 
     monkeypatch.setattr(stage2_module, "infonce", flaky)
+    return calls
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_docmnist, tmp_path, monkeypatch):
+    cfg = ["mode=baseline", "batch_size=32"]
+    train_stage2(s2cfg(tmp_path, tiny_docmnist, *cfg, "epochs=1"))
+    before = (tmp_path / "ckpt" / "last.pt").read_bytes()
+    nan_at_call(monkeypatch, 2)
     with pytest.raises(
         VillaError, match=r"non-finite loss \(nan\) at epoch 2 step 1; the last good checkpoint is .*last.pt"
     ):
@@ -169,15 +175,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_docmnist, tmp_path, mon
 def test_non_finite_stop_within_one_sync_interval(tiny_docmnist, tmp_path, monkeypatch):
     """Losses are checked every log_every steps (no host sync per step): a NaN at step 0 stops the run at the
     interval's end (step 1 with log_every=2), the error names step 0, and no checkpoint is written."""
-    calls = {"n": 0}
-    real = stage2_module.infonce
-
-    def nan_first(*a, **k):
-        calls["n"] += 1
-        out = real(*a, **k)
-        return out * float("nan") if calls["n"] == 1 else out
-
-    monkeypatch.setattr(stage2_module, "infonce", nan_first)
+    calls = nan_at_call(monkeypatch, 1)
     cfg = s2cfg(tmp_path, tiny_docmnist, "mode=baseline", "batch_size=16", "epochs=1", "log_every=2")
     with pytest.raises(VillaError, match=r"non-finite loss \(nan\) at epoch 1 step 0;"):
         train_stage2(cfg)
@@ -221,6 +219,34 @@ def _even_subset(src: Path, dst: Path, n_train: int = 16, n_val: int = 8) -> Pat
     return dst
 
 
+def ddp_and_single(data: Path, tmp_path: Path, overrides: list[str]) -> tuple[dict, dict]:
+    """The same run on 2 gloo ranks and on one process; their last checkpoints, after checking that the per-epoch
+    train and val losses match."""
+    torchrun_two_ranks(data, tmp_path, overrides)
+    single = train_stage2(s2cfg(tmp_path / "single", data, *overrides))
+    ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert len(ddp["history"]) == len(single["history"])
+    for h_ddp, h_one in zip(ddp["history"], single["history"]):
+        assert h_ddp["train_loss"] == pytest.approx(h_one["train_loss"], rel=1e-4)
+        assert h_ddp["val_loss"] == pytest.approx(h_one["val_loss"], rel=1e-4)
+    return ddp, torch.load(tmp_path / "single" / "ckpt" / "last.pt", weights_only=True)
+
+
+def torchrun_two_ranks(data: Path, tmp_path: Path, overrides: list[str]) -> None:
+    """Stage 2 under torchrun with 2 CPU processes (gloo), checkpoints in ``tmp_path / "ddp"``; both ranks must
+    finish with identical weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m", "villa.stage2",
+         f"data_dir={data}", f"checkpoint_dir={tmp_path / 'ddp'}", *TINY, *overrides],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    sums = re.findall(r"rank (\d)/2 finished: trainable parameter checksum (\S+)", r.stdout + r.stderr)
+    assert sorted(s[0] for s in sums) == ["0", "1"]
+    assert sums[0][1] == sums[1][1]  # identical weights on both ranks
+
+
 @pytest.mark.parametrize("mode", ["baseline", "pretrain"])
 def test_ddp_gloo_matches_single_process(tiny_docmnist, tmp_path, mode):
     """torchrun, 2 CPU processes (gloo): runs, ranks end with identical weights, and the losses, weights and
@@ -231,22 +257,7 @@ def test_ddp_gloo_matches_single_process(tiny_docmnist, tmp_path, mode):
     common = [f"mode={mode}", "batch_size=16", "epochs=2", "lr=1e-3", "model.freeze_bn=true", "seed=5"]
     if mode == "pretrain":
         common += ["learn_temperature=true", "optimizer=adamw", "weight_decay_all=false", "crop=none"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run(
-        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m", "villa.stage2",
-         f"data_dir={data}", f"checkpoint_dir={tmp_path / 'ddp'}", *TINY, *common],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    sums = re.findall(r"rank (\d)/2 finished: trainable parameter checksum (\S+)", r.stdout + r.stderr)
-    assert sorted(s[0] for s in sums) == ["0", "1"]
-    assert sums[0][1] == sums[1][1]  # identical weights on both ranks
-    single = train_stage2(s2cfg(tmp_path / "single", data, *common))
-    ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
-    for h_ddp, h_one in zip(ddp["history"], single["history"]):
-        assert h_ddp["train_loss"] == pytest.approx(h_one["train_loss"], rel=1e-4)
-        assert h_ddp["val_loss"] == pytest.approx(h_one["val_loss"], rel=1e-4)
-    one = torch.load(tmp_path / "single" / "ckpt" / "last.pt", weights_only=True)
+    ddp, one = ddp_and_single(data, tmp_path, common)
     # pretrain: undecayed AdamW turns the rounding noise of near-zero gradients (key biases, whose gradient is 0 in
     # exact arithmetic) into steps of up to lr; the gradients themselves are compared tightly through exp_avg below
     atol = 2e-3 if mode == "pretrain" else 1e-4
@@ -274,7 +285,13 @@ def test_experiment_configs_compose():
     from omegaconf import OmegaConf
 
     files = sorted((ROOT / "configs" / "experiment").glob("*.yaml"))
-    assert {f.stem for f in files} >= {"docmnist_stage1", "docmnist_stage2", "docmnist_baseline", "pretrain"}
+    assert {f.stem for f in files} >= {
+        "docmnist_stage1",
+        "docmnist_stage2",
+        "docmnist_baseline",
+        "pretrain",
+        "docmnist_grain",
+    }
     for f in files:
         name = "stage1" if "stage1" in f.stem else "stage2"
         cfg = compose_config(name, [f"experiment={f.stem}"])
@@ -289,6 +306,9 @@ def test_experiment_configs_compose():
             assert got == value, (f.name, key, got, value)
     assert compose_config("stage2", ["experiment=pretrain"]).weight_decay_all is False
     assert compose_config("stage2", ["experiment=docmnist_stage2"]).weight_decay_all is True  # the original's
+    grain = compose_config("stage2", ["experiment=docmnist_grain"])
+    assert grain.mode == "grain" and grain.grain_boxes == "mapping" and grain.grain.queries == 9
+    assert grain.model.pretrained == "openai" and grain.batch_size == 256  # the paper-scale settings, as ViLLA's
 
 
 def test_content_crop_boxes(tiny_docmnist):

@@ -88,6 +88,12 @@ def retrieval_metrics(
     return out
 
 
+def region_encoder(clip: Clip, runtime: Runtime, opts: dict[str, Any]) -> RegionEncoder:
+    """The region path with the options the checkpoint was trained with, in eval mode on the device."""
+    enc = RegionEncoder(clip.model.visual, normalize=opts["normalize"], input_size=opts["input_size"])
+    return enc.to(runtime.device).eval()
+
+
 @torch.no_grad()
 def embed_split_regions(
     clip: Clip,
@@ -98,11 +104,7 @@ def embed_split_regions(
     batch_size: int = 256,
     num_workers: int = 2,
 ) -> torch.Tensor:
-    encoder = (
-        RegionEncoder(clip.model.visual, normalize=opts["normalize"], input_size=opts["input_size"])
-        .to(runtime.device)
-        .eval()
-    )
+    encoder = region_encoder(clip, runtime, opts)
     n = int(ann.n_regions[rows].sum())
     out = np.zeros((n, clip.embed_dim), np.float32)
     embed_regions(encoder, ann, runtime, out, batch_size, num_workers, progress=False, rows=rows)
@@ -136,8 +138,7 @@ def embed_split_queries(
     """GRAIN's own readout: each ground-truth region's embedding is the region query matched to its box (box
     costs only, no text), batched over images; plus the matched queries' box quality (mean IoU)."""
     head = load_grain_head(clip, runtime.device)
-    prep = RegionEncoder(clip.model.visual, normalize=opts["normalize"], input_size=opts["input_size"])
-    prep = prep.to(runtime.device).eval()
+    prep = region_encoder(clip, runtime, opts)
     outs, matched, ious = [], [], []
     for images, batch_rows in region_batches(ann, rows, batch_size, num_workers):
         boxes, box_image = boxes_of(ann, batch_rows)
