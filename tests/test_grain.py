@@ -100,6 +100,8 @@ def test_head_shapes_and_tokens():
     boxes, region, image = head(feat, positions)
     assert boxes.shape == (2, 2, 4, 4) and region.shape == (2, 4, clip.embed_dim) and image.shape == (2, clip.embed_dim)
     assert ((boxes > 0) & (boxes < 1)).all()
+    with pytest.raises(VillaError, match="grain.width=30 must be a multiple of grain.heads=4"):
+        GrainHead(GrainSpec(feat.shape[1], clip.embed_dim, width=30, heads=4))
     pos = sine_positions(3, 2, 8, torch.device("cpu"))
     assert pos.shape == (6, 8) and not torch.equal(pos[0], pos[1]) and not torch.equal(pos[0], pos[2])
 

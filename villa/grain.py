@@ -96,6 +96,11 @@ class GrainHead(nn.Module):
 
     def __init__(self, spec: GrainSpec):
         super().__init__()
+        if spec.width % spec.heads or spec.width % 4:
+            raise VillaError(
+                f"grain.width={spec.width} must be a multiple of grain.heads={spec.heads} and of 4 (the 2-D position "
+                "code); e.g. grain.width=256 grain.heads=8"
+            )
         self.spec = spec
         self.proj = nn.Linear(spec.feature_dim, spec.width, bias=False)
         self.memory_norm = nn.LayerNorm(spec.width)  # GRAIN's pre-norm of the memory (normalize_before=True)
