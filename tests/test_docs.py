@@ -20,6 +20,16 @@ def test_demo_table_is_its_results_file_and_in_the_readme():
     assert table.strip() in README
 
 
+def test_grain_long_table_is_its_results_file_and_in_the_readme():
+    from experiments.complexity import format_tables
+
+    results = json.loads((RESULTS / "grain_long" / "results.json").read_text())
+    table = (RESULTS / "grain_long" / "table.md").read_text()
+    assert table == format_tables(results) and table.strip() in README
+    assert results["settings"]["stage2_epochs"] == 30 and "grain" in results["methods"]
+    assert results["command"] in (RESULTS / "README.md").read_text()
+
+
 def test_complexity_table_is_its_results_file_and_in_the_readme():
     from experiments.complexity import format_tables
 
@@ -28,11 +38,13 @@ def test_complexity_table_is_its_results_file_and_in_the_readme():
     assert table == format_tables(results)
     assert table.strip() in README
     assert results["command"] in README
+    assert all(info["command"] in README for info in results.get("added", {}).values())
+    assert results["methods"][-2:] == ["grain", "grain-queries"]  # issue 12: GRAIN in the sweep
     assert len(results["summary"]) >= 6 and len(results["settings"]["seeds"]) >= 3
     assert results["eval"]["regions"] >= 2000
 
 
-@pytest.mark.parametrize("folder", ["demo", "complexity"])
+@pytest.mark.parametrize("folder", ["demo", "complexity", "grain_long"])
 def test_results_record_a_held_out_evaluation(folder):
     """The committed runs evaluated on digits that trained nothing (the starting encoder's included)."""
     path = RESULTS / folder / "results.json"
