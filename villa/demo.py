@@ -1,4 +1,4 @@
-"""`make demo`: the main job on an embedded default, offline, on 2 CPU cores in about 5 minutes.
+"""`make demo`: the main job on an embedded default, offline, on 2 CPU cores in about 4 minutes (2.5 of them the pipeline).
 
 1. DocMNIST: target complexity 16 (the experiment).
 2. The starting encoder: villa's small CLIP pretrained by villa's own ``pretrain`` mode on low-complexity
