@@ -50,13 +50,14 @@ class LoopHeads(torch.nn.Module):
         return torch.stack([F.normalize(h(x), dim=-1) @ e[a] for a, h in enumerate(self.heads)], 1)
 
 
-def epoch(model, bank, attrs, e, rows, rt, bs, gen):
+def epoch(model, bank, attrs, e, rows, rt, bs, gen, cpu_bf16=False):
     # as each trainer: villa's Stage 1 uses the fused AdamW; the original, the default one
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=isinstance(model, MultiHeadProjection))
     steps = 0
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cpu_bf16 else rt.autocast
     for batch in image_batches(rows, bs, shuffle=True, generator=gen):
         x, ri = bank.gather(batch)
-        with rt.autocast():
+        with ctx():
             loss = stage1_loss(model.scores(x, e), ri, attrs[batch])
         opt.zero_grad()
         loss.backward()
@@ -120,16 +121,19 @@ def main() -> None:
     res = {}
     auto = MultiHeadProjection(a.dim, len(vocab)).to(rt.device)
     auto_kernel = "loop" if auto.uses_loop(e) else "bmm"
-    for name, model in (
-        ("kernel=bmm", MultiHeadProjection(a.dim, len(vocab), kernel="bmm")),
-        ("kernel=loop", MultiHeadProjection(a.dim, len(vocab), kernel="loop")),
-        ("original heads", LoopHeads(a.dim, len(vocab))),
-    ):
+    variants = [
+        ("kernel=bmm", MultiHeadProjection(a.dim, len(vocab), kernel="bmm"), False),
+        ("kernel=loop", MultiHeadProjection(a.dim, len(vocab), kernel="loop"), False),
+        ("original heads", LoopHeads(a.dim, len(vocab)), False),
+    ]
+    if not rt.is_cuda:  # what lower precision would give on CPU (it changes the numbers: not villa's default)
+        variants.append(("loop, bf16", MultiHeadProjection(a.dim, len(vocab), kernel="loop"), True))
+    for name, model, bf16 in variants:
         model = model.to(rt.device)
         gen = torch.Generator().manual_seed(0)
-        epoch(model, bank, attrs, e, rows[: a.batch_size * 3], rt, a.batch_size, gen)  # warm-up
+        epoch(model, bank, attrs, e, rows[: a.batch_size * 3], rt, a.batch_size, gen, bf16)  # warm-up
         t0 = time.perf_counter()
-        steps = epoch(model, bank, attrs, e, rows, rt, a.batch_size, gen)
+        steps = epoch(model, bank, attrs, e, rows, rt, a.batch_size, gen, bf16)
         secs = time.perf_counter() - t0
         res[name] = secs
         print(f"train epoch, {name:<14}: {secs:7.2f}s  {steps / secs:7.2f} steps/s")
