@@ -106,6 +106,20 @@ def test_head_shapes_and_tokens():
     assert pos.shape == (6, 8) and not torch.equal(pos[0], pos[1]) and not torch.equal(pos[0], pos[2])
 
 
+def test_vit_tokens_through_forward_intermediates():
+    """A ViT tower gives its last block's patch tokens (no class token, no added position code)."""
+    from open_clip.transformer import VisionTransformer
+
+    from villa.grain import tower_width
+
+    vit = VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=16)
+    feat, positions = image_tokens(vit, torch.rand(2, 3, 32, 32))
+    assert feat.shape == (2, 16, 32) and not positions and tower_width(vit) == 32
+    head = GrainHead(GrainSpec(32, 16, queries=3, width=32, heads=4, layers=1, ffn=64))
+    boxes, region, image = head(feat, positions)
+    assert boxes.shape == (1, 2, 3, 4) and region.shape == (2, 3, 16) and image.shape == (2, 16)
+
+
 def _grain_cfg(tmp, data, *extra):
     return s2cfg(tmp, data, "mode=grain", "grain_boxes=gold", "batch_size=16", "grain.queries=9", "grain.width=32",
                  "grain.heads=4", "grain.layers=2", "grain.ffn=64", *extra)  # fmt: skip
@@ -149,7 +163,6 @@ def test_grain_trains_resumes_and_evaluates(tiny_docmnist, tmp_path):
 
 
 def test_head_learning_rate_is_its_own_group(tiny_docmnist, tmp_path):
-    from villa.config import compose_config  # noqa: F401
     from villa.encoders import create_clip
     from villa.stage2 import Stage2Model, build_optimizer
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import compose_config
 
 from villa import stage2 as stage2_module
-from villa.data import build_pairs
+from villa.data import build_pairs, gather_index
 from villa.encoders import RegionEncoder, create_clip
 from villa.errors import VillaError
 from villa.losses import infonce
@@ -192,7 +192,7 @@ def test_pair_collate_gathers_the_pairs_of_its_images(tiny_docmnist, tmp_path):
     loader, _ = make_loader(train, cfg, Dist(), train=True)
     assert isinstance(loader.collate_fn, PairCollate)
     batch = next(iter(loader))
-    pair_idx, box_image = train.pairs.gather(batch.rows.numpy())
+    pair_idx, box_image = gather_index(train.pairs.offsets, batch.rows.numpy())
     assert batch.images.dtype == torch.uint8 and batch.images.shape == (8, 3, 84, 84)
     assert batch.pair_idx.tolist() == pair_idx.tolist() and batch.box_image.tolist() == box_image.tolist()
     assert torch.equal(batch.boxes, torch.from_numpy(train.pairs.boxes[pair_idx]))

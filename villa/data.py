@@ -82,9 +82,6 @@ class PairSet:
     def n_pairs(self) -> int:
         return len(self.boxes)
 
-    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return gather_index(self.offsets, rows)
-
 
 def whole_image_boxes(image_size: np.ndarray) -> np.ndarray:
     """The whole image as a region: [0, 0, W-1, H-1] (the original's box)."""

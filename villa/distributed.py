@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -41,20 +42,28 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, local)
 
 
-def gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
+def rank_sizes(n: int, d: Dist, device: torch.device) -> list[int]:
+    """Every rank's ``n``, in rank order (one all_gather)."""
+    if not d.enabled:
+        return [n]
+    t = torch.tensor([n], device=device)
+    sizes = [torch.zeros_like(t) for _ in range(d.world_size)]
+    dist.all_gather(sizes, t)
+    return [int(s.item()) for s in sizes]
+
+
+def gather_rows(x: torch.Tensor, d: Dist, sizes: Optional[list[int]] = None) -> torch.Tensor:
     """Concatenate every rank's (n_r, ...) rows in rank order; the local rows keep their autograd graph.
 
     Ranks may hold different numbers of rows (images have different region counts): sizes are exchanged, rows
-    padded to the largest, gathered, and trimmed. As open_clip (gather_with_grad=False), other ranks' rows are
+    padded to the largest, gathered, and trimmed (``sizes``: the ranks' row counts, when the caller already has
+    them from :func:`rank_sizes`). As open_clip (gather_with_grad=False), other ranks' rows are
     constants here; the caller scales the loss by the world size so that, after DDP averages the gradients, they
     equal a single process's on the global batch.
     """
     if not d.enabled:
         return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(d.world_size)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
+    sizes = rank_sizes(x.shape[0], d, x.device) if sizes is None else sizes
     m = max(sizes)
     padded = torch.cat([x.detach(), x.new_zeros((m - x.shape[0],) + tuple(x.shape[1:]))])
     parts = [torch.zeros_like(padded) for _ in range(d.world_size)]
@@ -62,17 +71,6 @@ def gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
     parts = [p[:s] for p, s in zip(parts, sizes)]
     parts[d.rank] = x
     return torch.cat(parts)
-
-
-def row_offset(n: int, d: Dist) -> tuple[int, int]:
-    """Where this rank's ``n`` rows start in :func:`gather_rows`'s result, and the total over ranks."""
-    if not d.enabled:
-        return 0, n
-    t = torch.tensor([n], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    sizes = [torch.zeros_like(t) for _ in range(d.world_size)]
-    dist.all_gather(sizes, t)
-    sizes = [int(s.item()) for s in sizes]
-    return sum(sizes[: d.rank]), sum(sizes)
 
 
 def sum_over_ranks(x: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import MLP, box_convert, generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import MLP, box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
 
 from villa.errors import VillaError
 
@@ -158,7 +157,7 @@ def hungarian_match(
     counts = torch.bincount(target_image, minlength=n_images)
     starts = torch.cumsum(counts, 0) - counts
     width = int(counts.max())
-    # each image's targets as columns of a (B, Q, width) block, padded by repeating its first target
+    # each image's targets as columns of a (B, Q, width) block, padded by repeating its last target (cut off below)
     col = starts[:, None] + torch.arange(width, device=dev)[None]
     col = torch.minimum(col, (starts + counts - 1).clamp(min=0)[:, None])
     flat = pred.reshape(b * q, 4).float()
@@ -198,8 +197,6 @@ def box_loss_sums(
 @torch.no_grad()
 def matched_iou(pred: torch.Tensor, target: torch.Tensor, match: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """IoU of each matched (query box, target box) pair: (M,)."""
-    from torchvision.ops import box_iou
-
     img, qry, tgt = match
     a = box_convert(pred[img, qry].float(), "cxcywh", "xyxy")
     b = box_convert(target[tgt].float(), "cxcywh", "xyxy")
@@ -237,7 +234,7 @@ def grain_losses(
     logits = scale * z @ desc_emb_all.t()
     rd = F.cross_entropy(logits, tgt + desc_offset, reduction="sum") if len(tgt) else logits.sum() * 0.0
     n = n_boxes.clamp(min=1)
-    return {"rd": rd / n, "l1": l1 / n, "giou": giou / n, "match": match_last}
+    return {"rd": rd / n, "l1": l1 / n, "giou": giou / n}
 
 
 def permute_queries(boxes: torch.Tensor, region_emb: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -260,7 +257,3 @@ def query_readout(
     matched = torch.zeros(len(gt_boxes), dtype=torch.bool, device=out.device)
     matched[tgt] = True
     return out, matched, matched_iou(boxes[-1], gt_boxes, match)
-
-
-def spec_from_dict(d: Optional[dict]) -> Optional[GrainSpec]:
-    return None if d is None else GrainSpec(**d)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from villa.config import hydra_entry, vocab_from_config
 from villa.data import PairSet, build_pairs, gather_index
 from villa.data_format import Annotations, load_annotations
-from villa.distributed import Dist, cleanup, gather_rows, init_distributed, row_offset, scale_grad, sum_over_ranks
+from villa.distributed import Dist, cleanup, gather_rows, init_distributed, rank_sizes, scale_grad, sum_over_ranks
 from villa.embeddings import weights_id
 from villa.encoders import Clip, RegionEncoder, clip_checkpoint_state, create_clip, mean_text_embeddings
 from villa.errors import VillaError
@@ -347,9 +347,9 @@ def grain_step_loss(
         scale = scale_grad(scale, 1.0 / d.world_size)
     scale = scale.float()
     l_ic = infonce(gather_rows(F.normalize(image_emb.float(), dim=-1), d), gather_rows(caption, d), scale)
-    offset, total = row_offset(len(desc), d)
-    parts = grain_losses(boxes.float(), region_emb, target, target_image, gather_rows(desc, d), offset, scale,
-                         torch.tensor(float(total), device=dev), aux=g.aux_loss)  # fmt: skip
+    sizes = rank_sizes(len(desc), d, dev)  # the global batch's descriptions: this rank's start at its offset
+    parts = grain_losses(boxes.float(), region_emb, target, target_image, gather_rows(desc, d, sizes),
+                         sum(sizes[: d.rank]), scale, torch.tensor(float(sum(sizes)), device=dev), aux=g.aux_loss)  # fmt: skip
     local = g.rd_weight * parts["rd"] + g.l1_weight * parts["l1"] + g.giou_weight * parts["giou"]
     value = sum_over_ranks(local.detach(), d)
     return l_ic + local + (value - local.detach())
