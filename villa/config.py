@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,7 +18,7 @@ from villa.errors import VillaError
 from villa.log import setup_logging
 from villa.paths import config_dir
 from villa.schemas import help_text, register_schemas, validate_config
-from villa.vocab import Vocabulary, vocab_from_dict
+from villa.vocab import Vocabulary, load_vocab, vocab_from_dict
 
 
 def _basename(path: Any) -> str:
@@ -31,16 +32,31 @@ if not OmegaConf.has_resolver("basename"):
     OmegaConf.register_new_resolver("basename", _basename)
 
 
+def dataset_path_overrides(overrides: Sequence[str]) -> list[str]:
+    """``dataset=path/to/vocab.yaml`` (a YAML path, not a name under configs/dataset/) becomes ``dataset=file
+    dataset.path=<absolute path>``: Hydra groups take names only, so a path is carried by the ``file`` option."""
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and key.lstrip("+~") == "dataset" and (value.endswith((".yaml", ".yml")) or os.sep in value):
+            out += ["dataset=file", f"dataset.path={Path(value).expanduser().resolve()}"]
+        else:
+            out.append(o)
+    return out
+
+
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """``compose_config("stage2", ["experiment=docmnist_baseline", "epochs=3"])``."""
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+        return compose(name, overrides=dataset_path_overrides(overrides))
 
 
 def vocab_from_config(cfg: DictConfig) -> Vocabulary:
-    """The vocabulary of the composed ``dataset`` group (configs/dataset/<name>.yaml, or an override)."""
+    """The vocabulary of the composed ``dataset`` group (configs/dataset/<name>.yaml, or a YAML given by path)."""
+    if "path" in cfg.dataset:
+        return load_vocab(cfg.dataset.path)
     return vocab_from_dict(OmegaConf.to_container(cfg.dataset, resolve=True), source=f"dataset={cfg.dataset.name}")
 
 
@@ -83,7 +99,8 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], Any], doc: str = "
             sys.exit(2)
 
     def main() -> None:
-        args = sys.argv[1:]
+        args = dataset_path_overrides(sys.argv[1:])
+        sys.argv = sys.argv[:1] + args  # what Hydra parses
         if "--help" in args or "-h" in args:
             overrides = [a for a in args if not a.startswith("-")]
             try:

@@ -8,11 +8,12 @@ plus offsets (regions of image i are rows ``region_offsets[i]:region_offsets[i+1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.feather as feather
 from PIL import Image
 
@@ -30,7 +31,11 @@ REQUIRED_COLUMNS = {
     "num_regions": "number of regions",
     "attributes": "the attribute names the caption mentions",
 }
-OPTIONAL_COLUMNS = {"reg_to_attr": "per region: its ground-truth attribute names (used only to score mappings)"}
+OPTIONAL_COLUMNS = {
+    "reg_to_attr": "per region: its ground-truth attribute names (scores mappings and region retrieval); null for an "
+    "unlabelled image",
+    "region_score": "per region: the proposal's objectness (regions from a detector)",
+}
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Annotations:
     attr_ids: np.ndarray  # vocabulary index of each image's attributes
     reg_attr_offsets: Optional[np.ndarray]  # (R + 1,) into reg_attr_ids, when reg_to_attr is present
     reg_attr_ids: Optional[np.ndarray]
+    labelled: Optional[np.ndarray] = None  # (I,) bool: the image has region labels (reg_to_attr not null)
 
     @property
     def n_images(self) -> int:
@@ -76,11 +82,11 @@ class Annotations:
         return m
 
 
-def _list_offsets(col: pa.ChunkedArray, name: str) -> tuple[np.ndarray, pa.Array]:
+def _list_offsets(col: pa.ChunkedArray, name: str, nullable: bool = False) -> tuple[np.ndarray, pa.Array]:
     arr = col.combine_chunks()
     if not pa.types.is_list(arr.type) and not pa.types.is_large_list(arr.type):
         raise VillaError(f"column {name!r} must hold a list per row, found {arr.type}; see docs/data_format.md")
-    if arr.null_count:
+    if arr.null_count and not nullable:
         row = int(np.flatnonzero(np.asarray(arr.is_null()))[0])
         raise VillaError(f"column {name!r} is null at row {row}; give every row a (possibly empty) list")
     return np.asarray(arr.offsets, dtype=np.int64), arr.flatten()
@@ -182,20 +188,36 @@ def load_annotations(
     attr_off, attr_vals = _list_offsets(table.column("attributes"), "attributes")
     attr_ids = _encode_names(attr_vals, vocab, "'attributes'", np.repeat(np.arange(n), np.diff(attr_off)), ids)
     reg_attr_off = reg_attr_ids = None
+    labelled = None
     if "reg_to_attr" in table.column_names:
-        ra_off, ra_lists = _list_offsets(table.column("reg_to_attr"), "reg_to_attr")
-        if not np.array_equal(np.diff(ra_off), n_reg):
-            i = int(np.flatnonzero(np.diff(ra_off) != n_reg)[0])
-            raise VillaError(f"image {ids[i]!r}: reg_to_attr must have one list per region ({n_reg[i]})")
-        reg_attr_off = np.asarray(ra_lists.offsets, dtype=np.int64)
+        ra_col = table.column("reg_to_attr").combine_chunks()
+        labelled = ~np.asarray(ra_col.is_null(), dtype=bool)
+        _, ra_lists = _list_offsets(table.column("reg_to_attr"), "reg_to_attr", nullable=True)  # labelled images'
+        per_image = np.asarray(pc.fill_null(pc.list_value_length(ra_col), 0), dtype=np.int64)
+        wrong = labelled & (per_image != n_reg)
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise VillaError(f"image {ids[i]!r}: reg_to_attr must have one list per region ({n_reg[i]}), or be null")
+        # region-level offsets: an unlabelled image's regions have no labels
+        inner_len = np.diff(np.asarray(ra_lists.offsets, dtype=np.int64))
+        reg_count = np.zeros(len(boxes), np.int64)
+        reg_count[np.repeat(labelled, n_reg)] = inner_len
+        reg_attr_off = np.concatenate([[0], np.cumsum(reg_count)]).astype(np.int64)
         reg_attr_ids = _encode_names(
             ra_lists.flatten(),
             vocab,
             "'reg_to_attr'",
-            reg_img[np.repeat(np.arange(len(boxes)), np.diff(reg_attr_off))],
+            reg_img[np.repeat(np.arange(len(boxes)), reg_count)],
             ids,
         )
     filepath = table.column("image_filepath").to_pylist()
+    outside_paths = [i for i, p in enumerate(filepath) if not path_inside(p)]
+    if outside_paths:
+        i = outside_paths[0]
+        raise VillaError(
+            f"{path}: image {ids[i]!r} has image_filepath {filepath[i]!r}, which leaves the dataset folder "
+            f"({len(outside_paths)} such rows); image paths must be relative to {root}, without '..'"
+        )
     if check_images:
         check_image_files(root, filepath, ids)
     text = table.column("text").to_pylist()
@@ -216,7 +238,16 @@ def load_annotations(
         attr_ids=attr_ids,
         reg_attr_offsets=reg_attr_off,
         reg_attr_ids=reg_attr_ids,
+        labelled=labelled,
     )
+
+
+def path_inside(rel: str) -> bool:
+    """A relative path that stays inside its folder: not absolute, no ``..`` part, no drive letter."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        return False
+    p = PurePosixPath(rel.replace("\\", "/"))
+    return not p.is_absolute() and ".." not in p.parts and not (len(rel) > 1 and rel[1] == ":")
 
 
 def check_image_files(root: Path, filepath: list[str], ids: list) -> None:

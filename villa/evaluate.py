@@ -1,4 +1,5 @@
-"""Evaluation: text-to-region and region-to-text retrieval on held-out regions, and Stage 1's mapping quality.
+"""Evaluation: text-to-region and region-to-text retrieval on held-out regions, image-text retrieval on held-out
+images, and Stage 1's mapping quality.
 
     python -m villa.evaluate model.pretrained=checkpoints/docmnist_stage2/best.pt label=villa
     python -m villa.evaluate model.name=RN50 model.pretrained=openai label=zero_shot
@@ -6,6 +7,9 @@
 Definitions (docs/evaluation.md). Queries are the vocabulary's attributes, each embedded as the L2-normalised mean
 of its prompt templates by the model's text tower; the gallery is every ground-truth region of the split,
 embedded by the model's region path. A region is relevant to an attribute when its ``reg_to_attr`` contains it.
+Image-text retrieval needs no region labels, so any imported dataset can be evaluated: each held-out image (the
+whole image as one box through the same region path, as the one-to-one pairs train it) against every held-out
+text (its sentences' mean embedding, as training embeds captions), Recall@1/5/10 both ways.
 """
 
 from __future__ import annotations
@@ -88,6 +92,27 @@ def retrieval_metrics(
     return out
 
 
+def image_text_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, Any]:
+    """Recall@K both ways for N images and their N texts (image i's text is text i). Ties count against the
+    query (an item scoring the same as the true one and listed before it ranks above it)."""
+    sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()  # (N, N)
+    n = len(sim)
+    idx = torch.arange(n)
+
+    def ranks(m: torch.Tensor) -> torch.Tensor:  # 0-based rank of the true item per row
+        true = m[idx, idx][:, None]
+        before = (m > true) | ((m == true) & (idx[None, :] < idx[:, None]))
+        return before.sum(1)
+
+    out: dict[str, Any] = {"images": int(n)}
+    for name, r in (("image_to_text", ranks(sim)), ("text_to_image", ranks(sim.t()))):
+        out[name] = {f"R@{k}": float((r < k).float().mean()) for k in ks}
+        out[name]["median_rank"] = float(r.float().median() + 1)
+    return out
+
+
 def region_encoder(clip: Clip, runtime: Runtime, opts: dict[str, Any]) -> RegionEncoder:
     """The region path with the options the checkpoint was trained with, in eval mode on the device."""
     enc = RegionEncoder(clip.model.visual, normalize=opts["normalize"], input_size=opts["input_size"])
@@ -109,6 +134,20 @@ def embed_split_regions(
     out = np.zeros((n, clip.embed_dim), np.float32)
     embed_regions(encoder, ann, runtime, out, batch_size, num_workers, progress=False, rows=rows)
     return torch.from_numpy(out)
+
+
+@torch.no_grad()
+def embed_split_images(
+    clip: Clip, ann: Annotations, rows: np.ndarray, runtime: Runtime, opts: dict[str, Any], batch_size: int = 256,
+    num_workers: int = 2,
+) -> torch.Tensor:  # fmt: skip
+    """(N, D): each image of ``rows`` as one whole-image box through the region path."""
+    from dataclasses import replace
+
+    from villa.data import whole_image_boxes
+
+    whole = replace(ann, region_offsets=np.arange(ann.n_images + 1), boxes=whole_image_boxes(ann.image_size))
+    return embed_split_regions(clip, whole, rows, runtime, opts, batch_size, num_workers)
 
 
 def load_grain_head(clip: Clip, device: torch.device) -> GrainHead:
@@ -159,18 +198,30 @@ def embed_split_queries(
 
 def evaluate_model(
     clip: Clip, ann: Annotations, vocab: Vocabulary, split: str, runtime: Runtime, opts: dict[str, Any], ks=(10, 50, 100),
-    batch_size: int = 256, num_workers: int = 2, readout: str = "roi",
+    batch_size: int = 256, num_workers: int = 2, readout: str = "roi", image_text: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Retrieval on ``split``'s ground-truth regions. ``readout``: ``roi``, the region path of the image tower (every
-    method); ``query``, a GRAIN checkpoint's matched region queries (and their box quality)."""
+    """Retrieval on ``split``'s ground-truth regions (when the data has ``reg_to_attr``) and, with ``image_text``
+    (always for data without region labels), image-text retrieval on its images. ``readout``: ``roi``, the region
+    path of the image tower (every method); ``query``, a GRAIN checkpoint's matched region queries (and their box
+    quality)."""
     if readout not in ("roi", "query"):
         raise VillaError(f"readout={readout!r}: use roi or query")
     rows = np.flatnonzero(ann.split == split)
     if len(rows) == 0:
         raise VillaError(f"split {split!r} is empty; evaluate another split (split=val)")
     gold_all = ann.region_attribute_matrix(len(vocab))
-    if gold_all is None:
-        raise VillaError("retrieval needs ground-truth regions: the annotations have no reg_to_attr column")
+    res: dict[str, Any] = {"split": split, "model": clip.source, "region_path": opts, "readout": readout}
+    if image_text or gold_all is None or (ann.labelled is not None and not ann.labelled[rows].any()):
+        from villa.encoders import mean_text_embeddings
+
+        img = embed_split_images(clip, ann, rows, runtime, opts, batch_size, num_workers)
+        txt = mean_text_embeddings(clip, [ann.text[r] for r in rows], runtime)
+        res["image_text"] = image_text_metrics(img, txt)
+    if gold_all is not None and ann.labelled is not None:
+        rows = rows[ann.labelled[rows]]  # region retrieval over the labelled images only
+    if gold_all is None or len(rows) == 0:
+        log.info("no region labels (reg_to_attr) in split %s: image-text retrieval only", split)
+        return res
     from villa.data import gather_index
 
     idx, _ = gather_index(ann.region_offsets, rows)
@@ -180,8 +231,7 @@ def evaluate_model(
     else:
         regions = embed_split_regions(clip, ann, rows, runtime, opts, batch_size, num_workers)
     attrs = encode_attributes(clip, vocab, runtime)
-    res = retrieval_metrics(regions, attrs, gold_all[idx], vocab, ks)
-    res.update({"split": split, "model": clip.source, "region_path": opts, "readout": readout})
+    res.update(retrieval_metrics(regions, attrs, gold_all[idx], vocab, ks))
     if boxes is not None:
         res["boxes"] = boxes
     return res
@@ -205,6 +255,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         cfg.batch_size,
         cfg.num_workers,
         cfg.readout,
+        cfg.image_text,
     )
     res["label"] = cfg.label
     mq = Path(cfg.mapping_quality)
@@ -212,7 +263,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         res["mapping"] = json.loads(mq.read_text()).get("quality")
     out = Path(cfg.output)
     write_json_atomic(out, res)
-    print(format_table({cfg.label: res}, vocab))
+    if "text_to_region" in res:
+        print(format_table({cfg.label: res}, vocab))
+    if "image_text" in res:
+        print(format_image_text({cfg.label: res}))
     log.info("wrote %s", out)
     return res
 
@@ -237,6 +291,17 @@ def format_table(results: dict[str, dict[str, Any]], vocab: Vocabulary) -> str:
             f"{'(chance)':<16}{100 * chance['chance']:>11.1f}"
             + "".join(f"{100 * chance['chance_per_group'][g]:>9.1f}" for g in groups)
         )
+    return "\n".join(lines)
+
+
+def format_image_text(results: dict[str, dict[str, Any]]) -> str:
+    """Image-text retrieval: a row per model, Recall@1/5/10 both ways."""
+    lines = [f"{'model':<16}{'images':>8}" + "".join(f"{'I2T R@' + k:>9}" for k in "1 5 10".split())
+             + "".join(f"{'T2I R@' + k:>9}" for k in "1 5 10".split())]  # fmt: skip
+    for name, r in results.items():
+        it = r["image_text"]
+        cells = [100 * it[d][f"R@{k}"] for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
+        lines.append(f"{name:<16}{it['images']:>8}" + "".join(f"{c:>9.1f}" for c in cells))
     return "\n".join(lines)
 
 

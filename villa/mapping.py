@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +18,7 @@ import pyarrow.feather as feather
 import torch
 import torch.nn.functional as F
 
+from villa.attributes import AttributeMatcher
 from villa.data import RegionBank
 from villa.errors import VillaError
 from villa.losses import segment_max
@@ -112,21 +112,22 @@ def assign_text(
     rng: np.random.Generator,
     per: str = "image",
 ) -> list[str]:
-    """Each region's text: for each of its attributes, a caption sentence containing the attribute word (chosen at
-    random among matches, seeded), joined with " . " in vocabulary order.
+    """Each region's text: for each of its attributes, a caption sentence that names it (chosen at random among
+    matches, seeded), joined with " . " in vocabulary order.
 
     ``per="image"`` (the original's): one sentence is drawn per (image, attribute) and every region assigned that
     attribute gets it. ``per="region"``: one is drawn per (region, attribute), so two regions sharing an attribute
     may get different sentences.
 
-    Matching is on whole words (regex ``\\b``); the original tests substring containment, which is the same on
-    DocMNIST but would match e.g. "red" inside "covered" on other data (docs/differences.md).
+    A sentence names an attribute when :class:`villa.attributes.AttributeMatcher` finds it there: the attribute or
+    one of its aliases, case-insensitive whole words, not negated (the matcher that wrote the dataset's
+    ``attributes``). The original tests substring containment of the attribute word, which is the same on DocMNIST
+    but would match e.g. "red" inside "covered" on other data (docs/differences.md).
     """
     if per not in SENTENCE_CHOICES:
         raise VillaError(f"sentence_choice={per!r}: use image (the original's) or region")
     sent_off, sent_id, uniq = _sentence_table(texts)
-    patterns = [re.compile(rf"\b{re.escape(a)}\b") for a in vocab.attributes]
-    match = np.array([[bool(p.search(u)) for p in patterns] for u in uniq], dtype=bool).reshape(len(uniq), len(vocab))
+    match = AttributeMatcher(vocab).sentence_matrix(uniq)  # (unique sentences, A)
     counts = np.diff(offsets)
     region_image = np.repeat(np.arange(len(counts)), counts)
     pr, pa_ = np.nonzero(assigned)  # region-attribute pairs, sorted by region then attribute

@@ -179,6 +179,9 @@ class EvaluateConfig(Common):
     mapping_quality: str = opt("???", "Stage 1's mapping_quality.json, included when present")
     output: str = opt("???", "where the JSON report is written")
     precision_at: list = opt([10, 50, 100], "k of precision@k")
+    image_text: bool = opt(
+        True, "also image-text retrieval, Recall@1/5/10 both ways (the only one without reg_to_attr)"
+    )
     batch_size: int = opt(256, "images per batch", gt=0)
     num_workers: int = opt(2, "DataLoader worker processes", ge=0)
     device: str = opt("auto", DEVICE_HELP)

@@ -147,7 +147,10 @@ def train_stage1(cfg: DictConfig) -> dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], generator)
         start_epoch, best_val = state["epoch"], state["best_val"]
-        log.info("resumed from %s at epoch %d", last, start_epoch)
+        if start_epoch >= cfg.epochs:
+            log.info("%s finished training (epoch %d): re-mapping only (epsilon=%s)", last, start_epoch, cfg.epsilon)
+        else:
+            log.info("resumed from %s at epoch %d", last, start_epoch)
     train_rows = np.flatnonzero(ann.split == "train")
     val_rows = np.flatnonzero(ann.split == "val")
     if cfg.drop_last and len(train_rows) < cfg.batch_size:
@@ -247,17 +250,31 @@ def make_mapping(
         "encoder": emb.encoder,
         "epsilon": cfg.epsilon,
     }
+    result["degeneracy"] = degeneracy = mapping_degeneracy(assigned, image_attrs, ann.region_offsets)
+    if degeneracy["degenerate"]:
+        log.warning(
+            "the mapping looks degenerate: %.0f%% of the regions of images with several regions and attributes get "
+            "every attribute of their image (%.1f attributes per region); the heads may not separate regions: lower "
+            "epsilon, train longer, or check the regions",
+            100 * degeneracy["all_attributes_share"], degeneracy["attributes_per_region"],
+        )  # fmt: skip
     gold = ann.region_attribute_matrix(len(vocab))
     if gold is not None:
+        labelled = np.repeat(ann.labelled if ann.labelled is not None else np.ones(ann.n_images, bool), ann.n_regions)
         region_split = np.repeat(ann.split, ann.n_regions)
         quality: dict[str, Any] = {}
         for name, pred in (("stage1", assigned), ("zero_shot", zs)):
-            quality[name] = {"all": mapping_quality(pred, gold, vocab.attribute_group, vocab.groups)}
+            quality[name] = {}
+            if labelled.any():  # "all": every labelled region of every split
+                quality[name]["all"] = mapping_quality(
+                    pred[labelled], gold[labelled], vocab.attribute_group, vocab.groups
+                )
             for split in ("train", "val", "test"):
-                m = region_split == split
+                m = (region_split == split) & labelled
                 if m.any():
                     quality[name][split] = mapping_quality(pred[m], gold[m], vocab.attribute_group, vocab.groups)
         result["quality"] = quality
+        result["labelled_regions"] = {s: int(((region_split == s) & labelled).sum()) for s in ("train", "val", "test")}
         print_quality(quality, vocab)
     qpath = out.with_name(out.stem + "_quality.json")
     write_json_atomic(qpath, result)
@@ -265,14 +282,38 @@ def make_mapping(
     return result
 
 
+def mapping_degeneracy(assigned: np.ndarray, image_attrs: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
+    """How close a mapping is to "every attribute to every region": among regions of images with at least two
+    regions and two attributes, the share that receive all their image's attributes, and attributes per region.
+    ``degenerate`` when that share is above one half (a working mapping on such images gives each attribute to
+    about one region)."""
+    counts = np.diff(offsets)
+    region_image = np.repeat(np.arange(len(counts)), counts)
+    n_attr = image_attrs.sum(1)[region_image]
+    got = assigned.sum(1)
+    eligible = (counts[region_image] >= 2) & (n_attr >= 2)
+    share = float((got[eligible] == n_attr[eligible]).mean()) if eligible.any() else 0.0
+    return {
+        "all_attributes_share": share,
+        "attributes_per_region": float(got.mean()) if len(got) else 0.0,
+        "regions_without_attribute": float((got == 0).mean()) if len(got) else 0.0,
+        "eligible_regions": int(eligible.sum()),
+        "degenerate": bool(eligible.any() and share > 0.5),
+    }
+
+
 def print_quality(quality: dict[str, Any], vocab: Vocabulary) -> None:
+    """Mapping P/R/F1 per split over labelled regions only (unlabelled images are not scored)."""
     groups = list(vocab.groups)
-    head = f"{'mapping (all splits)':<22}{'P':>7}{'R':>7}{'F1':>7}" + "".join(f"{'F1 ' + g:>10}" for g in groups)
+    head = f"{'mapping (labelled)':<26}{'P':>7}{'R':>7}{'F1':>7}" + "".join(f"{'F1 ' + g:>10}" for g in groups)
     print(head)
     for name, q in quality.items():
-        a = q["all"]["all"]
-        row = f"{name:<22}{100 * a['precision']:>7.1f}{100 * a['recall']:>7.1f}{100 * a['f1']:>7.1f}"
-        print(row + "".join(f"{100 * q['all'][g]['f1']:>10.1f}" for g in groups))
+        for split in ("train", "val", "test"):
+            if split not in q:
+                continue
+            a = q[split]["all"]
+            row = f"{name + ' ' + split:<26}{100 * a['precision']:>7.1f}{100 * a['recall']:>7.1f}{100 * a['f1']:>7.1f}"
+            print(row + "".join(f"{100 * q[split][g]['f1']:>10.1f}" for g in groups))
 
 
 main = hydra_entry("stage1", train_stage1, __doc__)

@@ -34,7 +34,12 @@ class Vocabulary:
     groups: tuple[str, ...]
     attribute_group: tuple[int, ...]  # group index of each attribute
     templates: tuple[tuple[str, ...], ...]  # per group
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # other top-level keys (negation, uncertainty, ...)
+    aliases: tuple[tuple[str, ...], ...] = ()  # per attribute: its name, then its aliases (villa/attributes.py)
+
+    def __post_init__(self) -> None:
+        if not self.aliases:
+            object.__setattr__(self, "aliases", tuple((a,) for a in self.attributes))
 
     @property
     def index(self) -> dict[str, int]:
@@ -67,6 +72,8 @@ def vocab_from_dict(cfg: Mapping[str, Any], source: str = "<dict>") -> Vocabular
     groups: list[str] = []
     attr_group: list[int] = []
     templates: list[tuple[str, ...]] = []
+    aliases: list[tuple[str, ...]] = []
+    owner: dict[str, str] = {}  # lower-cased name or alias -> its attribute
     for gi, g in enumerate(cfg["groups"]):
         for key in ("name", "attributes", "templates"):
             if key not in g or not g[key]:
@@ -76,11 +83,35 @@ def vocab_from_dict(cfg: Mapping[str, Any], source: str = "<dict>") -> Vocabular
                 raise VillaError(f"dataset config {source}: template {t!r} must contain '{{}}' exactly once")
         groups.append(str(g["name"]))
         templates.append(tuple(str(t) for t in g["templates"]))
+        group_aliases = g.get("aliases") or {}
+        if not isinstance(group_aliases, Mapping):
+            raise VillaError(f"dataset config {source}: group {g['name']!r}: aliases must map an attribute to a list")
+        unknown = [k for k in group_aliases if k not in g["attributes"]]
+        if unknown:
+            raise VillaError(
+                f"dataset config {source}: group {g['name']!r} gives aliases for {unknown[0]!r}, not one of its "
+                "attributes; list the attribute first or fix the name"
+            )
         for a in g["attributes"]:
             if a in attrs:
                 raise VillaError(f"dataset config {source}: attribute {a!r} appears twice")
+            extra_names = group_aliases.get(a) or []
+            if isinstance(extra_names, str):
+                extra_names = [extra_names]
+            names = (str(a), *(str(x) for x in extra_names))
+            for n in names:
+                key = " ".join(n.lower().split())
+                if not key:
+                    raise VillaError(f"dataset config {source}: attribute {a!r} has an empty alias")
+                if owner.get(key, a) != a:
+                    raise VillaError(
+                        f"dataset config {source}: {n!r} names both {owner[key]!r} and {a!r}; keep it under one "
+                        "attribute"
+                    )
+                owner[key] = str(a)
             attrs.append(str(a))
             attr_group.append(gi)
+            aliases.append(names)
     extra = {k: v for k, v in cfg.items() if k not in ("name", "groups")}
     return Vocabulary(
         name=str(cfg.get("name", Path(source).stem)),
@@ -89,6 +120,7 @@ def vocab_from_dict(cfg: Mapping[str, Any], source: str = "<dict>") -> Vocabular
         attribute_group=tuple(attr_group),
         templates=tuple(templates),
         extra=extra,
+        aliases=tuple(aliases),
     )
 
 
@@ -101,6 +133,13 @@ def load_vocab(name_or_path: PathLike | Mapping[str, Any] = "docmnist") -> Vocab
         p = config_dir() / "dataset" / f"{name_or_path}.yaml"
     if not p.is_file():
         raise VillaError(f"dataset config not found: {p}; pass a YAML path or a name under configs/dataset/")
-    with open(p) as f:
-        cfg = yaml.safe_load(f)
+    try:
+        with open(p) as f:
+            cfg = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise VillaError(f"dataset config {p} is not valid YAML{at}; fix the file") from e
+    if not isinstance(cfg, Mapping):
+        raise VillaError(f"dataset config {p} is empty or not a mapping; give it 'name' and 'groups'")
     return vocab_from_dict(cfg, source=str(p))
