@@ -12,12 +12,14 @@ optionally NegEx-style cue lists (docs/data_format.md)::
     uncertainty: default     # or {pre: [...], post: [...]}; absent: none
     uncertain: mention       # policy for uncertain mentions: mention (counted, CheXpert's "U-Ones") or drop
     plurals: false           # true: also match each name and alias with a plural ending (s / es)
+    negation_window: 5       # words a cue reaches (NegEx's); null: to the end of the sentence or a terminator
 
 Matching is case-insensitive on whole words (a phrase's internal spaces match any whitespace); at one position the
 longest phrase wins ("pleural effusion" before "effusion"). Text is split into sentences on ``.`` (the sentences
 Stage 1 gives to regions). Within a sentence a *pre* cue ("no", "without", "negative for", "free of", "no evidence
-of") applies to the mentions after it, a *post* cue ("is ruled out", "not seen") to the mentions before it, up to
-a terminator ("but", "however", "although", ...) or the sentence's end. Negation wins over uncertainty; an
+of") applies to the mentions after it, a *post* cue ("is ruled out", "not seen") to the mentions before it, over at
+most ``negation_window`` words (5, NegEx's scope) and never past a terminator ("but", "however", "although",
+";", ...) or the sentence's end. As in NegEx, "and" does not end a scope: "no buses and a stoplight" negates both. Negation wins over uncertainty; an
 uncertainty cue that contains a negation cue ("cannot be ruled out") is uncertainty.
 
 The same :class:`AttributeMatcher` writes an imported dataset's ``attributes`` (:func:`extract_attributes`) and
@@ -57,6 +59,7 @@ DEFAULT_UNCERTAINTY = {
 TERMINATORS = ["but", "however", "although", "though", "except", "aside from", "apart from", "yet", "which",
                "whereas", "while", "otherwise"]  # fmt: skip
 UNCERTAIN_POLICIES = ("mention", "drop")
+NEGEX_WINDOW = 5  # words a cue reaches (NegEx's scope); null in the config: to the sentence's end or a terminator
 
 # Words never suggested as missing vocabulary (the coverage report's "most frequent unmatched words").
 STOPWORDS = frozenset(
@@ -150,7 +153,13 @@ class AttributeMatcher:
         self.neg_pre, self.neg_post = _alternation(neg["pre"]), _alternation(neg["post"])
         self.unc_pre, self.unc_post = _alternation(unc["pre"]), _alternation(unc["post"])
         self.has_cues = any(r is not None for r in (self.neg_pre, self.neg_post, self.unc_pre, self.unc_post))
-        self.term_re = _alternation(TERMINATORS + [";", ":"]) if self.has_cues else None
+        words = _alternation(TERMINATORS)
+        self.term_re = re.compile(f"{words.pattern}|[;:]", re.IGNORECASE) if self.has_cues else None
+        self.window = extra.get("negation_window", NEGEX_WINDOW)
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise VillaError(
+                f"dataset config {source}: negation_window={self.window!r}; a number of words >= 1, or null"
+            )
         self.cue_words = {w for lst in (*neg.values(), *unc.values()) for c in lst for w in c.lower().split()}
 
     # --- one sentence ---------------------------------------------------------------------------------------------
@@ -164,14 +173,24 @@ class AttributeMatcher:
         # a negation word inside an uncertainty cue ("cannot be ruled out", "not excluded") belongs to that cue
         neg = [c for c in neg if not any(u0 <= c[0] and c[1] <= u1 for u0, u1, _ in unc)]
         terms = [m.start() for m in self.term_re.finditer(s)] if self.term_re else []
+        word_starts = [m.start() for m in re.finditer(r"\w+", s)]
+        word_ends = [m.end() for m in re.finditer(r"\w+", s)]
         out = []
         for cues, status in ((neg, "negated"), (unc, "uncertain")):
             for c0, c1, kind in cues:
                 if kind == "pre":
                     end = min([t for t in terms if t >= c1], default=len(s))
+                    if self.window:  # at most ``window`` words after the cue
+                        after = [e for e in word_ends if e > c1]
+                        if len(after) > self.window:
+                            end = min(end, after[self.window - 1])
                     out.append((c1, end, status))
                 else:
                     start = max([t for t in terms if t < c0], default=0)
+                    if self.window:
+                        before = [b for b in word_starts if b < c0]
+                        if len(before) > self.window:
+                            start = max(start, before[-self.window])
                     out.append((start, c0, status))
         return out
 

@@ -197,14 +197,16 @@ def train_detector(
     out: PathLike,
     epochs: int = 3,
     batch_size: int = 16,
-    lr: float = 0.01,
+    lr: float = 2e-3,
     seed: int = 0,
     max_images: Optional[int] = None,
     dataset_config: str = "docmnist",
     keep_attributes: Optional[Sequence[str]] = None,
     progress: bool = True,
+    optimizer: str = "adamw",
 ) -> Path:
-    """Train ``villa-tiny-frcnn`` class-agnostically (object vs background) on a dataset's train-split boxes.
+    """Train ``villa-tiny-frcnn`` class-agnostically (object vs background) on a dataset's train-split boxes
+    (one-cycle schedule; ``optimizer``: adamw, or sgd with momentum).
 
     ``keep_attributes``: train only on boxes whose ``reg_to_attr`` holds one of these (the open-vocabulary
     protocol: a proposal model that never sees a box of a novel category)."""
@@ -232,7 +234,11 @@ def train_detector(
     kwargs = {"num_classes": 2, "min_size": int(min(w, h)), "max_size": int(max(w, h))}
     model = build_tiny_frcnn(**kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    opt = (
+        torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        if optimizer == "adamw"
+        else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    )
     steps = epochs * max(1, len(rows) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     images = {int(r): read_image(ann.root / ann.filepath[r]).float().div_(255) for r in rows}
@@ -259,7 +265,7 @@ def train_detector(
             if step < steps - 1:
                 sched.step()
             step += 1
-            total += float(loss)
+            total += float(loss.detach())
         log.info("detector epoch %d/%d loss=%.4f (%.0fs)", epoch + 1, epochs, total / max(1, len(order) // batch_size),
                  time.perf_counter() - t0)  # fmt: skip
     state = {"kind": KIND, "name": "villa-tiny-frcnn", "kwargs": kwargs, "model": model.state_dict(),
@@ -284,7 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     t.add_argument("--dataset_config", default="docmnist", help="vocabulary name or YAML path")
     t.add_argument("--epochs", type=int, default=3, help="passes over the train split")
     t.add_argument("--batch_size", type=int, default=16, help="images per step")
-    t.add_argument("--lr", type=float, default=0.01, help="peak SGD learning rate (one-cycle)")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle schedule)")
+    t.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="AdamW, or SGD with momentum 0.9")
     t.add_argument("--max_images", type=int, default=None, help="train on the first N training images")
     t.add_argument("--keep_attributes", nargs="+", default=None, help="train only on boxes holding these")
     t.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
@@ -294,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if getattr(a, k) < 1:
             raise VillaError(f"--{k}={getattr(a, k)}: must be >= 1")
     out = train_detector(a.data_dir, a.out, a.epochs, a.batch_size, a.lr, a.seed, a.max_images, a.dataset_config,
-                         a.keep_attributes, not a.quiet)  # fmt: skip
+                         a.keep_attributes, not a.quiet, a.optimizer)  # fmt: skip
     print(f"wrote {out}")
 
 

@@ -57,6 +57,17 @@ def region_options(pretrained: Optional[str], normalize: Optional[bool], input_s
     return opts
 
 
+def _mean_or_none(x: np.ndarray) -> Optional[float]:
+    """Mean over the non-NaN entries; None when there are none (e.g. a group with no relevant region in the split)."""
+    x = np.asarray(x, np.float64)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if len(x) else None
+
+
+def _pct(v: Optional[float], width: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{100 * v:>{width}.1f}"
+
+
 def retrieval_metrics(
     region_emb: torch.Tensor,
     attr_emb: torch.Tensor,
@@ -73,9 +84,9 @@ def retrieval_metrics(
     out["text_to_region"] = {
         "r_precision": float(np.nanmean(t2r)),
         "chance": float(np.mean(chance[gold.sum(0) > 0])),
-        "per_group": {g: float(np.nanmean(t2r[ag == gi])) for gi, g in enumerate(vocab.groups)},
+        "per_group": {g: _mean_or_none(t2r[ag == gi]) for gi, g in enumerate(vocab.groups)},
         "chance_per_group": {
-            g: float(np.mean(chance[(ag == gi) & (gold.sum(0) > 0)])) for gi, g in enumerate(vocab.groups)
+            g: _mean_or_none(chance[(ag == gi) & (gold.sum(0) > 0)]) for gi, g in enumerate(vocab.groups)
         },
         "per_attribute": {a: (None if np.isnan(v) else float(v)) for a, v in zip(vocab.attributes, t2r)},
         "precision_at": {
@@ -283,13 +294,13 @@ def format_table(results: dict[str, dict[str, Any]], vocab: Vocabulary) -> str:
         t = r["text_to_region"]
         chance = t
         lines.append(
-            f"{name:<16}{100 * t['r_precision']:>11.1f}" + "".join(f"{100 * t['per_group'][g]:>9.1f}" for g in groups)
+            f"{name:<16}{100 * t['r_precision']:>11.1f}" + "".join(_pct(t["per_group"][g], 9) for g in groups)
             + f"{100 * r['region_to_text']['r_precision']:>11.1f}{100 * t['precision_at'].get('10', float('nan')):>10.1f}"
         )  # fmt: skip
     if chance is not None:
         lines.append(
             f"{'(chance)':<16}{100 * chance['chance']:>11.1f}"
-            + "".join(f"{100 * chance['chance_per_group'][g]:>9.1f}" for g in groups)
+            + "".join(_pct(chance["chance_per_group"][g], 9) for g in groups)
         )
     return "\n".join(lines)
 
@@ -313,13 +324,13 @@ def format_markdown_table(results: dict[str, dict[str, Any]], vocab: Vocabulary)
     t = None
     for name, r in results.items():
         t = r["text_to_region"]
-        cells = [f"{100 * t['r_precision']:.1f}", *(f"{100 * t['per_group'][g]:.1f}" for g in groups),
+        cells = [f"{100 * t['r_precision']:.1f}", *(_pct(t["per_group"][g], 0).strip() for g in groups),
                  f"{100 * r['region_to_text']['r_precision']:.1f}", f"{100 * t['precision_at'].get('10', float('nan')):.1f}"]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if t is not None:
         lines.append(
             f"| chance | {100 * t['chance']:.1f} | "
-            + " | ".join(f"{100 * t['chance_per_group'][g]:.1f}" for g in groups)
+            + " | ".join(_pct(t["chance_per_group"][g], 0).strip() for g in groups)
             + " | | |"
         )
     return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""What region sources cost on a user's own data: DocMNIST exported as plain images plus free-text captions (no
+boxes, no attribute lists), imported back with each region source, then the demo's pipeline.
+
+    python experiments/own_data.py --out docs/results/own_data --work outputs/own_data
+
+For each region source (``given``: the exported boxes; ``grid`` 3x3; ``grid`` 1x1 + 2x2 + 3x3; ``proposals``:
+the RPN of a villa-tiny-frcnn trained on the training split's boxes, top 20): import with
+``python -m villa.datasets.generic`` (attributes found in the captions by the extractor), preprocess, Stage 1,
+Stage 2 (ViLLA) from the demo's starting encoder and settings. Scored against DocMNIST's ground truth, which
+nothing trains on: Stage 1's mapping F1 on the training split (each region labelled by the ground-truth box it
+overlaps at IoU >= 0.5; regions without one count their assignments as false), text-to-region and region-to-text
+R-Precision on the ground-truth regions of the held-out test split, and image-text Recall@1 there.
+One seed (23); the one-to-one baseline (regions play no part in it) trained once for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from docmnist.generate_docmnist import generate  # noqa: E402
+from villa.config import compose_config  # noqa: E402
+from villa.data_format import load_annotations  # noqa: E402
+from villa.datasets.docmnist_plain import export_plain  # noqa: E402
+from villa.datasets.generic import import_generic  # noqa: E402
+from villa.demo import ASSET  # noqa: E402
+from villa.detector import train_detector  # noqa: E402
+from villa.encoders import create_clip  # noqa: E402
+from villa.errors import exit_on_error  # noqa: E402
+from villa.evaluate import evaluate_model, region_options  # noqa: E402
+from villa.log import setup_logging  # noqa: E402
+from villa.paths import write_json_atomic, write_text_atomic  # noqa: E402
+from villa.pipeline import PipelineSettings, stage2_overrides  # noqa: E402
+from villa.region_sources import RegionSpec, attach_reference_labels  # noqa: E402
+from villa.regions import embed_dataset  # noqa: E402
+from villa.runtime import get_runtime  # noqa: E402
+from villa.stage1 import train_stage1  # noqa: E402
+from villa.stage2 import train_stage2  # noqa: E402
+from villa.vocab import load_vocab  # noqa: E402
+
+VARIANTS = {
+    "given": RegionSpec("given"),
+    "grid 3x3": RegionSpec("grid", grid=[3]),
+    "grid 1+2+3": RegionSpec("grid", grid=[1, 2, 3]),
+    "proposals (RPN top 20)": RegionSpec("proposals", proposal_kind="rpn", top_k=20, nms=0.7),
+}
+
+
+def table_md(res: dict) -> str:
+    lines = [
+        "| regions | per image | recall@0.5 | mapping F1 Stage 1 (train) | mapping F1 zero-shot (train) | "
+        "T2R R-Prec | R2T R-Prec | I2T R@1 | T2I R@1 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in res["variants"].items():
+        q, ev = r["mapping"], r["retrieval"]
+        lines.append(
+            f"| {name} | {r['regions_per_image']:.1f} | {100 * r['recall_at_0.5']:.1f} | "
+            f"{100 * q['stage1']['train']['all']['f1']:.1f} | {100 * q['zero_shot']['train']['all']['f1']:.1f} | "
+            f"{100 * ev['text_to_region']['r_precision']:.1f} | {100 * ev['region_to_text']['r_precision']:.1f} | "
+            f"{100 * ev['image_text']['image_to_text']['R@1']:.1f} | {100 * ev['image_text']['text_to_image']['R@1']:.1f} |"
+        )
+    for name, ev in res["reference"].items():
+        lines.append(
+            f"| ({name}) | | | | | {100 * ev['text_to_region']['r_precision']:.1f} | "
+            f"{100 * ev['region_to_text']['r_precision']:.1f} | {100 * ev['image_text']['image_to_text']['R@1']:.1f} | "
+            f"{100 * ev['image_text']['text_to_image']['R@1']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@exit_on_error
+def main(argv=None) -> dict:
+    setup_logging()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/own_data", help="results.json and table.md")
+    p.add_argument("--work", default=None, help="datasets and checkpoints (default: --out)")
+    p.add_argument("--budget", type=int, default=15000, help="DocMNIST training budget (the demo's)")
+    p.add_argument("--detector_epochs", type=int, default=8, help="epochs of the proposal model")
+    p.add_argument("--stage1_epochs", type=int, default=30, help="Stage 1 epochs (the demo's)")
+    p.add_argument("--stage2_epochs", type=int, default=6, help="Stage 2 epoch cap (the demo's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    out, work = Path(a.out), Path(a.work or a.out)
+    s = PipelineSettings(pretrained=str(ASSET), budget=a.budget, val_budget=a.budget // 5, test_budget=a.budget // 5,
+                         stage1_epochs=a.stage1_epochs, stage2_epochs=a.stage2_epochs, device=a.device,
+                         progress=not a.quiet)  # fmt: skip
+    vocab = load_vocab("docmnist")
+    gt = generate(s.budget, s.target, seed=s.seed, out_dir=str(work / "docmnist"), val_budget=s.val_budget,
+                  test_budget=s.test_budget, overwrite=True, progress=s.progress)  # fmt: skip
+    plain = export_plain(gt, work / "plain", overwrite=True, with_boxes=True)
+    t = time.perf_counter()
+    det = train_detector(
+        gt, work / "detector.pt", epochs=a.detector_epochs, lr=0.02, seed=s.seed, progress=s.progress, optimizer="sgd"
+    )
+    detector_seconds = round(time.perf_counter() - t, 1)
+    runtime = get_runtime(s.device)
+    test = load_annotations(gt, vocab, required_splits=("test",))
+    res = {"command": "python experiments/own_data.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "settings": vars(a) | {"seed": s.seed, "target": s.target, "starting_encoder": ASSET.name},
+           "detector_seconds": detector_seconds, "variants": {}, "reference": {}}  # fmt: skip
+
+    def evaluate(ckpt: str) -> dict:
+        clip = create_clip(s.model, ckpt, device=runtime.device)
+        return evaluate_model(clip, test, vocab, "test", runtime, region_options(clip.pretrained, None, s.input_size),
+                              num_workers=s.num_workers, image_text=True)  # fmt: skip
+
+    for name, spec in VARIANTS.items():
+        t = time.perf_counter()
+        slug = name.split(" ")[0] + ("" if name == "given" else "_" + "".join(c for c in name if c.isdigit()))
+        if spec.source == "proposals":
+            spec.detector_weights = str(det)
+        data = import_generic(plain, plain / "captions.jsonl", vocab, spec, work / "imported" / slug,
+                              no_attribute="error", progress=s.progress)  # fmt: skip
+        labels = attach_reference_labels(data, gt, vocab)
+        emb = embed_dataset(data, "docmnist", model=s.model, pretrained=s.pretrained, device=s.device,
+                            num_workers=s.num_workers, input_size=s.input_size, progress=s.progress)  # fmt: skip
+        s1 = train_stage1(compose_config("stage1", [
+            f"data_dir={data}", f"embeddings_dir={emb}", f"mapping_path={data / 'mapping.feather'}",
+            f"checkpoint_dir={work / 'ckpt' / slug / 'stage1'}", "resume=false", f"epochs={s.stage1_epochs}",
+            f"lr={s.stage1_lr}", f"device={s.device}", f"seed={s.seed}", f"progress={str(s.progress).lower()}",
+        ]))  # fmt: skip
+        r2 = train_stage2(compose_config("stage2", stage2_overrides(s, data, work / "ckpt" / slug / "villa", "villa",
+                                                                    data / "mapping.feather")))  # fmt: skip
+        res["variants"][name] = {**labels, "mapping": s1["quality"], "degeneracy": s1["degeneracy"],
+                                 "stage2": {"best_val": r2["best_val"], "epochs": r2["epochs_run"]},
+                                 "retrieval": evaluate(r2["best_checkpoint"]),
+                                 "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+        print(f"[{name}] done in {time.perf_counter() - t:.0f}s", flush=True)
+    base = train_stage2(compose_config("stage2", stage2_overrides(s, gt, work / "ckpt" / "baseline", "baseline", None)))
+    res["reference"]["one-to-one baseline"] = evaluate(base["best_checkpoint"])
+    res["reference"]["zero-shot"] = evaluate(s.pretrained)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(out / "results.json", res)
+    write_text_atomic(out / "table.md", table_md(res))
+    print(table_md(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
