@@ -28,10 +28,11 @@ picks, in Stage 1, the caption sentences that name each region's attributes (:me
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -71,17 +72,64 @@ STOPWORDS = frozenset(
 )
 
 
-def _phrase_pattern(phrase: str) -> str:
-    """A phrase as a regex: literal words, any whitespace between them."""
-    return r"\s+".join(re.escape(w) for w in phrase.split())
+WORD = re.compile(r"\w+")
 
 
-def _alternation(phrases: Iterable[str]) -> Optional[re.Pattern]:
-    """One case-insensitive whole-word regex matching any of ``phrases``, longest first."""
-    uniq = sorted({" ".join(p.lower().split()) for p in phrases if p.strip()}, key=lambda p: (-len(p), p))
-    if not uniq:
-        return None
-    return re.compile(r"(?<!\w)(?:" + "|".join(_phrase_pattern(p) for p in uniq) + r")(?!\w)", re.IGNORECASE)
+class PhraseIndex:
+    """Whole-word phrase lookup on a sentence's word tokens: every phrase is indexed by its first word, and a
+    sentence is scanned once, left to right, taking the longest phrase that starts at each word (non-overlapping,
+    as a regex alternation would, but in time linear in the words rather than in words x phrases). Words are
+    ``\\w+`` tokens, lower-cased; between a phrase's words the text may have any whitespace, and otherwise must
+    have the phrase's own punctuation ("t-shirt" matches "T-Shirt", not "t, shirt")."""
+
+    def __init__(self, phrases: dict[str, Any]):
+        self.first: dict[str, list[tuple[list[str], list[str], Any]]] = {}
+        for phrase, payload in phrases.items():
+            low = phrase.lower()
+            ms = list(WORD.finditer(low))
+            if not ms:
+                continue
+            words = [m.group() for m in ms]
+            seps = [low[ms[k].end() : ms[k + 1].start()].strip() for k in range(len(ms) - 1)]
+            self.first.setdefault(words[0], []).append((words, seps, payload))
+        for cands in self.first.values():
+            cands.sort(key=lambda c: -len(c[0]))
+
+    def __bool__(self) -> bool:
+        return bool(self.first)
+
+    def find(self, low: str, toks: list[str], spans: list[tuple[int, int]]) -> list[tuple[int, int, Any]]:
+        """(first token, end token, payload) of each phrase found in a tokenised sentence."""
+        out, i, n = [], 0, len(toks)
+        first = self.first
+        while i < n:
+            cands = first.get(toks[i])
+            hit = None
+            if cands is not None:
+                for words, seps, payload in cands:
+                    j = i + len(words)
+                    if (
+                        j <= n
+                        and toks[i:j] == words
+                        and all(low[spans[i + k][1] : spans[i + k + 1][0]].strip() == sep for k, sep in enumerate(seps))
+                    ):
+                        hit = (i, j, payload)
+                        break
+            if hit is None:
+                i += 1
+            else:
+                out.append(hit)
+                i = hit[1]
+        return out
+
+
+def tokenize(sentence: str) -> tuple[str, list[str], list[tuple[int, int]]]:
+    """The lower-cased sentence, its word tokens and their character spans."""
+    low = sentence.lower()
+    if len(low) != len(sentence):  # a character whose lower case is longer: keep the original's positions
+        low = "".join(c.lower()[:1] for c in sentence)
+    ms = list(WORD.finditer(low))
+    return low, [m.group() for m in ms], [m.span() for m in ms]
 
 
 def _plural(word: str) -> str:
@@ -142,7 +190,7 @@ class AttributeMatcher:
                         )
                     continue  # an automatic plural that is another attribute's word: the explicit one wins
                 self.phrase_to_attr.setdefault(key, a)
-        self.attr_re = _alternation(self.phrase_to_attr)
+        self.attr_index = PhraseIndex(self.phrase_to_attr)
         neg = _cues(extra.get("negation"), DEFAULT_NEGATION, "negation", source)
         unc = _cues(extra.get("uncertainty"), DEFAULT_UNCERTAINTY, "uncertainty", source)
         self.uncertain_policy = str(extra.get("uncertain", "mention"))
@@ -150,11 +198,17 @@ class AttributeMatcher:
             raise VillaError(
                 f"dataset config {source}: uncertain={self.uncertain_policy!r}; use mention (counted) or drop"
             )
-        self.neg_pre, self.neg_post = _alternation(neg["pre"]), _alternation(neg["post"])
-        self.unc_pre, self.unc_post = _alternation(unc["pre"]), _alternation(unc["post"])
-        self.has_cues = any(r is not None for r in (self.neg_pre, self.neg_post, self.unc_pre, self.unc_post))
-        words = _alternation(TERMINATORS)
-        self.term_re = re.compile(f"{words.pattern}|[;:]", re.IGNORECASE) if self.has_cues else None
+        # one index of every cue: at a word the longest cue wins, so a negation word inside an uncertainty cue
+        # ("cannot be ruled out", "not excluded") belongs to that cue; terminators end scopes
+        cues: dict[str, tuple[str, str]] = {}
+        for status, spec in (("negated", neg), ("uncertain", unc)):
+            for kind in ("pre", "post"):
+                for c in spec[kind]:
+                    cues.setdefault(" ".join(c.lower().split()), (status, kind))
+        self.has_cues = bool(cues)
+        for t in TERMINATORS:
+            cues.setdefault(t, ("term", ""))
+        self.cue_index = PhraseIndex(cues) if self.has_cues else None
         self.window = extra.get("negation_window", NEGEX_WINDOW)
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise VillaError(
@@ -164,55 +218,50 @@ class AttributeMatcher:
 
     # --- one sentence ---------------------------------------------------------------------------------------------
 
-    def _scopes(self, s: str) -> list[tuple[int, int, str]]:
-        """Spans of ``s`` under a cue: (start, end, 'negated' | 'uncertain')."""
-        unc = [(m.start(), m.end(), kind) for r, kind in ((self.unc_pre, "pre"), (self.unc_post, "post")) if r
-               for m in r.finditer(s)]  # fmt: skip
-        neg = [(m.start(), m.end(), kind) for r, kind in ((self.neg_pre, "pre"), (self.neg_post, "post")) if r
-               for m in r.finditer(s)]  # fmt: skip
-        # a negation word inside an uncertainty cue ("cannot be ruled out", "not excluded") belongs to that cue
-        neg = [c for c in neg if not any(u0 <= c[0] and c[1] <= u1 for u0, u1, _ in unc)]
-        terms = [m.start() for m in self.term_re.finditer(s)] if self.term_re else []
-        word_starts = [m.start() for m in re.finditer(r"\w+", s)]
-        word_ends = [m.end() for m in re.finditer(r"\w+", s)]
+    def _scopes(self, low: str, toks: list[str], spans: list[tuple[int, int]]) -> list[tuple[int, int, str]]:
+        """Token ranges under a cue: (start, end, 'negated' | 'uncertain')."""
+        found = self.cue_index.find(low, toks, spans)
+        starts = [sp[0] for sp in spans]
+        pre_stops, post_stops = [], []  # where a pre cue's scope ends / a post cue's scope begins
+        for i, j, (status, _) in found:
+            if status == "term":
+                pre_stops.append(i)
+                post_stops.append(j)
+        for k, ch in enumerate(low):
+            if ch in ";:":
+                b = bisect.bisect_left(starts, k)
+                pre_stops.append(b)
+                post_stops.append(b)
+        n, w = len(toks), self.window
         out = []
-        for cues, status in ((neg, "negated"), (unc, "uncertain")):
-            for c0, c1, kind in cues:
-                if kind == "pre":
-                    end = min([t for t in terms if t >= c1], default=len(s))
-                    if self.window:  # at most ``window`` words after the cue
-                        after = [e for e in word_ends if e > c1]
-                        if len(after) > self.window:
-                            end = min(end, after[self.window - 1])
-                    out.append((c1, end, status))
-                else:
-                    start = max([t for t in terms if t < c0], default=0)
-                    if self.window:
-                        before = [b for b in word_starts if b < c0]
-                        if len(before) > self.window:
-                            start = max(start, before[-self.window])
-                    out.append((start, c0, status))
+        for i, j, (status, kind) in found:
+            if status == "term":
+                continue
+            if kind == "pre":
+                end = min([b for b in pre_stops if b >= j], default=n)
+                out.append((j, min(end, j + w) if w else end, status))
+            else:
+                start = max([b for b in post_stops if b <= i], default=0)
+                out.append((max(start, i - w) if w else start, i, status))
         return out
+
+    def _mentions(self, sentence: str, index: int = 0) -> tuple[list[Mention], list[str], list[tuple[int, int]]]:
+        low, toks, spans = tokenize(sentence)
+        found = self.attr_index.find(low, toks, spans) if self.attr_index else []
+        if not found:
+            return [], toks, []
+        scopes = self._scopes(low, toks, spans) if self.has_cues else []
+        out, ranges = [], []
+        for i, j, a in found:
+            hit = {st for c0, c1, st in scopes if c0 <= i and j <= c1}
+            status = "negated" if "negated" in hit else "uncertain" if "uncertain" in hit else "positive"
+            out.append(Mention(a, index, spans[i][0], spans[j - 1][1], status))
+            ranges.append((i, j))
+        return out, toks, ranges
 
     def sentence_mentions(self, sentence: str, index: int = 0) -> list[Mention]:
         """Every attribute mention of one sentence with its status."""
-        if self.attr_re is None:
-            return []
-        found = [(m.start(), m.end(), self.phrase_to_attr[" ".join(m.group(0).lower().split())])
-                 for m in self.attr_re.finditer(sentence)]  # fmt: skip
-        if not found:
-            return []
-        scopes = self._scopes(sentence) if self.has_cues else []
-        out = []
-        for s0, s1, a in found:
-            status = "positive"
-            hit = {st for c0, c1, st in scopes if c0 <= s0 and s1 <= c1}
-            if "negated" in hit:
-                status = "negated"
-            elif "uncertain" in hit:
-                status = "uncertain"
-            out.append(Mention(a, index, s0, s1, status))
-        return out
+        return self._mentions(sentence, index)[0]
 
     def counts(self, m: Mention) -> bool:
         """Whether a mention makes the attribute one of the text's (positive; uncertain under policy 'mention')."""
@@ -252,29 +301,38 @@ def extract_attributes(texts: Sequence[str], vocab: Vocabulary, suggestions: int
     matcher = AttributeMatcher(vocab)
     n_attr = len(vocab)
     counts = {k: np.zeros(n_attr, np.int64) for k in ("positive", "negated", "uncertain", "texts")}
-    unmatched: Counter = Counter()
+    skip = STOPWORDS | matcher.cue_words
+    seen: dict[str, tuple[tuple[int, ...], list[Mention], list[str]]] = {}  # each unique sentence is read once
+    occurrences: Counter = Counter()
     out: list[list[str]] = []
     empty: list[int] = []
-    word_re = re.compile(r"[a-z][a-z\-]+")
-    skip = STOPWORDS | matcher.cue_words
+    names = vocab.attributes
     for t_i, text in enumerate(texts):
-        text = text or ""
-        ids = set()
-        for si, s in enumerate(split_sentences(text)):
-            ms = matcher.sentence_mentions(s, si)
-            rest = s
-            for m in sorted(ms, key=lambda m: -m.start):
-                counts[m.status][m.attribute] += 1
-                if matcher.counts(m):
-                    ids.add(m.attribute)
-                rest = rest[: m.start] + " " + rest[m.end :]
-            unmatched.update(w for w in word_re.findall(rest.lower()) if w not in skip)
-        attrs = [vocab.attributes[i] for i in sorted(ids)]
-        for i in ids:
-            counts["texts"][i] += 1
-        if not attrs:
+        ids: set[int] = set()
+        for s in split_sentences(text or ""):
+            got = seen.get(s)
+            if got is None:
+                ms, toks, ranges = matcher._mentions(s)
+                covered = {k for i, j in ranges for k in range(i, j)}
+                rest = [
+                    t for k, t in enumerate(toks) if k not in covered and len(t) > 1 and t.isalpha() and t not in skip
+                ]
+                got = seen[s] = (tuple(m.attribute for m in ms if matcher.counts(m)), ms, rest)
+            occurrences[s] += 1
+            ids.update(got[0])
+        attrs = [names[i] for i in sorted(ids)]
+        if ids:
+            counts["texts"][list(ids)] += 1
+        else:
             empty.append(t_i)
         out.append(attrs)
+    unmatched: Counter = Counter()
+    for s, n in occurrences.items():
+        _, ms, rest = seen[s]
+        for m in ms:
+            counts[m.status][m.attribute] += n
+        for w in rest:
+            unmatched[w] += n
     report = {
         "texts": len(texts),
         "texts_without_attribute": len(empty),
