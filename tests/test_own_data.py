@@ -206,3 +206,18 @@ def test_sharded_preprocessing_equals_one_process(tiny_docmnist, tmp_path):
         feather.read_table(tmp_path / "two" / "index.feather")
     )
     assert not list(tmp_path.glob(".two.tmp-*"))
+
+
+def test_image_paths_outside_the_dataset_are_refused(tiny_docmnist, tmp_path):
+    from villa.errors import VillaError
+
+    t = feather.read_table(tiny_docmnist / "annotations.feather")
+    for bad in ("/etc/passwd", "images/../../outside.png"):
+        paths = t.column("image_filepath").to_pylist()
+        paths[3] = bad
+        copy = tmp_path / f"d{len(bad)}"
+        copy.mkdir()
+        feather.write_feather(t.set_column(t.column_names.index("image_filepath"), "image_filepath", pa.array(paths)),
+                              copy / "annotations.feather")  # fmt: skip
+        with pytest.raises(VillaError, match=f"has image_filepath '{bad}', which leaves the dataset folder"):
+            load_annotations(copy, load_vocab("docmnist"), check_images=False)
