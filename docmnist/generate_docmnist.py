@@ -393,6 +393,8 @@ def generate(
             f"--target_sample_complexity={target_sample_complexity}: must be in 2..{MAX_COMPLEXITY} (a region has "
             f"2 to 4 attributes and an image at most {GRID * GRID} regions)"
         )
+    if workers is not None and workers < 1:
+        raise VillaError(f"--workers={workers}: must be >= 1 (threads encoding PNGs)")
     for flag, b in (
         ("attribute_budget", attribute_budget),
         ("val_budget", val_budget),

@@ -286,25 +286,27 @@ def run_row(
 def main(argv=None) -> dict[str, Any]:
     setup_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", type=int, nargs="+", default=[5, 10, 15, 20, 25, 30])
+    p.add_argument("--targets", type=int, nargs="+", default=[5, 10, 15, 20, 25, 30], help="target sample complexities")
     p.add_argument("--seeds", type=int, default=3, help="runs per target, seeds --seed, --seed+1, ...")
-    p.add_argument("--seed", type=int, default=23)
-    p.add_argument("--out", default="outputs/complexity")
+    p.add_argument("--seed", type=int, default=23, help="first seed")
+    p.add_argument("--out", default="outputs/complexity", help="results.json, table.md and the plot")
     p.add_argument("--model", default="auto", help="auto: as recorded in the --pretrained checkpoint")
-    p.add_argument("--pretrained", default=str(ASSET))
+    p.add_argument("--pretrained", default=str(ASSET), help="starting encoder (default: the shipped one)")
     p.add_argument("--input_size", type=int, default=168, help="0: native image size")
     p.add_argument("--budget", type=int, default=6000, help="attribute budget of every training set (fixed)")
-    p.add_argument("--val_budget", type=int, default=3000)
+    p.add_argument("--val_budget", type=int, default=3000, help="attribute budget of every val split")
     p.add_argument("--eval_test_budget", type=int, default=7000, help="pairs of the held-out evaluation set")
-    p.add_argument("--eval_seed", type=int, default=1000)
-    p.add_argument("--min_eval_regions", type=int, default=2000)
-    p.add_argument("--stage1_epochs", type=int, default=30)
+    p.add_argument("--eval_seed", type=int, default=1000, help="seed of the held-out evaluation set")
+    p.add_argument(
+        "--min_eval_regions", type=int, default=2000, help="the evaluation set must have at least this many regions"
+    )
+    p.add_argument("--stage1_epochs", type=int, default=30, help="Stage 1 epochs")
     p.add_argument("--stage2_epochs", type=int, default=8, help="cap; early stopping on the val loss")
     p.add_argument("--patience", type=int, default=2, help="Stage 2 early stopping patience (epochs)")
-    p.add_argument("--stage2_batch", type=int, default=64)
-    p.add_argument("--stage2_lr", type=float, default=2e-4)
+    p.add_argument("--stage2_batch", type=int, default=64, help="Stage 2 images per step")
+    p.add_argument("--stage2_lr", type=float, default=2e-4, help="Stage 2 learning rate")
     p.add_argument("--grain_head_lr", type=float, default=None, help="GRAIN's head lr (None: --stage2_lr)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no_binding", action="store_true", help="skip the DocMNIST binding benchmark")
     p.add_argument("--binding_images", type=int, default=200, help="evaluation images the binding benchmark uses")
     p.add_argument("--binding_only", action="store_true",
@@ -318,7 +320,7 @@ def main(argv=None) -> dict[str, Any]:
         help="train these for every run of the finished sweep in --out (its settings) and add them",
     )
     p.add_argument("--work", default=None, help="where datasets and checkpoints go (default: --out)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     if a.binding_only:
         return binding_only(Path(a.out), a.device, a.binding_images)
@@ -329,6 +331,8 @@ def main(argv=None) -> dict[str, Any]:
         raise VillaError("--methods must include baseline and villa (the comparison the targets measure)")
     if a.seeds < 1 or not a.targets:
         raise VillaError("--seeds must be >= 1 and --targets non-empty")
+    for target in a.targets:  # every setting in range before any work
+        pipeline_settings(vars(a), target, a.seed, a.device, a.quiet).check()
     t_start = time.perf_counter()
     out = Path(a.out)
     work = Path(a.work or a.out)

@@ -13,7 +13,11 @@ from villa.log import setup_logging
 
 
 def build_parser(default_config: Optional[str] = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Frozen CLIP embeddings of every region and attribute of a dataset.")
+    p = argparse.ArgumentParser(
+        prog="python -m preprocess",
+        description="Frozen CLIP embeddings of every region and attribute of a dataset "
+        "(torchrun --nproc_per_node=N -m preprocess ... shards the images over N processes).",
+    )
     p.add_argument("--data_dir", required=True, help="dataset folder (a relative name resolves under data/)")
     p.add_argument(
         "--dataset_config",

@@ -137,6 +137,9 @@ def load_annotations(
         raise VillaError(f"{path} has no rows")
     image_id = table.column("image_id").to_numpy(zero_copy_only=False)
     ids = image_id.tolist()  # plain Python values for messages
+    if table.column("image_id").null_count or (image_id.dtype.kind == "f" and not np.isfinite(image_id).all()):
+        i = int(np.flatnonzero(pd_isnull(image_id))[0])
+        raise VillaError(f"{path}: row {i}: image_id is not finite (null or NaN); give every image an id")
     if len(np.unique(image_id)) != n:
         raise VillaError(f"{path}: column 'image_id' has duplicates; ids must be unique")
     split = np.asarray(table.column("split").to_numpy(zero_copy_only=False)).astype(str)
@@ -165,6 +168,12 @@ def load_annotations(
         i = int(np.searchsorted(reg_off, r, side="right") - 1)
         raise VillaError(f"image {ids[i]!r}: region {r - reg_off[i]} has {box_len[r]} coordinates, expected 4")
     boxes = np.asarray(coords.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, 4)
+    if not np.isfinite(boxes).all():
+        r = int(np.flatnonzero(~np.isfinite(boxes).all(1))[0])
+        i = int(np.searchsorted(reg_off, r, side="right") - 1)
+        raise VillaError(
+            f"image {ids[i]!r}: region {r - reg_off[i]} has a coordinate that is not finite ({boxes[r].tolist()})"
+        )
     size_off, sizes = _list_offsets(table.column("image_size"), "image_size")
     if (np.diff(size_off) < 2).any():
         i = int(np.flatnonzero(np.diff(size_off) < 2)[0])
@@ -224,6 +233,11 @@ def load_annotations(
     if any(t is None for t in text):
         i = text.index(None)
         raise VillaError(f"image {ids[i]!r}: text is null; give every image its caption")
+    blank = [i for i, t in enumerate(text) if not t.strip()]
+    if blank:
+        raise VillaError(
+            f"image {ids[blank[0]]!r}: text is empty ({len(blank)} such images); give every image its caption"
+        )
     return Annotations(
         root=root,
         table=table,
@@ -240,6 +254,13 @@ def load_annotations(
         reg_attr_ids=reg_attr_ids,
         labelled=labelled,
     )
+
+
+def pd_isnull(a: np.ndarray) -> np.ndarray:
+    """Null or NaN entries of an id column (object or float)."""
+    if a.dtype.kind == "f":
+        return ~np.isfinite(a)
+    return np.array([v is None or (isinstance(v, float) and v != v) for v in a.tolist()], dtype=bool)
 
 
 def path_inside(rel: str) -> bool:

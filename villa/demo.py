@@ -77,19 +77,24 @@ def demo_tables(res: dict) -> str:
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     setup_logging()
-    p = argparse.ArgumentParser(description="villa end-to-end demo (offline, CPU)")
-    p.add_argument("--out", default=os.environ.get("VILLA_DEMO_DIR", "outputs/demo"))
+    p = argparse.ArgumentParser(prog="python -m villa.demo", description="villa end-to-end demo (offline, CPU)")
+    p.add_argument("--out", default=os.environ.get("VILLA_DEMO_DIR", "outputs/demo"),
+                   help="where data, checkpoints, results.json, table.md and the plot go")  # fmt: skip
     p.add_argument(
         "--pretrain", action="store_true", help="pretrain the starting encoder here instead of the shipped one"
     )
     p.add_argument("--pretrain_epochs", type=int, default=None, help="default: the recipe's (16)")
     p.add_argument("--pretrained", default=None, help="starting encoder checkpoint (default: the shipped one)")
-    p.add_argument("--budget", type=int, default=15000)
-    p.add_argument("--stage2_epochs", type=int, default=6)
-    p.add_argument("--stage1_epochs", type=int, default=30)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--budget", type=int, default=15000, help="DocMNIST training budget (region-attribute pairs)")
+    p.add_argument("--stage2_epochs", type=int, default=6, help="Stage 2 epoch cap (early stopping on val loss)")
+    p.add_argument("--stage1_epochs", type=int, default=30, help="Stage 1 epochs")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    if a.pretrain_epochs is not None and a.pretrain_epochs < 1:
+        raise VillaError(f"--pretrain_epochs={a.pretrain_epochs}: must be >= 1")
+    PipelineSettings(budget=a.budget, val_budget=max(1, a.budget // 5), test_budget=max(1, a.budget // 5),
+                     stage1_epochs=a.stage1_epochs, stage2_epochs=a.stage2_epochs).check()  # before any work  # fmt: skip
     work = Path(a.out)
     if a.pretrain:
         start = pretrain_small_clip(work, a.pretrain_epochs, not a.quiet, a.device)

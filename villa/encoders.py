@@ -246,7 +246,8 @@ def create_clip(
             saved = obj["model_name"]
             if model_name not in (saved, None, "", "auto") and model_name.split("@")[0] != saved.split("@")[0]:
                 raise VillaError(
-                    f"checkpoint {path} holds a {saved!r} model but model={model_name!r}; set model={saved}"
+                    f"checkpoint {path} holds a {saved!r} model but the model name is {model_name!r}; set model.name={saved} "
+                    "(or model.name=auto)"
                 )
             model_name = _register_config(saved, obj["model_cfg"])
     if ckpt is None:
@@ -397,24 +398,40 @@ def encode_attributes(clip: Clip, vocab, runtime: Runtime) -> torch.Tensor:
     return F.normalize(mean, dim=-1)
 
 
+def text_tower_digest(clip: Clip) -> str:
+    """What a text embedding depends on: the model name and every text-tower tensor (all weights and buffers
+    outside ``visual``), hashed. Two random inits, or one model before and after training, never share it."""
+    h = hashlib.sha256(clip.model_name.encode())
+    for k, v in clip.model.state_dict().items():
+        if k.startswith("visual.") or k == "logit_scale":
+            continue
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def embed_sentences_cached(
-    clip: Clip, sentences: Sequence[str], runtime: Runtime, cache_path: Optional[Path] = None, batch_size: int = 1024
+    clip: Clip, sentences: Sequence[str], runtime: Runtime, cache_dir: Optional[Path] = None, batch_size: int = 1024
 ) -> torch.Tensor:
     """Normalised text embeddings (S, D) of unique ``sentences``, each embedded once.
 
-    With ``cache_path``, embeddings persist across runs in one file keyed by the encoder (model + weights); only
-    sentences missing from it are embedded.
+    With ``cache_dir``, embeddings persist across runs in one file per text tower (named by
+    :func:`text_tower_digest`, so nothing the values depend on is left out of the key); only sentences missing from
+    it are embedded. A cache file that cannot be read is rebuilt (with a warning), never an error.
     """
-    from villa.embeddings import weights_id
-
-    key = f"{clip.model_name}|{weights_id(clip.pretrained)}"
+    cache_path = Path(cache_dir) / f"{clip.model_name}-{text_tower_digest(clip)}.pt" if cache_dir is not None else None
     cached: dict[str, int] = {}
     emb = torch.zeros(0, clip.embed_dim)
     if cache_path is not None and cache_path.is_file():
-        obj = torch.load(cache_path, map_location="cpu", weights_only=True)
-        if obj.get("encoder") == key:
+        try:
+            obj = torch.load(cache_path, map_location="cpu", weights_only=True)
             cached = {s: i for i, s in enumerate(obj["sentences"])}
             emb = obj["embeddings"]
+            if emb.shape != (len(cached), clip.embed_dim):
+                raise ValueError(f"shape {tuple(emb.shape)}")
+        except Exception as e:  # corrupt, truncated or foreign: rebuild
+            log.warning("text cache %s cannot be read (%s): rebuilding it", cache_path, type(e).__name__)
+            cached, emb = {}, torch.zeros(0, clip.embed_dim)
     missing = [s for s in dict.fromkeys(sentences) if s not in cached]
     if missing:
         new = encode_texts(clip, missing, runtime, batch_size=batch_size)
@@ -423,12 +440,12 @@ def embed_sentences_cached(
         emb = torch.cat([emb, new])
         if cache_path is not None:
             with atomic_file(cache_path) as tmp:
-                torch.save({"encoder": key, "sentences": list(cached), "embeddings": emb}, tmp)
+                torch.save({"encoder": clip.model_name, "sentences": list(cached), "embeddings": emb}, tmp)
     return emb[torch.tensor([cached[s] for s in sentences], dtype=torch.long)] if sentences else emb[:0]
 
 
 def mean_text_embeddings(
-    clip: Clip, texts: Sequence[str], runtime: Runtime, cache_path: Optional[Path] = None
+    clip: Clip, texts: Sequence[str], runtime: Runtime, cache_dir: Optional[Path] = None
 ) -> torch.Tensor:
     """A text's embedding = its sentences' (split on ".") embeddings, averaged, L2-normalised. (N, D) float32.
 
@@ -443,7 +460,7 @@ def mean_text_embeddings(
         raise VillaError(f"text #{i} ({texts[i]!r}) has no sentence; every pair needs text")
     uniq = list(dict.fromkeys(s for ss in sents for s in ss))
     pos = {s: i for i, s in enumerate(uniq)}
-    u_emb = embed_sentences_cached(clip, uniq, runtime, cache_path)
+    u_emb = embed_sentences_cached(clip, uniq, runtime, cache_dir)
     flat = torch.tensor([pos[s] for ss in sents for s in ss], dtype=torch.long)
     owner = torch.repeat_interleave(torch.arange(len(texts)), counts)
     total = torch.zeros(len(texts), u_emb.shape[1]).index_add_(0, owner, u_emb[flat])

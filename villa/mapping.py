@@ -86,8 +86,9 @@ def assign(scores: np.ndarray, offsets: np.ndarray, image_attributes: np.ndarray
     region_image = np.repeat(np.arange(len(counts)), counts)
     valid = image_attributes[region_image]  # (R, A)
     s = torch.from_numpy(np.where(valid, scores, -np.inf).astype(np.float32))
-    best = segment_max(s, torch.from_numpy(region_image), len(counts)).numpy()  # (I, A)
-    return valid & (scores > best[region_image] - epsilon)
+    best = segment_max(s, torch.from_numpy(region_image), len(counts)).numpy()  # (I, A), exact float32 maxima
+    # the threshold in float64, as the original's ``max - epsilon`` (float32 would move scores at the threshold)
+    return valid & (scores.astype(np.float64) > best[region_image].astype(np.float64) - float(epsilon))
 
 
 def _sentence_table(texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:

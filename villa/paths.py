@@ -88,6 +88,26 @@ def check_writable(folder: PathLike) -> Path:
     return probe
 
 
+def disk_full(e: BaseException, folder: Path) -> bool:
+    """Whether ``e`` means the device ran out of space: ENOSPC / EDQUOT, or a writer's own error (torch's
+    "PytorchStreamWriter failed writing file", numpy's short write) while the folder's device has no room left."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(e, (RuntimeError, OSError, ValueError)):
+        try:
+            return shutil.disk_usage(folder).free < (1 << 20)
+        except OSError:
+            return False
+    return False
+
+
+def _disk_full_error(final: Path, e: BaseException) -> VillaError:
+    return VillaError(f"no space left on the device writing {final}; free space there or choose another folder "
+                      f"(nothing was left half-written)")  # fmt: skip
+
+
 def _temporary_name(final: Path, kind: str = "tmp") -> Path:
     return final.with_name(f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
@@ -121,8 +141,10 @@ def atomic_file(final: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, VillaError) and disk_full(e, final.parent):
+            raise _disk_full_error(final, e) from e
         raise
 
 
@@ -149,8 +171,10 @@ def atomic_dir(final: PathLike, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, VillaError) and disk_full(e, final.parent):
+            raise _disk_full_error(final, e) from e
         raise
 
 

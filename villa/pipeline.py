@@ -55,6 +55,28 @@ class PipelineSettings:
     num_workers: int = 2
     progress: bool = True
 
+    def check(self) -> None:
+        """Every setting in range before any work (the demo's and the experiments' flags have these names)."""
+        for name in ("target", "budget", "val_budget", "test_budget", "stage1_epochs", "stage2_epochs", "stage2_batch",
+                     "early_stop_patience", "grain_queries"):  # fmt: skip
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise VillaError(f"--{name}={v}: must be an integer >= 1")
+        for name in ("stage1_lr", "stage2_lr"):
+            if not getattr(self, name) > 0:
+                raise VillaError(f"--{name}={getattr(self, name)}: must be > 0")
+        if self.grain_head_lr is not None and not self.grain_head_lr > 0:
+            raise VillaError(f"--grain_head_lr={self.grain_head_lr}: must be > 0")
+        if self.input_size is not None and self.input_size < 1:
+            raise VillaError(f"--input_size={self.input_size}: must be >= 1 (or 0 for the native size)")
+        if self.num_workers < 0:
+            raise VillaError(f"--num_workers={self.num_workers}: must be >= 0")
+        for name in ("budget", "val_budget", "test_budget"):
+            if getattr(self, name) < 2 * self.target:
+                raise VillaError(
+                    f"--{name}={getattr(self, name)} is below two images at --target={self.target}; raise it"
+                )
+
 
 def stage2_overrides(s: PipelineSettings, data: Path, ckpt: Path, mode: str, mapping: Optional[Path]) -> list[str]:
     over = [
@@ -90,6 +112,7 @@ def run_pipeline(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise VillaError(f"unknown method(s) {unknown}: use {', '.join(METHODS)}")
+    s.check()
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

@@ -7,7 +7,9 @@ Stage 2 and evaluation read images through :class:`ImageDataset` as preprocessin
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -244,6 +246,15 @@ def embed_dataset(
                 tmp / "regions.npy", mode="w+", dtype=dtype, shape=(n_regions, clip.embed_dim)
             )
             del arr
+            # reserve the blocks now: a sparse memory map on a full disk fails later with SIGBUS, not an error
+            fd = os.open(tmp / "regions.npy", os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: write as before
+                    raise
+            finally:
+                os.close(fd)
         if d.enabled:
             box = [str(tmp) if tmp is not None else None]
             dist.broadcast_object_list(box, src=0)

@@ -124,6 +124,9 @@ class Stage2Config(TrainingRun):
     task_name: str = opt("stage2", "names the checkpoint and output folders")
     mode: str = opt("villa", "villa | baseline (one-to-one) | pretrain (CLIP pretraining) | grain (GRAIN-style)",
                     choices=("villa", "baseline", "pretrain", "grain"))  # fmt: skip
+    trust_mapping: bool = opt(
+        False, "use a mapping.feather that records no provenance (another tool wrote it); recorded in the checkpoint"
+    )
     grain_boxes: str = opt("mapping", "grain: region descriptions and boxes from Stage 1's mapping (no labels) or "
                            "gold (reg_to_attr: an upper bound)", choices=("mapping", "gold"))  # fmt: skip
     data_dir: str = opt("???", "the dataset folder (annotations.feather and images)")
@@ -231,9 +234,26 @@ def _walk(schema: type, prefix: str = ""):
 
 
 def validate_config(cfg: DictConfig, name: str) -> None:
-    """Check the bounds and choices of ``cfg`` against the schema ``name``; the first violation is one line."""
+    """Check the bounds and choices of ``cfg`` against the schema ``name``; the first violation is one line.
+
+    Also: no key outside the schema (``+batchsize=4`` would be stored and ignored), and the checks that involve
+    list items or two keys (``precision_at``, ``betas``, ``crop`` outside pretraining)."""
     from omegaconf import OmegaConf
 
+    known = {k for k, _ in _walk(SCHEMAS[name])}
+    groups = {k.split(".")[0] for k in known}
+    for key in cfg:
+        if key in ("hydra",) or key in groups and key in ("dataset", "paths"):
+            continue
+        if key not in groups:
+            raise VillaError(f"unknown key {key!r} (not a {name} setting); see python -m villa.{name} --help")
+        node = cfg[key]
+        if OmegaConf.is_dict(node):
+            for sub in node:
+                if f"{key}.{sub}" not in known and not any(k.startswith(f"{key}.{sub}.") for k in known):
+                    raise VillaError(
+                        f"unknown key '{key}.{sub}' (not a {name} setting); see python -m villa.{name} --help"
+                    )
     for key, f in _walk(SCHEMAS[name]):
         meta = f.metadata
         if not any(k in meta for k in ("gt", "ge", "choices")):
@@ -247,6 +267,15 @@ def validate_config(cfg: DictConfig, name: str) -> None:
             raise VillaError(f"{key}={value}: must be >= {meta['ge']} ({meta['help']})")
         if "choices" in meta and value not in meta["choices"]:
             raise VillaError(f"{key}={value!r}: use one of {', '.join(meta['choices'])} ({meta['help']})")
+    if name == "evaluate" and not all(isinstance(k, int) and k >= 1 for k in cfg.precision_at):
+        raise VillaError(f"precision_at={list(cfg.precision_at)}: each k must be an integer >= 1")
+    if name == "stage2":
+        betas = list(cfg.betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise VillaError(f"betas={betas}: two numbers in [0, 1), e.g. [0.9, 0.999]")
+        if cfg.crop != "none" and cfg.mode != "pretrain":
+            raise VillaError(f"crop={cfg.crop} is for mode=pretrain only (mode={cfg.mode} trains on whole images and "
+                             "boxes); remove it")  # fmt: skip
 
 
 def help_text(name: str, doc: str, cfg: Optional[DictConfig] = None) -> str:

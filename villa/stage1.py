@@ -34,12 +34,13 @@ from villa.provenance import check_resume, file_sha256, run_fingerprint
 from villa.runtime import Runtime, get_runtime, seed_everything
 from villa.schemas import validate_config
 from villa.training import (
+    check_best_on_resume,
     check_finite,
+    checkpoint_lock,
+    commit_epoch,
     config_dict,
     load_checkpoint,
-    log_epoch,
     rng_state,
-    save_checkpoint,
     set_rng_state,
 )
 from villa.vocab import Vocabulary
@@ -117,6 +118,11 @@ def stage1_inputs(cfg: DictConfig) -> dict[str, str]:
 def train_stage1(cfg: DictConfig) -> dict[str, Any]:
     """Train Stage 1, write mapping.feather and mapping_quality.json; return the metrics."""
     validate_config(cfg, "stage1")
+    with checkpoint_lock(Path(cfg.checkpoint_dir)):
+        return _train_stage1(cfg)
+
+
+def _train_stage1(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     vocab, ann, emb = load_inputs(cfg)
     runtime = get_runtime(cfg.device, cfg.amp)
@@ -130,7 +136,7 @@ def train_stage1(cfg: DictConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
     ckpt_dir = Path(cfg.checkpoint_dir)
-    last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    last = ckpt_dir / "last.pt"
     start_epoch, best_val = 0, float("inf")
     fingerprint = run_fingerprint(cfg, stage1_inputs(cfg))
     if cfg.resume and last.exists():
@@ -147,6 +153,7 @@ def train_stage1(cfg: DictConfig) -> dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], generator)
         start_epoch, best_val = state["epoch"], state["best_val"]
+        check_best_on_resume(state, ckpt_dir)
         if start_epoch >= cfg.epochs:
             log.info("%s finished training (epoch %d): re-mapping only (epsilon=%s)", last, start_epoch, cfg.epsilon)
         else:
@@ -190,13 +197,9 @@ def train_stage1(cfg: DictConfig) -> dict[str, Any]:
             "config": config_dict(cfg),
             "fingerprint": fingerprint,
         }
-        save_checkpoint(last, state)
-        if improved:
-            save_checkpoint(best, state)
-        log_epoch(
-            f"epoch {epoch + 1}/{cfg.epochs}",
+        commit_epoch(
+            ckpt_dir, state, improved, f"epoch {epoch + 1}/{cfg.epochs}",
             {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best_val": best_val, "seconds": round(time.perf_counter() - t0, 2)},
-            ckpt_dir / "metrics.jsonl",
         )  # fmt: skip
     metrics = make_mapping(cfg, model, vocab, ann, emb, bank, runtime)
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)

@@ -47,11 +47,12 @@ from villa.runtime import Runtime, get_runtime, seed_everything
 from villa.schemas import validate_config
 from villa.training import (
     FiniteGuard,
+    check_best_on_resume,
+    checkpoint_lock,
+    commit_epoch,
     config_dict,
     load_checkpoint,
-    log_epoch,
     rng_state,
-    save_checkpoint,
     set_rng_state,
 )
 
@@ -162,6 +163,11 @@ def load_stage2_annotations(cfg: DictConfig, d: Dist) -> Annotations:
     ann_path = Path(cfg.data_dir) / "annotations.feather"
     if villa_mode and ann_path.is_file():
         rec = mapping_record(Path(cfg.mapping_path))
+        if rec is None and not cfg.trust_mapping:
+            raise VillaError(
+                f"{cfg.mapping_path} records no provenance (Stage 1 writes which dataset it mapped): it may belong to "
+                "another dataset; run Stage 1 on this dataset, or set trust_mapping=true to use it anyway"
+            )
         if rec is not None and rec.get("annotations") != file_sha256(ann_path):
             raise VillaError(
                 f"{cfg.mapping_path} was made by Stage 1 for another dataset than {cfg.data_dir}; "
@@ -213,9 +219,7 @@ def load_pair_data(
         elif cfg.crop != "none":
             raise VillaError(f"crop={cfg.crop!r}: use none or content")
     else:
-        cache = (
-            Path(cfg.data_dir) / "text_cache" / f"{clip.model_name}-{weights_id(clip.pretrained).replace(':', '_')}.pt"
-        )
+        cache = Path(cfg.data_dir) / "text_cache"  # one file per text tower (villa.encoders.text_tower_digest)
         text_emb = mean_text_embeddings(clip, pairs.text, runtime, cache if d.is_main else None).to(runtime.device)
     out = []
     for split in ("train", "val"):
@@ -435,7 +439,8 @@ def train_stage2(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg, "stage2")
     d = init_distributed(cfg.device)
     try:
-        return _train(cfg, d)
+        with checkpoint_lock(Path(cfg.checkpoint_dir), enabled=d.is_main):
+            return _train(cfg, d)
     finally:
         cleanup(d)
 
@@ -500,6 +505,7 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
             state["stopped"],
         )
         history = list(state.get("history", []))
+        check_best_on_resume(state, ckpt_dir)
         if d.is_main:
             log.info("resumed from %s at epoch %d", last, start_epoch)
     ddp = (
@@ -561,10 +567,7 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
                 started_from={"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)},
                 fingerprint=fingerprint, inputs=inputs, data_pools=data_pools, **grain_state(model),
             )  # fmt: skip
-            save_checkpoint(last, state)
-            if improved:
-                save_checkpoint(best, state)
-            log_epoch(f"{cfg.mode} epoch {epoch + 1}/{cfg.epochs}", rec, ckpt_dir / "metrics.jsonl")
+            commit_epoch(ckpt_dir, state, improved, f"{cfg.mode} epoch {epoch + 1}/{cfg.epochs}", rec)
             if stopped:
                 log.info("early stop: no better val loss for %d epochs", bad_epochs)
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad)

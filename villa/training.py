@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from villa.errors import VillaError
-from villa.paths import PathLike, atomic_file
+from villa.paths import PathLike, _pid_alive, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,9 @@ def load_checkpoint(path: PathLike, what: str = "checkpoint") -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and EOF errors all mean the same to the user
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if len(reason) > 160:  # cut at a word boundary, never mid-word
+            reason = reason[:160].rsplit(" ", 1)[0] + " ..."
         raise VillaError(
             f"{what} {path} cannot be read ({reason}): it is corrupt, truncated or not a torch file; "
             "delete it (or set resume=false) or pass another file"
@@ -118,11 +122,94 @@ class FiniteGuard:
         self.losses, self.steps = [], []
 
 
+@contextmanager
+def checkpoint_lock(ckpt_dir: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold ``<ckpt_dir>/.lock`` (the holder's pid) while a run writes there: a second run on the same folder stops
+    with one line naming the holder, instead of resuming its epoch mid-run. A lock left by a dead process is taken
+    over. (Only the main process of a distributed run locks.)"""
+    if not enabled:
+        yield
+        return
+    ckpt_dir = Path(ckpt_dir)
+    created = not ckpt_dir.exists()
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    lock = ckpt_dir / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(json.loads(lock.read_text()).get("pid", 0))
+            except (OSError, ValueError, AttributeError):
+                pid = 0
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                raise VillaError(
+                    f"{ckpt_dir} is in use by process {pid} (its .lock); wait for that run, or use another "
+                    "checkpoint_dir"
+                ) from None
+            lock.unlink(missing_ok=True)  # a dead process's lock
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"pid": os.getpid()}))
+        break
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(lock.read_text()).get("pid") == os.getpid():
+                lock.unlink()
+            if created and not any(ckpt_dir.iterdir()):  # a run that stopped before writing leaves no folder
+                ckpt_dir.rmdir()
+        except (OSError, ValueError):
+            pass
+
+
+def commit_epoch(ckpt_dir: Path, state: dict[str, Any], improved: bool, prefix: str, metrics: dict[str, Any]) -> None:
+    """An epoch's outputs in the order that keeps a resume truthful: ``best.pt`` (when improved), then the metrics
+    line, then ``last.pt``, the checkpoint a resume trusts, last. A crash or full disk between them leaves a
+    ``last.pt`` of the epoch before, so the resumed run redoes this epoch and rewrites the others."""
+    if improved:
+        save_checkpoint(ckpt_dir / "best.pt", state)
+    log_epoch(prefix, metrics, ckpt_dir / "metrics.jsonl")
+    save_checkpoint(ckpt_dir / "last.pt", state)
+
+
+def check_best_on_resume(state: dict[str, Any], ckpt_dir: Path) -> None:
+    """A resumed run's recorded best model exists: ``best.pt`` is there and is at least as good as ``last.pt``
+    records (it may be newer: an epoch whose ``last.pt`` was not written yet is redone)."""
+    best_val = state.get("best_val", float("inf"))
+    if best_val == float("inf"):
+        return
+    best = ckpt_dir / "best.pt"
+    fix = "set resume=false to start over, or use a new checkpoint_dir"
+    if not best.is_file():
+        raise VillaError(
+            f"{ckpt_dir / 'last.pt'} records a best model (val loss {best_val:.4g}) but {best} is missing; {fix}"
+        )
+    saved = load_checkpoint(best, "best checkpoint")
+    if not saved.get("best_val", float("inf")) <= best_val + 1e-12:
+        raise VillaError(
+            f"{best} (val loss {saved.get('best_val')}) is not the best model {ckpt_dir / 'last.pt'} records "
+            f"({best_val:.6g}); {fix}"
+        )
+
+
 def log_epoch(prefix: str, metrics: dict[str, Any], path: Optional[Path] = None) -> None:
     """One concise log line per epoch; the same metrics appended as one JSON line to ``path``."""
     parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"]
     log.info("%s %s", prefix, " ".join(parts))
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+    if path is None:
+        return
+    lines = path.read_text().splitlines() if path.is_file() else []
+    epoch = metrics.get("epoch")
+    if epoch is not None:  # a redone epoch (a resume after a crash) replaces its line and any later ones
+        kept = []
+        for ln in lines:
+            try:
+                if json.loads(ln).get("epoch", 0) < epoch:
+                    kept.append(ln)
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line cut by a crash
+        lines = kept
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text("".join(ln + "\n" for ln in lines) + json.dumps(metrics) + "\n")

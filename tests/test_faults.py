@@ -1,0 +1,206 @@
+"""Faults that used to lose data or pass silently: a crash between an epoch's writes, runs sharing a checkpoint
+folder, foreign mappings, stale caches, non-finite input, unknown keys."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.feather as feather
+import pytest
+import torch
+from conftest import compose_config
+
+import villa.training as training
+from villa.errors import VillaError
+from villa.stage1 import train_stage1
+
+
+def s1(data: Path, emb: Path, tmp: Path, *extra: str):
+    return compose_config("stage1", [
+        f"data_dir={data}", f"embeddings_dir={emb}", f"mapping_path={tmp / 'mapping.feather'}",
+        f"checkpoint_dir={tmp / 'ckpt'}", "device=cpu", "progress=false", "batch_size=16", "lr=1e-3", *extra,
+    ])  # fmt: skip
+
+
+def test_crash_between_an_epochs_writes_resumes_to_the_same_run(synthetic_stage1, tmp_path, monkeypatch):
+    """Killed after best.pt and the metrics line of epoch 2, before its last.pt: the rerun redoes epoch 2 and ends
+    as an uninterrupted run, with one metrics line per epoch and a best.pt that last.pt agrees with."""
+    data, emb = synthetic_stage1
+    train_stage1(s1(data, emb, tmp_path / "a", "epochs=3"))
+    real = training.save_checkpoint
+
+    def crash_on_last_of_epoch_2(path, state):
+        if Path(path).name == "last.pt" and state["epoch"] == 2:
+            raise KeyboardInterrupt("killed")
+        real(path, state)
+
+    monkeypatch.setattr(training, "save_checkpoint", crash_on_last_of_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1(s1(data, emb, tmp_path / "b", "epochs=3"))
+    monkeypatch.setattr(training, "save_checkpoint", real)
+    ck = tmp_path / "b" / "ckpt"
+    assert torch.load(ck / "last.pt", weights_only=True)["epoch"] == 1
+    assert [json.loads(x)["epoch"] for x in (ck / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    train_stage1(s1(data, emb, tmp_path / "b", "epochs=3"))
+    assert [json.loads(x)["epoch"] for x in (ck / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    a = torch.load(tmp_path / "a" / "ckpt" / "best.pt", weights_only=True)
+    b = torch.load(ck / "best.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] and a["best_val"] == pytest.approx(b["best_val"], abs=1e-7)
+    assert not list(ck.glob(".*.tmp-*"))
+
+
+def test_resume_refuses_a_missing_best_model(synthetic_stage1, tmp_path):
+    data, emb = synthetic_stage1
+    train_stage1(s1(data, emb, tmp_path, "epochs=1"))
+    (tmp_path / "ckpt" / "best.pt").unlink()
+    with pytest.raises(VillaError, match=r"records a best model .*best.pt is missing; set resume=false"):
+        train_stage1(s1(data, emb, tmp_path, "epochs=2"))
+
+
+def test_a_checkpoint_folder_is_locked_by_its_run(synthetic_stage1, tmp_path):
+    data, emb = synthetic_stage1
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    other = os.fork()
+    if other == 0:  # a live process that holds the lock
+        import time
+
+        time.sleep(30)
+        os._exit(0)
+    try:
+        (ck / ".lock").write_text(json.dumps({"pid": other}))
+        with pytest.raises(VillaError, match=rf"{ck} is in use by process {other}"):
+            train_stage1(s1(data, emb, tmp_path, "epochs=1"))
+    finally:
+        os.kill(other, 9)
+        os.waitpid(other, 0)
+    train_stage1(s1(data, emb, tmp_path, "epochs=1"))  # a dead holder's lock is taken over
+    assert not (ck / ".lock").exists()  # and released at the end
+
+
+def test_epsilon_rule_in_float64():
+    from villa.mapping import assign
+
+    best = np.float32(0.7)
+    near = np.nextafter(np.float32(0.5), np.float32(1))  # just above 0.7 - 0.2 in float64, not in float32
+    scores = np.array([[best], [near]], np.float32)
+    got = assign(scores, np.array([0, 2]), np.array([[True]]), 0.2)
+    assert got[:, 0].tolist() == [True, float(near) > float(best) - 0.2]
+
+
+@pytest.mark.parametrize(
+    "column,value,match",
+    [("region_coord", [[float("nan"), 0, 10, 10]], "not finite"), ("image_id", float("nan"), "image_id is not finite"),
+     ("text", "  ", "text is empty")],
+)  # fmt: skip
+def test_non_finite_and_empty_input_is_refused(tiny_docmnist, tmp_path, column, value, match):
+    from villa.data_format import load_annotations
+    from villa.vocab import load_vocab
+
+    t = feather.read_table(tiny_docmnist / "annotations.feather").to_pandas()
+    if column == "image_id":
+        t["image_id"] = t["image_id"].astype(float)
+        t.loc[2, "image_id"] = value
+    elif column == "region_coord":
+        t.at[2, "region_coord"] = [np.array(b, np.float64) for b in value * t.at[2, "num_regions"]]
+    else:
+        t.at[2, column] = value
+    (tmp_path / "d").mkdir()
+    feather.write_feather(pa.Table.from_pandas(t, preserve_index=False), tmp_path / "d" / "annotations.feather")
+    with pytest.raises(VillaError, match=match):
+        load_annotations(tmp_path / "d", load_vocab("docmnist"), check_images=False)
+
+
+@pytest.mark.parametrize(
+    "name,override,match",
+    [("stage2", "+batchsize=4", "unknown key 'batchsize'"), ("evaluate", "precision_at=[0,10]", "precision_at"),
+     ("stage2", "betas=[1.5,0.9]", "betas"), ("stage2", "crop=content", "crop=content is for mode=pretrain")],
+)  # fmt: skip
+def test_overrides_that_would_be_ignored_or_wrong(name, override, match):
+    from villa.config import check_overrides
+
+    with pytest.raises(VillaError, match=match):
+        check_overrides(name, [override])
+
+
+def test_stage2_refuses_a_mapping_without_provenance(tiny_docmnist, tiny_mapping, tmp_path):
+    from villa.stage2 import train_stage2
+
+    t = feather.read_table(tiny_mapping)
+    feather.write_feather(t.replace_schema_metadata({}), tmp_path / "m.feather")
+    over = [f"data_dir={tiny_docmnist}", f"mapping_path={tmp_path / 'm.feather'}", f"checkpoint_dir={tmp_path / 'ck'}",
+            "model.name=villa-tiny-rn", "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false",
+            "epochs=1", "batch_size=16", "amp=false"]  # fmt: skip
+    with pytest.raises(VillaError, match="records no provenance .* trust_mapping=true"):
+        train_stage2(compose_config("stage2", over))
+    res = train_stage2(compose_config("stage2", over + ["trust_mapping=true"]))
+    assert torch.load(res["last_checkpoint"], weights_only=True)["config"]["trust_mapping"] is True
+
+
+def test_text_cache_depends_on_the_text_tower(tmp_path):
+    """Two random inits (other seeds) never share cached text embeddings; a corrupt cache file is rebuilt."""
+    from villa.encoders import create_clip, embed_sentences_cached
+    from villa.runtime import get_runtime, seed_everything
+
+    rt = get_runtime("cpu")
+    seed_everything(1)
+    a = create_clip("villa-tiny-rn", "none", device="cpu")
+    seed_everything(2)
+    b = create_clip("villa-tiny-rn", "none", device="cpu")
+    cache = tmp_path / "text_cache"
+    ea = embed_sentences_cached(a, ["a red digit", "a circle"], rt, cache)
+    eb = embed_sentences_cached(b, ["a red digit", "a circle"], rt, cache)
+    assert not torch.allclose(ea, eb)
+    files = sorted(cache.glob("*.pt"))
+    assert len(files) == 2
+    for f in files:
+        f.write_bytes(b"garbage")
+    again = embed_sentences_cached(a, ["a red digit", "a circle"], rt, cache)
+    torch.testing.assert_close(again, ea)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (root can mount one; skipped where it cannot)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(small_disk, tiny_docmnist, mnist, tmp_path):
+    import subprocess
+    import sys
+
+    from villa.regions import embed_dataset
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "docmnist.generate_docmnist", "--attribute_budget=300", "--quiet",
+                        f"--out_dir={small_disk}", f"--mnist_dir={mnist}", "--val_budget=150", "--test_budget=150"],
+                       capture_output=True, text=True, env=env)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().startswith("error: ") and "no space left on the device" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 or "left on the device" in r.stderr.strip().splitlines()[-1]
+    assert list(small_disk.iterdir()) == []
+    with pytest.raises(VillaError, match="no space left on the device writing .*emb"):
+        embed_dataset(tiny_docmnist, "docmnist", model="villa-tiny-rn", pretrained="none", device="cpu",
+                      num_workers=0, progress=False, dtype="float32", out_dir=small_disk / "emb")  # fmt: skip
+    assert list(small_disk.iterdir()) == []
+    with pytest.raises(VillaError, match="no space left on the device writing .*last.pt|best.pt|metrics"):
+        from villa.stage2 import train_stage2
+
+        train_stage2(compose_config("stage2", [
+            f"data_dir={tiny_docmnist}", f"checkpoint_dir={small_disk / 'ck'}", "mode=baseline", "model.name=villa-tiny-rn",
+            "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false", "epochs=1", "batch_size=16", "amp=false",
+        ]))  # fmt: skip
+    ck = small_disk / "ck"
+    assert not ck.exists() or not [p for p in ck.iterdir() if p.name.endswith(".pt") or ".tmp-" in p.name]
