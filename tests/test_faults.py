@@ -204,3 +204,74 @@ def test_full_disk_is_one_line_and_leaves_nothing(small_disk, tiny_docmnist, mni
         ]))  # fmt: skip
     ck = small_disk / "ck"
     assert not ck.exists() or not [p for p in ck.iterdir() if p.name.endswith(".pt") or ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize(
+    "module,override,match",
+    [("villa.stage2", "~lr", "error: lr is missing .*set it with lr=... instead"),
+     ("villa.stage1", "model._target_=foo.Bar", "error: model._target_='foo.Bar' is not a class villa can import")],
+)  # fmt: skip
+def test_deleted_keys_and_bad_targets_are_one_line_before_hydra_starts(module, override, match, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", module, override, f"data_dir={tmp_path}"], capture_output=True,
+                       text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and re.search(match, r.stderr), r.stderr
+    assert not (tmp_path / "outputs").exists()  # Hydra never started: no output folder
+
+
+@pytest.mark.parametrize("name", ["regions.npy", "attributes.npy", "index.feather", "meta.json"])
+def test_truncated_embeddings_are_one_line(synthetic_stage1, tmp_path, name):
+    import shutil
+
+    from villa.embeddings import open_embeddings
+
+    _, emb = synthetic_stage1
+    e = shutil.copytree(emb, tmp_path / "e")
+    raw = (e / name).read_bytes()
+    (e / name).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(VillaError, match="truncated or corrupt|is corrupt|is not villa-embeddings"):
+        open_embeddings(e)
+
+
+def test_stage2_fingerprint_sees_the_images_contents(tiny_docmnist, tmp_path, monkeypatch):
+    import shutil
+
+    from villa.provenance import images_digest
+
+    monkeypatch.setenv("VILLA_CACHE_DIR", str(tmp_path / "cache"))
+    data = shutil.copytree(tiny_docmnist, tmp_path / "d", ignore=shutil.ignore_patterns("embeddings", "text_cache"))
+    paths = feather.read_table(data / "annotations.feather").column("image_filepath").to_pylist()
+    a = images_digest(data, paths)
+    assert images_digest(data, paths) == a and (tmp_path / "cache" / "image_digests").is_dir()
+    img = data / paths[5]
+    raw = bytearray(img.read_bytes())
+    from PIL import Image
+
+    with Image.open(img) as im:
+        px = np.asarray(im).copy()
+    px[0, 0] = 255 - px[0, 0]
+    Image.fromarray(px).save(img)
+    assert bytes(raw) != img.read_bytes() and images_digest(data, paths) != a
+
+
+def test_captions_without_sentences_are_flagged(tiny_docmnist, tmp_path, caplog):
+    from villa.data_format import load_annotations
+    from villa.synthetic import write_synthetic_embeddings
+    from villa.vocab import load_vocab
+
+    t = feather.read_table(tiny_docmnist / "annotations.feather")
+    text = [x.replace(" . ", " and ") for x in t.column("text").to_pylist()]
+    d = tmp_path / "d"
+    d.mkdir()
+    feather.write_feather(t.set_column(t.column_names.index("text"), "text", pa.array(text)), d / "annotations.feather")
+    (d / "images").symlink_to(tiny_docmnist / "images")
+    vocab = load_vocab("docmnist")
+    ann = load_annotations(d, vocab, check_images=False)
+    emb = write_synthetic_embeddings(ann, vocab, tmp_path / "emb", dim=16)
+    res = train_stage1(s1(d, emb, tmp_path, "epochs=1"))
+    assert res["one_sentence_captions"] == ann.n_images
+    assert f"{ann.n_images} captions name several attributes in one sentence" in caplog.text

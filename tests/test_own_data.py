@@ -186,6 +186,8 @@ def test_size_buckets_save_padding_and_keep_outputs(tmp_path):
     assert all(len(np.unique(ann.image_size[batch], axis=0)) == 1 for batch in bucketed)
     assert padded_pixels(ann.image_size, rows, bucketed) == (padded_pixels(ann.image_size, rows, bucketed)[1],) * 2
     assert padded_pixels(ann.image_size, rows, plain)[0] > padded_pixels(ann.image_size, rows, plain)[1]
+    huge = np.array([[6000, 6000], [84, 84], [6000, 6000], [84, 84]])
+    assert [b.tolist() for b in size_buckets(huge, np.arange(4), 64)] == [[1, 3], [0], [2]]  # a huge image goes alone
     kw = dict(model="villa-tiny-rn", pretrained="none", device="cpu", num_workers=0, progress=False, dtype="float32")
     a = np.load(embed_dataset(tmp_path, vocab=vocab, batch_size=8, out_dir=tmp_path / "e8", **kw) / "regions.npy")
     b = np.load(embed_dataset(tmp_path, vocab=vocab, batch_size=1, out_dir=tmp_path / "e1", **kw) / "regions.npy")

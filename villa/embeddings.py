@@ -112,8 +112,12 @@ def open_embeddings(path: PathLike, vocab: Optional[Vocabulary] = None) -> Embed
     for name in ("meta.json", "regions.npy", "index.feather", "attributes.npy"):
         if not (root / name).is_file():
             raise VillaError(f"{root} has no {name}: incomplete embeddings; run preprocessing again")
-    meta = json.loads((root / "meta.json").read_text())
-    if meta.get("format") != FORMAT:
+    fix = "delete it and run preprocessing again"
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VillaError(f"{root}/meta.json is corrupt ({type(e).__name__}); {fix}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise VillaError(f"{root}/meta.json is not {FORMAT}; re-run preprocessing with this villa")
     reg_enc, att_enc = meta["encoder"], meta["attribute_encoder"]
     if not same_encoder(reg_enc, att_enc):
@@ -121,9 +125,19 @@ def open_embeddings(path: PathLike, vocab: Optional[Vocabulary] = None) -> Embed
             f"{root}: region embeddings come from {describe(reg_enc)} but attribute embeddings from "
             f"{describe(att_enc)}; embed both with the same encoder"
         )
-    regions = np.load(root / "regions.npy", mmap_mode="r")
-    idx = feather.read_table(str(root / "index.feather"))
-    attributes = np.load(root / "attributes.npy")
+    loaded = {}
+    for name, kw in (("regions.npy", {"mmap_mode": "r"}), ("attributes.npy", {})):
+        try:  # a truncated .npy fails in np.load (its header promises more bytes than the file has)
+            loaded[name] = np.load(root / name, allow_pickle=False, **kw)
+        except (ValueError, OSError, EOFError) as e:
+            raise VillaError(f"{root / name} is truncated or corrupt ({type(e).__name__}); {fix}") from e
+        if loaded[name].ndim != 2:
+            raise VillaError(f"{root / name} is not an (N, D) array (shape {loaded[name].shape}); {fix}")
+    regions, attributes = loaded["regions.npy"], loaded["attributes.npy"]
+    try:
+        idx = feather.read_table(str(root / "index.feather"))
+    except Exception as e:  # Arrow's errors for a truncated or foreign file
+        raise VillaError(f"{root / 'index.feather'} is truncated or corrupt ({type(e).__name__}); {fix}") from e
     names = list(meta["attribute_names"])
     if vocab is not None and names != list(vocab.attributes) and sorted(names) == sorted(vocab.attributes):
         k = next(i for i, (a, b) in enumerate(zip(names, vocab.attributes)) if a != b)

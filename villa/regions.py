@@ -81,9 +81,16 @@ def collate_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
     return out, torch.tensor([r for _, r in batch], dtype=torch.long)
 
 
-def size_buckets(image_size: np.ndarray, rows: np.ndarray, batch_size: int, bucket: bool = True) -> list[np.ndarray]:
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5 has only the CUDA name
+MAX_BATCH_PIXELS = 64 * 512 * 512  # a bucket's batch holds at most this many pixels (and at least one image)
+
+
+def size_buckets(
+    image_size: np.ndarray, rows: np.ndarray, batch_size: int, bucket: bool = True, max_pixels: int = MAX_BATCH_PIXELS
+) -> list[np.ndarray]:
     """Batches of positions into ``rows``: with ``bucket``, images of one size batch together (sorted by height,
-    width; stable), so no batch is padded to a larger image; else consecutive rows, as given."""
+    width; stable), so no batch is padded to a larger image, and a batch of large images holds at most
+    ``max_pixels`` pixels (a 6000 x 6000 image goes alone); else consecutive rows, as given."""
     n = len(rows)
     if not bucket or n == 0:
         return [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
@@ -93,7 +100,9 @@ def size_buckets(image_size: np.ndarray, rows: np.ndarray, batch_size: int, buck
     starts = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1, [n]])
     out = []
     for a, b in zip(starts[:-1], starts[1:]):
-        out += [order[s : min(s + batch_size, b)] for s in range(a, b, batch_size)]
+        w, h = wh[order[a]]
+        step = max(1, min(batch_size, max_pixels // max(1, int(w) * int(h))))
+        out += [order[s : min(s + step, b)] for s in range(a, b, step)]
     return out
 
 
@@ -164,9 +173,19 @@ def embed_regions(
     bar = tqdm(total=len(rows), desc="regions", unit="img", disable=not progress)
     for positions, (images, batch_rows) in zip(batches, loader):
         boxes, box_image = boxes_of(ann, batch_rows)
-        images = images.to(runtime.device, non_blocking=True).float().div_(255)
-        with runtime.autocast():
-            z = encoder(images, boxes.to(runtime.device), box_image.to(runtime.device))
+        try:
+            images = images.to(runtime.device, non_blocking=True).float().div_(255)
+            with runtime.autocast():
+                z = encoder(images, boxes.to(runtime.device), box_image.to(runtime.device))
+        except (OOM, RuntimeError) as e:
+            if not isinstance(e, OOM) and "alloc" not in str(e).lower():
+                raise
+            r = int(batch_rows[0])
+            w, h = (int(v) for v in ann.image_size[r])
+            raise VillaError(
+                f"out of memory embedding {len(batch_rows)} image(s) of {w}x{h} (e.g. {ann.root / ann.filepath[r]}); "
+                "lower --batch_size, or pass --input_size to resize images first"
+            ) from None
         dest, _ = gather_index(local, positions)
         z = z.float().cpu().numpy().astype(out.dtype)
         if len(dest) and dest[-1] - dest[0] + 1 == len(dest):  # contiguous (same-size data): a slice write

@@ -233,6 +233,9 @@ def _walk(schema: type, prefix: str = ""):
             yield f"{prefix}{f.name}", f
 
 
+_ABSENT = object()
+
+
 def validate_config(cfg: DictConfig, name: str) -> None:
     """Check the bounds and choices of ``cfg`` against the schema ``name``; the first violation is one line.
 
@@ -254,6 +257,23 @@ def validate_config(cfg: DictConfig, name: str) -> None:
                     raise VillaError(
                         f"unknown key '{key}.{sub}' (not a {name} setting); see python -m villa.{name} --help"
                     )
+    missing = [
+        k for k in known if k not in ("dataset", "paths") and OmegaConf.select(cfg, k, default=_ABSENT) is _ABSENT
+    ]
+    if missing:
+        raise VillaError(f"{missing[0]} is missing (deleted with ~{missing[0]}?): every {name} setting needs a value; "
+                         f"set it with {missing[0]}=... instead")  # fmt: skip
+    target = OmegaConf.select(cfg, "model._target_", default=None)
+    if target is not None:
+        import importlib
+
+        try:
+            module, _, attr = str(target).rpartition(".")
+            if not isinstance(getattr(importlib.import_module(module), attr), type):
+                raise TypeError(attr)
+        except Exception as e:  # not importable, not a class
+            raise VillaError(f"model._target_={target!r} is not a class villa can import ({type(e).__name__}); use "
+                             "villa.models.MultiHeadProjection or your own importable class") from None  # fmt: skip
     for key, f in _walk(SCHEMAS[name]):
         meta = f.metadata
         if not any(k in meta for k in ("gt", "ge", "choices")):

@@ -43,7 +43,7 @@ from villa.training import (
     rng_state,
     set_rng_state,
 )
-from villa.vocab import Vocabulary
+from villa.vocab import Vocabulary, split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,14 @@ def make_mapping(
         "encoder": emb.encoder,
         "epsilon": cfg.epsilon,
     }
+    one_sentence = int(sum(1 for t, n in zip(ann.text, image_attrs.sum(1)) if n >= 2 and len(split_sentences(t)) == 1))
+    result["one_sentence_captions"] = one_sentence
+    if one_sentence:
+        log.warning(
+            "%d captions name several attributes in one sentence (no '.' between them): each of their regions gets "
+            "the whole caption as its text; separate sentences with '.' so regions get their own",
+            one_sentence,
+        )
     result["degeneracy"] = degeneracy = mapping_degeneracy(assigned, image_attrs, ann.region_offsets)
     if degeneracy["degenerate"]:
         log.warning(

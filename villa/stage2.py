@@ -41,7 +41,15 @@ from villa.errors import VillaError
 from villa.grain import GrainHead, GrainSpec, grain_losses, image_tokens, normalized_targets, tower_width
 from villa.losses import infonce
 from villa.mapping import assign_text, mapping_record
-from villa.provenance import check_resume, checkpoint_pools, dataset_pools, file_sha256, run_fingerprint, unique_pools
+from villa.provenance import (
+    check_resume,
+    checkpoint_pools,
+    dataset_pools,
+    file_sha256,
+    images_digest,
+    run_fingerprint,
+    unique_pools,
+)
 from villa.regions import ImageDataset, calibrate_on_data, collate_images
 from villa.runtime import Runtime, get_runtime, seed_everything
 from villa.schemas import validate_config
@@ -180,10 +188,19 @@ def load_stage2_annotations(cfg: DictConfig, d: Dist) -> Annotations:
     )  # fmt: skip
 
 
+def stage2_images_digest(cfg: DictConfig) -> str:
+    """The contents of the dataset's images (a run that trained on other pixels is another run)."""
+    import pyarrow.feather as pf
+
+    paths = pf.read_table(str(Path(cfg.data_dir) / "annotations.feather"), columns=["image_filepath"])
+    return images_digest(cfg.data_dir, paths.column("image_filepath").to_pylist())
+
+
 def stage2_inputs(cfg: DictConfig) -> dict[str, Any]:
     """What a Stage 2 run reads, by content: the resume fingerprint's inputs and the checkpoint's record."""
     inputs = {
         "annotations": file_sha256(Path(cfg.data_dir) / "annotations.feather"),
+        "images": stage2_images_digest(cfg),
         "pretrained": weights_id(None if cfg.model.pretrained == "none" else str(cfg.model.pretrained)),
     }
     if uses_mapping(cfg):
