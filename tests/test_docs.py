@@ -53,3 +53,13 @@ def test_results_record_a_held_out_evaluation(folder):
     for h in held:
         assert h["test_pool"]["scheme"] == "full-v1" and h["test_pool"]["file"] == "test"
         assert set(h["overlap"].values()) == {0}
+
+
+def test_own_data_table_is_its_results_file_and_in_the_readme():
+    from experiments.own_data import VARIANTS, table_md
+
+    results = json.loads((RESULTS / "own_data" / "results.json").read_text())
+    table = (RESULTS / "own_data" / "table.md").read_text()
+    assert table == table_md(results) and table.strip() in README
+    assert list(results["variants"]) == list(VARIANTS)
+    assert results["command"] in README and results["command"] in (RESULTS / "README.md").read_text()

@@ -109,6 +109,27 @@ def test_demo_pipeline_tiny(tiny_pretrained, tmp_path, capsys):
         assert not torch.equal(w, start["visual.conv1.weight"])  # trained from the starting encoder
 
 
+def test_demo_twice_gives_the_same_numbers(tiny_pretrained, tmp_path):
+    """The same demo command twice (separate processes, worker processes for the data) on one machine: the same
+    mapping, training losses and retrieval, to the last bit (issue 19: a re-run must repeat its numbers)."""
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    out = []
+    for k in range(2):
+        r = subprocess.run([sys.executable, "-m", "villa.demo", "--out", str(tmp_path / f"d{k}"), "--pretrained",
+                            str(tiny_pretrained), "--budget", "1300", "--stage1_epochs", "2", "--stage2_epochs", "1",
+                            "--device", "cpu", "--quiet"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        res = json.loads((tmp_path / f"d{k}" / "results.json").read_text())
+        for r in res["retrieval"].values():
+            r.pop("model")  # the checkpoint's path differs between the two output folders
+        out.append({k: res[k] for k in ("mapping", "retrieval", "villa_training", "baseline_training")})
+    assert out[0] == out[1]
+    assert (tmp_path / "d0" / "table.md").read_text() == (tmp_path / "d1" / "table.md").read_text()
+
+
 def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
     """Seeds x targets x the methods on one fixed held-out set; the summary is the mean/std of the runs; the table
     written equals the one computed from results.json; the targets are computed from the summary. GRAIN is added to
