@@ -27,6 +27,7 @@ setup(
         "matplotlib>=3.7",
         "scikit-image>=0.21",
         "pyyaml>=6",
+        "pycocotools>=2.0.6",
     ],
     extras_require={
         "dev": ["pytest>=7", "ruff>=0.5", "nbclient>=0.8", "nbformat>=5", "ipykernel>=6"],

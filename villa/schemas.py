@@ -190,6 +190,34 @@ class EvaluateConfig(Common):
     device: str = opt("auto", DEVICE_HELP)
 
 
+# --- zero-shot detection and classification ---------------------------------------------------------------------
+
+
+@dataclass
+class DetectionConfig:
+    model: EvalModel = field(default_factory=EvalModel)
+    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+    task_name: str = opt("detection", "names the output folder")
+    label: str = opt("model", "the model's name in the report")
+    gt: str = opt("???", "COCO-format ground truth (instances_val2017.json, LVIS's lvis_v1_val.json)")
+    images: str = opt("???", "the folder its file_name entries are relative to (val2017/)")
+    regions: str = opt("gt", "boxes to classify: gt (the GT-box setting) or proposals (the RPN setting)",
+                       choices=("gt", "proposals"))  # fmt: skip
+    proposals_file: Optional[str] = opt(None, "regions=proposals: COCO results JSON of boxes and objectness")
+    split: Optional[str] = opt(None, "category groups scored apart: coco_48_17, lvis (rare/common/frequent) or a YAML")
+    templates: Optional[list] = opt(None, "prompt templates with {} (null: CLIP's 80 ImageNet templates)")
+    temperature: float = opt(0.01, "softmax temperature over the categories", gt=0)
+    objectness: bool = opt(True, "regions=proposals: multiply class scores by the proposal's objectness")
+    nms: float = opt(0.5, "per-class NMS IoU threshold", gt=0)
+    max_dets: int = opt(100, "detections kept per image (COCO's 100)", gt=0)
+    score_thresh: float = opt(1e-3, "(box, class) pairs scoring below this are dropped", ge=0)
+    top_k: int = opt(1000, "regions=proposals: proposals kept per image", gt=0)
+    output: str = opt("???", "the JSON report (detections beside it as <name>_results.json)")
+    batch_size: int = opt(64, "images per batch", gt=0)
+    num_workers: int = opt(2, "DataLoader worker processes", ge=0)
+    device: str = opt("auto", DEVICE_HELP)
+
+
 # --- fine-grained -----------------------------------------------------------------------------------------------
 
 
@@ -215,7 +243,8 @@ class FinegrainedConfig:
     output: str = opt("???", "where the JSON metrics are written")
 
 
-SCHEMAS = {"stage1": Stage1Config, "stage2": Stage2Config, "evaluate": EvaluateConfig, "finegrained": FinegrainedConfig}
+SCHEMAS = {"stage1": Stage1Config, "stage2": Stage2Config, "evaluate": EvaluateConfig, "finegrained": FinegrainedConfig,
+           "detection": DetectionConfig}  # fmt: skip
 
 
 def register_schemas() -> None:
