@@ -138,3 +138,28 @@ def test_cli_bad_ground_truth_is_one_line(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "error: ground truth not found" in r.stderr
+
+
+def test_classification_accuracy_by_hand_and_end_to_end(tmp_path):
+    from villa.classification import accuracy, zero_shot_classification
+    from villa.encoders import create_clip
+    from villa.runtime import get_runtime, seed_everything
+
+    sim = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
+    res = accuracy(sim, np.array([0, 1, 1, 1]), 2)
+    assert res["accuracy"] == 50.0 and res["per_class"] == [100.0, 100 / 3] and res["confusion"] == [[1, 0], [2, 1]]
+    write_gt(tmp_path)  # images/0..3.png
+    rows = ["image,label"] + [f"{i}.png,{'Edema' if i % 2 else 'Atelectasis'}" for i in range(4)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    seed_everything(0)
+    clip = create_clip("villa-tiny-rn", "none", device="cpu")
+    opts = {"normalize": False, "input_size": None}
+    for readout in ("image", "region"):
+        r = zero_shot_classification(clip, opts, get_runtime("cpu"), tmp_path / "labels.csv", tmp_path / "images",
+                                     readout=readout, num_workers=0)  # fmt: skip
+        assert r["images"] == 4 and r["classes"] == ["Atelectasis", "Edema"] and r["accuracy"] in (0, 25, 50, 75, 100)
+        assert sum(map(sum, r["confusion"])) == 4
+    (tmp_path / "bad.csv").write_text("image,label\n0.png,Pneumonia\n")
+    with pytest.raises(VillaError, match=r"labels \['Pneumonia'\] are not among the classes"):
+        zero_shot_classification(clip, opts, get_runtime("cpu"), tmp_path / "bad.csv", tmp_path / "images",
+                                 classes=["Atelectasis", "Edema"], num_workers=0)  # fmt: skip

@@ -218,6 +218,26 @@ class DetectionConfig:
     device: str = opt("auto", DEVICE_HELP)
 
 
+@dataclass
+class ClassificationConfig:
+    model: EvalModel = field(default_factory=EvalModel)
+    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+    task_name: str = opt("classification", "names the output folder")
+    label: str = opt("model", "the model's name in the report")
+    csv: str = opt("???", "CSV with an image column (image or Path) and a label column (label)")
+    images: str = opt("???", "the folder the CSV's image paths are relative to")
+    classes: Optional[list] = opt(None, "the class names in order (null: the labels present, sorted)")
+    prompts: Optional[str] = opt(None, "YAML {class: [prompt, ...]} (null: 'a photo of {}.' templates)")
+    readout: str = opt(
+        "image", "image: the whole image; region: each class's best grid cell", choices=("image", "region")
+    )
+    grid: list = opt([1, 2, 3], "readout=region: grid levels")
+    output: str = opt("???", "the JSON report")
+    batch_size: int = opt(64, "images per batch", gt=0)
+    num_workers: int = opt(2, "DataLoader worker processes", ge=0)
+    device: str = opt("auto", DEVICE_HELP)
+
+
 # --- fine-grained -----------------------------------------------------------------------------------------------
 
 
@@ -244,7 +264,7 @@ class FinegrainedConfig:
 
 
 SCHEMAS = {"stage1": Stage1Config, "stage2": Stage2Config, "evaluate": EvaluateConfig, "finegrained": FinegrainedConfig,
-           "detection": DetectionConfig}  # fmt: skip
+           "detection": DetectionConfig, "classification": ClassificationConfig}  # fmt: skip
 
 
 def register_schemas() -> None:
