@@ -118,7 +118,34 @@ def svo_fixture(root: Path) -> None:
         w.writerows(rows)
 
 
-FIXTURES = {"winoground": winoground_fixture, "valse": valse_fixture, "vsr": vsr_fixture, "svo_probes": svo_fixture}
+def sugarcrepe_fixture(root: Path) -> None:
+    """data/<op>_<kind>.json ({id: {filename, caption, negative_caption}}) and COCO val2017 images."""
+    for i in range(4):
+        _img(root / "val2017" / f"{i:012d}.jpg", COLORS[i])
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for name in ("add_att", "replace_obj", "swap_att"):
+        items = {str(i): {"filename": f"{i:012d}.jpg", "caption": f"a red square {name} {i}",
+                          "negative_caption": f"a blue square {name} {i}"} for i in range(4)}  # fmt: skip
+        (root / "data" / f"{name}.json").write_text(json.dumps(items))
+
+
+def aro_fixture(root: Path) -> None:
+    """visual_genome_relation.json / visual_genome_attribution.json and images/ (the published file names)."""
+    for i in range(4):
+        _img(root / "images" / f"{i + 100}.jpg", COLORS[i], size=(60, 40))
+    rel = [{"image_id": str(100 + i), "image_path": f"/x/vg/images/{100 + i}.jpg", "bbox_x": 5, "bbox_y": 4,
+            "bbox_w": 30, "bbox_h": 20, "true_caption": f"the cup is on the table {i}",
+            "false_caption": f"the table is on the cup {i}", "relation_name": ["on", "on", "under", "under"][i]}
+           for i in range(4)]  # fmt: skip
+    att = [{"image_id": str(100 + i), "image_path": f"{100 + i}.jpg", "bbox_x": 0, "bbox_y": 0, "bbox_w": 60,
+            "bbox_h": 40, "true_caption": f"the red cup and the white table {i}",
+            "false_caption": f"the white cup and the red table {i}", "attributes": ["red", "white"]} for i in range(4)]  # fmt: skip
+    (root / "visual_genome_relation.json").write_text(json.dumps(rel))
+    (root / "visual_genome_attribution.json").write_text(json.dumps(att))
+
+
+FIXTURES = {"winoground": winoground_fixture, "valse": valse_fixture, "vsr": vsr_fixture, "svo_probes": svo_fixture,
+            "sugarcrepe": sugarcrepe_fixture, "aro": aro_fixture}  # fmt: skip
 
 
 def run_cli(bench: str, data: Path, ckpt: Path, out: Path) -> subprocess.CompletedProcess:
@@ -210,9 +237,39 @@ def test_svo_probes_end_to_end(tmp_path, tiny_ckpt):
     assert res["per_kind"]["obj_neg"] == pytest.approx(right[2:].mean())
 
 
+def test_sugarcrepe_end_to_end(tmp_path, tiny_ckpt):
+    sugarcrepe_fixture(tmp_path / "sc")
+    r = run_cli("sugarcrepe", tmp_path / "sc", tiny_ckpt, tmp_path / "sc.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "sc.json").read_text())
+    imgs = [tmp_path / "sc" / "val2017" / f"{i:012d}.jpg" for i in range(4)]
+    for name in ("add_att", "replace_obj", "swap_att"):
+        pos = _scores(tiny_ckpt, imgs, [f"a red square {name} {i}" for i in range(4)])
+        neg = _scores(tiny_ckpt, imgs, [f"a blue square {name} {i}" for i in range(4)])
+        assert res["per_file"][name]["accuracy"] == pytest.approx((pos > neg).mean())
+    assert res["add"] == res["per_file"]["add_att"]["accuracy"] and res["examples"] == 12
+
+
+def test_aro_end_to_end(tmp_path, tiny_ckpt):
+    aro_fixture(tmp_path / "aro")
+    r = run_cli("aro", tmp_path / "aro", tiny_ckpt, tmp_path / "aro.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "aro.json").read_text())
+    assert res["vg_relation"]["examples"] == 4 and set(res["vg_relation"]["per_group"]) == {"on", "under"}
+    g = res["vg_relation"]["per_group"]
+    assert res["vg_relation"]["macro_accuracy"] == pytest.approx((g["on"] + g["under"]) / 2)
+    # attribution crops are the whole image: the same scores as the whole-image readout
+    imgs = [tmp_path / "aro" / "images" / f"{i + 100}.jpg" for i in range(4)]
+    t = _scores(tiny_ckpt, imgs, [f"the red cup and the white table {i}" for i in range(4)])
+    f = _scores(tiny_ckpt, imgs, [f"the white cup and the red table {i}" for i in range(4)])
+    assert res["vg_attribution"]["accuracy"] == pytest.approx((t > f).mean())
+
+
 @pytest.mark.parametrize(
     "bench,corrupt,match",
     [
+        ("sugarcrepe", lambda d: (d / "data" / "add_att.json").write_text("{bad"), "add_att.json is not JSON"),
+        ("aro", lambda d: (d / "visual_genome_relation.json").write_text('[{"image_path": "x.jpg"}]'), "item 0 lacks"),
         ("winoground", lambda d: (d / "examples.jsonl").write_text("{not json\n"), "examples.jsonl line 1 is not JSON"),
         ("winoground", lambda d: (d / "images" / "ex_0_img_0.png").unlink(), "image 'ex_0_img_0' not found"),
         ("valse", lambda d: (d / "data" / "existence.json").write_text("[1, 2]"), "is not a mapping of sample id"),

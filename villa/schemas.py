@@ -252,7 +252,9 @@ class FinegrainedConfig:
     paths: Any = opt(None, "where data and outputs live (configs/paths/default.yaml)")
     model: FinegrainedModel = field(default_factory=FinegrainedModel)
     benchmark: str = opt(
-        "docmnist", "which benchmark", choices=("winoground", "valse", "vsr", "svo_probes", "docmnist")
+        "docmnist",
+        "which benchmark",
+        choices=("winoground", "valse", "vsr", "svo_probes", "sugarcrepe", "aro", "docmnist"),
     )
     data_dir: str = opt("???", "the benchmark's local folder (its published layout; docmnist: a dataset folder)")
     split: str = opt("test", "vsr: the jsonl evaluated (a dev.jsonl beside it fits the threshold)")

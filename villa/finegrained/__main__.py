@@ -30,7 +30,7 @@ from villa.runtime import get_runtime
 from villa.schemas import validate_config
 
 log = logging.getLogger("villa.finegrained")
-BENCHMARKS = ("winoground", "valse", "vsr", "svo_probes", "docmnist")
+BENCHMARKS = ("winoground", "valse", "vsr", "svo_probes", "sugarcrepe", "aro", "docmnist")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -48,6 +48,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         loaded = B.load_vsr(data, cfg.split)
     elif cfg.benchmark == "svo_probes":
         loaded = B.load_svo_probes(data)
+    elif cfg.benchmark == "sugarcrepe":
+        loaded = B.load_sugarcrepe(data)
+    elif cfg.benchmark == "aro":
+        loaded = B.load_aro(data)
     else:
         loaded = build_benchmark(data, seed=cfg.seed)
     runtime = get_runtime(cfg.device)
@@ -61,6 +65,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         res = B.score_vsr(loaded, scorer, cfg.split)
     elif cfg.benchmark == "svo_probes":
         res = B.score_svo_probes(loaded, scorer)
+    elif cfg.benchmark == "sugarcrepe":
+        res = B.score_sugarcrepe(loaded, scorer)
+    elif cfg.benchmark == "aro":
+        res = B.score_aro(loaded, scorer)
     else:
         res = score_benchmark(loaded, scorer)
         res.update({k: loaded[k] for k in ("data", "seed", "generator_seed", "test_pool")})

@@ -269,3 +269,116 @@ def score_svo_probes(items: list[dict[str, Any]], scorer) -> dict[str, Any]:
     kind = np.array([it["kind"] for it in items])
     return {"accuracy": float(right.mean()), "examples": int(len(items)),
             "per_kind": {k: float(right[kind == k].mean()) for k in SVO_KINDS if (kind == k).any()}}  # fmt: skip
+
+
+# --- SugarCrepe -------------------------------------------------------------------------------------------------
+
+SUGARCREPE_WHERE = (
+    "get data/*.json from github.com/RAIVNLab/sugar-crepe and COCO's val2017 images (images/ or val2017/)"
+)
+SUGARCREPE_FILES = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
+
+
+def load_sugarcrepe(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """SugarCrepe (Hsieh et al., 2023): one JSON per add/replace/swap x att/obj/rel (``{id: {filename, caption,
+    negative_caption}}``) at the top or under ``data/``; COCO val2017 images under ``images/`` or ``val2017/``."""
+    folder = next((data_dir / d for d in ("images", "val2017") if (data_dir / d).is_dir()), None)
+    if folder is None:
+        raise VillaError(f"SugarCrepe: no images/ or val2017/ folder in {data_dir}; {SUGARCREPE_WHERE}")
+    pieces = {}
+    for name in SUGARCREPE_FILES:
+        path = _first(data_dir, f"{name}.json")
+        if path is None:
+            continue
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise VillaError(f"SugarCrepe: {path} is not JSON ({e.msg}); re-download it") from e
+        items = []
+        for key, it in raw.items() if isinstance(raw, dict) else enumerate(raw):
+            missing = [k for k in ("filename", "caption", "negative_caption") if k not in it]
+            if missing:
+                raise VillaError(f"SugarCrepe: {path} item {key} lacks {', '.join(missing)}; re-download it")
+            items.append({**it, "id": str(key), "image_path": _image(folder, it["filename"], "SugarCrepe")})
+        pieces[name] = items
+    if not pieces:
+        raise VillaError(f"SugarCrepe: none of {', '.join(n + '.json' for n in SUGARCREPE_FILES)} in {data_dir}; "
+                         f"{SUGARCREPE_WHERE}")  # fmt: skip
+    return pieces
+
+
+def score_sugarcrepe(pieces: dict[str, list[dict[str, Any]]], scorer) -> dict[str, Any]:
+    """Accuracy (the positive caption scores above the negative one for the image) per file, and the mean per
+    operation (add, replace, swap) over its files, as the SugarCrepe paper reports."""
+    out: dict[str, Any] = {"per_file": {}}
+    for name, items in pieces.items():
+        keys = [str(it["image_path"]) for it in items]
+        scorer.embed_images(keys, keys)
+        scorer.embed_texts([it["caption"] for it in items] + [it["negative_caption"] for it in items])
+        acc = pairwise_accuracy(scorer.pair_scores(keys, [it["caption"] for it in items]),
+                                scorer.pair_scores(keys, [it["negative_caption"] for it in items]))  # fmt: skip
+        out["per_file"][name] = {"accuracy": acc, "examples": len(items)}
+    for op in ("add", "replace", "swap"):
+        accs = [v["accuracy"] for k, v in out["per_file"].items() if k.startswith(op + "_")]
+        if accs:
+            out[op] = float(np.mean(accs))
+    out["examples"] = int(sum(len(v) for v in pieces.values()))
+    return out
+
+
+# --- ARO (VG-Relation, VG-Attribution) --------------------------------------------------------------------------
+
+ARO_WHERE = ("get visual_genome_relation.json / visual_genome_attribution.json and their images/ from "
+             "github.com/mertyg/vision-language-models-are-bows")  # fmt: skip
+ARO_FILES = {"vg_relation": "visual_genome_relation.json", "vg_attribution": "visual_genome_attribution.json"}
+
+
+def load_aro(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """ARO's Visual Genome tasks (Yuksekgonul et al., ICLR 2023): lists of ``{image_path, bbox_x, bbox_y, bbox_w,
+    bbox_h, true_caption, false_caption, relation_name | attributes}``; images under ``images/`` (the file name of
+    ``image_path``). As ARO's code, each image is cropped to the box before scoring. COCO-Order and Flickr30k-Order
+    are not included: their negatives come from ARO's NLTK part-of-speech perturbations (docs/finegrained.md)."""
+    images = _need(data_dir / "images", "ARO images folder", ARO_WHERE)
+    tasks = {}
+    for task, fname in ARO_FILES.items():
+        path = _first(data_dir, fname)
+        if path is None:
+            continue
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise VillaError(f"ARO: {path} is not JSON ({e.msg}); re-download it") from e
+        items = []
+        for i, it in enumerate(raw):
+            missing = [k for k in ("image_path", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "true_caption", "false_caption")
+                       if k not in it]  # fmt: skip
+            if missing:
+                raise VillaError(f"ARO: {path} item {i} lacks {', '.join(missing)}; re-download it")
+            group = it.get("relation_name") or " ".join(it.get("attributes") or []) or "all"
+            items.append({**it, "image": _image(images, Path(it["image_path"]).name, "ARO"), "group": group})
+        tasks[task] = items
+    if not tasks:
+        raise VillaError(f"ARO: neither {' nor '.join(ARO_FILES.values())} in {data_dir}; {ARO_WHERE}")
+    return tasks
+
+
+def score_aro(tasks: dict[str, list[dict[str, Any]]], scorer) -> dict[str, Any]:
+    """Per task: accuracy (true caption above false) over items, and the macro mean over relations/attributes."""
+    from villa.finegrained.scorer import load_rgb
+
+    out: dict[str, Any] = {}
+    for task, items in tasks.items():
+        keys, crops = [], []
+        for k, it in enumerate(items):
+            x, y, w, h = (float(it[c]) for c in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
+            keys.append(f"{task}:{k}")
+            crops.append(load_rgb(it["image"]).crop((x, y, x + w, y + h)))
+        scorer.embed_images(keys, crops)
+        t, f = [it["true_caption"] for it in items], [it["false_caption"] for it in items]
+        scorer.embed_texts(t + f)
+        right = scorer.pair_scores(keys, t) > scorer.pair_scores(keys, f)
+        group = np.array([it["group"] for it in items])
+        per = {g: float(right[group == g].mean()) for g in sorted(set(group.tolist()))}
+        out[task] = {"accuracy": float(right.mean()), "macro_accuracy": float(np.mean(list(per.values()))),
+                     "examples": len(items), "per_group": per}  # fmt: skip
+    return out
