@@ -74,17 +74,34 @@ def test_evaluate_entry_writes_json(tiny_docmnist, tiny_pretrained, tmp_path):
     assert saved["region_path"]["input_size"] == 168  # as the checkpoint was trained (experiment=pretrain)
 
 
-def test_demo_pipeline_tiny(tiny_pretrained, tmp_path, capsys):
+DEMO_ARGS = ["--budget", "1300", "--stage1_epochs", "2", "--stage2_epochs", "1", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_pretrained, tmp_path_factory):
+    """The tiny demo, run once in this process: (output folder, its return value, what it printed)."""
+    import contextlib
+    import io
+
+    from villa.demo import main
+
+    out = tmp_path_factory.mktemp("demo")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = main(["--out", str(out / "demo"), "--pretrained", str(tiny_pretrained), *DEMO_ARGS])
+    return out, res, buf.getvalue()
+
+
+def test_demo_pipeline_tiny(demo_run, tiny_pretrained):
     """The demo's printed table is its results.json; the methods were evaluated on the same held-out regions; the
     mapping figures are Stage 1's own file; ViLLA trained on that mapping and the baseline did not."""
     import pyarrow.feather as feather
 
-    from villa.demo import demo_tables, main
+    from villa.demo import demo_tables
     from villa.evaluate import format_markdown_table
     from villa.vocab import load_vocab
 
-    res = main(["--out", str(tmp_path / "demo"), "--pretrained", str(tiny_pretrained), "--budget", "1300", "--stage1_epochs", "2",
-                "--stage2_epochs", "1", "--device", "cpu", "--quiet"])  # fmt: skip
+    tmp_path, res, printed = demo_run
     assert set(res["retrieval"]) == {"zero-shot", "baseline", "villa"}
     assert (tmp_path / "demo" / "retrieval.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
@@ -94,7 +111,6 @@ def test_demo_pipeline_tiny(tiny_pretrained, tmp_path, capsys):
     assert {r["regions"] for r in saved["retrieval"].values()} == {test_regions}
     quality = json.loads((data / "mapping_quality.json").read_text())["quality"]
     assert saved["mapping"] == quality and 0 < quality["stage1"]["all"]["all"]["f1"] <= 1
-    printed = capsys.readouterr().out
     assert format_markdown_table(saved["retrieval"], load_vocab("docmnist")) in printed
     table = (tmp_path / "demo" / "table.md").read_text()
     assert table == demo_tables(saved) and table in printed
@@ -109,25 +125,24 @@ def test_demo_pipeline_tiny(tiny_pretrained, tmp_path, capsys):
         assert not torch.equal(w, start["visual.conv1.weight"])  # trained from the starting encoder
 
 
-def test_demo_twice_gives_the_same_numbers(tiny_pretrained, tmp_path):
-    """The same demo command twice (separate processes, worker processes for the data) on one machine: the same
-    mapping, training losses and retrieval, to the last bit (issue 19: a re-run must repeat its numbers)."""
+def test_demo_twice_gives_the_same_numbers(demo_run, tiny_pretrained, tmp_path):
+    """The same demo command again, in a separate process (worker processes for the data): the same mapping,
+    training losses and retrieval, to the last bit (issue 19: a re-run must repeat its numbers)."""
     import os
 
     root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "villa.demo", "--out", str(tmp_path / "again"), "--pretrained",
+                        str(tiny_pretrained), *DEMO_ARGS], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
     out = []
-    for k in range(2):
-        r = subprocess.run([sys.executable, "-m", "villa.demo", "--out", str(tmp_path / f"d{k}"), "--pretrained",
-                            str(tiny_pretrained), "--budget", "1300", "--stage1_epochs", "2", "--stage2_epochs", "1",
-                            "--device", "cpu", "--quiet"], capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
-        assert r.returncode == 0, r.stderr[-2000:]
-        res = json.loads((tmp_path / f"d{k}" / "results.json").read_text())
-        for r in res["retrieval"].values():
-            r.pop("model")  # the checkpoint's path differs between the two output folders
+    for folder in (demo_run[0] / "demo", tmp_path / "again"):
+        res = json.loads((folder / "results.json").read_text())
+        for v in res["retrieval"].values():
+            v.pop("model")  # the checkpoint's path differs between the two output folders
         out.append({k: res[k] for k in ("mapping", "retrieval", "villa_training", "baseline_training")})
     assert out[0] == out[1]
-    assert (tmp_path / "d0" / "table.md").read_text() == (tmp_path / "d1" / "table.md").read_text()
+    assert (demo_run[0] / "demo" / "table.md").read_text() == (tmp_path / "again" / "table.md").read_text()
 
 
 def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
