@@ -275,3 +275,77 @@ def test_captions_without_sentences_are_flagged(tiny_docmnist, tmp_path, caplog)
     res = train_stage1(s1(d, emb, tmp_path, "epochs=1"))
     assert res["one_sentence_captions"] == ann.n_images
     assert f"{ann.n_images} captions name several attributes in one sentence" in caplog.text
+
+
+def _cli(*args: str, cwd: Path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [(["-m", "villa.demo", "--stage2_epochs", "0"], "error: --stage2_epochs=0: must be an integer >= 1"),
+     (["-m", "villa.demo", "--budget", "10"], "error: --budget=10 is below two images at --target=16"),
+     (["-m", "docmnist.generate_docmnist", "--workers", "-3"], "error: --workers=-3: must be >= 1")],
+)  # fmt: skip
+def test_settings_refused_before_any_work(tmp_path, args, match):
+    r = _cli(*args, "--out" if "villa.demo" in args else "--out_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert not (tmp_path / "out").exists()  # nothing generated, no folder
+
+
+def test_every_flag_has_help_and_commands_name_themselves(tmp_path, monkeypatch):
+    import argparse
+
+    import experiments.complexity as complexity
+    import villa.demo as demo
+
+    seen = []
+    real = argparse.ArgumentParser.parse_args
+
+    def capture(self, *a, **k):
+        seen.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    for main in (demo.main, complexity.main):
+        with pytest.raises(SystemExit):
+            main([])
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", real)
+    for parser in seen:
+        missing = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+        assert not missing, f"{parser.prog}: {missing} have no help text"
+    r = _cli("-m", "preprocess", "--help", cwd=tmp_path)
+    assert r.stdout.startswith("usage: python -m preprocess")
+
+
+def test_a_checkpoint_of_another_model_names_the_key_to_set(tmp_path):
+    from villa.encoders import clip_checkpoint_state, create_clip
+    from villa.training import save_checkpoint
+
+    clip = create_clip("villa-tiny-rn", "none", device="cpu")
+    save_checkpoint(tmp_path / "c.pt", clip_checkpoint_state(clip.model, clip.model_name, clip.model_cfg))
+    with pytest.raises(VillaError, match="set model.name=villa-tiny-rn"):
+        create_clip("villa-small-rn", str(tmp_path / "c.pt"), device="cpu")
+
+
+def test_a_load_failure_reason_is_never_cut_mid_word(tmp_path, monkeypatch):
+    from villa.training import load_checkpoint
+
+    (tmp_path / "x.pt").write_bytes(b"x")
+    long = " ".join(f"word{i:02d}" for i in range(60))  # 419 characters
+
+    def fail(*a, **k):
+        raise RuntimeError(long)
+
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(VillaError) as e:
+        load_checkpoint(tmp_path / "x.pt")
+    reason = str(e.value).split("cannot be read (")[1].split("): it is")[0]
+    assert reason.endswith(" ...") and len(reason) <= 164
+    words = reason[: -len(" ...")].split()
+    assert words == long.split()[: len(words)] and len(words) >= 15  # whole words only
