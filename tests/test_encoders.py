@@ -175,7 +175,9 @@ def test_checkpoint_round_trip(tiny, tmp_path):
     assert torch.equal(encode_texts(tiny, ["the color is red"], CPU), encode_texts(loaded, ["the color is red"], CPU))
     # the model name may be omitted: the checkpoint says it
     assert create_clip("auto", pretrained=str(path)).model_name == "villa-tiny-rn"
-    with pytest.raises(VillaError, match="holds a 'villa-tiny-rn' model but model='RN50'"):
+    with pytest.raises(
+        VillaError, match="holds a 'villa-tiny-rn' model but the model name is 'RN50'; set model.name=villa-tiny-rn"
+    ):
         create_clip("RN50", pretrained=str(path))
 
 

@@ -82,7 +82,10 @@ def test_modes_see_their_pairs(tiny_docmnist, tiny_mapping, tmp_path):
     np.testing.assert_array_equal(np.diff(vtr.pairs.offsets), n_assigned + 1)
     assert vtr.text_emb.shape == (vtr.pairs.n_pairs, 64)
     torch.testing.assert_close(vtr.text_emb.norm(dim=1), torch.ones(vtr.pairs.n_pairs))
-    (cache,) = (tiny_docmnist / "text_cache").glob("villa-tiny-rn-*.pt")  # sentences embedded once, cached on disk
+    from villa.encoders import text_tower_digest
+
+    cache = tiny_docmnist / "text_cache" / f"{clip.model_name}-{text_tower_digest(clip)}.pt"  # one file per text tower
+    assert cache.is_file()  # sentences embedded once, cached on disk
     cached = torch.load(cache, weights_only=True)
     assert len(cached["sentences"]) == len(set(cached["sentences"])) == cached["embeddings"].shape[0]
     with pytest.raises(VillaError, match="mapping not found"):
