@@ -28,12 +28,12 @@ from omegaconf import DictConfig
 from villa.config import hydra_entry
 from villa.data_format import check_image_files, path_inside
 from villa.detection import _annotations
-from villa.encoders import Clip, RegionEncoder, create_clip, encode_texts
+from villa.encoders import Clip, RegionEncoder, encode_texts
 from villa.errors import VillaError
 from villa.paths import write_json_atomic
 from villa.region_sources import grid_boxes
 from villa.regions import embed_regions
-from villa.runtime import Runtime, get_runtime
+from villa.runtime import Runtime
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = ("a photo of {}.", "an image of {}.", "{}.")
@@ -129,13 +129,11 @@ def zero_shot_classification(
 
 
 def run_classification(cfg: DictConfig) -> dict[str, Any]:
-    from villa.evaluate import region_options
+    from villa.evaluate import model_from_config
     from villa.schemas import validate_config
 
     validate_config(cfg, "classification")
-    runtime = get_runtime(cfg.device)
-    clip = create_clip(cfg.model.name, cfg.model.pretrained, device=runtime.device)
-    opts = region_options(clip.pretrained, cfg.model.normalize, cfg.model.input_size)
+    runtime, clip, opts = model_from_config(cfg)
     res = zero_shot_classification(clip, opts, runtime, cfg.csv, cfg.images, list(cfg.classes) if cfg.classes else None,
                                    cfg.prompts, cfg.readout, list(cfg.grid), cfg.batch_size, cfg.num_workers)  # fmt: skip
     res.update({"label": cfg.label, "model": clip.source})

@@ -29,11 +29,11 @@ from omegaconf import DictConfig
 
 from villa.config import hydra_entry
 from villa.data_format import Annotations, check_image_files, path_inside
-from villa.encoders import Clip, RegionEncoder, create_clip, encode_texts
+from villa.encoders import Clip, RegionEncoder, encode_texts
 from villa.errors import VillaError
 from villa.paths import config_dir, write_json_atomic
 from villa.regions import embed_regions
-from villa.runtime import Runtime, get_runtime
+from villa.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -243,13 +243,11 @@ def zero_shot_detection(
 
 
 def run_detection(cfg: DictConfig) -> dict[str, Any]:
-    from villa.evaluate import region_options
+    from villa.evaluate import model_from_config
     from villa.schemas import validate_config
 
     validate_config(cfg, "detection")
-    runtime = get_runtime(cfg.device)
-    clip = create_clip(cfg.model.name, cfg.model.pretrained, device=runtime.device)
-    opts = region_options(clip.pretrained, cfg.model.normalize, cfg.model.input_size)
+    runtime, clip, opts = model_from_config(cfg)
     out = Path(cfg.output)
     res = zero_shot_detection(
         clip, opts, runtime, cfg.gt, cfg.images, cfg.regions, cfg.proposals_file, cfg.split,

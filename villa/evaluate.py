@@ -248,13 +248,19 @@ def evaluate_model(
     return res
 
 
+def model_from_config(cfg: DictConfig) -> tuple[Runtime, Clip, dict[str, Any]]:
+    """The runtime, the model under test and its region-path options, from an evaluation command's config
+    (``device``, ``model.name``, ``model.pretrained``, ``model.normalize``, ``model.input_size``)."""
+    runtime = get_runtime(cfg.device)
+    clip = create_clip(cfg.model.name, cfg.model.pretrained, device=runtime.device)
+    return runtime, clip, region_options(clip.pretrained, cfg.model.normalize, cfg.model.input_size)
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg, "evaluate")
     vocab = vocab_from_config(cfg)
     ann = load_annotations(Path(cfg.data_dir), vocab, required_splits=(cfg.split,))
-    runtime = get_runtime(cfg.device)
-    clip = create_clip(cfg.model.name, cfg.model.pretrained, device=runtime.device)
-    opts = region_options(clip.pretrained, cfg.model.normalize, cfg.model.input_size)
+    runtime, clip, opts = model_from_config(cfg)
     res = evaluate_model(
         clip,
         ann,

@@ -194,11 +194,21 @@ class EvaluateConfig(Common):
 
 
 @dataclass
-class DetectionConfig:
+class ZeroShotRun:
+    """What every zero-shot evaluation command shares."""
+
     model: EvalModel = field(default_factory=EvalModel)
     paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
-    task_name: str = opt("detection", "names the output folder")
     label: str = opt("model", "the model's name in the report")
+    output: str = opt("???", "the JSON report")
+    batch_size: int = opt(64, "images per batch", gt=0)
+    num_workers: int = opt(2, "DataLoader worker processes", ge=0)
+    device: str = opt("auto", DEVICE_HELP)
+
+
+@dataclass
+class DetectionConfig(ZeroShotRun):
+    task_name: str = opt("detection", "names the output folder; the detections go beside the report")
     gt: str = opt("???", "COCO-format ground truth (instances_val2017.json, LVIS's lvis_v1_val.json)")
     images: str = opt("???", "the folder its file_name entries are relative to (val2017/)")
     regions: str = opt("gt", "boxes to classify: gt (the GT-box setting) or proposals (the RPN setting)",
@@ -212,18 +222,11 @@ class DetectionConfig:
     max_dets: int = opt(100, "detections kept per image (COCO's 100)", gt=0)
     score_thresh: float = opt(1e-3, "(box, class) pairs scoring below this are dropped", ge=0)
     top_k: int = opt(1000, "regions=proposals: proposals kept per image", gt=0)
-    output: str = opt("???", "the JSON report (detections beside it as <name>_results.json)")
-    batch_size: int = opt(64, "images per batch", gt=0)
-    num_workers: int = opt(2, "DataLoader worker processes", ge=0)
-    device: str = opt("auto", DEVICE_HELP)
 
 
 @dataclass
-class ClassificationConfig:
-    model: EvalModel = field(default_factory=EvalModel)
-    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+class ClassificationConfig(ZeroShotRun):
     task_name: str = opt("classification", "names the output folder")
-    label: str = opt("model", "the model's name in the report")
     csv: str = opt("???", "CSV with an image column (image or Path) and a label column (label)")
     images: str = opt("???", "the folder the CSV's image paths are relative to")
     classes: Optional[list] = opt(None, "the class names in order (null: the labels present, sorted)")
@@ -232,10 +235,6 @@ class ClassificationConfig:
         "image", "image: the whole image; region: each class's best grid cell", choices=("image", "region")
     )
     grid: list = opt([1, 2, 3], "readout=region: grid levels")
-    output: str = opt("???", "the JSON report")
-    batch_size: int = opt(64, "images per batch", gt=0)
-    num_workers: int = opt(2, "DataLoader worker processes", ge=0)
-    device: str = opt("auto", DEVICE_HELP)
 
 
 # --- fine-grained -----------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ ignores them. The vocabulary is configs/dataset/coco.yaml (the 80 categories wit
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,12 +21,11 @@ import numpy as np
 
 from villa.datasets.common import (
     ImportedRows,
-    add_common_args,
     hash_unit,
+    importer_parser,
     join_texts,
-    load_dataset_vocab,
+    parse_importer_args,
     problems_error,
-    region_spec,
     write_dataset,
 )
 from villa.errors import VillaError, exit_on_error
@@ -47,6 +45,15 @@ def _load_json(path: Path) -> dict:
         raise VillaError(f"{path} is not JSON ({e}); download it again") from e
 
 
+def _positions(ids_sorted: np.ndarray, query: np.ndarray, what: str) -> np.ndarray:
+    """Row of each queried image id in the sorted ids; ids that are not there are one error naming them all."""
+    pos = np.searchsorted(ids_sorted, query)
+    bad = (pos >= len(ids_sorted)) | (ids_sorted[np.minimum(pos, len(ids_sorted) - 1)] != query)
+    if bad.any():
+        raise problems_error(what, [str(v) for v in np.unique(query[bad])], "use the files of one COCO release")
+    return pos
+
+
 def read_coco_split(coco_dir: Path, name: str, vocab: Vocabulary, with_boxes: bool = True) -> ImportedRows:
     """One split's images, joined captions, and (``with_boxes``) non-crowd boxes with their category names."""
     caps = _load_json(coco_dir / "annotations" / f"captions_{name}.json")
@@ -60,11 +67,7 @@ def read_coco_split(coco_dir: Path, name: str, vocab: Vocabulary, with_boxes: bo
     size = np.array([[images[i]["width"], images[i]["height"]] for i in order], dtype=np.int64)
     anns = caps.get("annotations") or []
     cap_img = np.array([a["image_id"] for a in anns], dtype=np.int64)
-    pos = np.searchsorted(ids_sorted, cap_img)
-    bad = (pos >= len(ids_sorted)) | (ids_sorted[np.minimum(pos, len(ids_sorted) - 1)] != cap_img)
-    if bad.any():
-        raise problems_error(f"captions in captions_{name}.json name unknown image ids",
-                             [str(v) for v in np.unique(cap_img[bad])], "use the captions and images of one COCO release")  # fmt: skip
+    pos = _positions(ids_sorted, cap_img, f"captions in captions_{name}.json name unknown image ids")
     by = np.argsort(pos, kind="stable")
     bounds = np.searchsorted(pos[by], np.arange(len(ids_sorted) + 1))
     texts_all = [anns[k]["caption"] for k in by]
@@ -80,11 +83,9 @@ def read_coco_split(coco_dir: Path, name: str, vocab: Vocabulary, with_boxes: bo
                              "add them to the dataset config (configs/dataset/coco.yaml lists COCO's 80)")  # fmt: skip
     boxes_ann = [a for a in inst.get("annotations") or [] if not a.get("iscrowd", 0)]
     b_img = np.array([a["image_id"] for a in boxes_ann], dtype=np.int64)
-    bpos = np.searchsorted(ids_sorted, b_img)
-    bad = (bpos >= len(ids_sorted)) | (ids_sorted[np.minimum(bpos, len(ids_sorted) - 1)] != b_img)
-    if bad.any():
-        raise problems_error(f"boxes in instances_{name}.json name image ids that captions_{name}.json lacks",
-                             [str(v) for v in np.unique(b_img[bad])], "use the captions and instances of one release")  # fmt: skip
+    bpos = _positions(
+        ids_sorted, b_img, f"boxes in instances_{name}.json name image ids that captions_{name}.json lacks"
+    )
     xywh = np.array([a["bbox"] for a in boxes_ann], dtype=np.float64).reshape(-1, 4)
     cat = np.array([a["category_id"] for a in boxes_ann], dtype=np.int64)
     unknown = sorted({int(c) for c in cat if int(c) not in cats})
@@ -141,20 +142,14 @@ def import_coco(coco_dir, vocab: Vocabulary, regions, out_dir=None, splits: Sequ
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    from villa.log import setup_logging
-
-    setup_logging()
-    p = argparse.ArgumentParser(prog="python -m villa.datasets.coco", description=__doc__.split("\n")[0])
+    p = importer_parser("villa.datasets.coco", __doc__)
     p.add_argument("--coco_dir", required=True, help="folder with annotations/, train2017/, val2017/")
     p.add_argument(
         "--splits", nargs="+", default=["train2017", "val2017"], help="train2017 -> train/val, val2017 -> test"
     )
     p.add_argument("--val_fraction", type=float, default=0.05, help="share of train2017 held out as val (by id hash)")
-    add_common_args(p, default_regions="given")
-    a = p.parse_args(argv)
-    vocab = load_dataset_vocab(a.dataset_config, "coco")
-    return import_coco(a.coco_dir, vocab, region_spec(a), a.out_dir, a.splits, a.val_fraction, a.seed,
-                       no_attribute=a.no_attribute, progress=not a.quiet, label_iou=a.label_iou)  # fmt: skip
+    a, vocab, spec, kw = parse_importer_args(p, argv, "given", "coco")
+    return import_coco(a.coco_dir, vocab, spec, a.out_dir, a.splits, a.val_fraction, **kw)
 
 
 if __name__ == "__main__":

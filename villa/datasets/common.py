@@ -319,6 +319,26 @@ def add_common_args(p: argparse.ArgumentParser, default_regions: str = "given") 
                    help="grid/proposal regions take the labels of a labelled box they overlap at this IoU")  # fmt: skip
 
 
+def importer_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """An importer's command line (villa's logging set up); its own arguments go first, then
+    :func:`parse_importer_args` adds the shared ones and parses."""
+    from villa.log import setup_logging
+
+    setup_logging()
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+
+
+def parse_importer_args(
+    p: argparse.ArgumentParser, argv: Optional[Sequence[str]], default_regions: str, default_vocab: Optional[str]
+) -> tuple[argparse.Namespace, Vocabulary, RegionSpec, dict[str, Any]]:
+    """(arguments, vocabulary, region source, the keyword arguments every importer passes to write_dataset)."""
+    add_common_args(p, default_regions)
+    a = p.parse_args(argv)
+    kw = {"no_attribute": a.no_attribute, "split_fractions": a.split_fractions, "seed": a.seed, "progress": not a.quiet,
+          "label_iou": a.label_iou}  # fmt: skip
+    return a, load_dataset_vocab(a.dataset_config, default_vocab), region_spec(a), kw
+
+
 def region_spec(a: argparse.Namespace) -> RegionSpec:
     return RegionSpec(source=a.regions, grid=list(a.grid), proposals_file=a.proposals_file, detector=a.detector,
                       detector_weights=a.detector_weights, proposal_kind=a.proposal_kind, top_k=a.top_k, nms=a.nms,

@@ -19,7 +19,6 @@ vocabulary label. Splits: by a hash of the item id (``id_XXXXXXXX``), so the vie
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +30,9 @@ from PIL import Image
 
 from villa.datasets.common import (
     ImportedRows,
-    add_common_args,
-    load_dataset_vocab,
+    importer_parser,
+    parse_importer_args,
     problems_error,
-    region_spec,
     write_dataset,
 )
 from villa.errors import VillaError, exit_on_error
@@ -140,16 +138,10 @@ def import_deepfashion(root, vocab, regions, out_dir=None, **kw) -> Path:
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    from villa.log import setup_logging
-
-    setup_logging()
-    p = argparse.ArgumentParser(prog="python -m villa.datasets.deepfashion", description=__doc__.split("\n")[0])
+    p = importer_parser("villa.datasets.deepfashion", __doc__)
     p.add_argument("--root", required=True, help="the DeepFashion-MultiModal folder")
-    add_common_args(p, default_regions="masks")
-    a = p.parse_args(argv)
-    vocab = load_dataset_vocab(a.dataset_config, "deepfashion")
-    return import_deepfashion(a.root, vocab, region_spec(a), a.out_dir, no_attribute=a.no_attribute,
-                              split_fractions=a.split_fractions, seed=a.seed, progress=not a.quiet, label_iou=a.label_iou)  # fmt: skip
+    a, vocab, spec, kw = parse_importer_args(p, argv, "masks", "deepfashion")
+    return import_deepfashion(a.root, vocab, spec, a.out_dir, **kw)
 
 
 if __name__ == "__main__":

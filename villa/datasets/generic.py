@@ -12,7 +12,6 @@ at once (file:line), not one per run.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -22,11 +21,10 @@ import numpy as np
 
 from villa.datasets.common import (
     ImportedRows,
-    add_common_args,
-    load_dataset_vocab,
+    importer_parser,
     normalize_split,
+    parse_importer_args,
     problems_error,
-    region_spec,
     write_dataset,
 )
 from villa.errors import VillaError, exit_on_error
@@ -143,19 +141,12 @@ def import_generic(
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    from villa.log import setup_logging
-
-    setup_logging()
-    p = argparse.ArgumentParser(prog="python -m villa.datasets.generic", description=__doc__.split("\n")[0])
+    p = importer_parser("villa.datasets.generic", __doc__)
     p.add_argument("--root", required=True, help="the folder the image paths are relative to")
     p.add_argument("--captions", required=True, help="JSONL or CSV: image, caption[, split, boxes, id, ...]")
     p.add_argument("--group_key", default=None, help="field whose values never straddle splits (e.g. patient)")
-    add_common_args(p, default_regions="grid")
-    a = p.parse_args(argv)
-    vocab = load_dataset_vocab(a.dataset_config)
-    return import_generic(a.root, a.captions, vocab, region_spec(a), a.out_dir, a.group_key,
-                          no_attribute=a.no_attribute, split_fractions=a.split_fractions, seed=a.seed,
-                          progress=not a.quiet, label_iou=a.label_iou)  # fmt: skip
+    a, vocab, spec, kw = parse_importer_args(p, argv, "grid", None)
+    return import_generic(a.root, a.captions, vocab, spec, a.out_dir, a.group_key, **kw)
 
 
 if __name__ == "__main__":

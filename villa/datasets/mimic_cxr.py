@@ -14,7 +14,6 @@ the text is its study's findings and impression; the split is the published one 
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,11 +23,10 @@ import pandas as pd
 
 from villa.datasets.common import (
     ImportedRows,
-    add_common_args,
-    load_dataset_vocab,
+    importer_parser,
     normalize_split,
+    parse_importer_args,
     problems_error,
-    region_spec,
     write_dataset,
 )
 from villa.errors import VillaError, exit_on_error
@@ -129,20 +127,14 @@ def import_mimic(reports, images, vocab, regions, out_dir=None, views: Sequence[
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    from villa.log import setup_logging
-
-    setup_logging()
-    p = argparse.ArgumentParser(prog="python -m villa.datasets.mimic_cxr", description=__doc__.split("\n")[0])
+    p = importer_parser("villa.datasets.mimic_cxr", __doc__)
     p.add_argument("--reports", required=True, help="folder holding files/pXX/pNNNNNNNN/sNNNNNNNN.txt")
     p.add_argument("--images", required=True, help="MIMIC-CXR-JPG folder: files/ and the metadata and split CSVs")
     p.add_argument("--views", nargs="*", default=["PA", "AP"], help="ViewPosition values to keep (none: all)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), help="report sections that form the text")
     p.add_argument("--boxes_csv", default=None, help="dicom_id,x0,y0,x1,y1[,label] rows (with --regions given)")
-    add_common_args(p, default_regions="grid")
-    a = p.parse_args(argv)
-    vocab = load_dataset_vocab(a.dataset_config, "chexpert")
-    return import_mimic(a.reports, a.images, vocab, region_spec(a), a.out_dir, a.views, a.sections, a.boxes_csv,
-                        no_attribute=a.no_attribute, seed=a.seed, progress=not a.quiet, label_iou=a.label_iou)  # fmt: skip
+    a, vocab, spec, kw = parse_importer_args(p, argv, "grid", "chexpert")
+    return import_mimic(a.reports, a.images, vocab, spec, a.out_dir, a.views, a.sections, a.boxes_csv, **kw)
 
 
 if __name__ == "__main__":

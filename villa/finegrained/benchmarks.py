@@ -67,6 +67,13 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     return items
 
 
+def _read_json(path: Path, benchmark: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise VillaError(f"{benchmark}: {path} is not JSON ({e.msg}); re-download it") from e
+
+
 def _image(folder: Path, stem: str, benchmark: str) -> Path:
     p = folder / stem
     if p.suffix.lower() in IMAGE_EXTS and p.is_file():
@@ -290,10 +297,7 @@ def load_sugarcrepe(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
         path = _first(data_dir, f"{name}.json")
         if path is None:
             continue
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise VillaError(f"SugarCrepe: {path} is not JSON ({e.msg}); re-download it") from e
+        raw = _read_json(path, "SugarCrepe")
         items = []
         for key, it in raw.items() if isinstance(raw, dict) else enumerate(raw):
             missing = [k for k in ("filename", "caption", "negative_caption") if k not in it]
@@ -344,10 +348,7 @@ def load_aro(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
         path = _first(data_dir, fname)
         if path is None:
             continue
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise VillaError(f"ARO: {path} is not JSON ({e.msg}); re-download it") from e
+        raw = _read_json(path, "ARO")
         items = []
         for i, it in enumerate(raw):
             missing = [k for k in ("image_path", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "true_caption", "false_caption")
