@@ -349,3 +349,24 @@ def test_a_load_failure_reason_is_never_cut_mid_word(tmp_path, monkeypatch):
     assert reason.endswith(" ...") and len(reason) <= 164
     words = reason[: -len(" ...")].split()
     assert words == long.split()[: len(words)] and len(words) >= 15  # whole words only
+
+
+def test_stage2_refuses_to_resume_on_changed_images(tiny_docmnist, tmp_path, monkeypatch):
+    """Every image changed in place (same names, sizes and annotations): the resume is refused, naming the images."""
+    import shutil
+
+    from PIL import Image
+
+    from villa.stage2 import train_stage2
+
+    monkeypatch.setenv("VILLA_CACHE_DIR", str(tmp_path / "cache"))
+    data = shutil.copytree(tiny_docmnist, tmp_path / "d", ignore=shutil.ignore_patterns("embeddings", "text_cache"))
+    over = [f"data_dir={data}", f"checkpoint_dir={tmp_path / 'ck'}", "mode=baseline", "model.name=villa-tiny-rn",
+            "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false", "batch_size=16", "amp=false"]  # fmt: skip
+    train_stage2(compose_config("stage2", over + ["epochs=1"]))
+    for p in (data / "images").rglob("*.png"):
+        with Image.open(p) as im:
+            px = 255 - np.asarray(im)
+        Image.fromarray(px).save(p)
+    with pytest.raises(VillaError, match=r"is from another run \(images: "):
+        train_stage2(compose_config("stage2", over + ["epochs=2"]))
