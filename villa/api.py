@@ -74,6 +74,7 @@ class VillaModel:
     ) -> torch.Tensor:
         """Embeddings (K, D) of every box of every image, in order: ``boxes[i]`` holds image i's boxes as
         ``[[x0, y0, x1, y1], ...]`` in pixels. Images of one size are batched together (no padding)."""
+        from villa.data import gather_index
         from villa.regions import size_buckets
 
         if len(images) != len(boxes):
@@ -96,8 +97,7 @@ class VillaModel:
             if not len(batch):
                 continue
             x = torch.stack([ims[i] for i in batch]).to(self.device).float().div_(255)
-            idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in batch])
-            owner = np.repeat(np.arange(len(batch)), np.diff(offsets)[batch])
+            idx, owner = gather_index(offsets, batch)
             z = enc(x, torch.from_numpy(flat[idx]).to(self.device), torch.from_numpy(owner).to(self.device))
             out[torch.from_numpy(idx)] = z.float().cpu()
         return F.normalize(out, dim=-1) if normalize else out

@@ -26,8 +26,7 @@ import yaml
 from omegaconf import DictConfig
 
 from villa.config import hydra_entry
-from villa.data_format import check_image_files, path_inside
-from villa.detection import _annotations
+from villa.data_format import boxes_only, check_image_files, path_inside
 from villa.encoders import Clip, RegionEncoder, encode_texts
 from villa.errors import VillaError
 from villa.paths import write_json_atomic
@@ -108,7 +107,7 @@ def zero_shot_classification(
         boxes = np.concatenate([np.zeros((n, 2)), sizes], 1).astype(np.float32)
     else:
         offsets, boxes = grid_boxes(sizes, grid)
-    ann = _annotations(root, np.arange(n), paths, sizes, offsets, boxes)
+    ann = boxes_only(root, np.arange(n), paths, sizes, offsets, boxes)
     emb = np.zeros((len(boxes), clip.embed_dim), np.float32)
     encoder = RegionEncoder(clip.model.visual, normalize=opts["normalize"], input_size=opts["input_size"])
     embed_regions(encoder.to(runtime.device).eval(), ann, runtime, emb, batch_size, num_workers, progress=False)

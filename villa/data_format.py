@@ -138,7 +138,7 @@ def load_annotations(
     image_id = table.column("image_id").to_numpy(zero_copy_only=False)
     ids = image_id.tolist()  # plain Python values for messages
     if table.column("image_id").null_count or (image_id.dtype.kind == "f" and not np.isfinite(image_id).all()):
-        i = int(np.flatnonzero(pd_isnull(image_id))[0])
+        i = int(np.flatnonzero(_null_ids(image_id))[0])
         raise VillaError(f"{path}: row {i}: image_id is not finite (null or NaN); give every image an id")
     if len(np.unique(image_id)) != n:
         raise VillaError(f"{path}: column 'image_id' has duplicates; ids must be unique")
@@ -256,7 +256,7 @@ def load_annotations(
     )
 
 
-def pd_isnull(a: np.ndarray) -> np.ndarray:
+def _null_ids(a: np.ndarray) -> np.ndarray:
     """Null or NaN entries of an id column (object or float)."""
     if a.dtype.kind == "f":
         return ~np.isfinite(a)
@@ -269,6 +269,19 @@ def path_inside(rel: str) -> bool:
         return False
     p = PurePosixPath(rel.replace("\\", "/"))
     return not p.is_absolute() and ".." not in p.parts and not (len(rel) > 1 and rel[1] == ":")
+
+
+def boxes_only(root: Path, image_id: np.ndarray, filepath: list[str], image_size: np.ndarray, region_offsets: np.ndarray,
+               boxes: np.ndarray) -> Annotations:  # fmt: skip
+    """An :class:`Annotations` of images and boxes alone (no texts or attributes): what the region loop reads, for
+    images outside villa's schema (a COCO ground truth, a classification CSV)."""
+    n = len(image_id)
+    return Annotations(
+        root=Path(root), table=None, image_id=image_id, split=np.full(n, "test"), filepath=filepath,
+        image_size=image_size, text=[""] * n, region_offsets=region_offsets, boxes=boxes,
+        attr_offsets=np.zeros(n + 1, np.int64), attr_ids=np.zeros(0, np.int64), reg_attr_offsets=None,
+        reg_attr_ids=None,
+    )  # fmt: skip
 
 
 def check_image_files(root: Path, filepath: list[str], ids: list) -> None:

@@ -28,7 +28,7 @@ import yaml
 from omegaconf import DictConfig
 
 from villa.config import hydra_entry
-from villa.data_format import Annotations, check_image_files, path_inside
+from villa.data_format import boxes_only, check_image_files, path_inside
 from villa.encoders import Clip, RegionEncoder, encode_texts
 from villa.errors import VillaError
 from villa.paths import config_dir, write_json_atomic
@@ -105,44 +105,31 @@ def class_embeddings(clip: Clip, names: Sequence[str], runtime: Runtime, templat
     return F.normalize(emb.mean(1), dim=-1).cpu()
 
 
-def _annotations(root: Path, ids: np.ndarray, files: list[str], sizes: np.ndarray, offsets, boxes) -> Annotations:
-    """The flat arrays the region loop reads, for images outside villa's schema (a COCO ground truth)."""
-    n = len(ids)
-    return Annotations(
-        root=root, table=None, image_id=ids, split=np.full(n, "test"), filepath=files, image_size=sizes,
-        text=[""] * n, region_offsets=offsets, boxes=boxes, attr_offsets=np.zeros(n + 1, np.int64),
-        attr_ids=np.zeros(0, np.int64), reg_attr_offsets=None, reg_attr_ids=None,
-    )  # fmt: skip
-
-
 def detect(
     scores: torch.Tensor, boxes: np.ndarray, offsets: np.ndarray, image_ids: np.ndarray, cat_ids: Sequence[int],
     nms: float = 0.5, max_dets: int = 100, score_thresh: float = 1e-3,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """COCO results from per-box class scores (R, C): every (box, class) above ``score_thresh``, per-class NMS at
-    ``nms`` within each image, the best ``max_dets`` per image."""
+    ``nms`` within each image, the best ``max_dets`` per image; by image, best first. One NMS call for all images
+    (each (image, class) pair is its own NMS group)."""
     from torchvision.ops import batched_nms
 
-    out = []
+    r, c = torch.nonzero(scores > score_thresh, as_tuple=True)
+    if not len(r):
+        return []
+    owner = torch.from_numpy(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)))[r]
+    bx = torch.from_numpy(boxes).float()[r]
+    sc = scores[r, c]
+    keep = batched_nms(bx, sc, owner * scores.shape[1] + c, nms)  # best first
+    keep = keep[np.lexsort((np.arange(len(keep)), owner[keep].numpy()))]  # by image, best first within it
+    img = owner[keep].numpy()
+    first = np.searchsorted(img, img, side="left")
+    keep = keep[np.arange(len(keep)) - first < max_dets]
+    bk, sk, ck, ik = bx[keep].numpy(), sc[keep].numpy(), c[keep].numpy(), owner[keep].numpy()
     cat = np.asarray(cat_ids)
-    for i in range(len(image_ids)):
-        a, b = int(offsets[i]), int(offsets[i + 1])
-        if a == b:
-            continue
-        s = scores[a:b]
-        r, c = torch.nonzero(s > score_thresh, as_tuple=True)
-        if not len(r):
-            continue
-        bx = torch.from_numpy(boxes[a:b]).float()[r]
-        sc = s[r, c]
-        keep = batched_nms(bx, sc, c, nms)[:max_dets]
-        bk, sk, ck = bx[keep].numpy(), sc[keep].numpy(), c[keep].numpy()
-        for k in range(len(keep)):
-            x0, y0, x1, y1 = (float(v) for v in bk[k])
-            out.append({"image_id": int(image_ids[i]), "category_id": int(cat[ck[k]]),
-                        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                        "score": round(float(sk[k]), 6)})  # fmt: skip
-    return out
+    return [{"image_id": int(image_ids[i]), "category_id": int(cat[k]),
+             "bbox": [round(float(b[0]), 2), round(float(b[1]), 2), round(float(b[2] - b[0]), 2), round(float(b[3] - b[1]), 2)],
+             "score": round(float(v), 6)} for b, v, k, i in zip(bk, sk, ck, ik)]  # fmt: skip
 
 
 def coco_ap(gt, results: list[dict[str, Any]], groups: dict[str, list[int]], img_ids: Sequence[int]) -> dict[str, Any]:
@@ -222,7 +209,7 @@ def zero_shot_detection(
             raise VillaError("regions=proposals needs proposals_file=<COCO results JSON of boxes and objectness>")
         offsets, boxes, objness = proposals_from_file(proposals_file, ids, sizes, top_k=top_k)
     keep_img = np.diff(offsets) > 0
-    ann = _annotations(root, ids, files, sizes, offsets, boxes)
+    ann = boxes_only(root, ids, files, sizes, offsets, boxes)
     rows = np.flatnonzero(keep_img)
     emb = np.zeros((len(boxes), clip.embed_dim), np.float32)
     encoder = RegionEncoder(clip.model.visual, normalize=opts["normalize"], input_size=opts["input_size"])
