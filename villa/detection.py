@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -209,20 +210,26 @@ def zero_shot_detection(
             raise VillaError("regions=proposals needs proposals_file=<COCO results JSON of boxes and objectness>")
         offsets, boxes, objness = proposals_from_file(proposals_file, ids, sizes, top_k=top_k)
     keep_img = np.diff(offsets) > 0
+    t0 = time.perf_counter()
     ann = boxes_only(root, ids, files, sizes, offsets, boxes)
     rows = np.flatnonzero(keep_img)
     emb = np.zeros((len(boxes), clip.embed_dim), np.float32)
     encoder = RegionEncoder(clip.model.visual, normalize=opts["normalize"], input_size=opts["input_size"])
     encoder = encoder.to(runtime.device).eval()
     embed_regions(encoder, ann, runtime, emb, batch_size, num_workers, progress=False, rows=rows)
+    t1 = time.perf_counter()
     text = class_embeddings(clip, [c["name"] for c in cats], runtime, templates)
     probs = torch.softmax(F.normalize(torch.from_numpy(emb), dim=-1) @ text.t() / temperature, dim=-1)
     if objectness and regions == "proposals":
         probs = probs * torch.from_numpy(objness)[:, None]
     results = detect(probs, boxes, offsets, ids, cat_ids, nms, max_dets, score_thresh)
+    t2 = time.perf_counter()
     if results_path is not None:
         write_json_atomic(results_path, results)
+    t3 = time.perf_counter()
     res = coco_ap(gt, results, groups, img_ids)
+    res["seconds"] = {"embed_regions": round(t1 - t0, 3), "classify_and_nms": round(t2 - t1, 3),
+                      "pycocotools": round(time.perf_counter() - t3, 3)}  # fmt: skip
     res.update({"images": len(img_ids), "boxes": int(len(boxes)), "regions": regions, "detections": len(results),
                 "temperature": temperature, "objectness": bool(objectness and regions == "proposals"),
                 "templates": "dataset config" if templates else "CLIP's 80 ImageNet templates"})  # fmt: skip

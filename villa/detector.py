@@ -240,7 +240,11 @@ def train_detector(
         else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     )
     steps = epochs * max(1, len(rows) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # one-cycle needs a warm-up of >= 2 steps (pct_start * steps - 1 > 0, else torch divides by zero): shorter runs
+    # keep a constant learning rate
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1) if steps >= 20 else None
+    )
     images = {int(r): read_image(ann.root / ann.filepath[r]).float().div_(255) for r in rows}
     model.train()
     t0 = time.perf_counter()
@@ -262,7 +266,7 @@ def train_detector(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if step < steps - 1:
+            if sched is not None and step < steps - 1:
                 sched.step()
             step += 1
             total += float(loss.detach())
