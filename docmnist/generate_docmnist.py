@@ -111,10 +111,17 @@ class SplitLayout:
 
 
 def draw_layout(
-    rng: np.random.Generator, split: str, pool_size: int, target: int, budget: int, n_templates: Sequence[int]
-) -> SplitLayout:
-    """Draw a split's images until the next one would push its region-attribute pairs over ``budget``."""
-    chunk = int(min(max(256, budget // max(target - 1, 1) + 64), 1 << 16))
+    rng: np.random.Generator, split: str, pool_size: int, target: int, budget: int, n_templates: Sequence[int],
+    images: Optional[int] = None,
+) -> SplitLayout:  # fmt: skip
+    """Draw a split's images until the next one would push its region-attribute pairs over ``budget``; with
+    ``images``, exactly that many images instead (whatever their pairs: the fixed-images control)."""
+    if images is not None:
+        budget = 1 << 62
+        chunk = int(min(max(256, images + 64), 1 << 16))
+    else:
+        chunk = int(min(max(256, budget // max(target - 1, 1) + 64), 1 << 16))
+    count = 0
     parts: list[dict[str, np.ndarray]] = []
     total = 0
     done = False
@@ -141,8 +148,12 @@ def draw_layout(
         n_reg, pairs = n_reg[nonempty], pairs[nonempty]
         cum_pairs = total + np.cumsum(pairs)
         take = int(np.searchsorted(cum_pairs, budget, side="right"))  # images while the total stays <= budget
-        if take < len(pairs):
+        if images is not None:
+            take = min(take, images - count)
+            done = count + take >= images
+        elif take < len(pairs):
             done = True
+        count += take
         d = {k: v[:take] for k, v in d.items()}
         d["n_regions"], d["pairs"] = n_reg[:take], pairs[:take]
         total = int(cum_pairs[take - 1]) if take else total
@@ -386,8 +397,13 @@ def generate(
     chunk_images: int = 256,
     vocab: Optional[Vocabulary] = None,
     progress: bool = True,
+    train_images: Optional[int] = None,
+    val_images: Optional[int] = None,
 ) -> Path:
-    """Generate a DocMNIST dataset folder and return its path (``<out_dir>/docmnist_{budget}_{complexity:.1f}``)."""
+    """Generate a DocMNIST dataset folder and return its path (``<out_dir>/docmnist_{budget}_{complexity:.1f}``).
+
+    ``train_images`` / ``val_images``: that many images in the split instead of its attribute budget (the
+    complexity experiment's fixed-images control; the folder is ``docmnist_{images}img_{complexity:.1f}``)."""
     if not 2 <= target_sample_complexity <= MAX_COMPLEXITY:
         raise VillaError(
             f"--target_sample_complexity={target_sample_complexity}: must be in 2..{MAX_COMPLEXITY} (a region has "
@@ -395,6 +411,9 @@ def generate(
         )
     if workers is not None and workers < 1:
         raise VillaError(f"--workers={workers}: must be >= 1 (threads encoding PNGs)")
+    for flag, n in (("train_images", train_images), ("val_images", val_images)):
+        if n is not None and n < 1:
+            raise VillaError(f"--{flag}={n}: must be >= 1 image")
     for flag, b in (
         ("attribute_budget", attribute_budget),
         ("val_budget", val_budget),
@@ -409,17 +428,23 @@ def generate(
     pools: DigitPools = load_digit_pools(mnist_dir, download=download)
     n_templates = [len(vocab.templates[vocab.groups.index(g)]) for g in ("digit", "color", "shape", "size")]
     budgets = {"train": attribute_budget, "val": val_budget, "test": test_budget}
+    fixed = {"train": train_images, "val": val_images, "test": None}
     layouts = []
     for si, split in enumerate(SPLITS):
         rng = np.random.default_rng([seed, si])
-        lay = draw_layout(rng, split, len(pools.images[split]), target_sample_complexity, budgets[split], n_templates)
+        lay = draw_layout(rng, split, len(pools.images[split]), target_sample_complexity, budgets[split], n_templates,
+                          fixed[split])  # fmt: skip
         lay.digit = pools.labels[split][lay.pool_index]
         if lay.n_images == 0:
             flag = "attribute_budget" if split == "train" else f"{split}_budget"
             raise VillaError(f"--{flag}={budgets[split]} too small: no {split} image fits (each image has >= 2 pairs)")
         layouts.append(lay)
     complexity = {lay.split: float(lay.pairs.sum() / lay.n_images) for lay in layouts}
-    final = root / dataset_name(attribute_budget, complexity["train"])
+    final = root / (
+        f"docmnist_{train_images}img_{complexity['train']:.1f}"
+        if train_images is not None
+        else dataset_name(attribute_budget, complexity["train"])
+    )
     if final.exists() and not overwrite:
         raise VillaError(f"output folder {final} exists; pass --overwrite to replace it or choose another --out_dir")
     first_ids = list(np.cumsum([0] + [lay.n_images for lay in layouts[:-1]]))
@@ -449,6 +474,8 @@ def generate(
                 "val_budget": val_budget,
                 "test_budget": test_budget,
                 "seed": seed,
+                **({"train_images": train_images} if train_images is not None else {}),
+                **({"val_images": val_images} if val_images is not None else {}),
             },
             "mnist_source": pools.source,
             "mnist_full": pools.full,
@@ -488,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_budget", type=int, default=10000)
     p.add_argument("--test_budget", type=int, default=10000)
     p.add_argument("--seed", type=int, default=23)
+    p.add_argument("--train_images", type=int, default=None, help="exactly this many train images (not a budget)")
+    p.add_argument("--val_images", type=int, default=None, help="exactly this many val images (not a budget)")
     p.add_argument("--out_dir", default=None, help="parent folder of the dataset (default: $VILLA_DATA_DIR or data)")
     p.add_argument("--mnist_dir", default=None, help="MNIST folder (IDX files or torchvision's MNIST/raw)")
     p.add_argument("--download", action="store_true", help="download MNIST with torchvision (needs internet)")
@@ -509,6 +538,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         mnist_dir=a.mnist_dir,
         val_budget=a.val_budget,
         test_budget=a.test_budget,
+        train_images=a.train_images,
+        val_images=a.val_images,
         overwrite=a.overwrite,
         download=a.download,
         workers=a.workers,

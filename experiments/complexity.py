@@ -139,6 +139,13 @@ def format_tables(results: dict[str, Any]) -> str:
         f"{ev['regions']} regions of {ev['images']} test images (MNIST test digits), the same for every run.",
         "",
     ]
+    st = results["settings"]
+    if st.get("fixed_images"):
+        imgs = sorted({r["train_images"] for r in results["runs"]})
+        lines += [f"Fixed-images control: every training split has {st['fixed_images']} images ({imgs[0]}-{imgs[-1]} "
+                  f"drawn) and every val split {st['fixed_val_images']}, at every complexity; Stage 2 cap "
+                  f"{st['stage2_epochs']} epochs, patience {st['patience']}; trainings that reached the cap: "
+                  f"{cap_reached(results)}.", ""]  # fmt: skip
     for d, title in DIRECTIONS.items():
         lines += [f"**{title} R-Precision (%)**", ""]
         head = "| target | complexity | " + " | ".join(NAMES[m] for m in methods) + " | ViLLA − baseline |"
@@ -204,6 +211,13 @@ def format_tables(results: dict[str, Any]) -> str:
         extra += f"; {NAMES.get(m, m)} added later by `{info['command']}` ({info['wall_seconds'] / 60:.1f} min)"
     lines += ["", f"Wall time: {w / 60:.1f} min on {results['machine']}{extra}.", ""]
     return "\n".join(lines)
+
+
+def cap_reached(results: dict[str, Any]) -> str:
+    """``k of n``: the Stage 2 trainings that ran to the epoch cap (not stopped by their validation loss)."""
+    cap = results["settings"]["stage2_epochs"]
+    epochs = [e for r in results["runs"] for e in r["epochs"].values()]
+    return f"{sum(e >= cap for e in epochs)} of {len(epochs)}"
 
 
 def row_binding(summary: list[dict[str, Any]]) -> dict[str, Any]:
@@ -294,6 +308,14 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--pretrained", default=str(ASSET), help="starting encoder (default: the shipped one)")
     p.add_argument("--input_size", type=int, default=168, help="0: native image size")
     p.add_argument("--budget", type=int, default=6000, help="attribute budget of every training set (fixed)")
+    p.add_argument(
+        "--fixed_images",
+        type=int,
+        default=None,
+        help="the fixed-images control: every training split has this many images (not --budget)",
+    )
+    p.add_argument("--fixed_val_images", type=int, default=None,
+                   help="with --fixed_images: this many val images (default: half of --fixed_images)")  # fmt: skip
     p.add_argument("--val_budget", type=int, default=3000, help="attribute budget of every val split")
     p.add_argument("--eval_test_budget", type=int, default=7000, help="pairs of the held-out evaluation set")
     p.add_argument("--eval_seed", type=int, default=1000, help="seed of the held-out evaluation set")
@@ -331,6 +353,10 @@ def main(argv=None) -> dict[str, Any]:
         raise VillaError("--methods must include baseline and villa (the comparison the targets measure)")
     if a.seeds < 1 or not a.targets:
         raise VillaError("--seeds must be >= 1 and --targets non-empty")
+    if a.fixed_val_images is not None and a.fixed_images is None:
+        raise VillaError("--fixed_val_images needs --fixed_images")
+    if a.fixed_images is not None and a.fixed_val_images is None:
+        a.fixed_val_images = max(1, a.fixed_images // 2)
     for target in a.targets:  # every setting in range before any work
         pipeline_settings(vars(a), target, a.seed, a.device, a.quiet).check()
     t_start = time.perf_counter()
@@ -391,6 +417,7 @@ def pipeline_settings(settings: dict[str, Any], target: int, seed: int, device: 
         budget=a["budget"], val_budget=a["val_budget"], test_budget=200, seed=seed, stage1_epochs=a["stage1_epochs"],
         stage2_epochs=a["stage2_epochs"], stage2_batch=a["stage2_batch"], stage2_lr=a["stage2_lr"],
         early_stop_patience=a["patience"], device=device, progress=not quiet, grain_head_lr=a.get("grain_head_lr"),
+        train_images=a.get("fixed_images"), val_images=a.get("fixed_val_images"),
     )  # fmt: skip
 
 

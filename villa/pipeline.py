@@ -49,6 +49,8 @@ class PipelineSettings:
     stage2_batch: int = 64
     stage2_lr: float = 2e-4
     early_stop_patience: int = 3  # Stage 2: epochs without a better val loss; ``stage2_epochs`` is the cap
+    train_images: Optional[int] = None  # the fixed-images control: this many train images instead of ``budget``
+    val_images: Optional[int] = None
     grain_queries: int = 9  # mode=grain: one region query per DocMNIST grid cell
     grain_head_lr: Optional[float] = None  # mode=grain: the head's learning rate (None: stage2_lr)
     device: str = "auto"
@@ -69,6 +71,9 @@ class PipelineSettings:
             raise VillaError(f"--grain_head_lr={self.grain_head_lr}: must be > 0")
         if self.input_size is not None and self.input_size < 1:
             raise VillaError(f"--input_size={self.input_size}: must be >= 1 (or 0 for the native size)")
+        for name in ("train_images", "val_images"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise VillaError(f"--{name}={getattr(self, name)}: must be >= 1")
         if self.num_workers < 0:
             raise VillaError(f"--num_workers={self.num_workers}: must be >= 0")
         for name in ("budget", "val_budget", "test_budget"):
@@ -123,7 +128,8 @@ def run_pipeline(
 
     t = time.perf_counter()
     data = generate(s.budget, s.target, seed=s.seed, out_dir=str(work / "data"), val_budget=s.val_budget,
-                    test_budget=s.test_budget, overwrite=True, progress=s.progress)  # fmt: skip
+                    test_budget=s.test_budget, overwrite=True, progress=s.progress, train_images=s.train_images,
+                    val_images=s.val_images)  # fmt: skip
     tick("docmnist", t)
     eval_root = eval_data or data
     # refuse before any training: the evaluation digits must be new to everything that trains in this run
