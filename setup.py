@@ -30,6 +30,15 @@ setup(
         "pycocotools>=2.0.6",
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff>=0.5", "nbclient>=0.8", "nbformat>=5", "ipykernel>=6"],
+        "track": ["tensorboard>=2.14", "wandb>=0.17"],
+        "dev": [
+            "pytest>=7",
+            "ruff>=0.5",
+            "nbclient>=0.8",
+            "nbformat>=5",
+            "ipykernel>=6",
+            "tensorboard>=2.14",
+            "wandb>=0.17",
+        ],
     },
 )

@@ -27,13 +27,13 @@ from villa.stage2 import train_stage2
 
 
 def _giou(a, b):
-    """Generalised IoU of two xyxy boxes, by hand."""
+    """Generalised IoU of two xyxy boxes, by hand, as GRAIN's box_ops computes it (1e-4 added to the IoU's union)."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-    return inter / union - (hull - union) / hull
+    return inter / (union + 1e-4) - (hull - union) / hull
 
 
 def _xyxy(c):
@@ -85,9 +85,12 @@ def test_query_permutation_leaves_the_loss_unchanged():
     ref = grain_losses(boxes, region, *args)
     perm = torch.randperm(q, generator=g)
     out = grain_losses(*permute_queries(boxes, region, perm), *args)
-    for k in ("rd", "l1", "giou"):
+    for k in ("rd_sum", "matched", "l1", "giou"):
         assert out[k].item() == pytest.approx(ref[k].item(), rel=1e-6), k
-    assert ref["l1"] > 0 and ref["rd"] > 0
+    assert ref["l1"] > 0 and ref["rd_sum"] > 0 and ref["matched"] == 4
+    every = grain_losses(boxes, region, *args, aux=True)  # the auxiliary sum adds the first layer's terms
+    first = grain_losses(boxes[:1], region, *args)
+    assert every["l1"].item() == pytest.approx(ref["l1"].item() + first["l1"].item(), rel=1e-6)
 
 
 def test_head_shapes_and_tokens():
@@ -160,19 +163,73 @@ def test_grain_trains_resumes_and_evaluates(tiny_docmnist, tmp_path):
     assert query["text_to_region"]["r_precision"] != roi["text_to_region"]["r_precision"]
     with pytest.raises(VillaError, match="readout=query needs a mode=grain checkpoint"):
         evaluate_model(create_clip("villa-tiny-rn", None), ann, vocab, "test", rt, opts, num_workers=0, readout="query")
+    # the global readout of the fine-grained benchmarks: GRAIN's image query, as its L_ic trained it
+    from PIL import Image
+
+    from villa.finegrained.scorer import Scorer
+    from villa.grain import GrainHead, GrainSpec, image_tokens
+
+    scorer = Scorer(clip, rt)
+    assert scorer.mode == "grain_query"
+    files = [tiny_docmnist / f for f in ann.filepath[:2]]
+    scorer.embed_images(["a", "b"], files)
+    head = GrainHead(GrainSpec(**a["grain"]))
+    head.load_state_dict(torch.load(ckpt, weights_only=True)["grain_state"])
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1) for f in files])
+    with torch.no_grad():
+        z = head.eval()(*image_tokens(clip.model.visual, scorer.region_encoder.prepare(x.float() / 255)))[2]
+    torch.testing.assert_close(scorer.images(["a", "b"]), F.normalize(z, dim=-1))
 
 
 def test_head_learning_rate_is_its_own_group(tiny_docmnist, tmp_path):
     from villa.encoders import create_clip
-    from villa.stage2 import Stage2Model, build_optimizer
+    from villa.stage2 import Stage2Model, build_head_optimizer, build_optimizer
 
-    cfg = _grain_cfg(tmp_path, tiny_docmnist, "grain.head_lr=0.01", "lr=0.0002")
+    cfg = _grain_cfg(tmp_path, tiny_docmnist, "grain.head_lr=0.01", "lr=0.0002", "grain.optimizer=trainer")
     model = Stage2Model(create_clip("villa-tiny-rn", None), cfg)
     opt = build_optimizer(cfg, model)
     head = {id(p) for p in model.grain.parameters()}
     lrs = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
     assert set(lrs) == {0.0002, 0.01} and lrs[0.01] == head and not (lrs[0.0002] & head)
     assert not any(p.requires_grad for p in model.clip.visual.attnpool.parameters())
+    assert build_head_optimizer(cfg, model, 10) == (None, None)
+
+
+def test_head_optimiser_and_schedule_are_grains(tiny_docmnist, tmp_path):
+    """grain.optimizer=grain (default): GRAIN's AdamW (betas 0.9/0.98, decay 0.1 but not on biases and norms) in its
+    own optimiser, one warm-up epoch from 1e-6 to the head's lr, then a cosine to 1e-5 at the epoch cap (GRAIN's
+    cosine_scheduler, computed here as its code does)."""
+    import numpy as np
+
+    from villa.encoders import create_clip
+    from villa.stage2 import Stage2Model, build_head_optimizer, build_optimizer
+
+    cfg = _grain_cfg(tmp_path, tiny_docmnist, "lr=0.0002", "epochs=4", "grain.image_embedding=attnpool")
+    model = Stage2Model(create_clip("villa-tiny-rn", None), cfg)
+    head = {id(p) for p in model.grain.parameters()}
+    tower = build_optimizer(cfg, model)
+    assert not any(id(p) in head for g in tower.param_groups for p in g["params"])
+    assert all(p.requires_grad for p in model.clip.visual.attnpool.parameters())  # image_embedding=attnpool
+    boxes, region, image, _ = model(torch.rand(2, 3, 84, 84), None, None, None)
+    assert boxes.shape[1:] == (2, 9, 4) and region.shape[:2] == (2, 9) and image.shape == (2, region.shape[-1])
+    image.square().sum().backward()  # the image side of L_ic now reaches CLIP's attention pool
+    assert model.clip.visual.attnpool.c_proj.weight.grad.abs().sum() > 0
+    opt, sched = build_head_optimizer(cfg, model, steps_per_epoch=5)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.98)
+    decay = {g["weight_decay"]: g["params"] for g in opt.param_groups}
+    assert set(decay) == {0.0, 0.1} and all(p.ndim >= 2 for p in decay[0.1])
+    assert {id(p) for ps in decay.values() for p in ps} == head
+    biases = [p for n, p in model.grain.named_parameters() if n.endswith("bias")]
+    assert biases and all(any(p is q for q in decay[0.0]) for p in biases)
+    warm = np.linspace(1e-6, 1e-3, 5)  # GRAIN's utils/train_utils.py cosine_scheduler, 4 epochs of 5 steps
+    iters = np.arange(20 - 5)
+    want = np.concatenate([warm, 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + np.cos(np.pi * iters / len(iters)))])
+    got = []
+    for _ in range(20):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(got, want, rtol=1e-9)
 
 
 def test_grain_on_the_mapping_needs_the_mapping(tiny_docmnist, tmp_path):

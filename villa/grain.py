@@ -7,8 +7,10 @@ One model, three losses at once:
 - L_rd: region-description alignment, each region query matched to a target region against every description of
   the (global) batch (cross-entropy, one direction, as GRAIN's ``WordContrastiveLoss``);
 - L_box: box prediction, queries matched to target boxes by the Hungarian algorithm on 5 x L1 + 2 x (-GIoU)
-  (``scipy.optimize.linear_sum_assignment``), then L1 + GIoU loss (weights 1 and 1) on the matched pairs, at every
-  decoder layer (DETR's auxiliary losses, as GRAIN).
+  (``scipy.optimize.linear_sum_assignment``), then L1 + GIoU loss (weights 1 and 1) on the matched pairs of the last
+  decoder layer, times 1.5, as GRAIN's ``compute_box_loss`` (it sums its ``weight_dict`` keys, the last layer's
+  terms, and divides by ``len(weight_dict) / 3``; the auxiliary layers' losses it computes are dropped); the sum
+  over every layer (DETR's auxiliary losses) is ``aux=True``.
 
 :class:`GrainHead` is the part GRAIN adds to the image tower: a transformer decoder (torch's
 ``nn.TransformerDecoderLayer``, pre-norm) whose queries (``queries`` region queries plus one image query) attend to
@@ -30,11 +32,27 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import MLP, box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import MLP, box_convert, box_iou
 
 from villa.errors import VillaError
 
 MATCH_COST_L1, MATCH_COST_GIOU = 5.0, 2.0  # GRAIN's (DETR's) matching costs
+GRAIN_IOU_EPS = 1e-4  # GRAIN's model/box_ops.py box_iou: inter / (union + 0.0001), in its GIoU cost and loss
+
+
+def _giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU as GRAIN's ``box_ops.generalized_box_iou`` computes it (DETR's, with ``GRAIN_IOU_EPS`` added to the
+    IoU's union), for xyxy boxes that broadcast against each other ((N, 1, 4) x (M, 4): pairwise; (K, 4) x (K, 4):
+    pair by pair, the same arithmetic as the diagonal of the pairwise matrix)."""
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    wh = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a + area_b - inter
+    iou = inter / (union + GRAIN_IOU_EPS)
+    wh = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
+    area = wh[..., 0] * wh[..., 1]
+    return iou - (area - union) / area
 
 
 @dataclass(frozen=True)
@@ -146,7 +164,7 @@ def hungarian_match(
     """Match each image's queries to its targets: (image, query, target) index triples, one per matched target.
 
     ``pred`` (B, Q, 4) and ``target`` (T, 4) are cxcywh in [0, 1]; ``target_image`` (T,) is each target's image,
-    non-decreasing. Cost = 5 x L1 + 2 x (-GIoU), built on the device in one pass, copied to the host once, and
+    non-decreasing. Cost = 5 x L1 + 2 x (-GIoU) (GRAIN's GIoU, :func:`_giou`), built on the device in one pass, copied to the host once, and
     solved per image by ``scipy.optimize.linear_sum_assignment`` (min(Q, n) pairs when an image has n targets).
     """
     dev = pred.device
@@ -162,8 +180,8 @@ def hungarian_match(
     col = torch.minimum(col, (starts + counts - 1).clamp(min=0)[:, None])
     flat = pred.reshape(b * q, 4).float()
     tgt = target.float()
-    cost = MATCH_COST_L1 * torch.cdist(flat, tgt, p=1) - MATCH_COST_GIOU * generalized_box_iou(
-        box_convert(flat, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy")
+    cost = MATCH_COST_L1 * torch.cdist(flat, tgt, p=1) - MATCH_COST_GIOU * _giou(
+        box_convert(flat, "cxcywh", "xyxy")[:, None], box_convert(tgt, "cxcywh", "xyxy")
     )
     cost = cost.view(b, q, -1).gather(2, col[:, None, :].expand(b, q, width)).cpu().numpy()
     counts_h, starts_h = counts.cpu().numpy(), starts.cpu().numpy()
@@ -180,7 +198,7 @@ def hungarian_match(
 def box_loss_sums(
     pred: torch.Tensor, target: torch.Tensor, match: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over the matched pairs of the L1 distance (cxcywh) and of 1 - GIoU (torchvision's loss)."""
+    """Sums over the matched pairs of the L1 distance (cxcywh) and of 1 - GIoU (GRAIN's GIoU, :func:`_giou`)."""
     img, qry, tgt = match
     src = pred[img, qry].float()
     t = target[tgt].float()
@@ -188,9 +206,7 @@ def box_loss_sums(
         zero = pred.sum() * 0.0
         return zero, zero
     l1 = F.l1_loss(src, t, reduction="sum")
-    giou = generalized_box_iou_loss(
-        box_convert(src, "cxcywh", "xyxy"), box_convert(t, "cxcywh", "xyxy"), reduction="sum"
-    )
+    giou = (1 - _giou(box_convert(src, "cxcywh", "xyxy"), box_convert(t, "cxcywh", "xyxy"))).sum()
     return l1, giou
 
 
@@ -212,18 +228,22 @@ def grain_losses(
     desc_offset: int,
     scale: torch.Tensor,
     n_boxes: torch.Tensor,
-    aux: bool = True,
+    aux: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """L_rd and L_box of one rank's images (sums divided by the global number of target boxes ``n_boxes``).
+    """L_rd and L_box of one rank's images, as GRAIN's code computes them.
 
     ``boxes`` (L, B, Q, 4) from every decoder layer; ``region_emb`` (B, Q, E); ``target`` (T, 4) cxcywh;
     ``desc_emb_all`` the normalised descriptions of the global batch, this rank's starting at ``desc_offset``.
+    Returns ``l1`` and ``giou``: sums over the matched pairs of the last layer (every layer with ``aux``) divided by
+    the global number of target boxes ``n_boxes`` (GRAIN's ``num_boxes``); ``rd_sum``: the sum of L_rd's
+    cross-entropies over this rank's matched queries and ``matched`` their number (GRAIN averages over the matched
+    queries: the caller divides by the global count); ``match``: the last layer's (image, query, target) triples.
     """
     n_images = boxes.shape[1]
     layers = range(boxes.shape[0]) if aux else [boxes.shape[0] - 1]
     l1 = giou = boxes.sum() * 0.0
     match_last = None
-    for li in layers:
+    for li in layers:  # the last layer's matching feeds L_rd too
         match = hungarian_match(boxes[li], target, target_image, n_images)
         a, b = box_loss_sums(boxes[li], target, match)
         l1, giou = l1 + a, giou + b
@@ -234,7 +254,8 @@ def grain_losses(
     logits = scale * z @ desc_emb_all.t()
     rd = F.cross_entropy(logits, tgt + desc_offset, reduction="sum") if len(tgt) else logits.sum() * 0.0
     n = n_boxes.clamp(min=1)
-    return {"rd": rd / n, "l1": l1 / n, "giou": giou / n}
+    return {"rd_sum": rd, "matched": torch.tensor(float(len(tgt)), device=rd.device), "l1": l1 / n,
+            "giou": giou / n, "match": match_last}  # fmt: skip
 
 
 def permute_queries(boxes: torch.Tensor, region_emb: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, ...]:

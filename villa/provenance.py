@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # further), where things are written or read from (their contents are fingerprinted instead), and runtime knobs.
 RESUME_FREE = {
     "epochs", "resume", "progress", "device", "num_workers", "log_every", "compile", "compile_backend",
-    "task_name", "checkpoint_dir",
+    "task_name", "checkpoint_dir", "logger", "wandb",
     "data_dir", "embeddings_dir", "mapping_path", "paths", "hydra",
     # Stage 1's assignment rule and mapping pass run after training: changing them re-maps without retraining
     "epsilon", "sentence_choice", "mapping_amp", "mapping_batch_regions",

@@ -37,9 +37,19 @@ class Common:
 
 
 @dataclass
+class WandbOptions:
+    project: str = opt("villa", "Weights & Biases project")
+    entity: Optional[str] = opt(None, "Weights & Biases entity (null: your default)")
+    mode: str = opt("offline", "offline: no network, the run is kept for `wandb sync`; online; disabled",
+                    choices=("offline", "online", "disabled"))  # fmt: skip
+
+
+@dataclass
 class TrainingRun(Common):
     resume: bool = opt(True, "continue <checkpoint_dir>/last.pt when it is the same run (else a one-line error)")
     seed: int = opt(23, "seed of every random draw")
+    logger: list = opt(["csv"], "metrics to: csv (<checkpoint_dir>/metrics.csv, always on), tensorboard, wandb")
+    wandb: WandbOptions = field(default_factory=WandbOptions)
 
 
 # --- Stage 1 ----------------------------------------------------------------------------------------------------
@@ -103,14 +113,25 @@ class Scheduler:
 @dataclass
 class GrainOptions:
     queries: int = opt(5, "region queries (GRAIN: 5), plus one image query", gt=0)
+    optimizer: str = opt("grain", "the head's optimiser: grain (its own AdamW, warm-up + cosine, GRAIN's train.py) or "
+                         "trainer (the tower's optimiser and schedule, at head_lr)", choices=("grain", "trainer"))  # fmt: skip
     head_lr: Optional[float] = opt(None, "learning rate of the GRAIN head (decoder, queries, box MLP, projections); "
-                                   "null: lr", gt=0)  # fmt: skip
+                                   "null: GRAIN's 1e-3 (optimizer=grain) or lr (trainer)", gt=0)  # fmt: skip
+    head_weight_decay: float = opt(0.1, "optimizer=grain: AdamW's decoupled decay (not on biases and norms)", ge=0)
+    head_betas: list = opt([0.9, 0.98], "optimizer=grain: AdamW betas (GRAIN's)")
+    warmup_epochs: float = opt(1.0, "optimizer=grain: linear warm-up from lr_start, then cosine to lr_end", ge=0)
+    lr_start: float = opt(1e-6, "optimizer=grain: the warm-up's first learning rate", ge=0)
+    lr_end: float = opt(1e-5, "optimizer=grain: the cosine's last learning rate (at the epoch cap)", ge=0)
+    box_scale: float = opt(1.5, "L_box multiplier: GRAIN's compute_box_loss divides by len(weight_dict) / 3 = 2/3",
+                           ge=0)  # fmt: skip
+    image_embedding: str = opt("query", "L_ic's image side: GRAIN's image query, or attnpool (CLIP's attention pool on "
+                               "the whole-image ROI path, which then trains)", choices=("query", "attnpool"))  # fmt: skip
     width: int = opt(256, "decoder width (a multiple of 4 and of heads)", gt=0)
     heads: int = opt(8, "decoder attention heads", gt=0)
-    layers: int = opt(3, "decoder layers (each gets the box loss: DETR's auxiliary losses)", gt=0)
+    layers: int = opt(3, "decoder layers", gt=0)
     ffn: int = opt(1024, "decoder feed-forward width", gt=0)
     dropout: float = opt(0.1, "decoder dropout", ge=0)
-    aux_loss: bool = opt(True, "box losses at every decoder layer (GRAIN's aux_loss)")
+    aux_loss: bool = opt(False, "box losses summed over every decoder layer (DETR's); GRAIN's code uses the last only")
     rd_weight: float = opt(1.0, "weight of L_rd (region-description alignment)", ge=0)
     l1_weight: float = opt(1.0, "weight of the box L1 loss", ge=0)
     giou_weight: float = opt(1.0, "weight of the box GIoU loss", ge=0)
@@ -178,7 +199,8 @@ class EvaluateConfig(Common):
     data_dir: str = opt("???", "the dataset folder")
     split: str = opt("test", "the held-out split to evaluate")
     readout: str = opt("roi", "region embeddings: the image tower's ROI path (every method) or, for a mode=grain "
-                       "checkpoint, its matched region queries (query)", choices=("roi", "query"))  # fmt: skip
+                       "checkpoint, its region queries matched to the true boxes (query: villa's adaptation, not a GRAIN "
+                       "readout; docs/grain.md)", choices=("roi", "query"))  # fmt: skip
     mapping_quality: str = opt("???", "Stage 1's mapping_quality.json, included when present")
     output: str = opt("???", "where the JSON report is written")
     precision_at: list = opt([10, 50, 100], "k of precision@k")
@@ -337,12 +359,21 @@ def validate_config(cfg: DictConfig, name: str) -> None:
             raise VillaError(f"{key}={value}: must be >= {meta['ge']} ({meta['help']})")
         if "choices" in meta and value not in meta["choices"]:
             raise VillaError(f"{key}={value!r}: use one of {', '.join(meta['choices'])} ({meta['help']})")
+    if name in ("stage1", "stage2"):
+        from villa.tracking import LOGGERS
+
+        bad = [x for x in cfg.logger if x not in LOGGERS]
+        if bad:
+            raise VillaError(
+                f"logger={list(cfg.logger)}: {bad[0]!r} is not a logger; use a list of {', '.join(LOGGERS)}"
+            )
     if name == "evaluate" and not all(isinstance(k, int) and k >= 1 for k in cfg.precision_at):
         raise VillaError(f"precision_at={list(cfg.precision_at)}: each k must be an integer >= 1")
     if name == "stage2":
-        betas = list(cfg.betas)
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise VillaError(f"betas={betas}: two numbers in [0, 1), e.g. [0.9, 0.999]")
+        for key in ("betas", "grain.head_betas"):
+            betas = list(OmegaConf.select(cfg, key))
+            if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+                raise VillaError(f"{key}={betas}: two numbers in [0, 1), e.g. [0.9, 0.999]")
         if cfg.crop != "none" and cfg.mode != "pretrain":
             raise VillaError(f"crop={cfg.crop} is for mode=pretrain only (mode={cfg.mode} trains on whole images and "
                              "boxes); remove it")  # fmt: skip

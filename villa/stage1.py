@@ -33,13 +33,16 @@ from villa.paths import write_json_atomic
 from villa.provenance import check_resume, file_sha256, run_fingerprint
 from villa.runtime import Runtime, get_runtime, seed_everything
 from villa.schemas import validate_config
+from villa.tracking import Tracker
 from villa.training import (
     check_best_on_resume,
     check_finite,
     checkpoint_lock,
     commit_epoch,
     config_dict,
+    flat_scalars,
     load_checkpoint,
+    make_tracker,
     rng_state,
     set_rng_state,
 )
@@ -74,6 +77,7 @@ def run_epoch(
     generator: torch.Generator | None = None,
     epoch: int = 0,
     last_ckpt: Path | None = None,
+    tracker: Tracker | None = None,
 ) -> float:
     """One pass over ``rows``: trains when an optimizer is given, else evaluates. Returns the mean loss."""
     train = optimizer is not None
@@ -82,6 +86,7 @@ def run_epoch(
     batches = list(
         image_batches(rows, cfg.batch_size, shuffle=train, generator=generator, drop_last=train and cfg.drop_last)
     )
+    t_log, seen = time.perf_counter(), 0
     for step, batch in enumerate(
         tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not (cfg.progress and train))
     ):
@@ -99,8 +104,14 @@ def run_epoch(
             else:
                 loss.backward()
                 optimizer.step()
+            seen += len(batch)
             if cfg.log_every and step % cfg.log_every == 0:
                 log.info("epoch %d step %d/%d loss=%.4f", epoch + 1, step, len(batches), loss.item())
+                if tracker is not None:
+                    now = time.perf_counter()
+                    tracker.step(epoch + 1, epoch * len(batches) + step, {"loss": loss.item(),
+                                 "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / max(now - t_log, 1e-9)})  # fmt: skip
+                    t_log, seen = now, 0
         total += loss.item() * len(batch)
         n += len(batch)
     return total / max(n, 1)
@@ -169,40 +180,56 @@ def _train_stage1(cfg: DictConfig) -> dict[str, Any]:
         "stage1: %d train / %d val images, D=%d, %d heads%s, %s",
         len(train_rows), len(val_rows), emb.dim, len(vocab), " (one shared)" if cfg.model.one_proj else "", runtime.device,
     )  # fmt: skip
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        train_loss = run_epoch(
-            model, bank, attrs, attr_emb, train_rows, cfg, runtime, optimizer, scaler, generator, epoch, last
-        )
-        with torch.no_grad():
-            val_loss = run_epoch(model, bank, attrs, attr_emb, val_rows, cfg, runtime, epoch=epoch)
-        improved = val_loss < best_val
-        best_val = min(best_val, val_loss)
-        state = {
-            "kind": "villa-stage1",
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "model_args": {
-                "dim": emb.dim,
-                "n_heads": len(vocab),
-                "one_proj": bool(cfg.model.one_proj),
-                "adapter": bool(cfg.model.adapter),
-            },
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_state(generator),
-            "best_val": best_val,
-            "encoder": emb.encoder,
-            "vocab": list(vocab.attributes),
-            "config": config_dict(cfg),
-            "fingerprint": fingerprint,
-        }
-        commit_epoch(
-            ckpt_dir, state, improved, f"epoch {epoch + 1}/{cfg.epochs}",
-            {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best_val": best_val, "seconds": round(time.perf_counter() - t0, 2)},
-        )  # fmt: skip
-    metrics = make_mapping(cfg, model, vocab, ann, emb, bank, runtime)
-    metrics["seconds"] = round(time.perf_counter() - t_start, 2)
+    steps = len(train_rows) // cfg.batch_size if cfg.drop_last else -(-len(train_rows) // cfg.batch_size)
+    with make_tracker(cfg, start_epoch) as tracker:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            train_loss = run_epoch(
+                model,
+                bank,
+                attrs,
+                attr_emb,
+                train_rows,
+                cfg,
+                runtime,
+                optimizer,
+                scaler,
+                generator,
+                epoch,
+                last,
+                tracker,
+            )
+            with torch.no_grad():
+                val_loss = run_epoch(model, bank, attrs, attr_emb, val_rows, cfg, runtime, epoch=epoch)
+            improved = val_loss < best_val
+            best_val = min(best_val, val_loss)
+            state = {
+                "kind": "villa-stage1",
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "model_args": {
+                    "dim": emb.dim,
+                    "n_heads": len(vocab),
+                    "one_proj": bool(cfg.model.one_proj),
+                    "adapter": bool(cfg.model.adapter),
+                },
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_state(generator),
+                "best_val": best_val,
+                "encoder": emb.encoder,
+                "vocab": list(vocab.attributes),
+                "config": config_dict(cfg),
+                "fingerprint": fingerprint,
+            }
+            commit_epoch(
+                ckpt_dir, state, improved, f"epoch {epoch + 1}/{cfg.epochs}",
+                {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best_val": best_val, "seconds": round(time.perf_counter() - t0, 2)},
+                tracker, (epoch + 1) * steps,
+            )  # fmt: skip
+        metrics = make_mapping(cfg, model, vocab, ann, emb, bank, runtime)
+        metrics["seconds"] = round(time.perf_counter() - t_start, 2)
+        tracker.final(cfg.epochs * steps, flat_scalars({"quality": metrics.get("quality", {})}))
     return metrics
 
 

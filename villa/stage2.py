@@ -16,6 +16,7 @@ trains the image tower's trunk with a GRAIN-style head (villa/grain.py, docs/gra
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +27,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -36,7 +38,7 @@ from villa.data import PairSet, build_pairs, gather_index
 from villa.data_format import Annotations, load_annotations
 from villa.distributed import Dist, cleanup, gather_rows, init_distributed, rank_sizes, scale_grad, sum_over_ranks
 from villa.embeddings import weights_id
-from villa.encoders import Clip, RegionEncoder, clip_checkpoint_state, create_clip, mean_text_embeddings
+from villa.encoders import Clip, RegionEncoder, clip_checkpoint_state, create_clip, mean_text_embeddings, roi_features
 from villa.errors import VillaError
 from villa.grain import GrainHead, GrainSpec, grain_losses, image_tokens, normalized_targets, tower_width
 from villa.losses import infonce
@@ -60,6 +62,7 @@ from villa.training import (
     commit_epoch,
     config_dict,
     load_checkpoint,
+    make_tracker,
     rng_state,
     set_rng_state,
 )
@@ -87,12 +90,17 @@ class Stage2Model(nn.Module):
         self.fixed_scale = 1.0 / cfg.temperature
         self.learn_temperature = bool(cfg.learn_temperature)
         self.grain: Optional[GrainHead] = None
+        self.pool_image = False
         if cfg.mode == "grain":
             g = cfg.grain
             self.grain = GrainHead(GrainSpec(tower_width(clip.model.visual), clip.embed_dim, g.queries, g.width,
                                              g.heads, g.layers, g.ffn, g.dropout))  # fmt: skip
-            for p in self.clip.visual.attnpool.parameters():  # GRAIN's objective does not reach CLIP's pooling
-                p.requires_grad_(False)
+            self.pool_image = g.image_embedding == "attnpool"
+            if self.pool_image and not isinstance(clip.model.visual, ModifiedResNet):
+                raise VillaError("grain.image_embedding=attnpool needs a ModifiedResNet tower (RN50, villa-*-rn)")
+            if not self.pool_image:  # GRAIN's objective pools through its image query, not CLIP's attention pool
+                for p in self.clip.visual.attnpool.parameters():
+                    p.requires_grad_(False)
 
     def train(self, mode: bool = True) -> Stage2Model:
         super().train(mode)
@@ -113,8 +121,18 @@ class Stage2Model(nn.Module):
         self, images: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor, tokens: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, ...]:
         if self.grain is not None:  # (L, B, Q, 4) boxes, (B, Q, E) region and (B, E) image embeddings, scale
-            feat, positions = image_tokens(self.clip.visual, self.regions.prepare(images))
-            return (*self.grain(feat, positions), self.scale(images.device))
+            x = self.regions.prepare(images)
+            if not self.pool_image:
+                feat, positions = image_tokens(self.clip.visual, x)
+                return (*self.grain(feat, positions), self.scale(images.device))
+            # the image embedding through the region path's whole-image box: trunk once, then layer4 for the
+            # decoder's tokens and ROI-Align + layer4 + attention pool for the image (grain.image_embedding=attnpool)
+            v, trunk = self.clip.visual, self.regions.trunk(x)
+            whole = trunk.new_tensor([[0.0, 0.0, x.shape[-1], x.shape[-2]]]).float().expand(len(x), 4)
+            roi = roi_features(trunk, whole, torch.arange(len(x), device=x.device), self.regions.roi_size,
+                               trunk.shape[-1] / x.shape[-1])  # fmt: skip
+            boxes, region_emb, _ = self.grain(v.layer4(trunk), True)
+            return boxes, region_emb, v.attnpool(v.layer4(roi)), self.scale(images.device)
         img = F.normalize(self.regions(images, boxes, box_image).float(), dim=-1)
         txt = F.normalize(self.clip.encode_text(tokens).float(), dim=-1) if tokens is not None else None
         return img, txt, self.scale(img.device)
@@ -344,12 +362,12 @@ def step_loss(
 def grain_step_loss(
     model: nn.Module, data: PairData, batch: PairBatch, runtime: Runtime, d: Dist, channels_last: bool
 ) -> torch.Tensor:
-    """L_ic + w_rd L_rd + w_l1 L1 + w_giou GIoU (villa/grain.py) on the (global) batch.
+    """L_ic + w_rd L_rd + box_scale (w_l1 L1 + w_giou GIoU) (villa/grain.py) on the (global) batch.
 
     L_ic is computed whole on every rank (gathered features, as the other modes). L_rd and L_box are sums over this
-    rank's matched targets divided by the global number of targets, so after the trainer's world-size factor and
-    DDP's averaging their gradients are a single process's; their value is summed over ranks for logging. Matching
-    copies one cost tensor to the host per decoder layer (scipy's Hungarian solver runs there).
+    rank's matched queries (L_rd) or targets (L_box) divided by the global count, so after the trainer's world-size
+    factor and DDP's averaging their gradients are a single process's; their value is summed over ranks for
+    logging. Matching copies one cost tensor to the host per matched decoder layer (scipy's solver runs there).
     """
     g = data.grain
     dev = runtime.device
@@ -371,7 +389,8 @@ def grain_step_loss(
     sizes = rank_sizes(len(desc), d, dev)  # the global batch's descriptions: this rank's start at its offset
     parts = grain_losses(boxes.float(), region_emb, target, target_image, gather_rows(desc, d, sizes),
                          sum(sizes[: d.rank]), scale, torch.tensor(float(sum(sizes)), device=dev), aux=g.aux_loss)  # fmt: skip
-    local = g.rd_weight * parts["rd"] + g.l1_weight * parts["l1"] + g.giou_weight * parts["giou"]
+    rd = parts["rd_sum"] / sum_over_ranks(parts["matched"], d).clamp(min=1)  # GRAIN: the mean over matched queries
+    local = g.rd_weight * rd + g.box_scale * (g.l1_weight * parts["l1"] + g.giou_weight * parts["giou"])
     value = sum_over_ranks(local.detach(), d)
     return l_ic + local + (value - local.detach())
 
@@ -418,7 +437,12 @@ def no_decay(name: str, p: torch.Tensor) -> bool:
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict[str, Any]]:
     """Trainable parameters as optimiser groups: one decayed group (``decay_all``: the original's), or decayed
     weights and undecayed gains, biases, temperature and embeddings (open_clip's pretraining)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return param_groups_of([(n, p) for n, p in model.named_parameters() if p.requires_grad], weight_decay, decay_all)
+
+
+def param_groups_of(
+    named: list[tuple[str, nn.Parameter]], weight_decay: float, decay_all: bool
+) -> list[dict[str, Any]]:
     if decay_all:
         return [{"params": [p for _, p in named], "weight_decay": weight_decay}]
     groups = [
@@ -429,8 +453,16 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
+    """The tower's optimiser (the original's Adam with L2 decay by default). The GRAIN head is in it only with
+    ``grain.optimizer=trainer``; else it has its own (:func:`build_head_optimizer`)."""
     head = getattr(model, "grain", None)
+    if head is not None and cfg.grain.optimizer == "grain":
+        mine = {id(p) for p in head.parameters()}
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in mine]
+        groups = param_groups_of(named, cfg.weight_decay, cfg.weight_decay_all)
+        head = None
+    else:
+        groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
     if head is not None and cfg.grain.head_lr is not None:  # the GRAIN head (trained from scratch) at its own lr
         mine = {id(p) for p in head.parameters()}
         tower = [{**g, "params": [p for p in g["params"] if id(p) not in mine]} for g in groups]
@@ -444,11 +476,51 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     raise VillaError(f"optimizer={cfg.optimizer!r}: use adam or adamw")
 
 
+GRAIN_LR = 1e-3  # GRAIN's train.py default
+
+
+def build_head_optimizer(
+    cfg: DictConfig, model: Stage2Model, steps_per_epoch: int
+) -> tuple[Optional[torch.optim.Optimizer], Optional[torch.optim.lr_scheduler.LambdaLR]]:
+    """GRAIN's optimisation of its head (``grain.optimizer=grain``; train.py and utils/train_utils.py): AdamW at
+    ``head_lr`` (GRAIN's 1e-3), betas (0.9, 0.98), decoupled decay 0.1 except on biases and norm gains
+    (``optim_policy``: ``ndim < 2``, ``bias``, ``norm``), and per step a linear warm-up from ``lr_start`` over
+    ``warmup_epochs`` then a cosine to ``lr_end`` at the epoch cap (``cosine_scheduler``)."""
+    head = getattr(model, "grain", None)
+    if head is None or cfg.grain.optimizer != "grain":
+        return None, None
+    g = cfg.grain
+    base = float(g.head_lr or GRAIN_LR)
+    named = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
+    plain = [p for n, p in named if p.ndim < 2 or "bias" in n or "norm" in n]
+    decayed = [p for n, p in named if not (p.ndim < 2 or "bias" in n or "norm" in n)]
+    opt = torch.optim.AdamW([{"params": plain, "weight_decay": 0.0},
+                             {"params": decayed, "weight_decay": float(g.head_weight_decay)}],
+                            lr=base, betas=tuple(g.head_betas), eps=float(cfg.eps))  # fmt: skip
+    warm = int(round(float(g.warmup_epochs) * steps_per_epoch))
+    total = int(cfg.epochs) * steps_per_epoch
+    start, end = float(g.lr_start), float(g.lr_end)
+
+    def factor(step: int) -> float:  # GRAIN's schedule[step] / base
+        if step < warm:
+            return (start + (base - start) * step / max(warm - 1, 1)) / base
+        n = max(total - warm, 1)
+        i = min(step - warm, n)  # past the cap (epochs raised on resume): lr_end
+        return (end + 0.5 * (base - end) * (1 + math.cos(math.pi * i / n))) / base
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def grain_state(model: Stage2Model) -> dict[str, Any]:
     """GRAIN's head in a checkpoint: its shape and weights (evaluation's query readout rebuilds it)."""
     if model.grain is None:
         return {}
     return {"grain": asdict(model.grain.spec), "grain_state": model.grain.state_dict()}
+
+
+def temperature(model: Stage2Model, cfg: DictConfig) -> float:
+    """The contrastive temperature in use: learned (1 / exp(logit_scale)) or fixed."""
+    return 1.0 / float(model.clip.logit_scale.detach().exp()) if model.learn_temperature else float(cfg.temperature)
 
 
 def train_stage2(cfg: DictConfig) -> dict[str, Any]:
@@ -533,60 +605,87 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
     train_loader, train_sampler = make_loader(train_data, cfg, d, train=True)
     val_loader, _ = make_loader(val_data, cfg, d, train=False, split="val")
     jitter = float(cfg.crop_margin) if cfg.mode == "pretrain" and cfg.crop == "content" else 0.0
-    for epoch in range(start_epoch, cfg.epochs):
-        if stopped:
-            break
-        t0 = time.perf_counter()
-        train_sampler.set_epoch(epoch)
-        ddp.train()
-        meter = LossMeter(cfg.loss_average)
-        guard = FiniteGuard(cfg.log_every, epoch + 1, last)
-        bar = tqdm(
-            train_loader, desc=f"{cfg.mode} epoch {epoch + 1}", leave=False, disable=not (cfg.progress and d.is_main)
-        )
-        for step, batch in enumerate(bar):
-            loss = step_loss(ddp, train_data, batch, runtime, d, channels_last, jitter, generator)
-            optimizer.zero_grad(set_to_none=True)
-            scaled = loss * d.world_size  # DDP averages gradients; see villa.distributed.gather_rows
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                scaled.backward()
-                optimizer.step()
-            meter.add(loss, len(batch.rows))
-            if guard.add(loss, step):  # a host sync only every log_every steps
-                bar.set_postfix(loss=f"{guard.last:.4f}")
-        guard.flush()
-        train_loss = meter.mean
-        val_loss = evaluate_loss(ddp, val_data, val_loader, runtime, d, cfg)
-        scheduler.step(val_loss)
-        improved = val_loss < best_val
-        if improved:
-            best_val, bad_epochs = val_loss, 0
-        else:
-            bad_epochs += 1
-        stopped = bad_epochs >= cfg.early_stop_patience
-        rec = {
-            "epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best_val": best_val,
-            "lr": optimizer.param_groups[0]["lr"], "temperature": 1.0 / float(model.clip.logit_scale.detach().exp()) if model.learn_temperature else cfg.temperature,
-            "seconds": round(time.perf_counter() - t0, 2),
-        }  # fmt: skip
-        history.append(rec)
-        if d.is_main:
-            state = clip_checkpoint_state(
-                model.clip, clip.model_name, clip.model_cfg, kind=f"villa-stage2-{cfg.mode}",
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch + 1, best_val=best_val,
-                bad_epochs=bad_epochs, stopped=stopped, rng=rng_state(generator), history=history,
-                config=config_dict(cfg),
-                started_from={"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)},
-                fingerprint=fingerprint, inputs=inputs, data_pools=data_pools, **grain_state(model),
-            )  # fmt: skip
-            commit_epoch(ckpt_dir, state, improved, f"{cfg.mode} epoch {epoch + 1}/{cfg.epochs}", rec)
+    steps_per_epoch = len(train_loader)
+    head_opt, head_sched = build_head_optimizer(cfg, model, steps_per_epoch)  # mode=grain: GRAIN's own
+    if head_opt is not None and state is not None:
+        head_opt.load_state_dict(state["head_optimizer"])
+        head_sched.load_state_dict(state["head_scheduler"])
+    optimizers = [optimizer] + ([head_opt] if head_opt is not None else [])
+    with make_tracker(cfg, start_epoch, enabled=d.is_main) as tracker:
+        for epoch in range(start_epoch, cfg.epochs):
             if stopped:
-                log.info("early stop: no better val loss for %d epochs", bad_epochs)
+                break
+            t0 = time.perf_counter()
+            train_sampler.set_epoch(epoch)
+            ddp.train()
+            meter = LossMeter(cfg.loss_average)
+            guard = FiniteGuard(cfg.log_every, epoch + 1, last)
+            t_log, seen = time.perf_counter(), 0
+            bar = tqdm(
+                train_loader,
+                desc=f"{cfg.mode} epoch {epoch + 1}",
+                leave=False,
+                disable=not (cfg.progress and d.is_main),
+            )
+            for step, batch in enumerate(bar):
+                loss = step_loss(ddp, train_data, batch, runtime, d, channels_last, jitter, generator)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                scaled = loss * d.world_size  # DDP averages gradients; see villa.distributed.gather_rows
+                if scaler is not None:
+                    scaler.scale(scaled).backward()
+                    for opt in optimizers:
+                        scaler.step(opt)
+                    scaler.update()
+                else:
+                    scaled.backward()
+                    for opt in optimizers:
+                        opt.step()
+                if head_sched is not None:
+                    head_sched.step()
+                meter.add(loss, len(batch.rows))
+                seen += len(batch.rows)
+                if guard.add(loss, step):  # a host sync only every log_every steps
+                    bar.set_postfix(loss=f"{guard.last:.4f}")
+                    now = time.perf_counter()
+                    tracker.step(epoch + 1, epoch * steps_per_epoch + step, {
+                        "loss": guard.last, "lr": optimizer.param_groups[0]["lr"], "temperature": temperature(model, cfg),
+                        "images_per_s": seen * d.world_size / max(now - t_log, 1e-9)})  # fmt: skip
+                    t_log, seen = now, 0
+            guard.flush()
+            train_loss = meter.mean
+            val_loss = evaluate_loss(ddp, val_data, val_loader, runtime, d, cfg)
+            scheduler.step(val_loss)
+            improved = val_loss < best_val
+            if improved:
+                best_val, bad_epochs = val_loss, 0
+            else:
+                bad_epochs += 1
+            stopped = bad_epochs >= cfg.early_stop_patience
+            rec = {
+                "epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best_val": best_val,
+                "lr": optimizer.param_groups[0]["lr"], "temperature": temperature(model, cfg),
+                "seconds": round(time.perf_counter() - t0, 2),
+            }  # fmt: skip
+            if head_opt is not None:
+                rec["head_lr"] = head_opt.param_groups[0]["lr"]
+            history.append(rec)
+            if d.is_main:
+                state = clip_checkpoint_state(
+                    model.clip, clip.model_name, clip.model_cfg, kind=f"villa-stage2-{cfg.mode}",
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    **({"head_optimizer": head_opt.state_dict(), "head_scheduler": head_sched.state_dict()}
+                       if head_opt is not None else {}),
+                    scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch + 1, best_val=best_val,
+                    bad_epochs=bad_epochs, stopped=stopped, rng=rng_state(generator), history=history,
+                    config=config_dict(cfg),
+                    started_from={"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)},
+                    fingerprint=fingerprint, inputs=inputs, data_pools=data_pools, **grain_state(model),
+                )  # fmt: skip
+                commit_epoch(ckpt_dir, state, improved, f"{cfg.mode} epoch {epoch + 1}/{cfg.epochs}", rec, tracker,
+                             (epoch + 1) * steps_per_epoch)  # fmt: skip
+                if stopped:
+                    log.info("early stop: no better val loss for %d epochs", bad_epochs)
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad)
     log.info("rank %d/%d finished: trainable parameter checksum %.10e", d.rank, d.world_size, checksum)
     return {

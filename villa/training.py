@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from villa.errors import VillaError
 from villa.paths import PathLike, _pid_alive, atomic_file
+from villa.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +165,38 @@ def checkpoint_lock(ckpt_dir: Path, enabled: bool = True) -> Iterator[None]:
             pass
 
 
-def commit_epoch(ckpt_dir: Path, state: dict[str, Any], improved: bool, prefix: str, metrics: dict[str, Any]) -> None:
+def commit_epoch(
+    ckpt_dir: Path, state: dict[str, Any], improved: bool, prefix: str, metrics: dict[str, Any],
+    tracker: Optional[Tracker] = None, step: int = 0,
+) -> None:  # fmt: skip
     """An epoch's outputs in the order that keeps a resume truthful: ``best.pt`` (when improved), then the metrics
-    line, then ``last.pt``, the checkpoint a resume trusts, last. A crash or full disk between them leaves a
-    ``last.pt`` of the epoch before, so the resumed run redoes this epoch and rewrites the others."""
+    (metrics.jsonl, the tracker's metrics.csv and events), then ``last.pt``, the checkpoint a resume trusts, last. A
+    crash or full disk between them leaves a ``last.pt`` of the epoch before, so the resumed run redoes this epoch
+    and rewrites the others."""
     if improved:
         save_checkpoint(ckpt_dir / "best.pt", state)
     log_epoch(prefix, metrics, ckpt_dir / "metrics.jsonl")
+    if tracker is not None:
+        tracker.epoch(int(metrics.get("epoch", state.get("epoch", 0))), step, metrics)
     save_checkpoint(ckpt_dir / "last.pt", state)
+
+
+def make_tracker(cfg: DictConfig, start_epoch: int, enabled: bool = True) -> Tracker:
+    """The run's :class:`villa.tracking.Tracker` in its checkpoint folder, from ``logger`` and ``wandb``."""
+    return Tracker(cfg.checkpoint_dir, list(cfg.logger), config_dict(cfg), start_epoch, enabled,
+                   OmegaConf.to_container(cfg.wandb), name=f"{cfg.task_name}-{Path(cfg.checkpoint_dir).name}")  # fmt: skip
+
+
+def flat_scalars(tree: Any, prefix: str = "") -> dict[str, float]:
+    """``{"a": {"b": 1.0}}`` -> ``{"a/b": 1.0}``: the numbers of a nested metrics dict, for the loggers."""
+    if isinstance(tree, dict):
+        out: dict[str, float] = {}
+        for k, v in tree.items():
+            out.update(flat_scalars(v, f"{prefix}{k}/"))
+        return out
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return {prefix.rstrip("/"): float(tree)}
+    return {}
 
 
 def check_best_on_resume(state: dict[str, Any], ckpt_dir: Path) -> None:

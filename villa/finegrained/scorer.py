@@ -5,6 +5,9 @@ global image embedding is the one the model was trained to give:
 
 - villa checkpoints (Stage 2, baseline, pretraining) go through the region path with the whole-image box, with the
   region options they were trained with (input size, normalisation), as the one-to-one baseline trains;
+- ``mode=grain`` checkpoints give GRAIN's own global readout: the decoder's image query, which GRAIN's L_ic trains
+  against the caption (unless the checkpoint was trained with ``grain.image_embedding=attnpool``, whose image
+  embedding is the region path's, as above);
 - other models (open_clip tags and checkpoints) use open_clip's ``encode_image`` with its eval preprocessing.
 
 ``region_scores`` gives the region-level variant: the region path on given boxes against given texts.
@@ -24,6 +27,7 @@ from PIL import Image
 from villa.encoders import Clip, RegionEncoder, encode_texts, mean_text_embeddings
 from villa.errors import VillaError
 from villa.evaluate import region_options
+from villa.grain import image_tokens
 from villa.runtime import Runtime
 
 
@@ -46,6 +50,9 @@ class Scorer:
         villa_ckpt = clip.villa_checkpoint
         self.mode = "region" if villa_ckpt else "clip"
         self.opts: dict[str, Any] = region_options(clip.pretrained, None, None) if villa_ckpt else {}
+        self.grain_head = grain_image_head(clip, runtime) if villa_ckpt else None
+        if self.grain_head is not None:
+            self.mode = "grain_query"
         self._images: dict[str, torch.Tensor] = {}
         self._texts: dict[str, torch.Tensor] = {}
         self.region_encoder: Optional[RegionEncoder] = None
@@ -79,6 +86,12 @@ class Scorer:
             return F.normalize(z.float(), dim=-1).cpu()
         images, boxes = _pad([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in pil])
         assert self.region_encoder is not None
+        if self.mode == "grain_query":  # GRAIN's image query on the tower's tokens
+            x = self.region_encoder.prepare(images.to(rt.device).float().div_(255))
+            with rt.autocast():
+                feat, positions = image_tokens(self.clip.model.visual, x)
+                z = self.grain_head(feat, positions)[2]
+            return F.normalize(z.float(), dim=-1).cpu()
         with rt.autocast():
             z = self.region_encoder(images.to(rt.device).float().div_(255), boxes.to(rt.device),
                                     torch.arange(len(pil), device=rt.device))  # fmt: skip
@@ -145,6 +158,21 @@ class Scorer:
                 z = z[keep]
             out.append(z)
         return torch.cat(out) if out else torch.zeros(0, self.clip.embed_dim)
+
+
+def grain_image_head(clip: Clip, runtime: Runtime):
+    """A ``mode=grain`` checkpoint's head when its image query is the image embedding it trained, else None."""
+    from villa.evaluate import load_grain_head
+    from villa.training import load_checkpoint
+
+    path = Path(str(clip.pretrained or ""))
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path, "checkpoint")
+    grain_cfg = (state.get("config") or {}).get("grain") or {}
+    if "grain_state" not in state or grain_cfg.get("image_embedding", "query") != "query":
+        return None
+    return load_grain_head(clip, runtime.device)
 
 
 def _is_resnet(clip: Clip) -> bool:
