@@ -54,3 +54,50 @@ def test_encode_regions_matches_the_region_path_and_checks_boxes():
         model.encode_regions([a], [[[0, 0, 65, 10]]])
     t = model.encode_text(["red", "blue"], templates=["the color is {}", "{}"])
     torch.testing.assert_close(t.norm(dim=1), torch.ones(2))
+
+
+def test_open_clip_export_loads_in_open_clip_alone_and_round_trips(tmp_path):
+    """python -m villa.export --format open_clip: open_clip (no villa import) gives the same image and text
+    embeddings as villa's model; villa.load(folder) gives back the region path with its options."""
+    import villa
+    from villa.demo import ASSET
+    from villa.errors import VillaError
+    from villa.export import export_open_clip
+    from villa.export import main as export_main
+
+    out = tmp_path / "exported"
+    export_main(["--format", "open_clip", str(ASSET), str(out)])
+    with pytest.raises(VillaError, match="already exists; pass --overwrite"):
+        export_open_clip(ASSET, out)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 128, 128)  # the tower's image size (villa-small-rn)
+    torch.save(x, tmp_path / "x.pt")
+    texts = ["the image shows a seven", "the color is red"]
+    code = (
+        "import sys, torch, open_clip\n"
+        f"m, _, pre = open_clip.create_model_and_transforms('local-dir:{out}')\n"
+        f"tok = open_clip.get_tokenizer('local-dir:{out}')\n"
+        "m.eval()\n"
+        "with torch.no_grad():\n"
+        f"    img = m.encode_image(torch.load('{tmp_path / 'x.pt'}'))\n"
+        f"    txt = m.encode_text(tok({texts!r}))\n"
+        "from PIL import Image\n"
+        "p = pre(Image.new('RGB', (100, 60), (255, 0, 0)))\n"
+        f"torch.save({{'img': img, 'txt': txt, 'pre': p, 'villa': 'villa' in sys.modules}}, '{tmp_path / 'y.pt'}')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    y = torch.load(tmp_path / "y.pt")
+    assert y["villa"] is False
+    ref = villa.load(str(ASSET))
+    with torch.no_grad():
+        img = ref.clip.model.encode_image(x)
+        txt = ref.clip.model.encode_text(ref.tokenizer(texts))
+    torch.testing.assert_close(y["img"], img, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y["txt"], txt, rtol=1e-5, atol=1e-5)
+    assert y["pre"].shape == (3, 128, 128) and float(y["pre"][0].min()) == 1.0 and float(y["pre"][1:].max()) == 0.0
+    back = villa.load(str(out))  # the region path and its options come back through villa
+    assert back.region_options == ref.region_options
+    im = (torch.rand(3, 84, 84) * 255).to(torch.uint8)
+    boxes = [[[0, 0, 40, 40], [10, 20, 80, 84]]]
+    torch.testing.assert_close(back.encode_regions([im], boxes), ref.encode_regions([im], boxes), rtol=1e-5, atol=1e-5)

@@ -362,3 +362,22 @@ def test_held_out_check_refuses_shared_digits(tmp_path, mnist):
     torch.save({"format": "villa-clip"}, ck)  # a checkpoint from before the record: unknown, warned about
     assert checkpoint_pools(str(ck)) is None
     assert check_held_out(full, {"an old encoder": None})["overlap"] == {"an old encoder": "unrecorded"}
+
+
+def test_hydra_multirun_gives_each_job_its_folder_and_resumes_each(tiny_docmnist, tiny_mapping, tmp_path):
+    """python -m villa.stage2 -m lr=...,... : one checkpoint folder per job (named by its overrides); the same sweep
+    run again resumes each job from its own folder (no job resumes another, which the fingerprint would refuse)."""
+    args = ["-m", "lr=1e-4,5e-5", "seed=1", f"data_dir={tiny_docmnist}", f"mapping_path={tiny_mapping}",
+            f"paths.checkpoint_dir={tmp_path / 'ck'}", f"paths.output_dir={tmp_path / 'out'}", "epochs=1",
+            *TINY_S2]  # fmt: skip
+    r = cli("villa.stage2", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    root = tmp_path / "ck" / "stage2" / tiny_docmnist.name
+    jobs = sorted(p.name for p in root.iterdir())
+    assert jobs == ["lr=0.0001", "lr=5e-05"]  # the swept key's value of each job
+    lrs = [load_checkpoint(root / j / "last.pt")["config"]["lr"] for j in jobs]
+    assert lrs == [1e-4, 5e-5]
+    again = cli("villa.stage2", *[a.replace("epochs=1", "epochs=2") for a in args], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("resumed from") == 2
+    assert [load_checkpoint(root / j / "last.pt")["epoch"] for j in jobs] == [2, 2]

@@ -129,13 +129,14 @@ class VillaModel:
 def load(path_or_tag: str = "openai", model: str = "auto", device: str = "cpu",
          normalize: Optional[bool] = None, input_size: Optional[int] = None) -> VillaModel:  # fmt: skip
     """A model to embed with: a villa checkpoint (Stage 2, baseline, pretraining; its region-path options come
-    with it), an open_clip checkpoint or tag (with ``model=`` its architecture, e.g. ``RN50``), or ``none``."""
+    with it), a folder written by ``python -m villa.export --format open_clip`` (the same), an open_clip checkpoint
+    or tag (with ``model=`` its architecture, e.g. ``RN50``), or ``none``."""
     from villa.encoders import create_clip
     from villa.evaluate import region_options
     from villa.runtime import get_runtime
 
     rt = get_runtime(device)
-    name = model if model != "auto" or Path(str(path_or_tag)).is_file() else "RN50"
+    name = model if model != "auto" or Path(str(path_or_tag)).exists() else "RN50"
     clip = create_clip(name, path_or_tag, device=rt.device)
     return VillaModel(clip, region_options(clip.pretrained, normalize, input_size), rt.device)
 

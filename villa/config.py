@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -82,6 +83,48 @@ def check_overrides(config_name: str, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+def sweep_job_name(task_overrides: Sequence[str], command: Sequence[str]) -> str:
+    """A multirun job's folder name: the job's values of the keys the command sweeps (``lr=1e-4,5e-5`` in
+    ``command``), sorted, e.g. ``lr=0.0001,seed=1``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in command if not a.startswith("-") and "=" in a]
+    try:
+        swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()}
+    except HydraException:
+        swept = set()
+    keep = []
+    for o in task_overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key in swept:
+            keep.append(f"{key}={value}".replace(os.sep, "_"))
+    return ",".join(sorted(keep))
+
+
+def per_job_folders(cfg: DictConfig, config_name: str) -> DictConfig:
+    """In a Hydra multirun (``-m lr=1e-4,5e-5 seed=1,2``) every job of a training command gets its own
+    ``checkpoint_dir`` (``<checkpoint_dir>/<job name>``, :func:`sweep_job_name`) and Stage 1 its own
+    ``mapping_path`` in it, unless the command sets them: no job resumes another's checkpoint, and the same sweep
+    run again resumes each job where it stopped. Single runs are unchanged."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if "checkpoint_dir" not in cfg or not HydraConfig.initialized():
+        return cfg
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return cfg
+    task = list(hc.overrides.task)
+    explicit = {o.lstrip("+~").partition("=")[0] for o in task}
+    name = sweep_job_name(task, sys.argv[1:]) or f"job{hc.job.num}"
+    if "checkpoint_dir" not in explicit:
+        cfg.checkpoint_dir = str(Path(cfg.checkpoint_dir) / name)
+    if config_name == "stage1" and "mapping_path" not in explicit:
+        cfg.mapping_path = str(Path(cfg.checkpoint_dir) / "mapping.feather")
+    logging.getLogger(__name__).info("multirun job %d: checkpoint_dir=%s", hc.job.num, cfg.checkpoint_dir)
+    return cfg
+
+
 def hydra_entry(config_name: str, run: Callable[[DictConfig], Any], doc: str = "") -> Callable[[], None]:
     """A ``@hydra.main`` entry point for ``run(cfg)``: villa's logging, and bad input as one ``error:`` line, exit 2.
 
@@ -93,7 +136,7 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], Any], doc: str = "
     def hydra_main(cfg: DictConfig) -> None:
         setup_logging()
         try:
-            run(cfg)
+            run(per_job_folders(cfg, config_name))
         except VillaError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

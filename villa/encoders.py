@@ -229,12 +229,15 @@ def create_clip(
     ckpt, path = None, None
     if pretrained not in NO_WEIGHTS and (os.sep in str(pretrained) or os.path.exists(str(pretrained))):
         path = Path(str(pretrained))
-        if not path.is_file():
+        if path.is_dir() and (path / "open_clip_config.json").is_file():
+            obj = read_open_clip_folder(path)  # villa.export --format open_clip
+        elif not path.is_file():
             raise VillaError(f"pretrained checkpoint not found: {path}; pass an existing file, a tag or none")
-        try:
-            obj = load_checkpoint(path, "pretrained checkpoint")
-        except VillaError:
-            obj = {}  # perhaps a format only open_clip reads (TorchScript); it decides below, with one line
+        else:
+            try:
+                obj = load_checkpoint(path, "pretrained checkpoint")
+            except VillaError:
+                obj = {}  # perhaps a format only open_clip reads (TorchScript); it decides below, with one line
         kind = str(obj.get("kind", ""))
         if not is_villa_checkpoint(obj) and kind.startswith("villa-"):
             raise VillaError(
@@ -282,6 +285,22 @@ def create_clip(
     return Clip(
         model, model_name, None if pretrained is None else str(pretrained), int(cfg["embed_dim"]), cfg, ckpt is not None
     )
+
+
+def read_open_clip_folder(folder: Path) -> dict[str, Any]:
+    """A folder written by ``python -m villa.export --format open_clip`` as a villa-clip checkpoint dict (its weights,
+    model config and, under ``config.model``, the region-path options it recorded)."""
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / "open_clip_config.json").read_text())
+        weights = load_file(str(folder / "open_clip_model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise VillaError(f"{folder} is not an open_clip folder villa can read ({type(e).__name__}: {e}); export it "
+                         "again with python -m villa.export --format open_clip") from None  # fmt: skip
+    v = meta.get("villa") or {}
+    return {"format": "villa-clip", "model_name": v.get("model_name") or folder.name, "model_cfg": meta["model_cfg"],
+            "state_dict": weights, "kind": v.get("kind"), "config": {"model": v.get("region_options") or {}}}  # fmt: skip
 
 
 def clip_checkpoint_state(clip_model: nn.Module, model_name: str, model_cfg: dict, **extra: Any) -> dict[str, Any]:

@@ -43,13 +43,18 @@ log = logging.getLogger(__name__)
 def region_options(pretrained: Optional[str], normalize: Optional[bool], input_size: Optional[int]) -> dict[str, Any]:
     """The region-path options a checkpoint was trained with (overridable), so evaluation sees what training saw."""
     opts = {"normalize": False, "input_size": None}
-    if pretrained and Path(str(pretrained)).is_file():
+    state: dict[str, Any] = {}
+    if pretrained and (Path(str(pretrained)) / "open_clip_config.json").is_file():  # villa.export --format open_clip
+        from villa.encoders import read_open_clip_folder
+
+        state = read_open_clip_folder(Path(str(pretrained)))
+    elif pretrained and Path(str(pretrained)).is_file():
         try:
             state = load_checkpoint(pretrained, "pretrained checkpoint")
         except VillaError:  # a format only open_clip reads: no villa region options recorded
             state = {}
-        model_cfg = (state.get("config") or {}).get("model") or {}
-        opts.update({k: model_cfg[k] for k in ("normalize", "input_size") if k in model_cfg})
+    model_cfg = (state.get("config") or {}).get("model") or {}
+    opts.update({k: model_cfg[k] for k in ("normalize", "input_size") if k in model_cfg})
     if normalize is not None:
         opts["normalize"] = bool(normalize)
     if input_size is not None:
