@@ -83,3 +83,22 @@ def test_own_data_table_is_its_results_file_and_on_the_results_page():
     assert table == table_md(results) and table.strip() in RESULTS_PAGE
     assert list(results["variants"]) == list(VARIANTS)
     assert results["command"] in RESULTS_PAGE
+
+
+def test_detection_table_is_its_results_file_and_in_the_readme():
+    from experiments.detection import check_targets, format_table, summarize
+
+    results = json.loads((RESULTS / "detection" / "results.json").read_text())
+    table = (RESULTS / "detection" / "table.md").read_text()
+    assert table == format_table(results)
+    assert results["summary"] == summarize(results["runs"]) and results["targets"] == check_targets(results["summary"])
+    assert first_table(table) in README and table.strip() in RESULTS_PAGE
+    assert results["command"] in RESULTS_PAGE
+    assert len(results["settings"]["seeds"]) == 3 and [r["target"] for r in results["summary"]] == [5, 30]
+    assert results["split"]["novel"] == ["seven", "eight", "nine"] and not set(results["split"]["base"]) & {
+        "seven",
+        "eight",
+        "nine",
+    }
+    for run in results["runs"]:  # evaluated on digits that trained nothing
+        assert set(run["held_out"]["overlap"].values()) == {0}
