@@ -29,6 +29,7 @@ from villa.demo import ASSET  # noqa: E402
 from villa.detection import zero_shot_detection  # noqa: E402
 from villa.encoders import create_clip  # noqa: E402
 from villa.evaluate import region_options  # noqa: E402
+from villa.paths import write_json_atomic  # noqa: E402
 from villa.runtime import get_runtime  # noqa: E402
 
 
@@ -82,8 +83,7 @@ def main() -> None:
     }  # fmt: skip
     print(json.dumps(out, indent=2))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_json_atomic(a.json, out)
 
 
 if __name__ == "__main__":

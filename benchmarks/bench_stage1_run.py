@@ -31,6 +31,7 @@ from villa.data_format import load_annotations  # noqa: E402
 from villa.embeddings import open_embeddings  # noqa: E402
 from villa.losses import stage1_loss  # noqa: E402
 from villa.models import MultiHeadProjection  # noqa: E402
+from villa.paths import write_json_atomic  # noqa: E402
 from villa.synthetic import write_synthetic_embeddings  # noqa: E402
 from villa.vocab import load_vocab  # noqa: E402
 
@@ -119,8 +120,7 @@ def main() -> None:
            "total_s": {k: round(sum(x["seconds"] for x in r.rows), 1) for k, r in runs.items()}}  # fmt: skip
     print(json.dumps({k: v for k, v in out.items() if k != "blocks"}))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_json_atomic(a.json, out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ if __package__ in (None, ""):
 
 from villa.grain import grain_losses, normalized_targets  # noqa: E402
 from villa.losses import infonce  # noqa: E402
+from villa.paths import write_json_atomic  # noqa: E402
 
 
 def load_grain(repo: Path):
@@ -145,8 +146,7 @@ def main() -> None:
     }  # fmt: skip
     print(json.dumps(out, indent=2))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_json_atomic(a.json, out)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,21 @@ def test_detection_table_is_its_results_file_and_in_the_readme():
     }
     for run in results["runs"]:  # evaluated on digits that trained nothing
         assert set(run["held_out"]["overlap"].values()) == {0}
+
+
+@pytest.mark.parametrize("folder", ["complexity_fixed", "complexity_cap24"])
+def test_complexity_controls_are_their_results_files_and_on_the_results_page(folder):
+    """Issue 24: the fixed-images control and the 3x-cap check at the budget sweep's extremes."""
+    from experiments.complexity import format_tables
+
+    results = json.loads((RESULTS / folder / "results.json").read_text())
+    table = (RESULTS / folder / "table.md").read_text()
+    assert table == format_tables(results) and table.strip() in RESULTS_PAGE
+    assert results["command"] in RESULTS_PAGE
+    for run in results["runs"]:
+        assert set(run["held_out"]["overlap"].values()) == {0}
+    if folder == "complexity_fixed":
+        assert len(results["settings"]["seeds"]) == 3 and len(results["summary"]) == 6
+        assert {r["train_images"] for r in results["runs"]} == {results["settings"]["fixed_images"]}
+    else:
+        assert results["settings"]["stage2_epochs"] == 24 and [r["target"] for r in results["summary"]] == [5, 30]
