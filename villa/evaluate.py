@@ -44,10 +44,13 @@ def region_options(pretrained: Optional[str], normalize: Optional[bool], input_s
     """The region-path options a checkpoint was trained with (overridable), so evaluation sees what training saw."""
     opts = {"normalize": False, "input_size": None}
     state: dict[str, Any] = {}
-    if pretrained and (Path(str(pretrained)) / "open_clip_config.json").is_file():  # villa.export --format open_clip
-        from villa.encoders import read_open_clip_folder
-
-        state = read_open_clip_folder(Path(str(pretrained)))
+    folder_config = Path(str(pretrained)) / "open_clip_config.json" if pretrained else None
+    if folder_config is not None and folder_config.is_file():  # villa.export --format open_clip: its JSON only
+        try:
+            recorded = (json.loads(folder_config.read_text()).get("villa") or {}).get("region_options") or {}
+        except ValueError as e:
+            raise VillaError(f"{folder_config} is not JSON ({e}); export the folder again") from None
+        state = {"config": {"model": recorded}}
     elif pretrained and Path(str(pretrained)).is_file():
         try:
             state = load_checkpoint(pretrained, "pretrained checkpoint")
@@ -166,11 +169,12 @@ def embed_split_images(
     return embed_split_regions(clip, whole, rows, runtime, opts, batch_size, num_workers)
 
 
-def load_grain_head(clip: Clip, device: torch.device) -> GrainHead:
-    """The GRAIN head a ``mode=grain`` checkpoint holds (for the query readout)."""
-    state = (
-        load_checkpoint(clip.pretrained, "checkpoint") if clip.pretrained and Path(clip.pretrained).is_file() else {}
-    )
+def load_grain_head(clip: Clip, device: torch.device, state: Optional[dict[str, Any]] = None) -> GrainHead:
+    """The GRAIN head a ``mode=grain`` checkpoint holds (for the query readout); ``state``: the checkpoint, when the
+    caller has read it already."""
+    if state is None:
+        path = clip.pretrained
+        state = load_checkpoint(path, "checkpoint") if path and Path(path).is_file() else {}
     if "grain_state" not in state:
         raise VillaError(
             f"readout=query needs a mode=grain checkpoint (with its decoder); {clip.source} has none: use readout=roi"

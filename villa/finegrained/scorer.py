@@ -172,7 +172,7 @@ def grain_image_head(clip: Clip, runtime: Runtime):
     grain_cfg = (state.get("config") or {}).get("grain") or {}
     if "grain_state" not in state or grain_cfg.get("image_embedding", "query") != "query":
         return None
-    return load_grain_head(clip, runtime.device)
+    return load_grain_head(clip, runtime.device, state)
 
 
 def _is_resnet(clip: Clip) -> bool:
