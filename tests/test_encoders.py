@@ -215,3 +215,38 @@ def test_cuda_autocast_matches_fp32(tiny):
             amp = enc(images.to(rt.device), boxes.to(rt.device), owner.to(rt.device)).float()
     assert F.cosine_similarity(ref, amp).min() > 0.99
     assert np.isfinite(amp.cpu().numpy()).all()
+
+
+def test_class_token_attention_pool_equals_open_clips():
+    """villa's attention pool attends the class token's query only (as OpenAI's CLIP and the original ViLLA code);
+    open_clip's attends every position's and keeps the first. Same outputs and gradients to float rounding; the
+    models create_clip builds and every region path use it; copies and pickles keep it."""
+    import copy
+    import pickle
+
+    from open_clip.modified_resnet import AttentionPool2d
+
+    from villa.encoders import ClassTokenAttentionPool2d, RegionEncoder
+
+    torch.manual_seed(0)
+    ref = AttentionPool2d(7, 64, 4, 32)
+    ours = copy.deepcopy(ref)
+    ours.__class__ = ClassTokenAttentionPool2d
+    x = torch.randn(5, 64, 7, 7)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = ref(xa), ours(xb)
+    assert b.shape == a.shape == (5, 32)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    (a * torch.arange(32.0)).sum().backward()
+    (b * torch.arange(32.0)).sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.q_proj.weight.grad, ref.q_proj.weight.grad, rtol=1e-4, atol=1e-6)
+    clip = create_clip("villa-tiny-rn", "none")
+    assert type(clip.model.visual.attnpool) is ClassTokenAttentionPool2d
+    assert type(pickle.loads(pickle.dumps(clip.model)).visual.attnpool) is ClassTokenAttentionPool2d
+    import open_clip
+
+    plain = open_clip.create_model("villa-tiny-rn")
+    assert type(plain.visual.attnpool) is AttentionPool2d
+    RegionEncoder(plain.visual)
+    assert type(plain.visual.attnpool) is ClassTokenAttentionPool2d

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.modified_resnet import ModifiedResNet
+from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 from torch import nn
 from torchvision.ops import roi_align
 
@@ -282,6 +282,8 @@ def create_clip(
         if open_clip.get_pretrained_cfg(model_name, str(pretrained)).get("quick_gelu"):
             cfg = {**cfg, "quick_gelu": True}
     model.eval()
+    if isinstance(getattr(model, "visual", None), ModifiedResNet):
+        class_token_pool(model.visual)
     return Clip(
         model, model_name, None if pretrained is None else str(pretrained), int(cfg["embed_dim"]), cfg, ckpt is not None
     )
@@ -315,6 +317,34 @@ def clip_checkpoint_state(clip_model: nn.Module, model_name: str, model_cfg: dic
     }
 
 
+class ClassTokenAttentionPool2d(AttentionPool2d):
+    """open_clip's ``AttentionPool2d`` computing only the output it returns: the attention of the mean (class)
+    token's query, as OpenAI's CLIP code and the original ViLLA code compute it (``query=x[:1]``). open_clip projects
+    and attends a query at every position and keeps the first; the result is the same to float rounding (tested),
+    for a fraction of the pool's work (the region path runs the pool once per region)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2).permute(2, 0, 1)  # NCHW -> (HW)NC
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (HW+1)NC
+        x = x + self.positional_embedding[:, None, :].to(x.dtype)
+        out, _ = F.multi_head_attention_forward(
+            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=self.c_proj.weight,
+            out_proj_bias=self.c_proj.bias, use_separate_proj_weight=True, training=self.training, need_weights=False,
+        )  # fmt: skip
+        return out.squeeze(0)
+
+
+def class_token_pool(visual: ModifiedResNet) -> ModifiedResNet:
+    """Give ``visual``'s attention pool :class:`ClassTokenAttentionPool2d`'s forward, in place (the same parameters
+    and state dict: only the class changes, so copies and pickles keep it)."""
+    if type(visual.attnpool) is AttentionPool2d:
+        visual.attnpool.__class__ = ClassTokenAttentionPool2d
+    return visual
+
+
 class RegionEncoder(nn.Module):
     """ViLLA's region path on an open_clip ModifiedResNet (RN50 and villa's small configs).
 
@@ -329,7 +359,7 @@ class RegionEncoder(nn.Module):
             raise VillaError(
                 f"the region path needs a ModifiedResNet image tower (RN50, villa-tiny-rn...), got {type(visual).__name__}"
             )
-        self.visual = visual
+        self.visual = class_token_pool(visual)
         grid = int(round((visual.attnpool.positional_embedding.shape[0] - 1) ** 0.5))
         self.roi_size = 2 * grid
         self.normalize = normalize
