@@ -31,17 +31,25 @@ def test_crash_between_an_epochs_writes_resumes_to_the_same_run(synthetic_stage1
     as an uninterrupted run, with one metrics line per epoch and a best.pt that last.pt agrees with."""
     data, emb = synthetic_stage1
     train_stage1(s1(data, emb, tmp_path / "a", "epochs=3"))
-    real = training.save_checkpoint
+    real, real_link, saving = training.save_checkpoint, training.link_checkpoint, {}
 
-    def crash_on_last_of_epoch_2(path, state):
+    def crash_on_last_of_epoch_2(path, state):  # last.pt written anew (an epoch that did not improve)
+        saving["epoch"] = state["epoch"]
         if Path(path).name == "last.pt" and state["epoch"] == 2:
             raise KeyboardInterrupt("killed")
         real(path, state)
 
+    def crash_on_link_of_epoch_2(src, dst):  # last.pt linked to the best.pt just written (an improving epoch)
+        if Path(dst).name == "last.pt" and saving.get("epoch") == 2:
+            raise KeyboardInterrupt("killed")
+        real_link(src, dst)
+
     monkeypatch.setattr(training, "save_checkpoint", crash_on_last_of_epoch_2)
+    monkeypatch.setattr(training, "link_checkpoint", crash_on_link_of_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train_stage1(s1(data, emb, tmp_path / "b", "epochs=3"))
     monkeypatch.setattr(training, "save_checkpoint", real)
+    monkeypatch.setattr(training, "link_checkpoint", real_link)
     ck = tmp_path / "b" / "ckpt"
     assert torch.load(ck / "last.pt", weights_only=True)["epoch"] == 1
     assert [json.loads(x)["epoch"] for x in (ck / "metrics.jsonl").read_text().splitlines()] == [1, 2]

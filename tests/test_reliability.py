@@ -381,3 +381,19 @@ def test_hydra_multirun_gives_each_job_its_folder_and_resumes_each(tiny_docmnist
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("resumed from") == 2
     assert [load_checkpoint(root / j / "last.pt")["epoch"] for j in jobs] == [2, 2]
+
+
+def test_improved_epoch_links_last_to_best(tmp_path):
+    """An epoch that improves writes best.pt once and makes last.pt a second name of it (same bytes, one write);
+    an epoch that does not writes last.pt anew and leaves best.pt as it was."""
+    from villa.training import commit_epoch
+
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    commit_epoch(ckpt, {"epoch": 1, "w": torch.ones(3)}, True, "epoch 1/2", {"epoch": 1})
+    assert os.path.samefile(ckpt / "best.pt", ckpt / "last.pt")
+    assert load_checkpoint(ckpt / "last.pt")["epoch"] == 1
+    commit_epoch(ckpt, {"epoch": 2, "w": torch.zeros(3)}, False, "epoch 2/2", {"epoch": 2})
+    assert not os.path.samefile(ckpt / "best.pt", ckpt / "last.pt")
+    assert load_checkpoint(ckpt / "best.pt")["epoch"] == 1 and load_checkpoint(ckpt / "last.pt")["epoch"] == 2
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]

@@ -243,6 +243,7 @@ def make_mapping(
     runtime: Runtime,
 ) -> dict[str, Any]:
     """Assign attributes to regions for every split, write mapping.feather, score it and the zero-shot rule."""
+    log.info("mapping %d images (every split, epsilon=%s)", ann.n_images, cfg.epsilon)
     model.eval()
     attr_emb = torch.from_numpy(emb.attributes)
     image_attrs = ann.attribute_matrix(len(vocab))

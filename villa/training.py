@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -178,7 +179,21 @@ def commit_epoch(
     log_epoch(prefix, metrics, ckpt_dir / "metrics.jsonl")
     if tracker is not None:
         tracker.epoch(int(metrics.get("epoch", state.get("epoch", 0))), step, metrics)
-    save_checkpoint(ckpt_dir / "last.pt", state)
+    if improved:  # the same state: ``last.pt`` becomes a second name of ``best.pt``'s file instead of a second write
+        link_checkpoint(ckpt_dir / "best.pt", ckpt_dir / "last.pt")
+    else:
+        save_checkpoint(ckpt_dir / "last.pt", state)
+
+
+def link_checkpoint(src: Path, dst: Path) -> None:
+    """``dst`` names the same bytes as ``src``: a hard link put in place atomically (a copy where the filesystem has
+    no hard links). Checkpoints are never written in place (:func:`save_checkpoint` replaces the name), so a later
+    ``best.pt`` or ``last.pt`` never changes the other."""
+    with atomic_file(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def make_tracker(cfg: DictConfig, start_epoch: int, enabled: bool = True) -> Tracker:
