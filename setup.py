@@ -33,6 +33,7 @@ setup(
         "track": ["tensorboard>=2.14", "wandb>=0.17"],
         "dev": [
             "pytest>=7",
+            "pytest-xdist>=3",
             "ruff>=0.5",
             "nbclient>=0.8",
             "nbformat>=5",

@@ -14,6 +14,19 @@ if not os.environ.get("VILLA_MNIST_DIR") and SHARED_MNIST.is_dir():  # as the Ma
     os.environ["VILLA_MNIST_DIR"] = str(SHARED_MNIST)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n auto``), the cores are shared between the workers: each worker's
+    torch, and the CLI subprocesses it starts, get cores / workers threads instead of all of them (oversubscribed
+    OpenMP threads spin-wait on each other and run several times slower)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def mnist_dir() -> str:
     d = os.environ.get("VILLA_MNIST_DIR") or (str(SHARED_MNIST) if SHARED_MNIST.is_dir() else "")
     if not d:
