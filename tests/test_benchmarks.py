@@ -1,0 +1,93 @@
+"""The benchmark tooling that cannot run in full here: the GPU check's dry run, and the pieces of the
+villa-vs-original harness (its CPU shim for the original's code, its summary)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """DRY_RUN=1: nothing is installed and no step runs; every step's program starts and lists the flags it gets."""
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert rep["dry_run"] is True
+    assert [s["name"] for s in rep["steps"]] == [
+        "cuda_tests",
+        "preprocess_rn50",
+        "stage1",
+        "stage2",
+        "detection",
+        "demo",
+    ]
+    assert all(s["returncode"] == 0 for s in rep["steps"]), [(s["name"], s["output"][-300:]) for s in rep["steps"]]
+
+
+def test_original_shim_runs_cuda_code_on_cpu_with_the_harness_model(tmp_path):
+    """benchmarks/original_shim, as the original's processes see it: .cuda() and .to("cuda") stay on the CPU,
+    matplotlib.cm.get_cmap exists, and clip.load / clip.tokenize give the harness's weights and 77 tokens."""
+    import open_clip
+
+    from benchmarks.bench_original import MODEL_CFG
+
+    cfg = {**MODEL_CFG, "embed_dim": 32, "vision_cfg": {**MODEL_CFG["vision_cfg"], "image_size": 64}}
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**cfg)
+    torch.save({"model_cfg": cfg, "state_dict": model.state_dict()}, tmp_path / "m.pt")
+    with torch.no_grad():
+        want = model.encode_text(open_clip.tokenize(["the digit appears to be red"]))
+    torch.save(want, tmp_path / "want.pt")
+    code = """
+import torch, matplotlib.cm as cm, clip
+assert torch.zeros(2).cuda().device.type == "cpu" and torch.zeros(2).to("cuda").device.type == "cpu"
+assert torch.nn.Linear(2, 2).to("cuda").weight.device.type == "cpu"
+assert cm.get_cmap("hsv")(0.5)[3] == 1.0
+m, _ = clip.load("RN50", "cuda")
+tok = clip.tokenize(["the digit appears to be red"], truncate=True).to("cuda")
+assert tok.shape == (1, 77)
+with torch.no_grad():
+    got = m.encode_text(tok)
+torch.testing.assert_close(got, torch.load(WANT))
+print("ok")
+""".replace("WANT", repr(str(tmp_path / "want.pt")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks" / "original_shim"), "VILLA_ORIGINAL_SHIM": "1",
+           "VILLA_ORIGINAL_ON_CPU": "1", "VILLA_BENCH_CLIP": str(tmp_path / "m.pt")}  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_original_harness_summary():
+    """Medians, min/max and the ratio of the medians per measure; end to end is the sum of the four processes of a
+    repeat; regions/s is inverted (higher is faster); the Stage 1 late/early epoch ratio per side."""
+    from benchmarks.bench_original import STEPS, format_table, summarize
+
+    def rep(gen, pre, s1, s2):
+        return {"generate": {"seconds": gen}, "preprocess": {"seconds": pre, "regions_per_s": 1000 / pre},
+                "stage1": {"seconds": s1, "train_seconds": s1 - 1, "mapping_seconds": 1.0, "late_over_early": 1.1},
+                "stage2": {"seconds": s2, "epoch_seconds": s2 / 4}}  # fmt: skip
+
+    reps = {"original": [rep(10, 20, 30, 40), rep(12, 22, 34, 44), rep(11, 21, 32, 42)],
+            "villa": [rep(1, 10, 15, 20), rep(2, 11, 16, 21), rep(1.5, 12, 17, 22)]}  # fmt: skip
+    s = summarize(reps, STEPS)
+    assert s["generate"]["original"] == {"runs": [10, 12, 11], "median": 11, "min": 10, "max": 12}
+    assert s["generate"]["ratio"] == pytest.approx(11 / 1.5, abs=0.01)
+    assert s["end_to_end"]["original"]["runs"] == [100, 112, 106] and s["end_to_end"]["ratio"] == pytest.approx(
+        106 / 50, abs=0.01
+    )
+    assert s["preprocess_regions_per_s"]["ratio"] == pytest.approx(21 / 11, abs=0.01)  # villa's rate / the original's
+    assert s["stage1_late_over_early"]["villa"]["median"] == pytest.approx(1.1)
+    table = format_table({"summary": s})
+    assert "| generate | 11.00 s (10.00-12.00) | 1.50 s (1.00-2.00) | 7.33x |" in table
+    partial = summarize({k: [{"generate": r["generate"]} for r in v] for k, v in reps.items()}, ("generate",))
+    assert set(partial) == {"generate"}
