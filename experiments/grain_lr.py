@@ -36,13 +36,15 @@ def main(argv=None) -> dict:
     p.add_argument("--target", type=int, default=15)
     p.add_argument("--seed", type=int, default=23)
     p.add_argument("--head_lrs", type=float, nargs="+", default=[2e-4, 1e-3, 3e-3])
+    p.add_argument("--epochs", type=int, default=8, help="Stage 2's epoch cap (the sweep's)")
+    p.add_argument("--patience", type=int, default=2, help="early stopping on the validation loss (the sweep's)")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     out, work = Path(a.out), Path(a.work or a.out)
     # the complexity sweep's settings (experiments/complexity.py defaults)
     s = PipelineSettings(pretrained=str(ASSET), target=a.target, budget=6000, val_budget=3000, test_budget=200,
-                         seed=a.seed, stage2_epochs=8, stage2_batch=64, stage2_lr=2e-4, early_stop_patience=2,
+                         seed=a.seed, stage2_epochs=a.epochs, stage2_batch=64, stage2_lr=2e-4, early_stop_patience=a.patience,
                          device=a.device, progress=False)  # fmt: skip
     base = run_pipeline(s, work / "pipeline", methods=(), zero_shot=False)  # data, embeddings, Stage 1's mapping
     data = Path(base["data"])
@@ -55,7 +57,7 @@ def main(argv=None) -> dict:
         print(f"head_lr={lr:g}: best val loss {r['best_val']:.4f} ({r['epochs_run']} epochs)", flush=True)
     best = min(runs, key=lambda r: r["best_val"])
     res = {"command": "python experiments/grain_lr.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "setting": {"target": a.target, "seed": a.seed, "budget": s.budget, "epochs_cap": s.stage2_epochs,
+           "setting": {"target": a.target, "seed": a.seed, "budget": s.budget, "epochs_cap": s.stage2_epochs, "patience": s.early_stop_patience,
                        "lr": s.stage2_lr, "batch": s.stage2_batch},
            "criterion": "best validation loss of the GRAIN objective (the training set's val split)",
            "runs": runs, "chosen_head_lr": best["head_lr"], "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
