@@ -120,3 +120,19 @@ def test_complexity_controls_are_their_results_files_and_on_the_results_page(fol
         assert {r["train_images"] for r in results["runs"]} == {results["settings"]["fixed_images"]}
     else:
         assert results["settings"]["stage2_epochs"] == 24 and [r["target"] for r in results["summary"]] == [30]
+
+
+def test_speed_against_the_original_is_the_harness_output():
+    """Issue 23: docs/speed.md's villa-vs-original table is what benchmarks/bench_original.py printed from its JSON
+    (one run, both sides interleaved), with its command and date; the README's ratios are that file's."""
+    from benchmarks.bench_original import format_table
+
+    res = json.loads((RESULTS / "benchmarks" / "original.json").read_text())
+    speed = (ROOT / "docs" / "speed.md").read_text()
+    assert format_table(res).strip() in speed
+    assert res["command"] in speed and res["date"] in speed
+    assert res["settings"]["repeats"] >= 3
+    for side in ("original", "villa"):
+        assert len(res["runs"][side]) == res["settings"]["repeats"]
+    for name in ("generate", "stage2_epoch", "end_to_end"):
+        assert f"{res['summary'][name]['ratio']:.2f}x" in README
