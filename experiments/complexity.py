@@ -140,6 +140,11 @@ def format_tables(results: dict[str, Any]) -> str:
         "",
     ]
     st = results["settings"]
+    if st.get("partial"):
+        pl = st["partial"]
+        lines += [f"**Partial**: the sweep was stopped after {pl['runs_finished']} of "
+                  f"{len(pl['seeds_planned']) * len(summary)} runs; seeds {', '.join(map(str, st['seeds']))} of "
+                  f"{', '.join(map(str, pl['seeds_planned']))} finished every target and are summarised here.", ""]  # fmt: skip
     if st.get("fixed_images"):
         imgs = sorted({r["train_images"] for r in results["runs"]})
         lines += [f"Fixed-images control: every training split has {st['fixed_images']} images ({imgs[0]}-{imgs[-1]} "
@@ -343,6 +348,9 @@ def main(argv=None) -> dict[str, Any]:
     )
     p.add_argument("--work", default=None, help="where datasets and checkpoints go (default: --out)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--from_partial", action="store_true",
+                   help="an interrupted sweep: the same command plus this flag summarises the seeds whose every target "
+                        "finished (--out's runs.partial.json) into results.json and table.md, marked partial")  # fmt: skip
     a = p.parse_args(argv)
     if a.binding_only:
         return binding_only(Path(a.out), a.device, a.binding_images)
@@ -375,6 +383,23 @@ def main(argv=None) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     zero_shot = None
     methods = reported(a.methods)
+    if a.from_partial:
+        path = out / "runs.partial.json"
+        if not path.is_file():
+            raise VillaError(f"{path} not found: --from_partial needs the runs an interrupted sweep in --out wrote")
+        done = json.loads(path.read_text())
+        finished = [s for s in seeds if {r["target"] for r in done if r["seed"] == s} == set(a.targets)]
+        if not finished:
+            raise VillaError(f"{path}: no seed finished every target of --targets; nothing to summarise")
+        runs = [r for r in done if r["seed"] in finished]
+        settings = {
+            **settings,
+            "seeds": finished,
+            "no_binding": True,
+            "partial": {"seeds_planned": seeds, "runs_finished": len(done)},
+        }
+        seeds = []  # nothing more to run; no binding benchmark
+        a.no_binding = True
     for seed in seeds:
         for t in a.targets:
             # zero-shot is the starting encoder on the fixed evaluation set: the same for every run, evaluated once
@@ -395,7 +420,8 @@ def main(argv=None) -> dict[str, Any]:
     if not a.no_binding:
         add_binding(results, work, a.device, a.binding_images)
     write_json_atomic(out / "results.json", results)
-    (out / "runs.partial.json").unlink(missing_ok=True)
+    if not a.from_partial:
+        (out / "runs.partial.json").unlink(missing_ok=True)
     return write_outputs(results, out)
 
 

@@ -190,6 +190,13 @@ def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
     # every run refused overlapping digits before training: the held-out check ran and found none
     one = json.loads((tmp_path / "seed_23" / "target_4" / "results.json").read_text())
     assert set(one["held_out"]["overlap"].values()) == {0} and one["held_out"]["test_pool"]["split"] == "test"
+    # an interrupted sweep (seed 24 stopped after its first target): --from_partial summarises seed 23 alone
+    done = [r for r in first["runs"] if r["seed"] == 23] + [first["runs"][2]]
+    (tmp_path / "runs.partial.json").write_text(json.dumps(done))
+    part = main([*sweep, "--methods", "baseline", "villa", "oracle", "--from_partial"])
+    assert part["settings"]["seeds"] == [23] and part["settings"]["partial"]["runs_finished"] == 3
+    assert [r["seed"] for r in part["runs"]] == [23, 23] and "binding" not in part["summary"][0]
+    assert "**Partial**: the sweep was stopped after 3 of 4 runs" in (tmp_path / "table.md").read_text()
 
 
 def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
