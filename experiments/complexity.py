@@ -214,7 +214,14 @@ def format_tables(results: dict[str, Any]) -> str:
     )
     for m, info in results.get("added", {}).items():
         extra += f"; {NAMES.get(m, m)} added later by `{info['command']}` ({info['wall_seconds'] / 60:.1f} min)"
-    lines += ["", f"Wall time: {w / 60:.1f} min on {results['machine']}{extra}.", ""]
+    if results["settings"].get("partial"):  # summarised from the runs: the sweep's own time was not recorded
+        lines += [
+            "",
+            f"Wall time: not recorded (summarised from an interrupted sweep's runs on {results['machine']}).",
+            "",
+        ]
+    else:
+        lines += ["", f"Wall time: {w / 60:.1f} min on {results['machine']}{extra}.", ""]
     return "\n".join(lines)
 
 

@@ -136,3 +136,23 @@ def test_speed_against_the_original_is_the_harness_output():
         assert len(res["runs"][side]) == res["settings"]["repeats"]
     for name in ("generate", "stage2_epoch", "end_to_end"):
         assert f"{res['summary'][name]['ratio']:.2f}x" in README
+
+
+def test_grain_converged_comparison_is_its_results_file_and_on_the_results_page():
+    """Issue 22: baseline, ViLLA and GRAIN (its code's losses and optimiser) at the lowest and highest complexity,
+    a 20-epoch cap, GRAIN's head learning rate chosen on validation data; a partial sweep says so, and which seeds."""
+    from experiments.complexity import cap_reached, format_tables
+
+    results = json.loads((RESULTS / "grain_converged" / "results.json").read_text())
+    chosen = json.loads((RESULTS / "grain_converged" / "head_lr" / "results.json").read_text())
+    table = (RESULTS / "grain_converged" / "table.md").read_text()
+    assert table == format_tables(results) and table.strip() in RESULTS_PAGE
+    assert results["command"] in RESULTS_PAGE and chosen["command"] in RESULTS_PAGE
+    assert results["settings"]["grain_head_lr"] == chosen["chosen_head_lr"] == 1e-3
+    assert [r["target"] for r in results["summary"]] == [5, 30]
+    seeds, partial = results["settings"]["seeds"], results["settings"].get("partial")
+    assert len(seeds) == 3 or (partial and "**Partial**" in table and f"{len(seeds)} of 3 seeds" in RESULTS_PAGE)
+    assert results["settings"]["stage2_epochs"] == chosen["setting"]["epochs_cap"] == 20
+    assert f"**Convergence: {cap_reached(results)} trainings reached the 20-epoch cap**" in RESULTS_PAGE
+    for run in results["runs"]:
+        assert set(run["held_out"]["overlap"].values()) == {0}

@@ -197,6 +197,7 @@ def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
     assert part["settings"]["seeds"] == [23] and part["settings"]["partial"]["runs_finished"] == 3
     assert [r["seed"] for r in part["runs"]] == [23, 23] and "binding" not in part["summary"][0]
     assert "**Partial**: the sweep was stopped after 3 of 4 runs" in (tmp_path / "table.md").read_text()
+    assert "Wall time: not recorded" in (tmp_path / "table.md").read_text()
 
 
 def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
