@@ -76,7 +76,7 @@ def setup(original: Path, work: Path, deps: Path) -> dict:
     """Copy the original, give it MNIST in torchvision's layout, install its extra packages, write the model."""
     import torch
 
-    from villa.encoders import clip_checkpoint_state, create_clip  # noqa: F401  (registers villa's configs)
+    from villa.encoders import clip_checkpoint_state
 
     if (
         not (original / "villa" / "stage1.py").is_file()
