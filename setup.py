@@ -31,6 +31,9 @@ setup(
     ],
     extras_require={
         "track": ["tensorboard>=2.14", "wandb>=0.17"],
+        # ARO's COCO-Order / Flickr30k-Order perturbations (then: python -m spacy download en_core_web_sm;
+        # python -m nltk.downloader punkt_tab)
+        "aro": ["spacy>=3.4", "nltk>=3.8"],
         "dev": [
             "pytest>=7",
             "pytest-xdist>=3",
@@ -40,6 +43,8 @@ setup(
             "ipykernel>=6",
             "tensorboard>=2.14",
             "wandb>=0.17",
+            "spacy>=3.4",
+            "nltk>=3.8",
         ],
     },
 )

@@ -148,11 +148,11 @@ FIXTURES = {"winoground": winoground_fixture, "valse": valse_fixture, "vsr": vsr
             "sugarcrepe": sugarcrepe_fixture, "aro": aro_fixture}  # fmt: skip
 
 
-def run_cli(bench: str, data: Path, ckpt: Path, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_cli(bench: str, data: Path, ckpt: Path, out: Path, *overrides: str, env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "villa.finegrained", f"benchmark={bench}", f"data_dir={data}", f"model.pretrained={ckpt}",
-         "device=cpu", f"output={out}"], capture_output=True, text=True, cwd=out.parent, env=env,
+         "device=cpu", f"output={out}", *overrides], capture_output=True, text=True, cwd=out.parent, env=env,
     )  # fmt: skip
 
 
@@ -263,6 +263,165 @@ def test_aro_end_to_end(tmp_path, tiny_ckpt):
     t = _scores(tiny_ckpt, imgs, [f"the red cup and the white table {i}" for i in range(4)])
     f = _scores(tiny_ckpt, imgs, [f"the white cup and the red table {i}" for i in range(4)])
     assert res["vg_attribution"]["accuracy"] == pytest.approx((t > f).mean())
+
+
+# --- ARO's COCO-Order / Flickr30k-Order ----------------------------------------------------------------------------
+
+ORDER_CAPTIONS = [  # (caption, its Penn tags by hand)
+    ("A red cup on a white table.", "DT JJ NN IN DT JJ NN ."),
+    ("Two small dogs run in the green park.", "CD JJ NNS VBP IN DT JJ NN ."),
+    ("A man rides a black horse near the old barn.", "DT NN VBZ DT JJ NN IN DT JJ NN ."),
+    ("The yellow bus stops at the busy street.", "DT JJ NN VBZ IN DT JJ NN ."),
+]
+
+
+def test_pre_caption_and_trigrams_by_hand():
+    from villa.finegrained.order import pre_caption, trigrams
+
+    assert pre_caption("A Man (riding) a HORSE; fast!  ok.") == "a man riding a horse fast ok"
+    assert pre_caption("one two three four", max_words=3) == "one two three"
+    assert trigrams(list("abcdefg")) == [["a", "b", "c"], ["d", "e", "f"], ["g"]]
+
+
+def test_order_perturbations_move_only_what_aro_moves():
+    from villa.finegrained.order import (
+        shuffle_allbut_nouns_and_adj,
+        shuffle_nouns_and_adj,
+        shuffle_trigrams,
+        shuffle_within_trigrams,
+    )
+
+    toks, tags = "a red cup on a white table .".split(), "DT JJ NN IN DT JJ NN .".split()
+    # the generator's draws, replayed: nouns (positions 2, 6) first, then adjectives (1, 5)
+    r = np.random.default_rng(3)
+    pn, pa = r.permutation(np.array(["cup", "table"])), r.permutation(np.array(["red", "white"]))
+    want = ["a", pa[0], pn[0], "on", "a", pa[1], pn[1], "."]
+    assert shuffle_nouns_and_adj(toks, tags, np.random.default_rng(3)) == " ".join(want)
+    other = shuffle_allbut_nouns_and_adj(toks, tags, np.random.default_rng(3)).split()
+    r = np.random.default_rng(3)
+    po = r.permutation(np.array(["a", "on", "a", "."], dtype=object))
+    assert other == [po[0], "red", "cup", po[1], po[2], "white", "table", po[3]]
+    r = np.random.default_rng(5)
+    perms = [r.permutation(3), r.permutation(3), r.permutation(2)]
+    tri = [toks[0:3], toks[3:6], toks[6:8]]
+    assert shuffle_within_trigrams(toks, np.random.default_rng(5)).split() == [
+        t[j] for t, p in zip(tri, perms) for j in p
+    ]
+    order = np.random.default_rng(5).permutation(3)
+    assert shuffle_trigrams(toks, np.random.default_rng(5)).split() == [w for j in order for w in tri[j]]
+
+
+def test_order_metrics_by_hand():
+    from villa.finegrained.order import order_metrics
+
+    s = np.array([
+        [0.9, 0.1, 0.2, 0.3, 0.4],  # caption best
+        [0.5, 0.5, 0.1, 0.1, 0.1],  # tie with option 1: argmax -> 0, as ARO
+        [0.2, 0.1, 0.6, 0.1, 0.1],  # option 2 best
+    ])  # fmt: skip
+    m = order_metrics(s)
+    assert m["precision_at_1"] == pytest.approx(2 / 3) and m["examples"] == 3
+    assert m["per_perturbation"] == {"shuffle_nouns_and_adj": 1.0, "shuffle_allbut_nouns_and_adj": pytest.approx(2 / 3),
+                                     "shuffle_within_trigrams": 1.0, "shuffle_trigrams": 1.0}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_tagger(tmp_path_factory) -> Path:
+    """A real spaCy pipeline (tokenizer + tagger) trained here on the fixture's hand-tagged captions and saved to
+    disk, standing in for en_core_web_sm (not on PyPI); and NLTK's punkt_tab in its published layout (empty
+    parameters: no abbreviations), for nltk.word_tokenize."""
+    import random
+
+    spacy = pytest.importorskip("spacy")
+    from spacy.tokens import Doc
+    from spacy.training import Example
+
+    root = tmp_path_factory.mktemp("nlp")
+    nlp = spacy.blank("en")
+    nlp.add_pipe("tagger")
+    examples = [Example(nlp.make_doc(c), Doc(nlp.vocab, words=[t.text for t in nlp.make_doc(c)], tags=g.split()))
+                for c, g in ORDER_CAPTIONS]  # fmt: skip
+    random.seed(0)
+    optimizer = nlp.initialize(lambda: examples)
+    for _ in range(60):
+        nlp.update(examples, sgd=optimizer)
+    for c, g in ORDER_CAPTIONS:  # the stand-in tags the fixture as by hand
+        assert [t.tag_ for t in nlp(c)] == g.split()
+    nlp.to_disk(root / "tagger")
+    punkt = root / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
+    punkt.mkdir(parents=True)
+    for f in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
+        (punkt / f).write_text("")
+    return root
+
+
+def coco_order_fixture(root: Path) -> None:
+    """coco_karpathy_test.json (BLIP's Karpathy split, as ARO downloads it) and val2014/ images."""
+    anns = []
+    for i in range(2):
+        name = f"val2014/COCO_val2014_{i + 1:012d}.jpg"
+        _img(root / name, COLORS[i])
+        anns.append({"image": name, "caption": [c for c, _ in ORDER_CAPTIONS[2 * i : 2 * i + 2]], "image_id": i + 1})
+    (root / "coco_karpathy_test.json").write_text(json.dumps(anns))
+
+
+def test_coco_order_end_to_end(tmp_path, tiny_ckpt, tiny_tagger, monkeypatch):
+    import nltk
+    import spacy
+
+    from villa.finegrained.order import load_order, pre_caption
+
+    coco_order_fixture(tmp_path / "coco")
+    env = {"NLTK_DATA": str(tiny_tagger / "nltk_data")}
+    r = run_cli("coco_order", tmp_path / "coco", tiny_ckpt, tmp_path / "co.json", f"spacy_model={tiny_tagger / 'tagger'}",
+                "seed=7", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "co.json").read_text())
+    # the same options in this process (same tagger, tokenizer and seed); another seed draws other shuffles
+    monkeypatch.setattr(nltk.data, "path", [str(tiny_tagger / "nltk_data")])
+    nlp = spacy.load(tiny_tagger / "tagger")
+    items = load_order(tmp_path / "coco", "coco_order", seed=7, nlp=nlp)
+    assert items == load_order(tmp_path / "coco", "coco_order", seed=7, nlp=nlp)
+    assert items != load_order(tmp_path / "coco", "coco_order", seed=8, nlp=nlp)
+    assert len(items) == 4 and [it["options"][0] for it in items] == [pre_caption(c) for c, _ in ORDER_CAPTIONS]
+    for it, (c, g) in zip(items, ORDER_CAPTIONS):
+        words = pre_caption(c).split()
+        for o in it["options"][1:]:  # every perturbation reorders the caption's words
+            assert sorted(o.split()) == sorted(words)
+        nouns = [w.lower() for w, t in zip(c.replace(".", " .").split(), g.split()) if t.startswith("NN")]
+        adjs = [w.lower() for w, t in zip(c.replace(".", " .").split(), g.split()) if t.startswith("JJ")]
+        # shuffle_allbut_nouns_and_adj keeps the nouns where they are; shuffle_nouns_and_adj keeps everything else
+        assert [w for w in it["options"][2].split() if w in nouns] == nouns
+        assert [w for w in it["options"][1].split() if w not in nouns + adjs] == [
+            w for w in words if w not in nouns + adjs
+        ]
+    imgs = [tmp_path / "coco" / "val2014" / f"COCO_val2014_{1 + n // 2:012d}.jpg" for n in range(4)]
+    s = np.stack([_scores(tiny_ckpt, imgs, [it["options"][k] for it in items]) for k in range(5)], axis=1)
+    assert res["examples"] == 4 and res["precision_at_1"] == pytest.approx(np.mean(np.argmax(s, axis=1) == 0))
+    assert res["per_perturbation"]["shuffle_trigrams"] == pytest.approx(np.mean(s[:, 0] >= s[:, 4]))
+    assert res["seed"] == 7 and res["split"] == "test"
+
+
+@pytest.mark.parametrize(
+    "corrupt,overrides,match",
+    [
+        (lambda d: None, ["spacy_model=/nowhere/tagger"], "spaCy pipeline '/nowhere/tagger' not found"),
+        (lambda d: (d / "coco_karpathy_test.json").unlink(), [], "coco_karpathy_test.json not found; get"),
+        (lambda d: (d / "coco_karpathy_test.json").write_text('[{"image": "../x.jpg", "caption": ["a"]}]'), [],
+         "outside"),
+        (lambda d: (d / "val2014" / "COCO_val2014_000000000002.jpg").unlink(), [], "COCO_val2014_000000000002.jpg (item 1) not found"),
+        (lambda d: None, ["split=train"], "split=train is not one of test, val"),
+    ],
+)  # fmt: skip
+def test_coco_order_bad_input_is_one_line(tmp_path, tiny_ckpt, tiny_tagger, corrupt, overrides, match):
+    coco_order_fixture(tmp_path / "d")
+    corrupt(tmp_path / "d")
+    r = run_cli("coco_order", tmp_path / "d", tiny_ckpt, tmp_path / "o.json", f"spacy_model={tiny_tagger / 'tagger'}",
+                *overrides, env={"NLTK_DATA": str(tiny_tagger / "nltk_data")})  # fmt: skip
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("[")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr[-1500:]
+    assert not (tmp_path / "o.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -275,12 +275,28 @@ class FinegrainedConfig:
     benchmark: str = opt(
         "docmnist",
         "which benchmark",
-        choices=("winoground", "valse", "vsr", "svo_probes", "sugarcrepe", "aro", "docmnist"),
+        choices=(
+            "winoground",
+            "valse",
+            "vsr",
+            "svo_probes",
+            "sugarcrepe",
+            "aro",
+            "coco_order",
+            "flickr30k_order",
+            "docmnist",
+        ),
     )
     data_dir: str = opt("???", "the benchmark's local folder (its published layout; docmnist: a dataset folder)")
-    split: str = opt("test", "vsr: the jsonl evaluated (a dev.jsonl beside it fits the threshold)")
+    split: str = opt(
+        "test",
+        "vsr: the jsonl evaluated (a dev.jsonl beside it fits the threshold); "
+        "coco_order / flickr30k_order: the Karpathy split, test or val",
+    )
     valse_valid_only: bool = opt(True, "VALSE: only the samples its annotators validated (mturk.caption >= 2)")
-    seed: int = opt(0, "docmnist: which regions the foils change")
+    seed: int = opt(0, "docmnist: which regions the foils change; coco_order / flickr30k_order: the shuffles")
+    spacy_model: str = opt("en_core_web_sm", "coco_order / flickr30k_order: spaCy pipeline (name or path) that tags")
+    max_words: int = opt(30, "coco_order / flickr30k_order: words kept per caption (ARO's max_words)", gt=0)
     batch_size: int = opt(64, "images per batch", gt=0)
     device: str = opt("auto", DEVICE_HELP)
     output: str = opt("???", "where the JSON metrics are written")

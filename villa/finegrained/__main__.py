@@ -4,6 +4,7 @@
     python -m villa.finegrained benchmark=valse data_dir=/data/valse model.pretrained=checkpoints/.../best.pt
     python -m villa.finegrained benchmark=vsr data_dir=/data/vsr split=test
     python -m villa.finegrained benchmark=svo_probes data_dir=/data/svo_probes
+    python -m villa.finegrained benchmark=coco_order data_dir=/data/coco   # ARO's COCO-Order (needs villa[aro])
     python -m villa.finegrained benchmark=docmnist data_dir=data/docmnist_30000_15.2 model.pretrained=<villa ckpt>
 
 Prints a table and writes the metrics as JSON (``output``). Scores are cosines of global image and text embeddings
@@ -24,13 +25,24 @@ from villa.encoders import create_clip
 from villa.errors import VillaError
 from villa.finegrained import benchmarks as B
 from villa.finegrained.docmnist_binding import build_benchmark, score_benchmark
+from villa.finegrained.order import ORDER_DATASETS, load_order, score_order
 from villa.finegrained.scorer import Scorer
 from villa.paths import write_json_atomic
 from villa.runtime import get_runtime
 from villa.schemas import validate_config
 
 log = logging.getLogger("villa.finegrained")
-BENCHMARKS = ("winoground", "valse", "vsr", "svo_probes", "sugarcrepe", "aro", "docmnist")
+BENCHMARKS = (
+    "winoground",
+    "valse",
+    "vsr",
+    "svo_probes",
+    "sugarcrepe",
+    "aro",
+    "coco_order",
+    "flickr30k_order",
+    "docmnist",
+)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -52,6 +64,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         loaded = B.load_sugarcrepe(data)
     elif cfg.benchmark == "aro":
         loaded = B.load_aro(data)
+    elif cfg.benchmark in ORDER_DATASETS:
+        loaded = load_order(data, cfg.benchmark, cfg.split, cfg.seed, cfg.spacy_model, cfg.max_words)
     else:
         loaded = build_benchmark(data, seed=cfg.seed)
     runtime = get_runtime(cfg.device)
@@ -69,6 +83,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         res = B.score_sugarcrepe(loaded, scorer)
     elif cfg.benchmark == "aro":
         res = B.score_aro(loaded, scorer)
+    elif cfg.benchmark in ORDER_DATASETS:
+        res = score_order(loaded, scorer)
+        res.update({"split": cfg.split, "seed": cfg.seed, "spacy_model": cfg.spacy_model, "max_words": cfg.max_words})
     else:
         res = score_benchmark(loaded, scorer)
         res.update({k: loaded[k] for k in ("data", "seed", "generator_seed", "test_pool")})

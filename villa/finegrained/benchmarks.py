@@ -341,7 +341,7 @@ def load_aro(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """ARO's Visual Genome tasks (Yuksekgonul et al., ICLR 2023): lists of ``{image_path, bbox_x, bbox_y, bbox_w,
     bbox_h, true_caption, false_caption, relation_name | attributes}``; images under ``images/`` (the file name of
     ``image_path``). As ARO's code, each image is cropped to the box before scoring. COCO-Order and Flickr30k-Order
-    are not included: their negatives come from ARO's NLTK part-of-speech perturbations (docs/finegrained.md)."""
+    are in :mod:`villa.finegrained.order`."""
     images = _need(data_dir / "images", "ARO images folder", ARO_WHERE)
     tasks = {}
     for task, fname in ARO_FILES.items():
