@@ -402,6 +402,23 @@ def test_coco_order_end_to_end(tmp_path, tiny_ckpt, tiny_tagger, monkeypatch):
     assert res["seed"] == 7 and res["split"] == "test"
 
 
+def test_flickr30k_order_reads_its_layout(tmp_path, tiny_tagger, monkeypatch):
+    import nltk
+    import spacy
+
+    from villa.finegrained.order import load_order, pre_caption
+
+    for i in range(2):
+        _img(tmp_path / "flickr30k-images" / f"{1000 + i}.jpg", COLORS[i])
+    anns = [{"image": f"flickr30k-images/{1000 + i}.jpg", "caption": [ORDER_CAPTIONS[i][0]]} for i in range(2)]
+    (tmp_path / "flickr30k_val.json").write_text(json.dumps(anns))
+    monkeypatch.setattr(nltk.data, "path", [str(tiny_tagger / "nltk_data")])
+    items = load_order(tmp_path, "flickr30k_order", split="val", nlp=spacy.load(tiny_tagger / "tagger"))
+    assert [it["image_path"].name for it in items] == ["1000.jpg", "1001.jpg"]
+    assert [it["options"][0] for it in items] == [pre_caption(c) for c, _ in ORDER_CAPTIONS[:2]]
+    assert all(len(it["options"]) == 5 for it in items)
+
+
 @pytest.mark.parametrize(
     "corrupt,overrides,match",
     [

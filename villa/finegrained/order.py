@@ -121,9 +121,13 @@ def perturb_captions(
     """The five options of each caption: the caption first, then ARO's four perturbations, each through
     ``pre_caption``. ``nlp``: a spaCy pipeline (anything whose ``pipe`` yields token sequences with ``text`` and
     ``tag_``)."""
+    from tqdm import tqdm
+
     rng = np.random.default_rng(seed)
     out = []
-    for caption, doc in zip(captions, nlp.pipe(captions, batch_size=256)):
+    docs = tqdm(nlp.pipe(captions, batch_size=256), total=len(captions), desc="ARO perturbations", unit="caption",
+                disable=len(captions) < 1000)  # fmt: skip
+    for caption, doc in zip(captions, docs):
         toks, tags = [t.text for t in doc], [t.tag_ for t in doc]
         words = word_tokenize(caption)
         options = [caption, shuffle_nouns_and_adj(toks, tags, rng), shuffle_allbut_nouns_and_adj(toks, tags, rng),
