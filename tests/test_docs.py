@@ -156,3 +156,14 @@ def test_grain_converged_comparison_is_its_results_file_and_on_the_results_page(
     assert f"**Convergence: {cap_reached(results)} trainings reached the 20-epoch cap**" in RESULTS_PAGE
     for run in results["runs"]:
         assert set(run["held_out"]["overlap"].values()) == {0}
+
+
+def test_aro_order_fidelity_is_its_results_file():
+    """COCO-Order against ARO's own COCO_Order: the figures docs/finegrained.md quotes are the results file's."""
+    res = json.loads((RESULTS / "aro_fidelity" / "results.json").read_text())
+    page = (ROOT / "docs" / "finegrained.md").read_text()
+    assert res["options_differing"] == 0 and res["same_number_of_items"] and res["control_options_differing"] > 0
+    assert res["command"] in page and res["aro_repo_head"].startswith("81fdd20")
+    assert f"**{res['options_differing']} of {res['options']} options differ**" in page
+    assert f"{res['perturbations_that_changed_the_caption']} of {res['perturbations']}" in page
+    assert f"makes {res['control_options_differing']} of {res['options']} differ" in page

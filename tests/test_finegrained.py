@@ -330,7 +330,6 @@ def tiny_tagger(tmp_path_factory) -> Path:
     """A real spaCy pipeline (tokenizer + tagger) trained here on the fixture's hand-tagged captions and saved to
     disk, standing in for en_core_web_sm (not on PyPI); and NLTK's punkt_tab in its published layout (empty
     parameters: no abbreviations), for nltk.word_tokenize."""
-    import random
 
     spacy = pytest.importorskip("spacy")
     from spacy.tokens import Doc
@@ -341,7 +340,7 @@ def tiny_tagger(tmp_path_factory) -> Path:
     nlp.add_pipe("tagger")
     examples = [Example(nlp.make_doc(c), Doc(nlp.vocab, words=[t.text for t in nlp.make_doc(c)], tags=g.split()))
                 for c, g in ORDER_CAPTIONS]  # fmt: skip
-    random.seed(0)
+    spacy.util.fix_random_seed(0)
     optimizer = nlp.initialize(lambda: examples)
     for _ in range(60):
         nlp.update(examples, sgd=optimizer)

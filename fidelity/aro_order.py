@@ -1,0 +1,191 @@
+"""COCO-Order as villa builds it against ARO's own ``COCO_Order`` dataset, side by side on identical inputs
+(docs/finegrained.md, "COCO-Order and Flickr30k-Order").
+
+    git clone https://github.com/mertyg/vision-language-models-are-bows /tmp/aro   # any checkout of ARO's code
+    pip install --target /tmp/aro_deps easydict                                    # ARO's one extra import
+    PYTHONPATH=/tmp/aro_deps python fidelity/aro_order.py --aro_repo /tmp/aro \
+        --json docs/results/aro_fidelity/results.json [--spacy_model en_core_web_sm | --stand_in_tagger]
+
+Both sides read the same ``coco_karpathy_test.json`` (the captions below, written in BLIP's layout), tag with the
+same spaCy pipeline and tokenise with the same ``nltk.word_tokenize``. ARO's ``COCO_Order`` is constructed as its
+loader does (``dataset_zoo/aro_datasets.py``; torchvision's ``download_url`` finds the file present and downloads
+nothing), with two stubs:
+
+- ``spacy.load`` returns ``--spacy_model``'s pipeline (ARO hard-codes ``en_core_web_sm``);
+- ARO's unseeded draws (``np.random.permutation`` and ``random.shuffle``) take their permutations from one
+  ``numpy`` generator seeded by ``--seed``, as villa's do. ARO makes its draws in the same order as villa (per
+  caption: nouns, adjectives, the other tokens, each trigram, the trigrams' order).
+
+With identical draws the five options of every caption must be identical strings; the script counts the options
+that differ and writes them. As a control it builds ARO's side again with other draws (``--seed`` + 1), which
+must differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from villa.finegrained.order import load_order, load_spacy  # noqa: E402
+from villa.paths import write_json_atomic  # noqa: E402
+
+# COCO-style captions written for this check: capitals, punctuation, apostrophes, numbers, two sentences, a caption
+# over ARO's 30-word limit, captions with no adjective or a single noun.
+CAPTIONS = [
+    "A man with a red helmet on a small moped on a dirt road.",
+    "Man riding a motor bike on a dirt road on the countryside.",
+    "A woman's hand holding a white cup of hot coffee.",
+    "Two giraffes standing next to each other in a grassy field.",
+    "A plate of food with broccoli, carrots and a piece of grilled chicken.",
+    "The large brown dog is sleeping on the old blue couch.",
+    "Three people ride skis down a snowy, steep mountain slope!",
+    "A kitchen with stainless steel appliances and wooden cabinets.",
+    "An elephant walks near a river. Its baby follows it closely.",
+    "A bathroom with a toilet, a sink and a small mirror on the wall.",
+    "Cat.",
+    "A tennis player swings his racket at a yellow ball during a match (on a clay court).",
+    "Several colorful kites fly high over the sandy beach on a windy day;",
+    "A young boy in a striped shirt eats a slice of pepperoni pizza at a crowded table in a busy restaurant "
+    "while his older sister reads a thick book and their tired parents talk quietly about the long drive home.",
+    "a street sign at the corner of 5th avenue and main street",
+    "A red double-decker bus drives past a tall clock tower in London.",
+    "Someone is cutting a birthday cake with a knife: it has 7 candles.",
+    "The airplane is parked on the runway at the airport",
+    "A herd of sheep grazing on a green hillside under a cloudy sky.",
+    "A computer monitor, keyboard and mouse on a messy desk.",
+    "A black and white photo of a train crossing a bridge.",
+    "A surfer rides a big wave in the ocean.",
+    "Two men play frisbee in a park near tall trees.",
+    "A bowl of fresh fruit: apples, bananas, oranges and grapes.",
+]
+
+
+# Penn tags by hand, for --stand_in_tagger (en_core_web_sm is not on PyPI): a spaCy tagger trained on these tags
+# the captions above as it may; both sides then see the same tags, which is what this check needs.
+HAND_TAGGED = [
+    ("A man with a red helmet on a small moped on a dirt road.", "DT NN IN DT JJ NN IN DT JJ NN IN DT NN NN ."),
+    ("A woman's hand holding a white cup of hot coffee.", "DT NN POS NN VBG DT JJ NN IN JJ NN ."),
+    ("Three people ride skis down a snowy, steep mountain slope!", "CD NNS VBP NNS RP DT JJ , JJ NN NN ."),
+    ("A bowl of fresh fruit: apples, bananas, oranges and grapes.", "DT NN IN JJ NN : NNS , NNS , NNS CC NNS ."),
+    ("The large brown dog is sleeping on the old blue couch.", "DT JJ JJ NN VBZ VBG IN DT JJ JJ NN ."),
+    ("Two giraffes standing next to each other in a grassy field.", "CD NNS VBG JJ IN DT JJ IN DT JJ NN ."),
+]
+
+
+def stand_in_tagger(seed: int = 0):
+    """A real spaCy pipeline (tokenizer + tagger) trained on HAND_TAGGED."""
+    import spacy
+    from spacy.tokens import Doc
+    from spacy.training import Example
+
+    spacy.util.fix_random_seed(seed)  # Python's, NumPy's (thinc's initialisation) and torch's generators
+    nlp = spacy.blank("en")
+    nlp.add_pipe("tagger")
+    examples = [Example(nlp.make_doc(c), Doc(nlp.vocab, words=[t.text for t in nlp.make_doc(c)], tags=g.split()))
+                for c, g in HAND_TAGGED]  # fmt: skip
+    optimizer = nlp.initialize(lambda: examples)
+    for _ in range(80):
+        nlp.update(examples, sgd=optimizer)
+    return nlp
+
+
+def load_aro(repo: Path, nlp, seed: int):
+    """ARO's dataset_zoo with the two stubs above; returns ``build(root, draw_seed)``: the options of ARO's
+    COCO_Order on ``root`` with its draws from a generator seeded by ``draw_seed``."""
+    if not (repo / "dataset_zoo" / "perturbations.py").is_file():
+        sys.exit(f"error: {repo} is not a checkout of ARO's code (no dataset_zoo/perturbations.py); pass --aro_repo")
+    import spacy
+
+    spacy.load = lambda *a, **k: nlp  # stub: ARO loads en_core_web_sm by name
+    sys.path.insert(0, str(repo))
+    import dataset_zoo.perturbations as P
+    from dataset_zoo.aro_datasets import COCO_Order
+
+    g = [np.random.default_rng(seed)]
+
+    def permutation(x):
+        x = np.asarray(x)
+        return x[g[0].permutation(len(x))]
+
+    def shuffle(lst):
+        lst[:] = [lst[j] for j in g[0].permutation(len(lst))]
+
+    def build(root: Path, draw_seed: int) -> list[list[str]]:
+        g[0] = np.random.default_rng(draw_seed)
+        return [tc["caption_options"] for tc in COCO_Order(root_dir=str(root), split="test").test_cases]
+
+    P.np.random.permutation = permutation  # stub: ARO's unseeded draws from villa's generator
+    P.random.shuffle = shuffle
+    return build
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--aro_repo", type=Path, required=True, help="a checkout of mertyg/vision-language-models-are-bows")
+    p.add_argument("--spacy_model", default="en_core_web_sm", help="the spaCy pipeline both sides tag with")
+    p.add_argument("--stand_in_tagger", action="store_true",
+                   help="tag with a spaCy tagger trained here on HAND_TAGGED instead of --spacy_model")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the comparison here")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    nlp = stand_in_tagger() if a.stand_in_tagger else load_spacy(a.spacy_model)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "val2014").mkdir()
+        anns = []
+        for i in range(0, len(CAPTIONS), 5):  # five captions per image, as COCO's
+            name = f"val2014/COCO_val2014_{i:012d}.jpg"
+            (root / name).write_bytes(b"")  # villa checks the image exists; neither side opens it here
+            anns.append({"image": name, "caption": CAPTIONS[i : i + 5], "image_id": i})
+        (root / "coco_karpathy_test.json").write_text(json.dumps(anns))
+        build = load_aro(a.aro_repo.resolve(), nlp, a.seed)
+        theirs = build(root, a.seed)
+        control = build(root, a.seed + 1)  # other draws on ARO's side: the comparison must see them
+        ours = [it["options"] for it in load_order(root, "coco_order", seed=a.seed, nlp=nlp)]
+    differ = [(i, k) for i in range(len(ours)) for k in range(5) if ours[i][k] != theirs[i][k]]
+    control_differ = sum(ours[i][k] != control[i][k] for i in range(len(ours)) for k in range(5))
+    moved = sum(o != opts[0] for opts in ours for o in opts[1:])
+    res = {
+        "command": "python fidelity/aro_order.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "aro_repo_head": _head(a.aro_repo),
+        "spacy_model": "stand-in tagger trained on HAND_TAGGED" if a.stand_in_tagger else a.spacy_model,
+        "seed": a.seed, "nltk_version": _version("nltk"), "spacy_version": _version("spacy"),
+        "captions": len(ours), "options": 5 * len(ours), "same_number_of_items": len(ours) == len(theirs),
+        "options_differing": len(differ), "first_differences": [
+            {"caption": i, "option": k, "villa": ours[i][k], "aro": theirs[i][k]} for i, k in differ[:5]],
+        "perturbations_that_changed_the_caption": moved, "perturbations": 4 * len(ours),
+        "control_options_differing": control_differ, "control": "ARO's side drawing from seed + 1",
+        "example": {"villa": ours[0], "aro": theirs[0]},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    print(json.dumps({k: v for k, v in res.items() if k != "example"}, indent=1))
+    if a.json:
+        write_json_atomic(a.json, res)
+    return res
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)
+
+
+def _head(repo: Path) -> str:
+    import subprocess
+
+    r = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+if __name__ == "__main__":
+    main()
