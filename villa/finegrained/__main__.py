@@ -32,17 +32,6 @@ from villa.runtime import get_runtime
 from villa.schemas import validate_config
 
 log = logging.getLogger("villa.finegrained")
-BENCHMARKS = (
-    "winoground",
-    "valse",
-    "vsr",
-    "svo_probes",
-    "sugarcrepe",
-    "aro",
-    "coco_order",
-    "flickr30k_order",
-    "docmnist",
-)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
