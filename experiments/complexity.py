@@ -394,7 +394,14 @@ def main(argv=None) -> dict[str, Any]:
         path = out / "runs.partial.json"
         if not path.is_file():
             raise VillaError(f"{path} not found: --from_partial needs the runs an interrupted sweep in --out wrote")
-        done = json.loads(path.read_text())
+        partial, want = json.loads(path.read_text()), partial_key(settings)
+        got = partial.get("settings") if isinstance(partial, dict) else None
+        if got != want:
+            why = ("it records no settings (written by an older villa)" if not isinstance(got, dict) else
+                   "settings differ: " + ", ".join(sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))))  # fmt: skip
+            raise VillaError(f"{path} was not written by this sweep ({why}); pass the interrupted sweep's own "
+                             "command with --from_partial")  # fmt: skip
+        done = partial["runs"]
         finished = [s for s in seeds if {r["target"] for r in done if r["seed"] == s} == set(a.targets)]
         if not finished:
             raise VillaError(f"{path}: no seed finished every target of --targets; nothing to summarise")
@@ -414,7 +421,7 @@ def main(argv=None) -> dict[str, Any]:
                                eval_data=eval_data, methods=tuple(a.methods), zero_shot=zero_shot is None)  # fmt: skip
             zero_shot = zero_shot or res["retrieval"]["zero-shot"]
             runs.append(run_row(res, t, seed, groups, zero_shot, methods))
-            write_json_atomic(out / "runs.partial.json", runs)
+            write_partial(out, settings, runs)
     summary = summarize(runs, groups, methods)
     results = {
         "command": _command(argv), "methods": methods,
@@ -430,6 +437,18 @@ def main(argv=None) -> dict[str, Any]:
     if not a.from_partial:
         (out / "runs.partial.json").unlink(missing_ok=True)
     return write_outputs(results, out)
+
+
+def partial_key(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that make a sweep's runs what they are (not how it reports), as JSON stores them."""
+    return json.loads(
+        json.dumps({k: v for k, v in settings.items() if k not in ("from_partial", "quiet")}, default=str)
+    )
+
+
+def write_partial(out: Path, settings: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """The finished runs so far, with the settings that made them (``--from_partial`` checks they are its own)."""
+    write_json_atomic(out / "runs.partial.json", {"settings": partial_key(settings), "runs": runs})
 
 
 def _command(argv) -> str:
@@ -489,11 +508,9 @@ def add_methods(
         run.setdefault("mapping_f1_rerun", {})[",".join(new)] = row["mapping_f1"]
         if "grain_boxes" in row:
             run["grain_boxes"] = row["grain_boxes"]
-        write_json_atomic(out / "runs.partial.json", results["runs"])
+        write_partial(out, {**st, "add_methods": new}, results["runs"])
     results["methods"] = methods
-    results["summary"] = (
-        summarize(results["runs"], groups, methods) | {} if False else summarize(results["runs"], groups, methods)
-    )
+    results["summary"] = summarize(results["runs"], groups, methods)
     if "binding" in results:
         add_binding(results, work, device, results["binding"].get("images"), only=new)
     results.setdefault("added", {})[",".join(new)] = {"command": _command(argv),

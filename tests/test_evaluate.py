@@ -145,11 +145,11 @@ def test_demo_twice_gives_the_same_numbers(demo_run, tiny_pretrained, tmp_path):
     assert (demo_run[0] / "demo" / "table.md").read_text() == (tmp_path / "again" / "table.md").read_text()
 
 
-def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
+def test_complexity_experiment_tiny(tiny_pretrained, tmp_path, capsys):
     """Seeds x targets x the methods on one fixed held-out set; the summary is the mean/std of the runs; the table
     written equals the one computed from results.json; the targets are computed from the summary. GRAIN is added to
     the finished sweep afterwards (--add_methods), as the committed sweep's was."""
-    from experiments.complexity import METHODS, format_tables, main
+    from experiments.complexity import METHODS, format_tables, main, write_partial
 
     sweep = ["--targets", "4", "8", "--seeds", "2", "--out", str(tmp_path), "--pretrained", str(tiny_pretrained),
              "--budget", "600", "--val_budget", "300", "--eval_test_budget", "300", "--min_eval_regions", "50",
@@ -192,7 +192,12 @@ def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
     assert set(one["held_out"]["overlap"].values()) == {0} and one["held_out"]["test_pool"]["split"] == "test"
     # an interrupted sweep (seed 24 stopped after its first target): --from_partial summarises seed 23 alone
     done = [r for r in first["runs"] if r["seed"] == 23] + [first["runs"][2]]
-    (tmp_path / "runs.partial.json").write_text(json.dumps(done))
+    write_partial(tmp_path, {**first["settings"], "stage2_epochs": 2}, done)  # another sweep's runs are refused
+    with pytest.raises(SystemExit) as stop:
+        main([*sweep, "--methods", "baseline", "villa", "oracle", "--from_partial"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and "not written by this sweep (settings differ: stage2_epochs)" in err[-1]
+    write_partial(tmp_path, first["settings"], done)
     part = main([*sweep, "--methods", "baseline", "villa", "oracle", "--from_partial"])
     assert part["settings"]["seeds"] == [23] and part["settings"]["partial"]["runs_finished"] == 3
     assert [r["seed"] for r in part["runs"]] == [23, 23] and "binding" not in part["summary"][0]

@@ -427,6 +427,10 @@ def test_flickr30k_order_reads_its_layout(tmp_path, tiny_tagger, monkeypatch):
          "outside"),
         (lambda d: (d / "val2014" / "COCO_val2014_000000000002.jpg").unlink(), [], "COCO_val2014_000000000002.jpg (item 1) not found"),
         (lambda d: None, ["split=train"], "split=train is not one of test, val"),
+        (lambda d: (d / "coco_karpathy_test.json").write_text('[{"image": 3, "caption": ["a"]}]'), [],
+         "item 0 lacks an image path or a caption"),
+        (lambda d: (d / "coco_karpathy_test.json").write_text('[{"image": "val2014/COCO_val2014_000000000001.jpg", '
+                                                                '"caption": []}]'), [], "holds no captions"),
     ],
 )  # fmt: skip
 def test_coco_order_bad_input_is_one_line(tmp_path, tiny_ckpt, tiny_tagger, corrupt, overrides, match):

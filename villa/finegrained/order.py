@@ -156,8 +156,8 @@ def load_order(
     root = data_dir.resolve()
     rows: list[tuple[Path, str]] = []
     for i, ann in enumerate(raw):
-        if not isinstance(ann, dict) or "image" not in ann or "caption" not in ann:
-            raise VillaError(f"{name}: {path} item {i} lacks image or caption; re-download it")
+        if not isinstance(ann, dict) or not isinstance(ann.get("image"), str) or "caption" not in ann:
+            raise VillaError(f"{name}: {path} item {i} lacks an image path or a caption; re-download it")
         img = (data_dir / ann["image"]).resolve()
         if root not in img.parents:
             raise VillaError(f"{name}: {path} item {i} names {ann['image']!r}, outside {data_dir}; re-download it")
@@ -165,6 +165,8 @@ def load_order(
             raise VillaError(f"{name}: image {ann['image']} (item {i}) not found under {data_dir}; {where}")
         caps = ann["caption"] if isinstance(ann["caption"], list) else [ann["caption"]]
         rows.extend((img, str(c)) for c in caps)
+    if not rows:
+        raise VillaError(f"{name}: {path} holds no captions; re-download it")
     nlp = nlp if nlp is not None else load_spacy(spacy_model)
     word_tokenize = word_tokenize if word_tokenize is not None else load_word_tokenize()
     options = perturb_captions([c for _, c in rows], nlp, word_tokenize, seed, max_words)
