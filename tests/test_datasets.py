@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.feather as feather
 import pytest
 from conftest import compose_config
@@ -143,6 +144,59 @@ def test_generic_reports_every_problem_at_once(tmp_path, capsys):
     (root / "c.jsonl").write_text("\n".join(rows) + "\n")
     with pytest.raises(VillaError, match=r"3 images cannot be read: .*m0.png missing"):
         import_generic(root, root / "c.jsonl", vocab_from_dict(SHAPES), RegionSpec("grid"))
+
+
+def test_an_image_in_two_splits_is_refused_at_import_and_at_every_read(tmp_path, capsys):
+    root = tmp_path / "mine"
+    for i in range(3):
+        draw(root / f"p{i}.png", shapes=[("square", "orange", (2, 2, 20, 20))])
+    recs = [{"image": "p0.png", "caption": "an orange square", "split": "train"},
+            {"image": "p1.png", "caption": "a cyan disc", "split": "train"},
+            {"image": "./p0.png", "caption": "a square", "split": "test"},  # the same file, spelled otherwise
+            {"image": "p2.png", "caption": "a disc", "split": "test"}]  # fmt: skip
+    (root / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "v.yaml").write_text(json.dumps(SHAPES))
+    argv = ["--root", str(root), "--captions", str(root / "c.jsonl"), "--dataset_config", str(tmp_path / "v.yaml"),
+            "--out_dir", str(tmp_path / "ds"), "--quiet"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        generic_main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0
+    assert "1 images are listed under more than one split: 'p0.png' (train, test)" in err
+    assert not (tmp_path / "ds").exists()  # nothing written
+    # a dataset written by hand (or by an older villa) with the leak is refused wherever its splits are read
+    vocab = vocab_from_dict(SHAPES)
+    recs[2]["image"] = "p3.png"
+    draw(root / "p3.png")
+    (root / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = import_generic(root, root / "c.jsonl", vocab, RegionSpec("grid"), tmp_path / "ds", progress=False)
+    t = feather.read_table(out / "annotations.feather")
+    paths = t.column("image_filepath").to_pylist()
+    paths[2] = paths[0]
+    feather.write_feather(t.set_column(1, "image_filepath", pa.array(paths)), out / "annotations.feather")
+    with pytest.raises(VillaError, match=r"1 images are listed under more than one split, e.g. 'source/p0.png' "
+                                         r"\(train, test\)"):  # fmt: skip
+        load_annotations(out, vocab, required_splits=())
+
+
+def test_rows_of_one_image_in_one_split_are_joined_or_kept_apart(tmp_path):
+    root = tmp_path / "mine"
+    draw(root / "a.png", shapes=[("square", "orange", (2, 2, 20, 20)), ("disc", "cyan", (26, 26, 44, 44))])
+    draw(root / "b.png")
+    recs = [{"image": "a.png", "caption": "An orange square.", "id": 7, "boxes": [[2, 2, 20, 20]]},
+            {"image": "b.png", "caption": "a disc", "id": 8, "boxes": [[0, 0, 10, 10]]},
+            {"image": "a.png", "caption": "A cyan disc", "id": 9, "boxes": [[2, 2, 20, 20], [26, 26, 44, 44]]}]  # fmt: skip
+    (root / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    vocab = vocab_from_dict(SHAPES)
+    out = import_generic(root, root / "c.jsonl", vocab, RegionSpec("given"), tmp_path / "j", progress=False)
+    ann = load_annotations(out, vocab, required_splits=())
+    assert ann.image_id.tolist() == [7, 8] and ann.text[0] == "An orange square . A cyan disc"
+    assert ann.boxes[: ann.n_regions[0]].tolist() == [[2, 2, 20, 20], [26, 26, 44, 44]]  # the repeated box once
+    assert sorted(ann.table.column("attributes").to_pylist()[0]) == ["cyan", "disc", "orange", "square"]
+    assert json.loads((out / "import_report.json").read_text())["rows_joined"] == 1
+    apart = import_generic(root, root / "c.jsonl", vocab, RegionSpec("given"), tmp_path / "s", progress=False,
+                           same_image="separate")  # fmt: skip
+    assert load_annotations(apart, vocab, required_splits=()).image_id.tolist() == [7, 8, 9]
 
 
 def test_texts_without_attributes_error_drop_keep(tmp_path):

@@ -7,6 +7,7 @@ plus offsets (regions of image i are rows ``region_offsets[i]:region_offsets[i+1
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
@@ -227,6 +228,12 @@ def load_annotations(
             f"{path}: image {ids[i]!r} has image_filepath {filepath[i]!r}, which leaves the dataset folder "
             f"({len(outside_paths)} such rows); image paths must be relative to {root}, without '..'"
         )
+    conflicts = split_conflicts(filepath, split)
+    if conflicts:
+        raise VillaError(
+            f"{path}: {len(conflicts)} images are listed under more than one split, e.g. {conflicts[0]}: an image in "
+            "train and test would be evaluated on what trained; give each image one split (import the data again)"
+        )
     if check_images:
         check_image_files(root, filepath, ids)
     text = table.column("text").to_pylist()
@@ -261,6 +268,21 @@ def _null_ids(a: np.ndarray) -> np.ndarray:
     if a.dtype.kind == "f":
         return ~np.isfinite(a)
     return np.array([v is None or (isinstance(v, float) and v != v) for v in a.tolist()], dtype=bool)
+
+
+def image_key(path: str) -> str:
+    """One image file, however its relative path is spelled (``a/./b.png`` and ``a/b.png`` are one file)."""
+    return os.path.normpath(str(path))
+
+
+def split_conflicts(paths: Sequence[str], split: np.ndarray) -> list[str]:
+    """Images listed under more than one split, each as ``'path' (train, test)``: such an image would be evaluated
+    on what trained."""
+    seen: dict[str, set[str]] = {}
+    for p, s in zip(paths, split):
+        seen.setdefault(image_key(p), set()).add(str(s))
+    order = {"train": 0, "val": 1, "test": 2}
+    return [f"{p!r} ({', '.join(sorted(s, key=lambda x: order.get(x, 3)))})" for p, s in seen.items() if len(s) > 1]
 
 
 def path_inside(rel: str) -> bool:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from villa.attributes import extract_attributes, format_report
 from villa.data import gather_index
-from villa.data_format import path_inside
+from villa.data_format import image_key, path_inside, split_conflicts
 from villa.errors import VillaError
 from villa.paths import atomic_file, write_json_atomic
 from villa.region_sources import REGIONS_META, RegionSpec, make_regions, with_whole_image
@@ -33,6 +33,7 @@ from villa.vocab import SENTENCE_SEP, Vocabulary
 log = logging.getLogger(__name__)
 
 NO_ATTRIBUTE = ("error", "drop", "keep")
+SAME_IMAGE = ("join", "separate")
 IMPORT_META = "villa_import"
 MAX_LISTED = 5  # problems named in one message (the count says how many there are)
 
@@ -127,6 +128,73 @@ class ImportedRows:
     attributes: Optional[list[list[str]]] = None  # (I,) when the layout labels them (else from the text)
 
 
+def one_row_per_image(
+    rows: ImportedRows, split: np.ndarray, how: str = "join", source: str = "generic"
+) -> tuple[ImportedRows, np.ndarray, int]:
+    """Refuse an image listed under two splits; join (``how="join"``) the rows of one image in one split.
+
+    Joined rows keep the first row's id; their texts are joined as sentences (:func:`join_texts`), their attribute
+    lists united, and their boxes (and box labels) put together, a box given twice kept once. Returns the rows,
+    their splits and how many rows were joined into others."""
+    conflicts = split_conflicts(rows.filepath, split)
+    if conflicts:
+        raise problems_error(
+            "images are listed under more than one split",
+            conflicts,
+            f"give each image one split in the {source} data (an image in train and test would be evaluated on what "
+            "trained)",
+        )
+    keys = [image_key(p) for p in rows.filepath]
+    first: dict[str, int] = {}
+    members: list[list[int]] = []
+    for i, k in enumerate(keys):
+        if k in first:
+            members[first[k]].append(i)
+        else:
+            first[k] = len(members)
+            members.append([i])
+    merged = len(keys) - len(members)
+    if not merged or how == "separate":
+        return rows, split, 0 if how == "separate" else merged
+    lead = np.array([m[0] for m in members])
+    out = ImportedRows(
+        image_id=np.asarray(rows.image_id)[lead],
+        filepath=[rows.filepath[i] for i in lead],
+        text=[join_texts([rows.text[i] for i in m]) if len(m) > 1 else rows.text[m[0]] for m in members],
+        split=None if rows.split is None else np.asarray(rows.split)[lead],
+        group=None if rows.group is None else [rows.group[i] for i in lead],
+        image_size=None if rows.image_size is None else rows.image_size[lead],
+    )
+    if rows.attributes is not None:
+        out.attributes = [sorted({a for i in m for a in rows.attributes[i]}) for m in members]
+    if rows.box_offsets is not None:
+        _join_boxes(rows, members, out)
+    log.info("%d rows name an image already listed in the same split: joined into one row each", merged)
+    return out, split[lead], merged
+
+
+def _join_boxes(rows: ImportedRows, members: list[list[int]], out: ImportedRows) -> None:
+    """Each joined image's boxes: every row's boxes in order, a box given twice kept once (labels united)."""
+    off, boxes, labels = rows.box_offsets, rows.boxes, rows.box_labels
+    new_boxes, new_labels, counts = [], [], []
+    for m in members:
+        index: dict[tuple, int] = {}
+        for i in m:
+            for r in range(off[i], off[i + 1]):
+                key = tuple(np.asarray(boxes[r], np.float64).tolist())
+                if key not in index:
+                    index[key] = len(new_boxes)
+                    new_boxes.append(boxes[r])
+                    new_labels.append(list(labels[r]) if labels is not None else [])
+                elif labels is not None:
+                    got = new_labels[index[key]]
+                    got.extend(a for a in labels[r] if a not in got)
+        counts.append(len(index))
+    out.box_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    out.boxes = np.asarray(new_boxes, np.float32).reshape(-1, 4)
+    out.box_labels = new_labels if labels is not None else None
+
+
 def write_dataset(
     rows: ImportedRows,
     root: Path,
@@ -139,14 +207,20 @@ def write_dataset(
     source: str = "generic",
     progress: bool = True,
     label_iou: float = 0.5,
+    same_image: str = "join",
 ) -> Path:
     """Finish an import: image sizes, splits, attributes, regions; write ``annotations.feather`` atomically.
 
-    ``root``: the folder the image paths are relative to. ``out_dir``: the dataset folder to write (default
+    ``same_image``: several rows naming one image file in one split are joined into one (``join``: their texts
+    joined, boxes and labels together) or imported as separate images (``separate``); rows of one image in
+    different splits are refused either way (:func:`one_row_per_image`). ``root``: the folder the image paths are
+    relative to. ``out_dir``: the dataset folder to write (default
     ``root``); when it differs, it gets a link ``source`` to ``root`` and the paths are prefixed with it.
     Returns the dataset folder."""
     if no_attribute not in NO_ATTRIBUTE:
         raise VillaError(f"no_attribute={no_attribute!r}: use drop, keep or error")
+    if same_image not in SAME_IMAGE:
+        raise VillaError(f"same_image={same_image!r}: use {' or '.join(SAME_IMAGE)}")
     regions.check()
     root = Path(root)
     out = Path(out_dir) if out_dir else root
@@ -154,12 +228,19 @@ def write_dataset(
     if n == 0:
         raise VillaError(f"nothing to import from {root}: no images")
     check_inside(rows.filepath, source)
-    if len(np.unique(rows.image_id)) != n:
-        ids, c = np.unique(rows.image_id, return_counts=True)
-        raise problems_error("image ids are repeated", [repr(i) for i in ids[c > 1]], "give each image one row")
-    empty_text = [repr(rows.image_id[i]) for i, t in enumerate(rows.text) if not (t or "").strip()]
+    empty_text = [repr(np.asarray(rows.image_id)[i].item()) for i, t in enumerate(rows.text) if not (t or "").strip()]
     if empty_text and rows.attributes is None:
         raise problems_error("images have an empty text", empty_text, "give each image its caption or drop the rows")
+    # splits, then one row per image: an image in two splits is refused, its captions in one split are joined
+    if rows.split is not None:
+        split = np.asarray(rows.split)
+    else:
+        split = assign_splits(rows.group if rows.group is not None else rows.filepath, split_fractions, seed)
+    rows, split, merged = one_row_per_image(rows, split, same_image, source)
+    n = len(rows.image_id)
+    ids, c = np.unique(np.asarray(rows.image_id), return_counts=True)
+    if (c > 1).any():
+        raise problems_error("image ids are repeated", [repr(i) for i in ids[c > 1].tolist()], "give each image one id")
     sizes = rows.image_size if rows.image_size is not None else image_sizes(root, rows.filepath)
     # attributes: labelled by the layout, or extracted from the text (the coverage report either way)
     extraction = extract_attributes(rows.text, vocab)
@@ -179,11 +260,6 @@ def write_dataset(
             print(f"dropped {len(none)} images whose text mentions no attribute (--no_attribute drop)")
         else:
             print(f"kept {len(none)} images whose text mentions no attribute (--no_attribute keep)")
-    # splits
-    if rows.split is not None:
-        split = np.asarray(rows.split)
-    else:
-        split = assign_splits(rows.group if rows.group is not None else rows.filepath, split_fractions, seed)
     # regions
     given = None
     if rows.box_offsets is not None:
@@ -268,6 +344,7 @@ def write_dataset(
     with atomic_file(out / "annotations.feather") as tmp:
         feather.write_feather(table, str(tmp), compression="zstd")
     report = {"source": source, "images": int(len(sel)), "regions": int(len(reg_idx)), "regions_from": record,
+              "rows_joined": merged,
               "splits": {s: int((split[sel] == s).sum()) for s in ("train", "val", "test")},
               "attributes": extraction.report}  # fmt: skip
     write_json_atomic(out / "import_report.json", report)
@@ -303,6 +380,8 @@ def add_common_args(p: argparse.ArgumentParser, default_regions: str = "given") 
     g.add_argument("--split_fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1],
                    help="train val test fractions when the data names no split")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="seed of the hash that assigns splits")
+    g.add_argument("--same_image", default="join", choices=SAME_IMAGE,
+                   help="rows naming one image in one split: join (one image, texts joined) or separate")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     r = p.add_argument_group("regions")
     r.add_argument("--regions", default=default_regions, choices=("given", "grid", "proposals", "masks"),
@@ -335,7 +414,7 @@ def parse_importer_args(
     add_common_args(p, default_regions)
     a = p.parse_args(argv)
     kw = {"no_attribute": a.no_attribute, "split_fractions": a.split_fractions, "seed": a.seed, "progress": not a.quiet,
-          "label_iou": a.label_iou}  # fmt: skip
+          "label_iou": a.label_iou, "same_image": a.same_image}  # fmt: skip
     return a, load_dataset_vocab(a.dataset_config, default_vocab), region_spec(a), kw
 
 
