@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.py constraints.txt
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m villa.demo
+	$(PY) -m experiments.demo
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -12,7 +12,7 @@ setup(
     # The Hydra configs live at the top level (configs/) as users of the original expect; they are shipped
     # inside the package as villa/configs so that a non-editable install finds them too.
     package_dir={"villa.configs": "configs"},
-    package_data={"villa": ["model_configs/*.json", "assets/*.pt"], "villa.configs": ["*.yaml", "**/*.yaml"]},
+    package_data={"villa": ["models/configs/*.json", "assets/*.pt"], "villa.configs": ["*.yaml", "**/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

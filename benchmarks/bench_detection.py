@@ -24,13 +24,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docmnist.generate_docmnist import generate  # noqa: E402
-from villa.datasets.docmnist_coco import export_coco  # noqa: E402
-from villa.demo import ASSET  # noqa: E402
-from villa.detection import zero_shot_detection  # noqa: E402
-from villa.encoders import create_clip  # noqa: E402
-from villa.evaluate import region_options  # noqa: E402
-from villa.paths import write_json_atomic  # noqa: E402
-from villa.runtime import get_runtime  # noqa: E402
+from experiments.demo import ASSET  # noqa: E402
+from villa.core.io import write_json_atomic  # noqa: E402
+from villa.core.runtime import get_runtime  # noqa: E402
+from villa.data.importers.docmnist_coco import export_coco  # noqa: E402
+from villa.evaluate.detection import zero_shot_detection  # noqa: E402
+from villa.evaluate.retrieval import region_options  # noqa: E402
+from villa.models.clip import create_clip  # noqa: E402
 
 
 def random_proposals(gt: dict, per_image: int, seed: int = 0) -> list[dict]:

@@ -27,10 +27,10 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from villa.attributes import extract_attributes  # noqa: E402
-from villa.datasets.coco import import_coco  # noqa: E402
-from villa.region_sources import RegionSpec  # noqa: E402
-from villa.vocab import load_vocab  # noqa: E402
+from villa.data.attributes import extract_attributes  # noqa: E402
+from villa.data.importers.coco import import_coco  # noqa: E402
+from villa.data.regions import RegionSpec  # noqa: E402
+from villa.data.vocab import load_vocab  # noqa: E402
 
 SUBJECTS = [
     "a man",

@@ -48,7 +48,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from villa.errors import VillaError, exit_on_error  # noqa: E402
+from villa.core.errors import VillaError, exit_on_error  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHIM = Path(__file__).resolve().parent / "original_shim"
@@ -76,7 +76,7 @@ def setup(original: Path, work: Path, deps: Path) -> dict:
     """Copy the original, give it MNIST in torchvision's layout, install its extra packages, write the model."""
     import torch
 
-    from villa.encoders import clip_checkpoint_state
+    from villa.models.clip import clip_checkpoint_state
 
     if (
         not (original / "villa" / "stage1.py").is_file()
@@ -397,7 +397,7 @@ def main(argv=None) -> dict:
     }
     print(format_table(res))
     if a.json:
-        from villa.paths import write_json_atomic
+        from villa.core.io import write_json_atomic
 
         write_json_atomic(Path(a.json), res)
         print(f"wrote {a.json}")

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from docmnist.generate_docmnist import generate
-from villa.data_format import load_annotations
-from villa.encoders import RegionEncoder, create_clip
-from villa.regions import boxes_of, embed_regions, read_image
-from villa.runtime import get_runtime
-from villa.vocab import load_vocab
+from villa.core.runtime import get_runtime
+from villa.data.annotations import load_annotations
+from villa.data.images import boxes_of, read_image
+from villa.data.vocab import load_vocab
+from villa.models.clip import create_clip
+from villa.models.region_encoder import RegionEncoder
+from villa.preprocess import embed_regions
 
 
 def sync(rt):

@@ -25,11 +25,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docmnist.generate_docmnist import generate  # noqa: E402
-from villa.data_format import load_annotations  # noqa: E402
-from villa.detector import train_detector  # noqa: E402
-from villa.region_sources import RegionSpec, detector_proposals, grid_boxes, proposals_from_file, recall_at_iou  # noqa: E402
-from villa.regions import padded_pixels, size_buckets  # noqa: E402
-from villa.vocab import load_vocab  # noqa: E402
+from villa.data.annotations import load_annotations  # noqa: E402
+from villa.data.images import padded_pixels, size_buckets  # noqa: E402
+from villa.data.regions import RegionSpec, detector_proposals, grid_boxes, proposals_from_file, recall_at_iou  # noqa: E402
+from villa.data.vocab import load_vocab  # noqa: E402
+from villa.models.detector import train_detector  # noqa: E402
 
 
 def main() -> None:

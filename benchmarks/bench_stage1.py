@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from docmnist.generate_docmnist import generate
-from villa.data import RegionBank, image_batches
-from villa.data_format import load_annotations
-from villa.embeddings import open_embeddings
-from villa.losses import stage1_loss
-from villa.mapping import assign, assign_text, score_regions
-from villa.models import MultiHeadProjection, separate_heads
-from villa.runtime import get_runtime
-from villa.synthetic import write_synthetic_embeddings
-from villa.vocab import load_vocab
+from villa.core.runtime import get_runtime
+from villa.data.annotations import load_annotations
+from villa.data.batches import RegionBank, image_batches
+from villa.data.embeddings import open_embeddings
+from villa.data.synthetic import write_synthetic_embeddings
+from villa.data.vocab import load_vocab
+from villa.models.projection import MultiHeadProjection, separate_heads
+from villa.stage1.loss import stage1_loss
+from villa.stage1.mapping import assign, assign_text, score_regions
 
 
 def sync(rt):

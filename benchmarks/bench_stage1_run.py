@@ -26,14 +26,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docmnist.generate_docmnist import generate  # noqa: E402
-from villa.data import RegionBank, image_batches  # noqa: E402
-from villa.data_format import load_annotations  # noqa: E402
-from villa.embeddings import open_embeddings  # noqa: E402
-from villa.losses import stage1_loss  # noqa: E402
-from villa.models import MultiHeadProjection  # noqa: E402
-from villa.paths import write_json_atomic  # noqa: E402
-from villa.synthetic import write_synthetic_embeddings  # noqa: E402
-from villa.vocab import load_vocab  # noqa: E402
+from villa.core.io import write_json_atomic  # noqa: E402
+from villa.data.annotations import load_annotations  # noqa: E402
+from villa.data.batches import RegionBank, image_batches  # noqa: E402
+from villa.data.embeddings import open_embeddings  # noqa: E402
+from villa.data.synthetic import write_synthetic_embeddings  # noqa: E402
+from villa.data.vocab import load_vocab  # noqa: E402
+from villa.models.projection import MultiHeadProjection  # noqa: E402
+from villa.stage1.loss import stage1_loss  # noqa: E402
 
 TINY = torch.finfo(torch.float32).tiny
 

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from villa.encoders import RegionEncoder, create_clip
-from villa.losses import infonce
-from villa.runtime import get_runtime
-from villa.training import FiniteGuard, check_finite
+from villa.core.engine import FiniteGuard, check_finite
+from villa.core.runtime import get_runtime
+from villa.models.clip import create_clip
+from villa.models.region_encoder import RegionEncoder
+from villa.stage2.objectives.base import infonce
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 

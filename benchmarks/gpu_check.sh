@@ -37,7 +37,7 @@ steps = [  # (name, command, seconds allowed): 480 s in all
     ("stage1", "python benchmarks/bench_stage1.py --device cuda", 90),
     ("stage2", "python benchmarks/bench_stage2.py --model RN50 villa-tiny-rn --device cuda", 120),
     ("detection", f"python benchmarks/bench_detection.py --device cuda --json {out}/detection.json", 60),
-    ("demo", f"python -m villa.demo --device cuda --quiet --out {out}/demo", 90),
+    ("demo", f"python -m experiments.demo --device cuda --quiet --out {out}/demo", 90),
 ]
 dry = os.environ.get("DRY_RUN") == "1"
 report = {"gpu": (out / "gpu.txt").read_text().strip(), "dry_run": dry, "steps": []}

@@ -36,10 +36,11 @@ if __package__ in (None, ""):  # run as a script: python docmnist/generate_docmn
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docmnist.mnist import DigitPools, load_digit_pools  # noqa: E402
-from villa.errors import VillaError, exit_on_error  # noqa: E402
-from villa.log import setup_logging  # noqa: E402
-from villa.paths import atomic_dir, check_writable  # noqa: E402
-from villa.vocab import SENTENCE_SEP, Vocabulary, load_vocab  # noqa: E402
+from villa.core.env import data_root
+from villa.core.errors import VillaError, exit_on_error  # noqa: E402
+from villa.core.io import atomic_dir, check_writable  # noqa: E402
+from villa.core.log import setup_logging  # noqa: E402
+from villa.data.vocab import SENTENCE_SEP, Vocabulary, load_vocab  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +422,7 @@ def generate(
     ):
         if b < 1:
             raise VillaError(f"--{flag}={b}: must be >= 1 region-attribute pair")
-    root = Path(out_dir) if out_dir else Path(os.environ.get("VILLA_DATA_DIR") or "data")
+    root = Path(out_dir) if out_dir else data_root()
     check_disk_space(check_writable(root), attribute_budget + val_budget + test_budget, target_sample_complexity)
     t0 = time.perf_counter()
     vocab = vocab or load_vocab("docmnist")

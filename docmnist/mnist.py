@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from villa.errors import VillaError
+from villa.core.env import env
+from villa.core.errors import VillaError
 
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -108,8 +108,8 @@ def candidate_dirs(mnist_dir: Optional[str]) -> list[Path]:
     if mnist_dir:
         return [Path(mnist_dir)]
     out = []
-    if os.environ.get("VILLA_MNIST_DIR"):
-        out.append(Path(os.environ["VILLA_MNIST_DIR"]))
+    if env("VILLA_MNIST_DIR"):
+        out.append(Path(env("VILLA_MNIST_DIR")))
     out.append(Path("data") / "mnist")
     return out
 

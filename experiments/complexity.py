@@ -38,13 +38,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docmnist.generate_docmnist import generate  # noqa: E402
-from villa.demo import ASSET  # noqa: E402
-from villa.errors import VillaError, exit_on_error  # noqa: E402
-from villa.log import setup_logging  # noqa: E402
-from villa.paths import write_json_atomic, write_text_atomic  # noqa: E402
-from villa.pipeline import PipelineSettings, run_pipeline  # noqa: E402
-from villa.plots import complexity_lines  # noqa: E402
-from villa.vocab import load_vocab  # noqa: E402
+from experiments.demo import ASSET  # noqa: E402
+from experiments.pipeline import PipelineSettings, run_pipeline  # noqa: E402
+from experiments.plots import complexity_lines  # noqa: E402
+from villa.core.errors import VillaError, exit_on_error  # noqa: E402
+from villa.core.io import write_json_atomic, write_text_atomic  # noqa: E402
+from villa.core.log import setup_logging  # noqa: E402
+from villa.data.vocab import load_vocab  # noqa: E402
 
 TRAINED = ("baseline", "villa", "oracle", "grain")  # Stage 2 methods (villa.pipeline.METHODS)
 METHODS = ("zero-shot", "baseline", "villa", "oracle", "grain", "grain-queries")  # every reported model
@@ -253,10 +253,10 @@ def add_binding(
 ) -> None:
     """Score the DocMNIST binding benchmark (villa.finegrained) on the evaluation set for every run's models (or
     ``only`` those methods), and add it per run and to the summary (mean +- std over seeds)."""
-    from villa.encoders import create_clip
-    from villa.finegrained.docmnist_binding import build_benchmark, score_benchmark
-    from villa.finegrained.scorer import Scorer
-    from villa.runtime import get_runtime
+    from villa.core.runtime import get_runtime
+    from villa.evaluate.finegrained.docmnist_binding import build_benchmark, score_benchmark
+    from villa.evaluate.finegrained.scorer import Scorer
+    from villa.models.clip import create_clip
 
     t0 = time.perf_counter()
     bench = build_benchmark(Path(results["eval"]["data"]), seed=0, max_images=max_images)

@@ -39,11 +39,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.complexity import _cores, _ms, evaluation_set, pipeline_settings  # noqa: E402
-from villa.demo import ASSET  # noqa: E402
-from villa.errors import VillaError, exit_on_error  # noqa: E402
-from villa.log import setup_logging  # noqa: E402
-from villa.paths import config_dir, write_json_atomic, write_text_atomic  # noqa: E402
-from villa.pipeline import run_pipeline  # noqa: E402
+from experiments.demo import ASSET  # noqa: E402
+from experiments.pipeline import run_pipeline  # noqa: E402
+from villa.core.env import config_dir
+from villa.core.errors import VillaError, exit_on_error  # noqa: E402
+from villa.core.io import write_json_atomic, write_text_atomic  # noqa: E402
+from villa.core.log import setup_logging  # noqa: E402
 
 MODELS = ("zero-shot", "baseline", "villa")
 NAMES = {"zero-shot": "zero-shot", "baseline": "baseline", "villa": "ViLLA"}
@@ -59,7 +60,7 @@ def split_groups() -> dict[str, list[str]]:
 
 
 def digit_templates() -> list[str]:
-    from villa.vocab import load_vocab
+    from villa.data.vocab import load_vocab
 
     vocab = load_vocab("docmnist")
     return list(vocab.templates[vocab.groups.index("digit")])
@@ -68,8 +69,8 @@ def digit_templates() -> list[str]:
 def proposals_for(detector: Path, gt_path: Path, images: Path, top_k: int, out: Path) -> dict[str, Any]:
     """The detector's top-K RPN proposals for every ground-truth image, as a COCO results file, and their recall
     at IoU 0.5 of the base and the novel digits' boxes."""
-    from villa.detection import load_gt
-    from villa.region_sources import RegionSpec, detector_proposals, recall_at_iou
+    from villa.data.regions import RegionSpec, detector_proposals, recall_at_iou
+    from villa.evaluate.detection import load_gt
 
     gt = load_gt(gt_path)
     ids = sorted(gt.getImgIds())
@@ -96,10 +97,10 @@ def proposals_for(detector: Path, gt_path: Path, images: Path, top_k: int, out: 
 
 
 def detect_all(pretrained: str, gt_path: Path, images: Path, proposals: str, device: str) -> dict[str, Any]:
-    from villa.detection import zero_shot_detection
-    from villa.encoders import create_clip
-    from villa.evaluate import region_options
-    from villa.runtime import get_runtime
+    from villa.core.runtime import get_runtime
+    from villa.evaluate.detection import zero_shot_detection
+    from villa.evaluate.retrieval import region_options
+    from villa.models.clip import create_clip
 
     runtime = get_runtime(device)
     clip = create_clip("auto", pretrained, device=runtime.device)
@@ -196,8 +197,8 @@ def main(argv=None) -> dict[str, Any]:
     a = p.parse_args(argv)
     if a.seeds < 1 or not a.targets:
         raise VillaError("--seeds must be >= 1 and --targets non-empty")
-    from villa.datasets.docmnist_coco import export_coco
-    from villa.detector import train_detector
+    from villa.data.importers.docmnist_coco import export_coco
+    from villa.models.detector import train_detector
 
     t0 = time.perf_counter()
     out, work = Path(a.out), Path(a.work or a.out)

@@ -18,13 +18,13 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from villa.config import compose_config  # noqa: E402
-from villa.demo import ASSET  # noqa: E402
-from villa.errors import exit_on_error  # noqa: E402
-from villa.log import setup_logging  # noqa: E402
-from villa.paths import write_json_atomic  # noqa: E402
-from villa.pipeline import PipelineSettings, run_pipeline, stage2_overrides  # noqa: E402
-from villa.stage2 import train_stage2  # noqa: E402
+from experiments.demo import ASSET  # noqa: E402
+from experiments.pipeline import PipelineSettings, run_pipeline, stage2_overrides  # noqa: E402
+from villa.core.config import compose_config  # noqa: E402
+from villa.core.errors import exit_on_error  # noqa: E402
+from villa.core.io import write_json_atomic  # noqa: E402
+from villa.core.log import setup_logging  # noqa: E402
+from villa.stage2.train import train_stage2  # noqa: E402
 
 
 @exit_on_error

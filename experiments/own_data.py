@@ -24,24 +24,24 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docmnist.generate_docmnist import generate  # noqa: E402
-from villa.config import compose_config  # noqa: E402
-from villa.data_format import load_annotations  # noqa: E402
-from villa.datasets.docmnist_plain import export_plain  # noqa: E402
-from villa.datasets.generic import import_generic  # noqa: E402
-from villa.demo import ASSET  # noqa: E402
-from villa.detector import train_detector  # noqa: E402
-from villa.encoders import create_clip  # noqa: E402
-from villa.errors import exit_on_error  # noqa: E402
-from villa.evaluate import evaluate_model, region_options  # noqa: E402
-from villa.log import setup_logging  # noqa: E402
-from villa.paths import write_json_atomic, write_text_atomic  # noqa: E402
-from villa.pipeline import PipelineSettings, stage2_overrides  # noqa: E402
-from villa.region_sources import RegionSpec, attach_reference_labels  # noqa: E402
-from villa.regions import embed_dataset  # noqa: E402
-from villa.runtime import get_runtime  # noqa: E402
-from villa.stage1 import train_stage1  # noqa: E402
-from villa.stage2 import train_stage2  # noqa: E402
-from villa.vocab import load_vocab  # noqa: E402
+from experiments.demo import ASSET  # noqa: E402
+from experiments.pipeline import PipelineSettings, stage2_overrides  # noqa: E402
+from villa.core.config import compose_config  # noqa: E402
+from villa.core.errors import exit_on_error  # noqa: E402
+from villa.core.io import write_json_atomic, write_text_atomic  # noqa: E402
+from villa.core.log import setup_logging  # noqa: E402
+from villa.core.runtime import get_runtime  # noqa: E402
+from villa.data.annotations import load_annotations  # noqa: E402
+from villa.data.importers.docmnist_plain import export_plain  # noqa: E402
+from villa.data.importers.generic import import_generic  # noqa: E402
+from villa.data.regions import RegionSpec, attach_reference_labels  # noqa: E402
+from villa.data.vocab import load_vocab  # noqa: E402
+from villa.evaluate.retrieval import evaluate_model, region_options  # noqa: E402
+from villa.models.clip import create_clip  # noqa: E402
+from villa.models.detector import train_detector  # noqa: E402
+from villa.preprocess import embed_dataset  # noqa: E402
+from villa.stage1.train import train_stage1  # noqa: E402
+from villa.stage2.train import train_stage2  # noqa: E402
 
 VARIANTS = {
     "given": RegionSpec("given"),

@@ -35,8 +35,8 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from villa.finegrained.order import load_order, load_spacy  # noqa: E402
-from villa.paths import write_json_atomic  # noqa: E402
+from villa.core.io import write_json_atomic  # noqa: E402
+from villa.evaluate.finegrained.order import load_order, load_spacy  # noqa: E402
 
 # COCO-style captions written for this check: capitals, punctuation, apostrophes, numbers, two sentences, a caption
 # over ARO's 30-word limit, captions with no adjective or a single noun.

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from villa.grain import grain_losses, normalized_targets  # noqa: E402
-from villa.losses import infonce  # noqa: E402
-from villa.paths import write_json_atomic  # noqa: E402
+from villa.core.io import write_json_atomic  # noqa: E402
+from villa.models.grain_head import normalized_targets  # noqa: E402
+from villa.stage2.objectives.base import infonce  # noqa: E402
+from villa.stage2.objectives.grain import grain_losses
 
 
 def load_grain(repo: Path):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from villa.errors import exit_on_error
-from villa.log import setup_logging
+from villa.core.errors import exit_on_error
+from villa.core.log import setup_logging
 
 
 def build_parser(default_config: Optional[str] = None) -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def build_parser(default_config: Optional[str] = None) -> argparse.ArgumentParse
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = None):
-    from villa.regions import embed_dataset
+    from villa.preprocess import embed_dataset
 
     setup_logging()
     a = build_parser(default_config).parse_args(argv)

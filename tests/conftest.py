@@ -72,9 +72,9 @@ def tiny_docmnist(tmp_path_factory, mnist) -> Path:
 def synthetic_stage1(tmp_path_factory, mnist):
     """A small DocMNIST with encoder-free embeddings that carry each region's attributes (villa.synthetic)."""
     from docmnist.generate_docmnist import generate
-    from villa.data_format import load_annotations
-    from villa.synthetic import write_synthetic_embeddings
-    from villa.vocab import load_vocab
+    from villa.data.annotations import load_annotations
+    from villa.data.synthetic import write_synthetic_embeddings
+    from villa.data.vocab import load_vocab
 
     out = tmp_path_factory.mktemp("synth")
     data = generate(
@@ -89,10 +89,10 @@ def synthetic_stage1(tmp_path_factory, mnist):
 @pytest.fixture(scope="session")
 def tiny_mapping(tiny_docmnist, tmp_path_factory):
     """Stage 1 on the tiny DocMNIST with synthetic embeddings: a real mapping.feather."""
-    from villa.data_format import load_annotations
-    from villa.stage1 import train_stage1
-    from villa.synthetic import write_synthetic_embeddings
-    from villa.vocab import load_vocab
+    from villa.data.annotations import load_annotations
+    from villa.data.synthetic import write_synthetic_embeddings
+    from villa.data.vocab import load_vocab
+    from villa.stage1.train import train_stage1
 
     tmp = tmp_path_factory.mktemp("map")
     vocab = load_vocab("docmnist")
@@ -118,6 +118,6 @@ def mnist_test_files_only(mnist: str, dest: Path) -> Path:
 
 def compose_config(name: str, overrides: list[str]):
     """The real Hydra config with test overrides (lightning-hydra-template style)."""
-    from villa.config import compose_config as compose
+    from villa.core.config import compose_config as compose
 
     return compose(name, overrides)

@@ -34,8 +34,8 @@ def test_import_villa_is_light():
 
 def test_encode_regions_matches_the_region_path_and_checks_boxes():
     import villa
-    from villa.encoders import RegionEncoder
-    from villa.errors import VillaError
+    from villa.core.errors import VillaError
+    from villa.models.region_encoder import RegionEncoder
 
     torch.manual_seed(0)
     model = villa.load("none", model="villa-tiny-rn")
@@ -60,8 +60,8 @@ def test_open_clip_export_loads_in_open_clip_alone_and_round_trips(tmp_path):
     """python -m villa.export --format open_clip: open_clip (no villa import) gives the same image and text
     embeddings as villa's model; villa.load(folder) gives back the region path with its options."""
     import villa
-    from villa.demo import ASSET
-    from villa.errors import VillaError
+    from experiments.demo import ASSET
+    from villa.core.errors import VillaError
     from villa.export import export_open_clip
     from villa.export import main as export_main
 

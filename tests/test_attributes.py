@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from villa.attributes import AttributeMatcher, extract_attributes, format_report
-from villa.data_format import load_annotations
-from villa.errors import VillaError
-from villa.mapping import assign_text
-from villa.vocab import load_vocab, vocab_from_dict
+from villa.core.errors import VillaError
+from villa.data.annotations import load_annotations
+from villa.data.attributes import AttributeMatcher, extract_attributes, format_report
+from villa.data.vocab import load_vocab, vocab_from_dict
+from villa.stage1.mapping import assign_text
 
 CXR = {
     "name": "cxr",

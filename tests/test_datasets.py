@@ -15,16 +15,16 @@ import pytest
 from conftest import compose_config
 from PIL import Image
 
-from villa.data_format import load_annotations
-from villa.datasets.coco import import_coco
-from villa.datasets.common import assign_splits
-from villa.datasets.deepfashion import import_deepfashion
-from villa.datasets.generic import import_generic
-from villa.datasets.generic import main as generic_main
-from villa.datasets.mimic_cxr import import_mimic, report_sections
-from villa.errors import VillaError
-from villa.region_sources import REGIONS_META, RegionSpec, regions_record
-from villa.vocab import load_vocab, vocab_from_dict
+from villa.core.errors import VillaError
+from villa.data.annotations import load_annotations
+from villa.data.importers.coco import import_coco
+from villa.data.importers.common import assign_splits
+from villa.data.importers.deepfashion import import_deepfashion
+from villa.data.importers.generic import import_generic
+from villa.data.importers.generic import main as generic_main
+from villa.data.importers.mimic_cxr import import_mimic, report_sections
+from villa.data.regions import REGIONS_META, RegionSpec, regions_record
+from villa.data.vocab import load_vocab, vocab_from_dict
 
 SHAPES = {"name": "shapes", "plurals": True, "negation": "default",
           "groups": [{"name": "form", "attributes": ["square", "disc"], "aliases": {"disc": ["circle", "round spot"]},
@@ -407,10 +407,10 @@ def test_mimic_import(tmp_path):
 
 
 def _pipeline(data: Path, dataset_config: str, tmp: Path) -> dict:
-    from villa.evaluate import run_evaluation
-    from villa.regions import embed_dataset
-    from villa.stage1 import train_stage1
-    from villa.stage2 import train_stage2
+    from villa.evaluate.retrieval import run_evaluation
+    from villa.preprocess import embed_dataset
+    from villa.stage1.train import train_stage1
+    from villa.stage2.train import train_stage2
 
     emb = embed_dataset(data, dataset_config, model="villa-tiny-rn", pretrained="none", device="cpu", num_workers=0,
                         progress=False, batch_size=8)  # fmt: skip

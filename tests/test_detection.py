@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from villa.detection import category_groups, coco_ap, detect, load_gt, zero_shot_detection
-from villa.errors import VillaError
+from villa.core.errors import VillaError
+from villa.evaluate.detection import category_groups, coco_ap, detect, load_gt, zero_shot_detection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,8 +79,8 @@ def test_detect_nms_and_top_k():
 
 def test_zero_shot_detection_end_to_end(tmp_path):
     gt_path = write_gt(tmp_path)
-    from villa.encoders import create_clip
-    from villa.runtime import get_runtime, seed_everything
+    from villa.core.runtime import get_runtime, seed_everything
+    from villa.models.clip import create_clip
 
     seed_everything(0)
     clip = create_clip("villa-tiny-rn", "none", device="cpu")
@@ -141,9 +141,9 @@ def test_cli_bad_ground_truth_is_one_line(tmp_path):
 
 
 def test_classification_accuracy_by_hand_and_end_to_end(tmp_path):
-    from villa.classification import accuracy, zero_shot_classification
-    from villa.encoders import create_clip
-    from villa.runtime import get_runtime, seed_everything
+    from villa.core.runtime import get_runtime, seed_everything
+    from villa.evaluate.classification import accuracy, zero_shot_classification
+    from villa.models.clip import create_clip
 
     sim = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
     res = accuracy(sim, np.array([0, 1, 1, 1]), 2)
@@ -168,7 +168,7 @@ def test_classification_accuracy_by_hand_and_end_to_end(tmp_path):
 def test_docmnist_as_coco_ground_truth(tiny_docmnist, tmp_path):
     """DocMNIST's test split exported as a COCO ground truth (a digit per region) loads in pycocotools and its own
     boxes as detections score AP50 = 100 there."""
-    from villa.datasets.docmnist_coco import export_coco
+    from villa.data.importers.docmnist_coco import export_coco
 
     out = export_coco(tiny_docmnist, tmp_path / "gt.json")
     gt = load_gt(out)

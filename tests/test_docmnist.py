@@ -15,8 +15,8 @@ from conftest import mnist_test_files_only
 from PIL import Image
 
 from docmnist.generate_docmnist import CELL, generate, main, shape_mask_bank
-from villa.errors import VillaError
-from villa.vocab import load_vocab
+from villa.core.errors import VillaError
+from villa.data.vocab import load_vocab
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = load_vocab("docmnist")

@@ -31,7 +31,7 @@ def test_readme_is_a_front_door():
 
 
 def test_demo_table_is_its_results_file_and_on_the_results_page():
-    from villa.demo import demo_tables
+    from experiments.demo import demo_tables
 
     table = (RESULTS / "demo" / "table.md").read_text()
     assert table == demo_tables(json.loads((RESULTS / "demo" / "results.json").read_text()))

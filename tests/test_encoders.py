@@ -10,21 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from villa import encoders
-from villa.encoders import (
-    CLIP_MEAN,
-    CLIP_STD,
-    RegionEncoder,
-    clip_checkpoint_state,
-    create_clip,
-    encode_attributes,
-    encode_texts,
-    roi_features,
-)
-from villa.errors import VillaError
-from villa.runtime import get_runtime
-from villa.training import save_checkpoint
-from villa.vocab import load_vocab
+from villa.core.checkpoint import save_checkpoint
+from villa.core.errors import VillaError
+from villa.core.runtime import get_runtime
+from villa.data.vocab import load_vocab
+from villa.models import clip as clip_module
+from villa.models.clip import clip_checkpoint_state, create_clip
+from villa.models.region_encoder import CLIP_MEAN, CLIP_STD, RegionEncoder, roi_features
+from villa.models.text import encode_attributes, encode_texts
 
 CPU = get_runtime("cpu")
 
@@ -182,7 +175,7 @@ def test_checkpoint_round_trip(tiny, tmp_path):
 
 
 def test_random_init_warns_once(caplog, monkeypatch):
-    monkeypatch.setattr(encoders, "_warned_random", set())
+    monkeypatch.setattr(clip_module, "_warned_random", set())
     with caplog.at_level(logging.WARNING):
         create_clip("villa-tiny-rn", pretrained=None)
         create_clip("villa-tiny-rn", pretrained="none")
@@ -226,7 +219,7 @@ def test_class_token_attention_pool_equals_open_clips():
 
     from open_clip.modified_resnet import AttentionPool2d
 
-    from villa.encoders import ClassTokenAttentionPool2d, RegionEncoder
+    from villa.models.region_encoder import ClassTokenAttentionPool2d, RegionEncoder
 
     torch.manual_seed(0)
     ref = AttentionPool2d(7, 64, 4, 32)

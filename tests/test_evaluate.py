@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import compose_config
 
-from villa.metrics import precision_at_k, r_precision
+from villa.evaluate.metrics import precision_at_k, r_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,8 +35,8 @@ def test_r_precision_perfect_reversed_and_ties():
 
 
 def test_retrieval_metrics_on_toy_gallery():
-    from villa.evaluate import retrieval_metrics
-    from villa.vocab import vocab_from_dict
+    from villa.data.vocab import vocab_from_dict
+    from villa.evaluate.retrieval import retrieval_metrics
 
     vocab = vocab_from_dict({"name": "toy", "groups": [{"name": "g1", "attributes": ["a", "b"], "templates": ["{}"]},
                                                        {"name": "g2", "attributes": ["c"], "templates": ["{}"]}]})  # fmt: skip
@@ -52,7 +52,7 @@ def test_retrieval_metrics_on_toy_gallery():
 
 @pytest.fixture(scope="module")
 def tiny_pretrained(tiny_docmnist, tmp_path_factory):
-    from villa.stage2 import train_stage2
+    from villa.stage2.train import train_stage2
 
     tmp = tmp_path_factory.mktemp("pre")
     cfg = compose_config("stage2", ["experiment=pretrain", f"data_dir={tiny_docmnist}", f"checkpoint_dir={tmp}", "model.name=villa-tiny-rn",
@@ -61,7 +61,7 @@ def tiny_pretrained(tiny_docmnist, tmp_path_factory):
 
 
 def test_evaluate_entry_writes_json(tiny_docmnist, tiny_pretrained, tmp_path):
-    from villa.evaluate import run_evaluation
+    from villa.evaluate.retrieval import run_evaluation
 
     out = tmp_path / "eval.json"
     res = run_evaluation(compose_config("evaluate", [f"data_dir={tiny_docmnist}", f"model.pretrained={tiny_pretrained}", "label=tiny",
@@ -83,7 +83,7 @@ def demo_run(tiny_pretrained, tmp_path_factory):
     import contextlib
     import io
 
-    from villa.demo import main
+    from experiments.demo import main
 
     out = tmp_path_factory.mktemp("demo")
     buf = io.StringIO()
@@ -97,9 +97,9 @@ def test_demo_pipeline_tiny(demo_run, tiny_pretrained):
     mapping figures are Stage 1's own file; ViLLA trained on that mapping and the baseline did not."""
     import pyarrow.feather as feather
 
-    from villa.demo import demo_tables
-    from villa.evaluate import format_markdown_table
-    from villa.vocab import load_vocab
+    from experiments.demo import demo_tables
+    from villa.data.vocab import load_vocab
+    from villa.evaluate.retrieval import format_markdown_table
 
     tmp_path, res, printed = demo_run
     assert set(res["retrieval"]) == {"zero-shot", "baseline", "villa"}
@@ -131,7 +131,7 @@ def test_demo_twice_gives_the_same_numbers(demo_run, tiny_pretrained, tmp_path):
     import os
 
     root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-m", "villa.demo", "--out", str(tmp_path / "again"), "--pretrained",
+    r = subprocess.run([sys.executable, "-m", "experiments.demo", "--out", str(tmp_path / "again"), "--pretrained",
                         str(tiny_pretrained), *DEMO_ARGS], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
@@ -209,8 +209,8 @@ def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
     """The shipped starting encoder loads, records the digits it was pretrained on, and none of them is a DocMNIST
     test digit (MNIST's test file); the command that produced it (docs/pretrained.md) still runs."""
     from docmnist.mnist import load_digit_pools, pools_overlap
-    from villa.demo import ASSET
-    from villa.encoders import create_clip
+    from experiments.demo import ASSET
+    from villa.models.clip import create_clip
 
     assert ASSET.is_file()
     clip = create_clip("auto", str(ASSET))
@@ -235,9 +235,9 @@ def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
 def test_evaluate_default_config_resolves_its_model(tiny_docmnist, tmp_path, monkeypatch):
     """The default (model.name=auto, pretrained=openai) means RN50 with OpenAI's weights, not 'unknown model auto';
     offline, it fails at once with the way out."""
-    from villa.encoders import resolve_model_name
-    from villa.errors import VillaError
-    from villa.evaluate import run_evaluation
+    from villa.core.errors import VillaError
+    from villa.evaluate.retrieval import run_evaluation
+    from villa.models.clip import resolve_model_name
 
     cfg = compose_config("evaluate", [f"data_dir={tiny_docmnist}", f"output={tmp_path / 'e.json'}", "device=cpu"])
     assert cfg.model.name == "auto" and cfg.model.pretrained == "openai" and resolve_model_name("auto") == "RN50"

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import compose_config
 
-import villa.training as training
-from villa.errors import VillaError
-from villa.stage1 import train_stage1
+import villa.core.engine as training
+from villa.core.errors import VillaError
+from villa.stage1.train import train_stage1
 
 
 def s1(data: Path, emb: Path, tmp: Path, *extra: str):
@@ -91,7 +91,7 @@ def test_a_checkpoint_folder_is_locked_by_its_run(synthetic_stage1, tmp_path):
 
 
 def test_epsilon_rule_in_float64():
-    from villa.mapping import assign
+    from villa.stage1.mapping import assign
 
     best = np.float32(0.7)
     near = np.nextafter(np.float32(0.5), np.float32(1))  # just above 0.7 - 0.2 in float64, not in float32
@@ -106,8 +106,8 @@ def test_epsilon_rule_in_float64():
      ("text", "  ", "text is empty")],
 )  # fmt: skip
 def test_non_finite_and_empty_input_is_refused(tiny_docmnist, tmp_path, column, value, match):
-    from villa.data_format import load_annotations
-    from villa.vocab import load_vocab
+    from villa.data.annotations import load_annotations
+    from villa.data.vocab import load_vocab
 
     t = feather.read_table(tiny_docmnist / "annotations.feather").to_pandas()
     if column == "image_id":
@@ -129,14 +129,14 @@ def test_non_finite_and_empty_input_is_refused(tiny_docmnist, tmp_path, column, 
      ("stage2", "betas=[1.5,0.9]", "betas"), ("stage2", "crop=content", "crop=content is for mode=pretrain")],
 )  # fmt: skip
 def test_overrides_that_would_be_ignored_or_wrong(name, override, match):
-    from villa.config import check_overrides
+    from villa.core.config import check_overrides
 
     with pytest.raises(VillaError, match=match):
         check_overrides(name, [override])
 
 
 def test_stage2_refuses_a_mapping_without_provenance(tiny_docmnist, tiny_mapping, tmp_path):
-    from villa.stage2 import train_stage2
+    from villa.stage2.train import train_stage2
 
     t = feather.read_table(tiny_mapping)
     feather.write_feather(t.replace_schema_metadata({}), tmp_path / "m.feather")
@@ -151,8 +151,9 @@ def test_stage2_refuses_a_mapping_without_provenance(tiny_docmnist, tiny_mapping
 
 def test_text_cache_depends_on_the_text_tower(tmp_path):
     """Two random inits (other seeds) never share cached text embeddings; a corrupt cache file is rebuilt."""
-    from villa.encoders import create_clip, embed_sentences_cached
-    from villa.runtime import get_runtime, seed_everything
+    from villa.core.runtime import get_runtime, seed_everything
+    from villa.models.clip import create_clip
+    from villa.models.text import embed_sentences_cached
 
     rt = get_runtime("cpu")
     seed_everything(1)
@@ -188,7 +189,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(small_disk, tiny_docmnist, mni
     import subprocess
     import sys
 
-    from villa.regions import embed_dataset
+    from villa.preprocess import embed_dataset
 
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
@@ -204,7 +205,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(small_disk, tiny_docmnist, mni
                       num_workers=0, progress=False, dtype="float32", out_dir=small_disk / "emb")  # fmt: skip
     assert list(small_disk.iterdir()) == []
     with pytest.raises(VillaError, match="no space left on the device writing .*last.pt|best.pt|metrics"):
-        from villa.stage2 import train_stage2
+        from villa.stage2.train import train_stage2
 
         train_stage2(compose_config("stage2", [
             f"data_dir={tiny_docmnist}", f"checkpoint_dir={small_disk / 'ck'}", "mode=baseline", "model.name=villa-tiny-rn",
@@ -235,7 +236,7 @@ def test_deleted_keys_and_bad_targets_are_one_line_before_hydra_starts(module, o
 def test_truncated_embeddings_are_one_line(synthetic_stage1, tmp_path, name):
     import shutil
 
-    from villa.embeddings import open_embeddings
+    from villa.data.embeddings import open_embeddings
 
     _, emb = synthetic_stage1
     e = shutil.copytree(emb, tmp_path / "e")
@@ -248,7 +249,7 @@ def test_truncated_embeddings_are_one_line(synthetic_stage1, tmp_path, name):
 def test_stage2_fingerprint_sees_the_images_contents(tiny_docmnist, tmp_path, monkeypatch):
     import shutil
 
-    from villa.provenance import images_digest
+    from villa.core.provenance import images_digest
 
     monkeypatch.setenv("VILLA_CACHE_DIR", str(tmp_path / "cache"))
     data = shutil.copytree(tiny_docmnist, tmp_path / "d", ignore=shutil.ignore_patterns("embeddings", "text_cache"))
@@ -267,9 +268,9 @@ def test_stage2_fingerprint_sees_the_images_contents(tiny_docmnist, tmp_path, mo
 
 
 def test_captions_without_sentences_are_flagged(tiny_docmnist, tmp_path, caplog):
-    from villa.data_format import load_annotations
-    from villa.synthetic import write_synthetic_embeddings
-    from villa.vocab import load_vocab
+    from villa.data.annotations import load_annotations
+    from villa.data.synthetic import write_synthetic_embeddings
+    from villa.data.vocab import load_vocab
 
     t = feather.read_table(tiny_docmnist / "annotations.feather")
     text = [x.replace(" . ", " and ") for x in t.column("text").to_pylist()]
@@ -296,12 +297,12 @@ def _cli(*args: str, cwd: Path):
 
 @pytest.mark.parametrize(
     "args,match",
-    [(["-m", "villa.demo", "--stage2_epochs", "0"], "error: --stage2_epochs=0: must be an integer >= 1"),
-     (["-m", "villa.demo", "--budget", "10"], "error: --budget=10 is below two images at --target=16"),
+    [(["-m", "experiments.demo", "--stage2_epochs", "0"], "error: --stage2_epochs=0: must be an integer >= 1"),
+     (["-m", "experiments.demo", "--budget", "10"], "error: --budget=10 is below two images at --target=16"),
      (["-m", "docmnist.generate_docmnist", "--workers", "-3"], "error: --workers=-3: must be >= 1")],
 )  # fmt: skip
 def test_settings_refused_before_any_work(tmp_path, args, match):
-    r = _cli(*args, "--out" if "villa.demo" in args else "--out_dir", str(tmp_path / "out"), cwd=tmp_path)
+    r = _cli(*args, "--out" if "experiments.demo" in args else "--out_dir", str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
     assert not (tmp_path / "out").exists()  # nothing generated, no folder
 
@@ -310,7 +311,7 @@ def test_every_flag_has_help_and_commands_name_themselves(tmp_path, monkeypatch)
     import argparse
 
     import experiments.complexity as complexity
-    import villa.demo as demo
+    import experiments.demo as demo
 
     seen = []
     real = argparse.ArgumentParser.parse_args
@@ -332,8 +333,8 @@ def test_every_flag_has_help_and_commands_name_themselves(tmp_path, monkeypatch)
 
 
 def test_a_checkpoint_of_another_model_names_the_key_to_set(tmp_path):
-    from villa.encoders import clip_checkpoint_state, create_clip
-    from villa.training import save_checkpoint
+    from villa.core.checkpoint import save_checkpoint
+    from villa.models.clip import clip_checkpoint_state, create_clip
 
     clip = create_clip("villa-tiny-rn", "none", device="cpu")
     save_checkpoint(tmp_path / "c.pt", clip_checkpoint_state(clip.model, clip.model_name, clip.model_cfg))
@@ -342,7 +343,7 @@ def test_a_checkpoint_of_another_model_names_the_key_to_set(tmp_path):
 
 
 def test_a_load_failure_reason_is_never_cut_mid_word(tmp_path, monkeypatch):
-    from villa.training import load_checkpoint
+    from villa.core.checkpoint import load_checkpoint
 
     (tmp_path / "x.pt").write_bytes(b"x")
     long = " ".join(f"word{i:02d}" for i in range(60))  # 419 characters
@@ -365,7 +366,7 @@ def test_stage2_refuses_to_resume_on_changed_images(tiny_docmnist, tmp_path, mon
 
     from PIL import Image
 
-    from villa.stage2 import train_stage2
+    from villa.stage2.train import train_stage2
 
     monkeypatch.setenv("VILLA_CACHE_DIR", str(tmp_path / "cache"))
     data = shutil.copytree(tiny_docmnist, tmp_path / "d", ignore=shutil.ignore_patterns("embeddings", "text_cache"))

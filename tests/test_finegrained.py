@@ -16,7 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from villa.finegrained.benchmarks import best_threshold, pairwise_accuracy, threshold_accuracy, winoground_metrics
+from villa.evaluate.finegrained.benchmarks import (
+    best_threshold,
+    pairwise_accuracy,
+    threshold_accuracy,
+    winoground_metrics,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,8 +64,8 @@ COLORS = [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0)]
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A fixed tiny model saved as a villa checkpoint (so every process loads the same weights)."""
-    from villa.encoders import clip_checkpoint_state, create_clip
-    from villa.training import save_checkpoint
+    from villa.core.checkpoint import save_checkpoint
+    from villa.models.clip import clip_checkpoint_state, create_clip
 
     torch.manual_seed(0)
     clip = create_clip("villa-tiny-rn", "none")
@@ -151,15 +156,17 @@ FIXTURES = {"winoground": winoground_fixture, "valse": valse_fixture, "vsr": vsr
 def run_cli(bench: str, data: Path, ckpt: Path, out: Path, *overrides: str, env=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "villa.finegrained", f"benchmark={bench}", f"data_dir={data}", f"model.pretrained={ckpt}",
+        [sys.executable, "-m", "villa.evaluate.finegrained", f"benchmark={bench}", f"data_dir={data}", f"model.pretrained={ckpt}",
          "device=cpu", f"output={out}", *overrides], capture_output=True, text=True, cwd=out.parent, env=env,
     )  # fmt: skip
 
 
 def _scores(ckpt: Path, images: list[Path], texts: list[str]) -> np.ndarray:
     """Cosine of each (image, text) pair computed here, from the model's region path on the whole image."""
-    from villa.encoders import RegionEncoder, create_clip, encode_texts
-    from villa.runtime import get_runtime
+    from villa.core.runtime import get_runtime
+    from villa.models.clip import create_clip
+    from villa.models.region_encoder import RegionEncoder
+    from villa.models.text import encode_texts
 
     clip = create_clip("auto", str(ckpt))
     enc = RegionEncoder(clip.model.visual).eval()
@@ -276,7 +283,7 @@ ORDER_CAPTIONS = [  # (caption, its Penn tags by hand)
 
 
 def test_pre_caption_and_trigrams_by_hand():
-    from villa.finegrained.order import pre_caption, trigrams
+    from villa.evaluate.finegrained.order import pre_caption, trigrams
 
     assert pre_caption("A Man (riding) a HORSE; fast!  ok.") == "a man riding a horse fast ok"
     assert pre_caption("one two three four", max_words=3) == "one two three"
@@ -284,7 +291,7 @@ def test_pre_caption_and_trigrams_by_hand():
 
 
 def test_order_perturbations_move_only_what_aro_moves():
-    from villa.finegrained.order import (
+    from villa.evaluate.finegrained.order import (
         shuffle_allbut_nouns_and_adj,
         shuffle_nouns_and_adj,
         shuffle_trigrams,
@@ -312,7 +319,7 @@ def test_order_perturbations_move_only_what_aro_moves():
 
 
 def test_order_metrics_by_hand():
-    from villa.finegrained.order import order_metrics
+    from villa.evaluate.finegrained.order import order_metrics
 
     s = np.array([
         [0.9, 0.1, 0.2, 0.3, 0.4],  # caption best
@@ -368,7 +375,7 @@ def test_coco_order_end_to_end(tmp_path, tiny_ckpt, tiny_tagger, monkeypatch):
     import nltk
     import spacy
 
-    from villa.finegrained.order import load_order, pre_caption
+    from villa.evaluate.finegrained.order import load_order, pre_caption
 
     coco_order_fixture(tmp_path / "coco")
     env = {"NLTK_DATA": str(tiny_tagger / "nltk_data")}
@@ -405,7 +412,7 @@ def test_flickr30k_order_reads_its_layout(tmp_path, tiny_tagger, monkeypatch):
     import nltk
     import spacy
 
-    from villa.finegrained.order import load_order, pre_caption
+    from villa.evaluate.finegrained.order import load_order, pre_caption
 
     for i in range(2):
         _img(tmp_path / "flickr30k-images" / f"{1000 + i}.jpg", COLORS[i])
@@ -471,10 +478,10 @@ def test_malformed_benchmark_is_one_line(tmp_path, tiny_ckpt, bench, corrupt, ma
 
 
 def test_docmnist_binding_foils_and_pairs(tiny_docmnist, tiny_ckpt):
-    from villa.encoders import create_clip
-    from villa.finegrained.docmnist_binding import build_benchmark, recolor, score_benchmark
-    from villa.finegrained.scorer import Scorer
-    from villa.runtime import get_runtime
+    from villa.core.runtime import get_runtime
+    from villa.evaluate.finegrained.docmnist_binding import build_benchmark, recolor, score_benchmark
+    from villa.evaluate.finegrained.scorer import Scorer
+    from villa.models.clip import create_clip
 
     a, b = build_benchmark(tiny_docmnist, seed=0), build_benchmark(tiny_docmnist, seed=0)
     assert [f["foil"] for f in a["foils"]] == [f["foil"] for f in b["foils"]]  # deterministic

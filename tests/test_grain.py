@@ -11,19 +11,19 @@ import torch
 import torch.nn.functional as F
 from test_stage2 import _even_subset, ddp_and_single, s2cfg
 
-from villa.errors import VillaError
-from villa.grain import (
+from villa.core.errors import VillaError
+from villa.models.grain_head import (
     GrainHead,
     GrainSpec,
     box_loss_sums,
-    grain_losses,
     hungarian_match,
     image_tokens,
     normalized_targets,
     permute_queries,
     sine_positions,
 )
-from villa.stage2 import train_stage2
+from villa.stage2.objectives.grain import grain_losses
+from villa.stage2.train import train_stage2
 
 
 def _giou(a, b):
@@ -94,7 +94,7 @@ def test_query_permutation_leaves_the_loss_unchanged():
 
 
 def test_head_shapes_and_tokens():
-    from villa.encoders import create_clip
+    from villa.models.clip import create_clip
 
     clip = create_clip("villa-tiny-rn", None)
     feat, positions = image_tokens(clip.model.visual, torch.rand(2, 3, 84, 84))
@@ -113,7 +113,7 @@ def test_vit_tokens_through_forward_intermediates():
     """A ViT tower gives its last block's patch tokens (no class token, no added position code)."""
     from open_clip.transformer import VisionTransformer
 
-    from villa.grain import tower_width
+    from villa.models.grain_head import tower_width
 
     vit = VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=16)
     feat, positions = image_tokens(vit, torch.rand(2, 3, 32, 32))
@@ -129,11 +129,11 @@ def _grain_cfg(tmp, data, *extra):
 
 
 def test_grain_trains_resumes_and_evaluates(tiny_docmnist, tmp_path):
-    from villa.data_format import load_annotations
-    from villa.encoders import create_clip
-    from villa.evaluate import evaluate_model, region_options
-    from villa.runtime import get_runtime, seed_everything
-    from villa.vocab import load_vocab
+    from villa.core.runtime import get_runtime, seed_everything
+    from villa.data.annotations import load_annotations
+    from villa.data.vocab import load_vocab
+    from villa.evaluate.retrieval import evaluate_model, region_options
+    from villa.models.clip import create_clip
 
     full = train_stage2(_grain_cfg(tmp_path / "full", tiny_docmnist, "epochs=2"))
     assert full["epochs_run"] == 2 and all(math.isfinite(h["train_loss"]) for h in full["history"])
@@ -166,8 +166,8 @@ def test_grain_trains_resumes_and_evaluates(tiny_docmnist, tmp_path):
     # the global readout of the fine-grained benchmarks: GRAIN's image query, as its L_ic trained it
     from PIL import Image
 
-    from villa.finegrained.scorer import Scorer
-    from villa.grain import GrainHead, GrainSpec, image_tokens
+    from villa.evaluate.finegrained.scorer import Scorer
+    from villa.models.grain_head import GrainHead, GrainSpec, image_tokens
 
     scorer = Scorer(clip, rt)
     assert scorer.mode == "grain_query"
@@ -182,8 +182,10 @@ def test_grain_trains_resumes_and_evaluates(tiny_docmnist, tmp_path):
 
 
 def test_head_learning_rate_is_its_own_group(tiny_docmnist, tmp_path):
-    from villa.encoders import create_clip
-    from villa.stage2 import Stage2Model, build_head_optimizer, build_optimizer
+    from villa.models.clip import create_clip
+    from villa.stage2.model import Stage2Model
+    from villa.stage2.objectives.grain import build_head_optimizer
+    from villa.stage2.optim import build_optimizer
 
     cfg = _grain_cfg(tmp_path, tiny_docmnist, "grain.head_lr=0.01", "lr=0.0002", "grain.optimizer=trainer")
     model = Stage2Model(create_clip("villa-tiny-rn", None), cfg)
@@ -201,8 +203,10 @@ def test_head_optimiser_and_schedule_are_grains(tiny_docmnist, tmp_path):
     cosine_scheduler, computed here as its code does)."""
     import numpy as np
 
-    from villa.encoders import create_clip
-    from villa.stage2 import Stage2Model, build_head_optimizer, build_optimizer
+    from villa.models.clip import create_clip
+    from villa.stage2.model import Stage2Model
+    from villa.stage2.objectives.grain import build_head_optimizer
+    from villa.stage2.optim import build_optimizer
 
     cfg = _grain_cfg(tmp_path, tiny_docmnist, "lr=0.0002", "epochs=4", "grain.image_embedding=attnpool")
     model = Stage2Model(create_clip("villa-tiny-rn", None), cfg)

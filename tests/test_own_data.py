@@ -17,11 +17,12 @@ import pytest
 import torch
 from conftest import compose_config
 
-from villa.data_format import load_annotations
-from villa.evaluate import image_text_metrics
-from villa.regions import embed_dataset, padded_pixels, size_buckets
-from villa.stage1 import mapping_degeneracy, train_stage1
-from villa.vocab import load_vocab
+from villa.data.annotations import load_annotations
+from villa.data.images import padded_pixels, size_buckets
+from villa.data.vocab import load_vocab
+from villa.evaluate.retrieval import image_text_metrics
+from villa.preprocess import embed_dataset
+from villa.stage1.train import mapping_degeneracy, train_stage1
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCMNIST_YAML = str(ROOT / "configs" / "dataset" / "docmnist.yaml")
@@ -40,7 +41,7 @@ def test_raw_images_and_captions_end_to_end(tiny_docmnist, tmp_path):
     plain = tmp_path / "plain"
     run(
         "-m",
-        "villa.datasets.docmnist_plain",
+        "villa.data.importers.docmnist_plain",
         f"--data_dir={tiny_docmnist}",
         f"--out_dir={plain}",
         "--no_split",
@@ -49,7 +50,7 @@ def test_raw_images_and_captions_end_to_end(tiny_docmnist, tmp_path):
     rec = json.loads((plain / "captions.jsonl").read_text().splitlines()[0])
     assert set(rec) == {"id", "image", "caption"}  # no boxes, no attribute lists, no split
     data = tmp_path / "mine"
-    run("-m", "villa.datasets.generic", f"--root={plain}", f"--captions={plain / 'captions.jsonl'}",
+    run("-m", "villa.data.importers.generic", f"--root={plain}", f"--captions={plain / 'captions.jsonl'}",
         f"--dataset_config={DOCMNIST_YAML}", "--regions=grid", "--grid", "3", f"--out_dir={data}", "--quiet", cwd=tmp_path)  # fmt: skip
     run("-m", "preprocess", f"--data_dir={data}", f"--dataset_config={DOCMNIST_YAML}", "--model=villa-tiny-rn",
         "--pretrained=none", "--num_workers=0", "--quiet", cwd=tmp_path)  # fmt: skip
@@ -147,7 +148,7 @@ def test_mapping_quality_per_split_over_labelled_rows_only(synthetic_stage1, tmp
 
 
 def test_dataset_config_by_path_for_every_command(tmp_path):
-    from villa.config import vocab_from_config
+    from villa.core.config import vocab_from_config
 
     for name in ("stage1", "stage2", "evaluate"):
         cfg = compose_config(name, [f"dataset={DOCMNIST_YAML}"])
@@ -167,9 +168,9 @@ def test_size_buckets_save_padding_and_keep_outputs(tmp_path):
     """Images of two sizes: bucketed batches hold one size each; embeddings equal one-image-at-a-time ones."""
     from PIL import Image
 
-    from villa.datasets.generic import import_generic
-    from villa.region_sources import RegionSpec
-    from villa.vocab import vocab_from_dict
+    from villa.data.importers.generic import import_generic
+    from villa.data.regions import RegionSpec
+    from villa.data.vocab import vocab_from_dict
 
     rng = np.random.default_rng(0)
     lines = []
@@ -211,7 +212,7 @@ def test_sharded_preprocessing_equals_one_process(tiny_docmnist, tmp_path):
 
 
 def test_image_paths_outside_the_dataset_are_refused(tiny_docmnist, tmp_path):
-    from villa.errors import VillaError
+    from villa.core.errors import VillaError
 
     t = feather.read_table(tiny_docmnist / "annotations.feather")
     for bad in ("/etc/passwd", "images/../../outside.png"):

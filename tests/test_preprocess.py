@@ -14,11 +14,11 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from villa.data_format import load_annotations
-from villa.embeddings import open_embeddings, write_meta
-from villa.errors import VillaError
-from villa.regions import embed_dataset as preprocess
-from villa.vocab import load_vocab
+from villa.core.errors import VillaError
+from villa.data.annotations import load_annotations
+from villa.data.embeddings import open_embeddings, write_meta
+from villa.data.vocab import load_vocab
+from villa.preprocess import embed_dataset as preprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(model="villa-tiny-rn", pretrained="none", device="cpu", num_workers=0, batch_size=16, progress=False)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from villa.data_format import load_annotations
-from villa.detector import load_detector, propose, train_detector
-from villa.errors import VillaError
-from villa.region_sources import (
+from villa.core.errors import VillaError
+from villa.data.annotations import load_annotations
+from villa.data.images import read_image
+from villa.data.regions import (
     RegionSpec,
     grid_boxes,
     grid_levels,
@@ -21,8 +21,8 @@ from villa.region_sources import (
     recall_at_iou,
     with_whole_image,
 )
-from villa.regions import read_image
-from villa.vocab import load_vocab
+from villa.data.vocab import load_vocab
+from villa.models.detector import load_detector, propose, train_detector
 
 
 def test_grid_cells_tile_each_image():

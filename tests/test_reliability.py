@@ -15,14 +15,14 @@ import torch
 from conftest import compose_config, mnist_test_files_only
 from PIL import Image
 
-from villa.errors import VillaError
-from villa.mapping import mapping_record
-from villa.paths import atomic_dir, atomic_file, remove_stale_temporaries
-from villa.provenance import file_sha256
-from villa.schemas import validate_config
-from villa.stage1 import train_stage1
-from villa.stage2 import train_stage2
-from villa.training import load_checkpoint, save_checkpoint
+from villa.core.checkpoint import load_checkpoint, save_checkpoint
+from villa.core.errors import VillaError
+from villa.core.io import atomic_dir, atomic_file, remove_stale_temporaries
+from villa.core.provenance import file_sha256
+from villa.core.schemas import validate_config
+from villa.stage1.mapping import mapping_record
+from villa.stage1.train import train_stage1
+from villa.stage2.train import train_stage2
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_S2 = ["model.name=villa-tiny-rn", "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false",
@@ -189,7 +189,7 @@ def test_help_describes_keys_without_the_vocabulary(tmp_path):
 
 
 def test_corrupt_and_wrong_checkpoints(tmp_path, synthetic_stage1):
-    from villa.encoders import create_clip
+    from villa.models.clip import create_clip
 
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint\n")
@@ -280,7 +280,7 @@ def test_losing_writer_gets_one_line_and_leaves_nothing(tmp_path):
 
 
 def test_image_size_must_match_annotation(tiny_docmnist, tmp_path):
-    from villa.regions import embed_dataset
+    from villa.preprocess import embed_dataset
 
     data = shutil.copytree(tiny_docmnist, tmp_path / "d", ignore=shutil.ignore_patterns("embeddings", "text_cache"))
     df = pd.read_feather(data / "annotations.feather")
@@ -292,8 +292,8 @@ def test_image_size_must_match_annotation(tiny_docmnist, tmp_path):
 
 
 def test_embeddings_of_another_vocabulary_order_or_templates(synthetic_stage1, tmp_path):
-    from villa.embeddings import open_embeddings
-    from villa.vocab import load_vocab, vocab_from_dict
+    from villa.data.embeddings import open_embeddings
+    from villa.data.vocab import load_vocab, vocab_from_dict
 
     data, emb = synthetic_stage1
     vocab = load_vocab("docmnist")
@@ -344,7 +344,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 
 def test_held_out_check_refuses_shared_digits(tmp_path, mnist):
     from docmnist.generate_docmnist import generate
-    from villa.provenance import check_held_out, checkpoint_pools, dataset_pools
+    from villa.core.provenance import check_held_out, checkpoint_pools, dataset_pools
 
     full = generate(200, 8, out_dir=str(tmp_path / "full"), mnist_dir=mnist, val_budget=100, test_budget=100,
                     progress=False)  # fmt: skip
@@ -386,7 +386,7 @@ def test_hydra_multirun_gives_each_job_its_folder_and_resumes_each(tiny_docmnist
 def test_improved_epoch_links_last_to_best(tmp_path):
     """An epoch that improves writes best.pt once and makes last.pt a second name of it (same bytes, one write);
     an epoch that does not writes last.pt anew and leaves best.pt as it was."""
-    from villa.training import commit_epoch
+    from villa.core.engine import commit_epoch
 
     ckpt = tmp_path / "ck"
     ckpt.mkdir()

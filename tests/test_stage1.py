@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_config
 
-from villa.errors import VillaError
-from villa.losses import stage1_loss
-from villa.mapping import assign, assign_text
-from villa.models import MultiHeadProjection, separate_heads
-from villa.stage1 import train_stage1
-from villa.vocab import load_vocab
+from villa.core.errors import VillaError
+from villa.data.vocab import load_vocab
+from villa.models.projection import MultiHeadProjection, separate_heads
+from villa.stage1.loss import stage1_loss
+from villa.stage1.mapping import assign, assign_text
+from villa.stage1.train import train_stage1
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = load_vocab("docmnist")
@@ -160,7 +160,7 @@ def test_sentence_choice_per_image_is_shared_by_its_regions():
 
 
 def test_image_batches_drop_last():
-    from villa.data import image_batches
+    from villa.data.batches import image_batches
 
     rows = np.arange(10)
     assert [len(b) for b in image_batches(rows, 4)] == [4, 4, 2]
@@ -172,9 +172,9 @@ def test_mapping_scores_fp32_unless_asked(monkeypatch):
     """Scores for the mapping stay fp32 under a mixed-precision runtime (the original maps in fp32)."""
     from types import SimpleNamespace
 
-    from villa.data import RegionBank
-    from villa.mapping import score_regions
-    from villa.runtime import Runtime
+    from villa.core.runtime import Runtime
+    from villa.data.batches import RegionBank
+    from villa.stage1.mapping import score_regions
 
     g = torch.Generator().manual_seed(0)
     regions = torch.randn(50, 32, generator=g).numpy()
@@ -230,9 +230,9 @@ def test_resume_equals_uninterrupted(synthetic_stage1, tmp_path):
 
 def test_overrides_one_proj_and_adapter(synthetic_stage1, tmp_path):
     """The overrides reach the model and the loss: one shared head, the adapter's residual mix, the clean loss."""
-    from villa.data import RegionBank, image_batches
-    from villa.data_format import load_annotations
-    from villa.embeddings import open_embeddings
+    from villa.data.annotations import load_annotations
+    from villa.data.batches import RegionBank, image_batches
+    from villa.data.embeddings import open_embeddings
 
     data, emb = synthetic_stage1
     cfg = stage1_cfg(
@@ -321,11 +321,11 @@ def test_scores_are_cosines():
 
 def test_mapping_scores_only_caption_pairs(synthetic_stage1):
     """Scoring only each region's caption attributes gives the same scores there, and the same assignment."""
-    from villa.data import RegionBank
-    from villa.data_format import load_annotations
-    from villa.embeddings import open_embeddings
-    from villa.mapping import score_regions
-    from villa.runtime import get_runtime
+    from villa.core.runtime import get_runtime
+    from villa.data.annotations import load_annotations
+    from villa.data.batches import RegionBank
+    from villa.data.embeddings import open_embeddings
+    from villa.stage1.mapping import score_regions
 
     data, emb_dir = synthetic_stage1
     ann = load_annotations(data, VOCAB, check_images=False)

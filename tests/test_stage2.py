@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from conftest import compose_config
 
 from villa import stage2 as stage2_module
-from villa.data import build_pairs, gather_index
-from villa.encoders import RegionEncoder, create_clip
-from villa.errors import VillaError
-from villa.losses import infonce
-from villa.runtime import get_runtime
-from villa.stage2 import load_pair_data, train_stage2
+from villa.core.errors import VillaError
+from villa.core.runtime import get_runtime
+from villa.data.batches import gather_index
+from villa.models.clip import create_clip
+from villa.models.region_encoder import RegionEncoder
+from villa.stage2.objectives.base import infonce
+from villa.stage2.pairs import build_pairs, load_pair_data
+from villa.stage2.train import train_stage2
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -68,7 +70,7 @@ def test_build_pairs():
 
 
 def test_modes_see_their_pairs(tiny_docmnist, tiny_mapping, tmp_path):
-    from villa.distributed import Dist
+    from villa.core.distributed import Dist
 
     rt = get_runtime("cpu")
     clip = create_clip("villa-tiny-rn", None)
@@ -82,7 +84,7 @@ def test_modes_see_their_pairs(tiny_docmnist, tiny_mapping, tmp_path):
     np.testing.assert_array_equal(np.diff(vtr.pairs.offsets), n_assigned + 1)
     assert vtr.text_emb.shape == (vtr.pairs.n_pairs, 64)
     torch.testing.assert_close(vtr.text_emb.norm(dim=1), torch.ones(vtr.pairs.n_pairs))
-    from villa.encoders import text_tower_digest
+    from villa.models.text import text_tower_digest
 
     cache = tiny_docmnist / "text_cache" / f"{clip.model_name}-{text_tower_digest(clip)}.pt"  # one file per text tower
     assert cache.is_file()  # sentences embedded once, cached on disk
@@ -121,8 +123,8 @@ def test_pretrain_checkpoint_loads_and_reproduces(tiny_docmnist, tmp_path):
 
 def test_end_to_end_lowers_val_loss(tiny_docmnist, tmp_path):
     """DocMNIST -> preprocess -> Stage 1 -> Stage 2 (ViLLA), all real, tiny config."""
-    from villa.regions import embed_dataset as preprocess
-    from villa.stage1 import train_stage1
+    from villa.preprocess import embed_dataset as preprocess
+    from villa.stage1.train import train_stage1
 
     emb = preprocess(tiny_docmnist, "docmnist", model="villa-tiny-rn", pretrained="none", device="cpu",
                      num_workers=0, progress=False, out_dir=tmp_path / "emb")  # fmt: skip
@@ -187,8 +189,8 @@ def test_non_finite_stop_within_one_sync_interval(tiny_docmnist, tmp_path, monke
 
 
 def test_pair_collate_gathers_the_pairs_of_its_images(tiny_docmnist, tmp_path):
-    from villa.distributed import Dist
-    from villa.stage2 import PairCollate, make_loader
+    from villa.core.distributed import Dist
+    from villa.stage2.pairs import PairCollate, make_loader
 
     cfg = s2cfg(tmp_path, tiny_docmnist, "mode=baseline", "batch_size=8")
     train, _ = load_pair_data(cfg, create_clip("villa-tiny-rn", None), get_runtime("cpu"), Dist())
@@ -315,9 +317,9 @@ def test_experiment_configs_compose():
 
 
 def test_content_crop_boxes(tiny_docmnist):
-    from villa.data_format import load_annotations
-    from villa.stage2 import content_boxes, jitter_boxes
-    from villa.vocab import load_vocab
+    from villa.data.annotations import load_annotations
+    from villa.data.vocab import load_vocab
+    from villa.stage2.pairs import content_boxes, jitter_boxes
 
     ann = load_annotations(tiny_docmnist, load_vocab("docmnist"), check_images=False)
     cb = content_boxes(ann)
@@ -350,7 +352,7 @@ def test_export_is_compact_and_loads(tiny_docmnist, tmp_path):
 
 
 def test_loss_average_per_batch_is_the_originals():
-    from villa.stage2 import LossMeter
+    from villa.stage2.train import LossMeter
 
     batch, image = LossMeter("batch"), LossMeter("image")
     for loss, n in ((2.0, 32), (4.0, 8)):
@@ -362,8 +364,8 @@ def test_loss_average_per_batch_is_the_originals():
 
 
 def test_train_loader_drops_the_last_partial_batch(tiny_docmnist, tmp_path):
-    from villa.distributed import Dist
-    from villa.stage2 import make_loader
+    from villa.core.distributed import Dist
+    from villa.stage2.pairs import make_loader
 
     cfg = s2cfg(tmp_path, tiny_docmnist, "mode=baseline", "batch_size=32")
     clip = create_clip("villa-tiny-rn", None)
@@ -380,7 +382,8 @@ def test_train_loader_drops_the_last_partial_batch(tiny_docmnist, tmp_path):
 
 
 def test_pretraining_does_not_decay_gains_biases_temperature_embeddings(tiny_docmnist, tmp_path):
-    from villa.stage2 import Stage2Model, build_optimizer
+    from villa.stage2.model import Stage2Model
+    from villa.stage2.optim import build_optimizer
 
     def groups(*over):
         cfg = s2cfg(tmp_path, tiny_docmnist, *over)

@@ -12,10 +12,10 @@ import pytest
 from conftest import compose_config
 from test_reliability import TINY_S2, s1
 
-from villa.errors import VillaError
-from villa.stage1 import train_stage1
-from villa.stage2 import train_stage2
-from villa.tracking import Tracker
+from villa.core.errors import VillaError
+from villa.core.tracking import Tracker
+from villa.stage1.train import train_stage1
+from villa.stage2.train import train_stage2
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

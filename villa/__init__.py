@@ -8,14 +8,18 @@ __version__ = "0.1.0"
 
 __all__ = ["load", "VillaModel", "map_regions", "compose_config", "train_stage1", "train_stage2", "run_evaluation"]
 
+from villa.core.moved import install as _install_moved
+
+_install_moved()  # old module paths (python -m villa.detection, villa.datasets.*) keep working
+
 _LAZY = {
     "load": ("villa.api", "load"),
     "VillaModel": ("villa.api", "VillaModel"),
     "map_regions": ("villa.api", "map_regions"),
-    "compose_config": ("villa.config", "compose_config"),
-    "train_stage1": ("villa.stage1", "train_stage1"),
-    "train_stage2": ("villa.stage2", "train_stage2"),
-    "run_evaluation": ("villa.evaluate", "run_evaluation"),  # not "evaluate": that name is the submodule
+    "compose_config": ("villa.core.config", "compose_config"),
+    "train_stage1": ("villa.stage1.train", "train_stage1"),
+    "train_stage2": ("villa.stage2.train", "train_stage2"),
+    "run_evaluation": ("villa.evaluate.retrieval", "run_evaluation"),  # not "evaluate": that is the package
 }
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from villa.errors import VillaError
+from villa.core.errors import VillaError
 
 ImageLike = Union["PIL.Image.Image", torch.Tensor, np.ndarray]  # noqa: F821 - PIL is imported lazily
 
@@ -63,7 +63,7 @@ class VillaModel:
         return self._encoder().prepare
 
     def _encoder(self):
-        from villa.encoders import RegionEncoder
+        from villa.models.region_encoder import RegionEncoder
 
         enc = RegionEncoder(self.clip.model.visual, self.region_options["normalize"], self.region_options["input_size"])
         return enc.to(self.device).eval()
@@ -74,8 +74,8 @@ class VillaModel:
     ) -> torch.Tensor:
         """Embeddings (K, D) of every box of every image, in order: ``boxes[i]`` holds image i's boxes as
         ``[[x0, y0, x1, y1], ...]`` in pixels. Images of one size are batched together (no padding)."""
-        from villa.data import gather_index
-        from villa.regions import size_buckets
+        from villa.data.batches import gather_index
+        from villa.data.images import size_buckets
 
         if len(images) != len(boxes):
             raise VillaError(f"{len(images)} images but {len(boxes)} box lists; give one list of boxes per image")
@@ -112,8 +112,8 @@ class VillaModel:
     def encode_text(self, texts: Sequence[str], templates: Optional[Sequence[str]] = None) -> torch.Tensor:
         """(N, D) L2-normalised. With ``templates`` (each with one ``{}``), a text's embedding is the normalised mean
         over its prompts, as villa embeds attributes."""
-        from villa.encoders import encode_texts
-        from villa.runtime import get_runtime
+        from villa.core.runtime import get_runtime
+        from villa.models.text import encode_texts
 
         rt = get_runtime(str(self.device))
         if not templates:
@@ -131,13 +131,12 @@ def load(path_or_tag: str = "openai", model: str = "auto", device: str = "cpu",
     """A model to embed with: a villa checkpoint (Stage 2, baseline, pretraining; its region-path options come
     with it), a folder written by ``python -m villa.export --format open_clip`` (the same), an open_clip checkpoint
     or tag (with ``model=`` its architecture, e.g. ``RN50``), or ``none``."""
-    from villa.encoders import create_clip
-    from villa.evaluate import region_options
-    from villa.runtime import get_runtime
+    from villa.core.runtime import get_runtime
+    from villa.evaluate.retrieval import region_options
+    from villa.models.clip import create_clip
 
     rt = get_runtime(device)
-    name = model if model != "auto" or Path(str(path_or_tag)).exists() else "RN50"
-    clip = create_clip(name, path_or_tag, device=rt.device)
+    clip = create_clip(model, path_or_tag, device=rt.device)
     return VillaModel(clip, region_options(clip.pretrained, normalize, input_size), rt.device)
 
 
@@ -147,10 +146,10 @@ def map_regions(stage1_checkpoint: str, data_dir: str, embeddings_dir: Optional[
     checkpoint is copied into a fresh run folder and re-mapped without training (Stage 1's re-map path)."""
     import tempfile
 
-    from villa.config import compose_config
-    from villa.provenance import run_fingerprint
-    from villa.stage1 import stage1_inputs, train_stage1
-    from villa.training import load_checkpoint
+    from villa.core.checkpoint import load_checkpoint
+    from villa.core.config import compose_config
+    from villa.core.provenance import run_fingerprint
+    from villa.stage1.train import stage1_inputs, train_stage1
 
     state = load_checkpoint(stage1_checkpoint, "Stage 1 checkpoint")
     if state.get("kind") != "villa-stage1":

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from villa.encoders import CLIP_MEAN, CLIP_STD, is_villa_checkpoint
-from villa.errors import VillaError, exit_on_error
-from villa.paths import atomic_dir
-from villa.training import load_checkpoint, save_checkpoint
+from villa.core.checkpoint import load_checkpoint, save_checkpoint
+from villa.core.errors import VillaError, exit_on_error
+from villa.core.io import atomic_dir
+from villa.models.clip import is_villa_checkpoint
+from villa.models.region_encoder import CLIP_MEAN, CLIP_STD
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -61,7 +62,7 @@ def export_open_clip(src: Path, dst: Path, dtype: str = "float32", overwrite: bo
 
     from safetensors.torch import save_file
 
-    from villa.evaluate import region_options
+    from villa.evaluate.retrieval import region_options
 
     if Path(dst).exists() and not overwrite:
         raise VillaError(f"{dst} already exists; pass --overwrite to replace it or choose another folder")

@@ -1,0 +1,166 @@
+"""Training plumbing shared by Stage 1, Stage 2 and pretraining: self-describing checkpoints, RNG state, logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from villa.core.errors import VillaError
+from villa.core.io import PathLike, _pid_alive, atomic_file
+
+log = logging.getLogger(__name__)
+
+
+def rng_state(generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+    """All RNG states as tensors, ints and tuples, so checkpoints load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 - third-party code may use it
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: Optional[torch.Generator] = None) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
+    """Write with torch.save to a temp file, then os.replace: a crash never leaves a half-written checkpoint."""
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: PathLike, what: str = "checkpoint") -> dict[str, Any]:
+    """``torch.load`` a checkpoint (weights only); a missing, corrupt, truncated or non-torch file is one
+    :class:`VillaError` line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise VillaError(f"{what} not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and EOF errors all mean the same to the user
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if len(reason) > 160:  # cut at a word boundary, never mid-word
+            reason = reason[:160].rsplit(" ", 1)[0] + " ..."
+        raise VillaError(
+            f"{what} {path} cannot be read ({reason}): it is corrupt, truncated or not a torch file; "
+            "delete it (or set resume=false) or pass another file"
+        ) from e
+    if not isinstance(obj, dict):
+        raise VillaError(f"{what} {path} holds a {type(obj).__name__}, not a checkpoint dict; pass another file")
+    return obj
+
+
+def config_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+
+
+
+
+
+
+@contextmanager
+def checkpoint_lock(ckpt_dir: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold ``<ckpt_dir>/.lock`` (the holder's pid) while a run writes there: a second run on the same folder stops
+    with one line naming the holder, instead of resuming its epoch mid-run. A lock left by a dead process is taken
+    over. (Only the main process of a distributed run locks.)"""
+    if not enabled:
+        yield
+        return
+    ckpt_dir = Path(ckpt_dir)
+    created = not ckpt_dir.exists()
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    lock = ckpt_dir / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(json.loads(lock.read_text()).get("pid", 0))
+            except (OSError, ValueError, AttributeError):
+                pid = 0
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                raise VillaError(
+                    f"{ckpt_dir} is in use by process {pid} (its .lock); wait for that run, or use another "
+                    "checkpoint_dir"
+                ) from None
+            lock.unlink(missing_ok=True)  # a dead process's lock
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"pid": os.getpid()}))
+        break
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(lock.read_text()).get("pid") == os.getpid():
+                lock.unlink()
+            if created and not any(ckpt_dir.iterdir()):  # a run that stopped before writing leaves no folder
+                ckpt_dir.rmdir()
+        except (OSError, ValueError):
+            pass
+
+
+
+
+def link_checkpoint(src: Path, dst: Path) -> None:
+    """``dst`` names the same bytes as ``src``: a hard link put in place atomically (a copy where the filesystem has
+    no hard links). Checkpoints are never written in place (:func:`save_checkpoint` replaces the name), so a later
+    ``best.pt`` or ``last.pt`` never changes the other."""
+    with atomic_file(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+
+
+
+
+def check_best_on_resume(state: dict[str, Any], ckpt_dir: Path) -> None:
+    """A resumed run's recorded best model exists: ``best.pt`` is there and is at least as good as ``last.pt``
+    records (it may be newer: an epoch whose ``last.pt`` was not written yet is redone)."""
+    best_val = state.get("best_val", float("inf"))
+    if best_val == float("inf"):
+        return
+    best = ckpt_dir / "best.pt"
+    fix = "set resume=false to start over, or use a new checkpoint_dir"
+    if not best.is_file():
+        raise VillaError(
+            f"{ckpt_dir / 'last.pt'} records a best model (val loss {best_val:.4g}) but {best} is missing; {fix}"
+        )
+    saved = load_checkpoint(best, "best checkpoint")
+    if not saved.get("best_val", float("inf")) <= best_val + 1e-12:
+        raise VillaError(
+            f"{best} (val loss {saved.get('best_val')}) is not the best model {ckpt_dir / 'last.pt'} records "
+            f"({best_val:.6g}); {fix}"
+        )
+
+

@@ -1,0 +1,415 @@
+"""The typed schemas of the Hydra commands (stage1, stage2, evaluate): Hydra structured configs.
+
+Each YAML in configs/ lists its schema first in its defaults list (Hydra's "structured config as schema"), so a
+key of the wrong type or a key that does not exist fails when the config is composed, before any data or weights
+load. The YAML files keep the experiment defaults; the schemas hold each key's type, its allowed range or
+choices and its description, which is what ``python -m villa.stage1 --help`` prints.
+
+A field's ``metadata``: ``help`` (one line), ``gt`` / ``ge`` (numeric bound), ``choices``. :func:`validate_config`
+checks the bounds and choices (OmegaConf checks only types).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from villa.core.errors import VillaError
+
+
+def opt(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - the name reads well at the call sites
+    """A schema field: its default (the YAML overrides it), one line of help and its checks."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+
+
+@dataclass
+class Common:
+    dataset: Any = opt(None, "the attribute vocabulary and prompt templates (configs/dataset/<name>.yaml)")
+    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+
+
+@dataclass
+class WandbOptions:
+    project: str = opt("villa", "Weights & Biases project")
+    entity: Optional[str] = opt(None, "Weights & Biases entity (null: your default)")
+    mode: str = opt("offline", "offline: no network, the run is kept for `wandb sync`; online; disabled",
+                    choices=("offline", "online", "disabled"))  # fmt: skip
+
+
+@dataclass
+class TrainingRun(Common):
+    resume: bool = opt(True, "continue <checkpoint_dir>/last.pt when it is the same run (else a one-line error)")
+    seed: int = opt(23, "seed of every random draw")
+    logger: list = opt(["csv"], "metrics to: csv (<checkpoint_dir>/metrics.csv, always on), tensorboard, wandb")
+    wandb: WandbOptions = field(default_factory=WandbOptions)
+
+
+# --- Stage 1 ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage1Model:
+    _target_: str = opt("villa.models.MultiHeadProjection", "the mapping model class")
+    one_proj: bool = opt(False, "one projection head shared by every attribute (ablation)")
+    adapter: bool = opt(False, "each head as 0.2 * head(x) + 0.8 * x (ablation)")
+
+
+@dataclass
+class Stage1Config(TrainingRun):
+    model: Stage1Model = field(default_factory=Stage1Model)
+    task_name: str = opt("stage1", "names the checkpoint and output folders")
+    data_dir: str = opt("???", "the dataset folder (annotations.feather and images)")
+    embeddings_dir: str = opt("???", "preprocessing's output for this dataset")
+    mapping_path: str = opt("???", "where to write the mapping (region-attribute pairs)")
+    checkpoint_dir: str = opt("???", "last.pt / best.pt; default: one folder per task and dataset")
+    device: str = opt("auto", DEVICE_HELP)
+    amp: bool = opt(True, "bf16 (else fp16) autocast for training on CUDA")
+    epochs: int = opt(30, "training epochs (may be raised on resume)", gt=0)
+    batch_size: int = opt(48, "images per batch", gt=0)
+    drop_last: bool = opt(True, "drop the last partial training batch (the original's)")
+    lr: float = opt(1e-4, "AdamW learning rate", gt=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay", ge=0)
+    temperature: float = opt(0.07, "contrastive temperature", gt=0)
+    original_loss: bool = opt(True, "the original's denominator (adds 1 per positive image); false: clean InfoNCE")
+    epsilon: float = opt(0.2, "assign an attribute to every region scoring > max - epsilon", ge=0)
+    sentence_choice: str = opt(
+        "image", "one caption sentence per (image, attribute) (the original's) or per (region, attribute)",
+        choices=("image", "region"),
+    )  # fmt: skip
+    mapping_amp: bool = opt(False, "score the mapping under autocast on CUDA (bf16 flips a few decisions)")
+    mapping_batch_regions: int = opt(8192, "regions scored per chunk", gt=0)
+    log_every: int = opt(0, "steps between log lines inside an epoch (0: one line per epoch)", ge=0)
+    progress: bool = opt(True, "tqdm progress bars")
+
+
+# --- Stage 2 ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClipModel:
+    name: str = opt("RN50", "open_clip model name (RN50, villa-tiny-rn, villa-small-rn...) or auto")
+    pretrained: str = opt("openai", "open_clip tag, checkpoint path, or none (random init)")
+    normalize: bool = opt(False, "CLIP mean/std on the input (the original: none)")
+    input_size: Optional[int] = opt(None, "resize images to this square size first (null: native)", gt=0)
+    freeze_bn: bool = opt(False, "BatchNorm statistics frozen during training")
+    channels_last: bool = opt(True, "channels-last memory format on CUDA")
+
+
+@dataclass
+class Scheduler:
+    factor: float = opt(0.5, "ReduceLROnPlateau factor", gt=0)
+    patience: int = opt(1, "epochs without improvement before the lr drops", ge=0)
+    threshold: float = opt(0.005, "absolute improvement that counts", ge=0)
+
+
+@dataclass
+class GrainOptions:
+    queries: int = opt(5, "region queries (GRAIN: 5), plus one image query", gt=0)
+    optimizer: str = opt("grain", "the head's optimiser: grain (its own AdamW, warm-up + cosine, GRAIN's train.py) or "
+                         "trainer (the tower's optimiser and schedule, at head_lr)", choices=("grain", "trainer"))  # fmt: skip
+    head_lr: Optional[float] = opt(None, "learning rate of the GRAIN head (decoder, queries, box MLP, projections); "
+                                   "null: GRAIN's 1e-3 (optimizer=grain) or lr (trainer)", gt=0)  # fmt: skip
+    head_weight_decay: float = opt(0.1, "optimizer=grain: AdamW's decoupled decay (not on biases and norms)", ge=0)
+    head_betas: list = opt([0.9, 0.98], "optimizer=grain: AdamW betas (GRAIN's)")
+    warmup_epochs: float = opt(1.0, "optimizer=grain: linear warm-up from lr_start, then cosine to lr_end", ge=0)
+    lr_start: float = opt(1e-6, "optimizer=grain: the warm-up's first learning rate", ge=0)
+    lr_end: float = opt(1e-5, "optimizer=grain: the cosine's last learning rate (at the epoch cap)", ge=0)
+    box_scale: float = opt(1.5, "L_box multiplier: GRAIN's compute_box_loss divides by len(weight_dict) / 3 = 2/3",
+                           ge=0)  # fmt: skip
+    image_embedding: str = opt("query", "L_ic's image side: GRAIN's image query, or attnpool (CLIP's attention pool on "
+                               "the whole-image ROI path, which then trains)", choices=("query", "attnpool"))  # fmt: skip
+    width: int = opt(256, "decoder width (a multiple of 4 and of heads)", gt=0)
+    heads: int = opt(8, "decoder attention heads", gt=0)
+    layers: int = opt(3, "decoder layers", gt=0)
+    ffn: int = opt(1024, "decoder feed-forward width", gt=0)
+    dropout: float = opt(0.1, "decoder dropout", ge=0)
+    aux_loss: bool = opt(False, "box losses summed over every decoder layer (DETR's); GRAIN's code uses the last only")
+    rd_weight: float = opt(1.0, "weight of L_rd (region-description alignment)", ge=0)
+    l1_weight: float = opt(1.0, "weight of the box L1 loss", ge=0)
+    giou_weight: float = opt(1.0, "weight of the box GIoU loss", ge=0)
+
+
+@dataclass
+class Stage2Config(TrainingRun):
+    model: ClipModel = field(default_factory=ClipModel)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    grain: GrainOptions = field(default_factory=GrainOptions)
+    task_name: str = opt("stage2", "names the checkpoint and output folders")
+    mode: str = opt("villa", "villa | baseline (one-to-one) | pretrain (CLIP pretraining) | grain (GRAIN-style)",
+                    choices=("villa", "baseline", "pretrain", "grain"))  # fmt: skip
+    trust_mapping: bool = opt(
+        False, "use a mapping.feather that records no provenance (another tool wrote it); recorded in the checkpoint"
+    )
+    grain_boxes: str = opt("mapping", "grain: region descriptions and boxes from Stage 1's mapping (no labels) or "
+                           "gold (reg_to_attr: an upper bound)", choices=("mapping", "gold"))  # fmt: skip
+    data_dir: str = opt("???", "the dataset folder (annotations.feather and images)")
+    mapping_path: str = opt("???", "Stage 1's mapping.feather (villa mode)")
+    checkpoint_dir: str = opt("???", "last.pt / best.pt; default: one folder per task and dataset")
+    device: str = opt("auto", DEVICE_HELP)
+    amp: bool = opt(True, "bf16 (else fp16) autocast on CUDA")
+    epochs: int = opt(100, "maximum epochs (early stopping may end sooner; may be raised on resume)", gt=0)
+    batch_size: int = opt(256, "images per step (global, split across ranks)", gt=0)
+    optimizer: str = opt("adam", "adam (the original's, L2 decay) or adamw", choices=("adam", "adamw"))
+    lr: float = opt(5e-5, "learning rate", gt=0)
+    weight_decay: float = opt(0.2, "weight decay", ge=0)
+    weight_decay_all: bool = opt(True, "decay every parameter (the original's); false: not gains, biases, temperature")
+    betas: list = opt([0.9, 0.999], "Adam betas")
+    eps: float = opt(1e-8, "Adam epsilon", gt=0)
+    temperature: float = opt(0.07, "contrastive temperature (fixed unless learn_temperature)", gt=0)
+    learn_temperature: bool = opt(False, "CLIP's learnable logit scale (pretraining)")
+    early_stop_patience: int = opt(5, "stop after this many epochs without a better val loss", gt=0)
+    drop_last: bool = opt(True, "drop the last partial training batch (the original's)")
+    loss_average: str = opt("batch", "epoch loss: mean over batches (the original's) or weighted by images",
+                            choices=("batch", "image"))  # fmt: skip
+    crop: str = opt("none", "pretrain mode: whole image (none) or content box + random margin (content)",
+                    choices=("none", "content"))  # fmt: skip
+    crop_margin: int = opt(28, "pixels per side, drawn per step, for crop=content", ge=0)
+    log_every: int = opt(50, "steps between host syncs of the loss: non-finite check, progress bar (0: epoch end)",
+                         ge=0)  # fmt: skip
+    compile: bool = opt(False, "torch.compile the image tower's region path (where the platform supports it)")
+    compile_backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager to check tracing quickly)")
+    num_workers: int = opt(2, "DataLoader worker processes", ge=0)
+    progress: bool = opt(True, "tqdm progress bars")
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalModel:
+    name: str = opt("auto", "taken from a villa checkpoint; else an open_clip name (RN50, villa-small-rn...)")
+    pretrained: str = opt("openai", "a checkpoint path (Stage 2 / baseline / pretrain) or an open_clip tag")
+    normalize: Optional[bool] = opt(None, "null: as the checkpoint was trained (else false)")
+    input_size: Optional[int] = opt(None, "null: as the checkpoint was trained (else native)", gt=0)
+
+
+@dataclass
+class EvaluateConfig(Common):
+    model: EvalModel = field(default_factory=EvalModel)
+    task_name: str = opt("evaluate", "names the output folder")
+    label: str = opt("model", "the model's name in the report")
+    data_dir: str = opt("???", "the dataset folder")
+    split: str = opt("test", "the held-out split to evaluate")
+    readout: str = opt("roi", "region embeddings: the image tower's ROI path (every method) or, for a mode=grain "
+                       "checkpoint, its region queries matched to the true boxes (query: villa's adaptation, not a GRAIN "
+                       "readout; docs/grain.md)", choices=("roi", "query"))  # fmt: skip
+    mapping_quality: str = opt("???", "Stage 1's mapping_quality.json, included when present")
+    output: str = opt("???", "where the JSON report is written")
+    precision_at: list = opt([10, 50, 100], "k of precision@k")
+    image_text: bool = opt(
+        True, "also image-text retrieval, Recall@1/5/10 both ways (the only one without reg_to_attr)"
+    )
+    batch_size: int = opt(256, "images per batch", gt=0)
+    num_workers: int = opt(2, "DataLoader worker processes", ge=0)
+    device: str = opt("auto", DEVICE_HELP)
+
+
+# --- zero-shot detection and classification ---------------------------------------------------------------------
+
+
+@dataclass
+class ZeroShotRun:
+    """What every zero-shot evaluation command shares."""
+
+    model: EvalModel = field(default_factory=EvalModel)
+    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+    label: str = opt("model", "the model's name in the report")
+    output: str = opt("???", "the JSON report")
+    batch_size: int = opt(64, "images per batch", gt=0)
+    num_workers: int = opt(2, "DataLoader worker processes", ge=0)
+    device: str = opt("auto", DEVICE_HELP)
+
+
+@dataclass
+class DetectionConfig(ZeroShotRun):
+    task_name: str = opt("detection", "names the output folder; the detections go beside the report")
+    gt: str = opt("???", "COCO-format ground truth (instances_val2017.json, LVIS's lvis_v1_val.json)")
+    images: str = opt("???", "the folder its file_name entries are relative to (val2017/)")
+    regions: str = opt("gt", "boxes to classify: gt (the GT-box setting) or proposals (the RPN setting)",
+                       choices=("gt", "proposals"))  # fmt: skip
+    proposals_file: Optional[str] = opt(None, "regions=proposals: COCO results JSON of boxes and objectness")
+    split: Optional[str] = opt(None, "category groups scored apart: coco_48_17, lvis (rare/common/frequent) or a YAML")
+    templates: Optional[list] = opt(None, "prompt templates with {} (null: CLIP's 80 ImageNet templates)")
+    temperature: float = opt(0.01, "softmax temperature over the categories", gt=0)
+    objectness: bool = opt(True, "regions=proposals: multiply class scores by the proposal's objectness")
+    nms: float = opt(0.5, "per-class NMS IoU threshold", gt=0)
+    max_dets: int = opt(100, "detections kept per image (COCO's 100)", gt=0)
+    score_thresh: float = opt(1e-3, "(box, class) pairs scoring below this are dropped", ge=0)
+    top_k: int = opt(1000, "regions=proposals: proposals kept per image", gt=0)
+
+
+@dataclass
+class ClassificationConfig(ZeroShotRun):
+    task_name: str = opt("classification", "names the output folder")
+    csv: str = opt("???", "CSV with an image column (image or Path) and a label column (label)")
+    images: str = opt("???", "the folder the CSV's image paths are relative to")
+    classes: Optional[list] = opt(None, "the class names in order (null: the labels present, sorted)")
+    prompts: Optional[str] = opt(None, "YAML {class: [prompt, ...]} (null: 'a photo of {}.' templates)")
+    readout: str = opt(
+        "image", "image: the whole image; region: each class's best grid cell", choices=("image", "region")
+    )
+    grid: list = opt([1, 2, 3], "readout=region: grid levels")
+
+
+# --- fine-grained -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinegrainedModel:
+    name: str = opt("auto", "taken from a villa checkpoint; else an open_clip name (RN50, ViT-B-32...)")
+    pretrained: str = opt("openai", "an open_clip tag, a checkpoint path (villa or open_clip), or none")
+
+
+@dataclass
+class FinegrainedConfig:
+    paths: Any = opt(None, "where data and outputs live (configs/paths/default.yaml)")
+    model: FinegrainedModel = field(default_factory=FinegrainedModel)
+    benchmark: str = opt(
+        "docmnist",
+        "which benchmark",
+        choices=(
+            "winoground",
+            "valse",
+            "vsr",
+            "svo_probes",
+            "sugarcrepe",
+            "aro",
+            "coco_order",
+            "flickr30k_order",
+            "docmnist",
+        ),
+    )
+    data_dir: str = opt("???", "the benchmark's local folder (its published layout; docmnist: a dataset folder)")
+    split: str = opt(
+        "test",
+        "vsr: the jsonl evaluated (a dev.jsonl beside it fits the threshold); "
+        "coco_order / flickr30k_order: the Karpathy split, test or val",
+    )
+    valse_valid_only: bool = opt(True, "VALSE: only the samples its annotators validated (mturk.caption >= 2)")
+    seed: int = opt(0, "docmnist: which regions the foils change; coco_order / flickr30k_order: the shuffles")
+    spacy_model: str = opt("en_core_web_sm", "coco_order / flickr30k_order: spaCy pipeline (name or path) that tags")
+    max_words: int = opt(30, "coco_order / flickr30k_order: words kept per caption (ARO's max_words)", gt=0)
+    batch_size: int = opt(64, "images per batch", gt=0)
+    device: str = opt("auto", DEVICE_HELP)
+    output: str = opt("???", "where the JSON metrics are written")
+
+
+SCHEMAS = {"stage1": Stage1Config, "stage2": Stage2Config, "evaluate": EvaluateConfig, "finegrained": FinegrainedConfig,
+           "detection": DetectionConfig, "classification": ClassificationConfig}  # fmt: skip
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        cs.store(name=f"{name}_schema", node=schema)
+
+
+def _walk(schema: type, prefix: str = ""):
+    for f in fields(schema):
+        sub = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
+        if is_dataclass(sub):
+            yield from _walk(type(sub), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+_ABSENT = object()
+
+
+def validate_config(cfg: DictConfig, name: str) -> None:
+    """Check the bounds and choices of ``cfg`` against the schema ``name``; the first violation is one line.
+
+    Also: no key outside the schema (``+batchsize=4`` would be stored and ignored), and the checks that involve
+    list items or two keys (``precision_at``, ``betas``, ``crop`` outside pretraining)."""
+    from omegaconf import OmegaConf
+
+    known = {k for k, _ in _walk(SCHEMAS[name])}
+    groups = {k.split(".")[0] for k in known}
+    for key in cfg:
+        if key in ("hydra",) or key in groups and key in ("dataset", "paths"):
+            continue
+        if key not in groups:
+            raise VillaError(f"unknown key {key!r} (not a {name} setting); see python -m villa.{name} --help")
+        node = cfg[key]
+        if OmegaConf.is_dict(node):
+            for sub in node:
+                if f"{key}.{sub}" not in known and not any(k.startswith(f"{key}.{sub}.") for k in known):
+                    raise VillaError(
+                        f"unknown key '{key}.{sub}' (not a {name} setting); see python -m villa.{name} --help"
+                    )
+    missing = [
+        k for k in known if k not in ("dataset", "paths") and OmegaConf.select(cfg, k, default=_ABSENT) is _ABSENT
+    ]
+    if missing:
+        raise VillaError(f"{missing[0]} is missing (deleted with ~{missing[0]}?): every {name} setting needs a value; "
+                         f"set it with {missing[0]}=... instead")  # fmt: skip
+    target = OmegaConf.select(cfg, "model._target_", default=None)
+    if target is not None:
+        import importlib
+
+        try:
+            module, _, attr = str(target).rpartition(".")
+            if not isinstance(getattr(importlib.import_module(module), attr), type):
+                raise TypeError(attr)
+        except Exception as e:  # not importable, not a class
+            raise VillaError(f"model._target_={target!r} is not a class villa can import ({type(e).__name__}); use "
+                             "villa.models.MultiHeadProjection or your own importable class") from None  # fmt: skip
+    for key, f in _walk(SCHEMAS[name]):
+        meta = f.metadata
+        if not any(k in meta for k in ("gt", "ge", "choices")):
+            continue
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if "gt" in meta and not value > meta["gt"]:
+            raise VillaError(f"{key}={value}: must be > {meta['gt']} ({meta['help']})")
+        if "ge" in meta and not value >= meta["ge"]:
+            raise VillaError(f"{key}={value}: must be >= {meta['ge']} ({meta['help']})")
+        if "choices" in meta and value not in meta["choices"]:
+            raise VillaError(f"{key}={value!r}: use one of {', '.join(meta['choices'])} ({meta['help']})")
+    if name in ("stage1", "stage2"):
+        from villa.core.tracking import LOGGERS
+
+        bad = [x for x in cfg.logger if x not in LOGGERS]
+        if bad:
+            raise VillaError(
+                f"logger={list(cfg.logger)}: {bad[0]!r} is not a logger; use a list of {', '.join(LOGGERS)}"
+            )
+    if name == "evaluate" and not all(isinstance(k, int) and k >= 1 for k in cfg.precision_at):
+        raise VillaError(f"precision_at={list(cfg.precision_at)}: each k must be an integer >= 1")
+    if name == "stage2":
+        for key in ("betas", "grain.head_betas"):
+            betas = list(OmegaConf.select(cfg, key))
+            if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+                raise VillaError(f"{key}={betas}: two numbers in [0, 1), e.g. [0.9, 0.999]")
+        if cfg.crop != "none" and cfg.mode != "pretrain":
+            raise VillaError(f"crop={cfg.crop} is for mode=pretrain only (mode={cfg.mode} trains on whole images and "
+                             "boxes); remove it")  # fmt: skip
+
+
+def help_text(name: str, doc: str, cfg: Optional[DictConfig] = None) -> str:
+    """``--help``: the command's description, then each key with its type, current default and description."""
+    from omegaconf import OmegaConf
+
+    lines = [doc.strip(), "", "Keys (override as key=value; experiment=<name> loads configs/experiment/<name>.yaml):"]
+    for key, f in _walk(SCHEMAS[name]):
+        if key in ("dataset", "paths"):
+            lines.append(f"  {key:<24} {f.metadata['help']}")
+            continue
+        default = OmegaConf.select(cfg, key, throw_on_missing=False) if cfg is not None else None
+        try:
+            shown = OmegaConf.to_container(default) if OmegaConf.is_config(default) else default
+        except Exception:  # an interpolation that cannot resolve here
+            shown = "?"
+        typ = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
+        extra = f" [{'|'.join(f.metadata['choices'])}]" if "choices" in f.metadata else ""
+        lines.append(f"  {key:<24} {f.metadata.get('help', '')}{extra} ({typ}; default {shown})")
+    return "\n".join(lines)
