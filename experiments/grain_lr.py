@@ -4,7 +4,7 @@
 
 GRAIN's head (decoder, queries, box MLP, projections) starts from scratch while the image tower starts from the
 pretrained encoder. On one sweep setting (target 15, seed 23, the sweep's budget and Stage 2 schedule), Stage 2
-``mode=grain`` is trained with each candidate head learning rate and scored by its best validation loss (the val
+``objective=grain`` is trained with each candidate head learning rate and scored by its best validation loss (the val
 split of that training set: no evaluation data is touched). Writes ``results.json`` with the choice.
 """
 

@@ -51,8 +51,8 @@ class PipelineSettings:
     early_stop_patience: int = 3  # Stage 2: epochs without a better val loss; ``stage2_epochs`` is the cap
     train_images: Optional[int] = None  # the fixed-images control: this many train images instead of ``budget``
     val_images: Optional[int] = None
-    grain_queries: int = 9  # mode=grain: one region query per DocMNIST grid cell
-    grain_head_lr: Optional[float] = None  # mode=grain: the head's learning rate (None: stage2_lr)
+    grain_queries: int = 9  # objective=grain: one region query per DocMNIST grid cell
+    grain_head_lr: Optional[float] = None  # objective=grain: the head's learning rate (None: stage2_lr)
     device: str = "auto"
     num_workers: int = 2
     progress: bool = True
@@ -83,9 +83,9 @@ class PipelineSettings:
                 )
 
 
-def stage2_overrides(s: PipelineSettings, data: Path, ckpt: Path, mode: str, mapping: Optional[Path]) -> list[str]:
+def stage2_overrides(s: PipelineSettings, data: Path, ckpt: Path, objective: str, mapping: Optional[Path]) -> list[str]:
     over = [
-        f"mode={mode}", f"data_dir={data}", f"checkpoint_dir={ckpt}", "resume=false", f"model.name={s.model}",
+        f"objective={objective}", f"data_dir={data}", f"checkpoint_dir={ckpt}", "resume=false", f"model.name={s.model}",
         f"model.pretrained={s.pretrained}", f"epochs={s.stage2_epochs}", f"batch_size={s.stage2_batch}", f"lr={s.stage2_lr}",
         f"device={s.device}", f"num_workers={s.num_workers}", f"progress={str(s.progress).lower()}", f"seed={s.seed}",
         f"early_stop_patience={s.early_stop_patience}",
@@ -112,7 +112,7 @@ def run_pipeline(
 
     ``methods``: the Stage 2 models trained from the starting encoder: ``villa`` (Stage 1's mapping), ``baseline``
     (one-to-one), ``oracle`` (ViLLA's Stage 2 on the ground-truth region-attribute pairs: the ablation) and
-    ``grain`` (the GRAIN-style objective on Stage 1's mapping, ``grain_boxes=mapping``).
+    ``grain`` (the GRAIN-style objective on Stage 1's mapping, ``grain.boxes=mapping``).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -159,14 +159,14 @@ def run_pipeline(
     for method in methods:
         t = time.perf_counter()
         ck = work / "ckpt" / method
-        mode = {"baseline": "baseline", "grain": "grain"}.get(method, "villa")
+        objective = {"baseline": "one_to_one", "grain": "grain"}.get(method, "villa")
         pairs = {"villa": mapping, "oracle": data / "oracle_mapping.feather", "grain": mapping}.get(method)
         extra = (
             [f"grain.queries={s.grain_queries}", f"grain.head_lr={s.grain_head_lr or 'null'}"]
             if method == "grain"
             else []
         )
-        r = train_stage2(compose_config("stage2", stage2_overrides(s, data, ck, mode, pairs) + extra))
+        r = train_stage2(compose_config("stage2", stage2_overrides(s, data, ck, objective, pairs) + extra))
         ckpts[method] = Path(r["best_checkpoint"])
         results[f"{method}_training"] = {"best_val": r["best_val"], "epochs": r["epochs_run"]}
         tick(f"stage2_{method}", t)

@@ -117,7 +117,7 @@ def test_demo_pipeline_tiny(demo_run, tiny_pretrained):
     assert f"| Stage 1 | {100 * quality['stage1']['all']['all']['f1']:.1f} |" in table
     assert f"Retrieval on the {test_regions} held-out regions" in table
     kinds = {m: torch.load(p, map_location="cpu", weights_only=True) for m, p in saved["checkpoints"].items()}
-    assert kinds["villa"]["config"]["mode"] == "villa" and kinds["baseline"]["config"]["mode"] == "baseline"
+    assert kinds["villa"]["config"]["objective"] == "villa" and kinds["baseline"]["config"]["objective"] == "one_to_one"
     assert kinds["villa"]["config"]["mapping_path"] == str(data / "mapping.feather")
     start = torch.load(tiny_pretrained, map_location="cpu", weights_only=True)["state_dict"]
     for m in ("villa", "baseline"):
@@ -216,7 +216,7 @@ def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
     clip = create_clip("auto", str(ASSET))
     assert clip.model_name.startswith("villa-small-rn")
     state = torch.load(ASSET, map_location="cpu", weights_only=True)
-    assert state["kind"] == "villa-stage2-pretrain" and state["config"]["mode"] == "pretrain"
+    assert state["kind"] == "villa-stage2-pretrain" and state["config"]["mode"] == "pretrain"  # written before objective=
     pools = state["data_pools"]
     assert {p["split"] for p in pools} == {"train", "val"} and {p["scheme"] for p in pools} == {"full-v1"}
     test_pool = load_digit_pools().info["test"].to_dict()

@@ -126,7 +126,7 @@ def test_non_finite_and_empty_input_is_refused(tiny_docmnist, tmp_path, column, 
 @pytest.mark.parametrize(
     "name,override,match",
     [("stage2", "+batchsize=4", "unknown key 'batchsize'"), ("evaluate", "precision_at=[0,10]", "precision_at"),
-     ("stage2", "betas=[1.5,0.9]", "betas"), ("stage2", "crop=content", "crop=content is for mode=pretrain")],
+     ("stage2", "betas=[1.5,0.9]", "betas"), ("stage2", "pretrain.crop=content", "pretrain.crop=content is for objective=pretrain")],
 )  # fmt: skip
 def test_overrides_that_would_be_ignored_or_wrong(name, override, match):
     from villa.core.config import check_overrides
@@ -208,7 +208,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(small_disk, tiny_docmnist, mni
         from villa.stage2.train import train_stage2
 
         train_stage2(compose_config("stage2", [
-            f"data_dir={tiny_docmnist}", f"checkpoint_dir={small_disk / 'ck'}", "mode=baseline", "model.name=villa-tiny-rn",
+            f"data_dir={tiny_docmnist}", f"checkpoint_dir={small_disk / 'ck'}", "objective=one_to_one", "model.name=villa-tiny-rn",
             "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false", "epochs=1", "batch_size=16", "amp=false",
         ]))  # fmt: skip
     ck = small_disk / "ck"
@@ -370,7 +370,7 @@ def test_stage2_refuses_to_resume_on_changed_images(tiny_docmnist, tmp_path, mon
 
     monkeypatch.setenv("VILLA_CACHE_DIR", str(tmp_path / "cache"))
     data = shutil.copytree(tiny_docmnist, tmp_path / "d", ignore=shutil.ignore_patterns("embeddings", "text_cache"))
-    over = [f"data_dir={data}", f"checkpoint_dir={tmp_path / 'ck'}", "mode=baseline", "model.name=villa-tiny-rn",
+    over = [f"data_dir={data}", f"checkpoint_dir={tmp_path / 'ck'}", "objective=one_to_one", "model.name=villa-tiny-rn",
             "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false", "batch_size=16", "amp=false"]  # fmt: skip
     train_stage2(compose_config("stage2", over + ["epochs=1"]))
     for p in (data / "images").rglob("*.png"):

@@ -124,7 +124,7 @@ def test_vit_tokens_through_forward_intermediates():
 
 
 def _grain_cfg(tmp, data, *extra):
-    return s2cfg(tmp, data, "mode=grain", "grain_boxes=gold", "batch_size=16", "grain.queries=9", "grain.width=32",
+    return s2cfg(tmp, data, "objective=grain", "grain.boxes=gold", "batch_size=16", "grain.queries=9", "grain.width=32",
                  "grain.heads=4", "grain.layers=2", "grain.ffn=64", *extra)  # fmt: skip
 
 
@@ -161,7 +161,7 @@ def test_grain_trains_resumes_and_evaluates(tiny_docmnist, tmp_path):
     assert query["readout"] == "query" and 0 <= query["boxes"]["mean_iou"] <= 1
     assert query["boxes"]["matched"] == 1.0  # 9 queries: every region has one
     assert query["text_to_region"]["r_precision"] != roi["text_to_region"]["r_precision"]
-    with pytest.raises(VillaError, match="readout=query needs a mode=grain checkpoint"):
+    with pytest.raises(VillaError, match="readout=query needs a objective=grain checkpoint"):
         evaluate_model(create_clip("villa-tiny-rn", None), ann, vocab, "test", rt, opts, num_workers=0, readout="query")
     # the global readout of the fine-grained benchmarks: GRAIN's image query, as its L_ic trained it
     from PIL import Image
@@ -184,17 +184,18 @@ def test_grain_trains_resumes_and_evaluates(tiny_docmnist, tmp_path):
 def test_head_learning_rate_is_its_own_group(tiny_docmnist, tmp_path):
     from villa.models.clip import create_clip
     from villa.stage2.model import Stage2Model
-    from villa.stage2.objectives.grain import build_head_optimizer
+    from villa.stage2.objectives import build_objective
     from villa.stage2.optim import build_optimizer
 
     cfg = _grain_cfg(tmp_path, tiny_docmnist, "grain.head_lr=0.01", "lr=0.0002", "grain.optimizer=trainer")
-    model = Stage2Model(create_clip("villa-tiny-rn", None), cfg)
-    opt = build_optimizer(cfg, model)
-    head = {id(p) for p in model.grain.parameters()}
+    objective = build_objective(cfg)
+    model = Stage2Model(create_clip("villa-tiny-rn", None), cfg, objective)
+    opt = build_optimizer(cfg, model, objective)
+    head = {id(p) for p in model.head.parameters()}
     lrs = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
     assert set(lrs) == {0.0002, 0.01} and lrs[0.01] == head and not (lrs[0.0002] & head)
     assert not any(p.requires_grad for p in model.clip.visual.attnpool.parameters())
-    assert build_head_optimizer(cfg, model, 10) == (None, None)
+    assert objective.optimizers(model, 10) == ({}, {})
 
 
 def test_head_optimiser_and_schedule_are_grains(tiny_docmnist, tmp_path):
@@ -205,25 +206,27 @@ def test_head_optimiser_and_schedule_are_grains(tiny_docmnist, tmp_path):
 
     from villa.models.clip import create_clip
     from villa.stage2.model import Stage2Model
-    from villa.stage2.objectives.grain import build_head_optimizer
+    from villa.stage2.objectives import build_objective
     from villa.stage2.optim import build_optimizer
 
     cfg = _grain_cfg(tmp_path, tiny_docmnist, "lr=0.0002", "epochs=4", "grain.image_embedding=attnpool")
-    model = Stage2Model(create_clip("villa-tiny-rn", None), cfg)
-    head = {id(p) for p in model.grain.parameters()}
-    tower = build_optimizer(cfg, model)
+    objective = build_objective(cfg)
+    model = Stage2Model(create_clip("villa-tiny-rn", None), cfg, objective)
+    head = {id(p) for p in model.head.parameters()}
+    tower = build_optimizer(cfg, model, objective)
     assert not any(id(p) in head for g in tower.param_groups for p in g["params"])
     assert all(p.requires_grad for p in model.clip.visual.attnpool.parameters())  # image_embedding=attnpool
     boxes, region, image, _ = model(torch.rand(2, 3, 84, 84), None, None, None)
     assert boxes.shape[1:] == (2, 9, 4) and region.shape[:2] == (2, 9) and image.shape == (2, region.shape[-1])
     image.square().sum().backward()  # the image side of L_ic now reaches CLIP's attention pool
     assert model.clip.visual.attnpool.c_proj.weight.grad.abs().sum() > 0
-    opt, sched = build_head_optimizer(cfg, model, steps_per_epoch=5)
+    opts, schedules = objective.optimizers(model, steps_per_epoch=5)
+    opt, sched = opts["head_optimizer"], schedules["head_scheduler"]
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.98)
     decay = {g["weight_decay"]: g["params"] for g in opt.param_groups}
     assert set(decay) == {0.0, 0.1} and all(p.ndim >= 2 for p in decay[0.1])
     assert {id(p) for ps in decay.values() for p in ps} == head
-    biases = [p for n, p in model.grain.named_parameters() if n.endswith("bias")]
+    biases = [p for n, p in model.head.named_parameters() if n.endswith("bias")]
     assert biases and all(any(p is q for q in decay[0.0]) for p in biases)
     warm = np.linspace(1e-6, 1e-3, 5)  # GRAIN's utils/train_utils.py cosine_scheduler, 4 epochs of 5 steps
     iters = np.arange(20 - 5)
@@ -238,14 +241,14 @@ def test_head_optimiser_and_schedule_are_grains(tiny_docmnist, tmp_path):
 
 def test_grain_on_the_mapping_needs_the_mapping(tiny_docmnist, tmp_path):
     with pytest.raises(VillaError, match="mapping not found"):
-        train_stage2(s2cfg(tmp_path, tiny_docmnist, "mode=grain", f"mapping_path={tmp_path / 'none.feather'}"))
+        train_stage2(s2cfg(tmp_path, tiny_docmnist, "objective=grain", f"mapping_path={tmp_path / 'none.feather'}"))
 
 
 def test_grain_ddp_gloo_matches_single_process(tiny_docmnist, tmp_path):
     """2 gloo processes against one process on the same global batch: losses and weights match (the box and
     region-description losses are local sums over a global count; the caption loss gathers features)."""
     data = _even_subset(tiny_docmnist, tmp_path / "data")
-    common = ["mode=grain", "grain_boxes=gold", "batch_size=16", "epochs=2", "lr=1e-3", "model.freeze_bn=true",
+    common = ["objective=grain", "grain.boxes=gold", "batch_size=16", "epochs=2", "lr=1e-3", "model.freeze_bn=true",
               "seed=5", "grain.queries=9", "grain.width=32", "grain.heads=4", "grain.layers=2", "grain.ffn=64",
               "grain.dropout=0"]  # fmt: skip
     ddp, one = ddp_and_single(data, tmp_path, common)

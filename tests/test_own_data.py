@@ -22,7 +22,8 @@ from villa.data.images import padded_pixels, size_buckets
 from villa.data.vocab import load_vocab
 from villa.evaluate.retrieval import image_text_metrics
 from villa.preprocess import embed_dataset
-from villa.stage1.train import mapping_degeneracy, train_stage1
+from villa.stage1.mapping import mapping_degeneracy
+from villa.stage1.train import train_stage1
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCMNIST_YAML = str(ROOT / "configs" / "dataset" / "docmnist.yaml")

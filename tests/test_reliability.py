@@ -101,15 +101,15 @@ def test_checkpoint_without_fingerprint_is_refused(synthetic_stage1, tmp_path):
 
 def test_stage2_resume_refuses_another_mode_or_dataset(tiny_docmnist, tiny_mapping, tmp_path):
     ck = tmp_path / "ck"
-    train_stage2(s2(tiny_docmnist, ck, "mode=baseline", "epochs=1"))
+    train_stage2(s2(tiny_docmnist, ck, "objective=one_to_one", "epochs=1"))
     state = load_checkpoint(ck / "last.pt")
     assert state["inputs"]["annotations"] == file_sha256(tiny_docmnist / "annotations.feather")
     assert state["data_pools"] and {p["split"] for p in state["data_pools"]} == {"train", "val"}
-    with pytest.raises(VillaError, match=r"another run \(.*mode: 'baseline' -> 'villa'"):
-        train_stage2(s2(tiny_docmnist, ck, "mode=villa", f"mapping_path={tiny_mapping}", "epochs=2"))
+    with pytest.raises(VillaError, match=r"another run \(.*objective: 'one_to_one' -> 'villa'"):
+        train_stage2(s2(tiny_docmnist, ck, "objective=villa", f"mapping_path={tiny_mapping}", "epochs=2"))
     other, _ = _other_dataset(tiny_docmnist, None, tmp_path)
     with pytest.raises(VillaError, match=r"another run \(annotations: "):
-        train_stage2(s2(other, ck, "mode=baseline", "epochs=2"))
+        train_stage2(s2(other, ck, "objective=one_to_one", "epochs=2"))
     assert load_checkpoint(ck / "last.pt")["epoch"] == 1
 
 
@@ -120,12 +120,12 @@ def test_mapping_records_its_run_and_stage2_checks_it(tiny_docmnist, tiny_mappin
     assert rec["sentence_choice"] == "image" and rec["epsilon"] == 0.2
     other, _ = _other_dataset(tiny_docmnist, None, tmp_path)
     with pytest.raises(VillaError, match="made by Stage 1 for another dataset"):
-        train_stage2(s2(other, tmp_path / "ck", "mode=villa", f"mapping_path={tiny_mapping}", "epochs=1"))
+        train_stage2(s2(other, tmp_path / "ck", "objective=villa", f"mapping_path={tiny_mapping}", "epochs=1"))
 
 
 def test_stage2_checks_data_before_weights(tiny_docmnist, tmp_path):
     """A missing mapping is reported before pretrained=openai would try to load (or download) anything."""
-    cfg = s2(tiny_docmnist, tmp_path / "ck", "mode=villa", "model.name=RN50", "model.pretrained=openai",
+    cfg = s2(tiny_docmnist, tmp_path / "ck", "objective=villa", "model.name=RN50", "model.pretrained=openai",
              f"mapping_path={tmp_path / 'none.feather'}")  # fmt: skip
     with pytest.raises(VillaError, match="mapping not found"):
         train_stage2(cfg)

@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_config
 
-from villa import stage2 as stage2_module
+import villa.stage2.objectives.base as objective_base
 from villa.core.errors import VillaError
 from villa.core.runtime import get_runtime
 from villa.data.batches import gather_index
 from villa.models.clip import create_clip
 from villa.models.region_encoder import RegionEncoder
 from villa.stage2.objectives.base import infonce
-from villa.stage2.pairs import build_pairs, load_pair_data
-from villa.stage2.train import train_stage2
+from villa.stage2.pairs import build_pairs
+from villa.stage2.train import pair_data, train_stage2
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -74,16 +74,16 @@ def test_modes_see_their_pairs(tiny_docmnist, tiny_mapping, tmp_path):
 
     rt = get_runtime("cpu")
     clip = create_clip("villa-tiny-rn", None)
-    tr, va = load_pair_data(s2cfg(tmp_path, tiny_docmnist, "mode=baseline"), clip, rt, Dist())
+    obj, tr, va = pair_data(s2cfg(tmp_path, tiny_docmnist, "objective=one_to_one"), clip, rt, Dist())
     assert (np.diff(tr.pairs.offsets) == 1).all()  # one pair per image: the whole image and its caption
     np.testing.assert_array_equal(tr.pairs.boxes, [[0, 0, 83, 83]] * len(tr.pairs.boxes))
-    assert tr.pairs.text == tr.ann.text and tr.text_emb.shape == (tr.ann.n_images, 64)
-    vtr, _ = load_pair_data(s2cfg(tmp_path, tiny_docmnist, "mode=villa", mapping=tiny_mapping), clip, rt, Dist())
+    assert tr.pairs.text == tr.ann.text and obj.targets_.embeddings.shape == (tr.ann.n_images, 64)
+    vobj, vtr, _ = pair_data(s2cfg(tmp_path, tiny_docmnist, "objective=villa", mapping=tiny_mapping), clip, rt, Dist())
     df = pd.read_feather(tiny_mapping)
     n_assigned = df.assigned_attributes.map(lambda r: sum(len(a) > 0 for a in r)).to_numpy()
     np.testing.assert_array_equal(np.diff(vtr.pairs.offsets), n_assigned + 1)
-    assert vtr.text_emb.shape == (vtr.pairs.n_pairs, 64)
-    torch.testing.assert_close(vtr.text_emb.norm(dim=1), torch.ones(vtr.pairs.n_pairs))
+    assert vobj.targets_.embeddings.shape == (vtr.pairs.n_pairs, 64)
+    torch.testing.assert_close(vobj.targets_.embeddings.norm(dim=1), torch.ones(vtr.pairs.n_pairs))
     from villa.models.text import text_tower_digest
 
     cache = tiny_docmnist / "text_cache" / f"{clip.model_name}-{text_tower_digest(clip)}.pt"  # one file per text tower
@@ -91,9 +91,7 @@ def test_modes_see_their_pairs(tiny_docmnist, tiny_mapping, tmp_path):
     cached = torch.load(cache, weights_only=True)
     assert len(cached["sentences"]) == len(set(cached["sentences"])) == cached["embeddings"].shape[0]
     with pytest.raises(VillaError, match="mapping not found"):
-        load_pair_data(
-            s2cfg(tmp_path, tiny_docmnist, "mode=villa", mapping=tmp_path / "none.feather"), clip, rt, Dist()
-        )
+        pair_data(s2cfg(tmp_path, tiny_docmnist, "objective=villa", mapping=tmp_path / "none.feather"), clip, rt, Dist())
 
 
 def test_pretrain_checkpoint_loads_and_reproduces(tiny_docmnist, tmp_path):
@@ -130,14 +128,14 @@ def test_end_to_end_lowers_val_loss(tiny_docmnist, tmp_path):
                      num_workers=0, progress=False, out_dir=tmp_path / "emb")  # fmt: skip
     train_stage1(compose_config("stage1", [f"data_dir={tiny_docmnist}", f"embeddings_dir={emb}", f"mapping_path={tmp_path / 'm.feather'}",
                                            f"checkpoint_dir={tmp_path / 's1'}", "epochs=2", "device=cpu", "progress=false"]))  # fmt: skip
-    res = train_stage2(s2cfg(tmp_path, tiny_docmnist, "mode=villa", "epochs=4", "batch_size=16", "lr=1e-3",
+    res = train_stage2(s2cfg(tmp_path, tiny_docmnist, "objective=villa", "epochs=4", "batch_size=16", "lr=1e-3",
                              mapping=tmp_path / "m.feather"))  # fmt: skip
     vals = [h["val_loss"] for h in res["history"]]
     assert len(vals) == 4 and vals[-1] < vals[0] - 0.05, vals
 
 
 def test_resume_equals_uninterrupted(tiny_docmnist, tmp_path):
-    extra = ["mode=baseline", "batch_size=32", "lr=1e-3", "seed=3"]
+    extra = ["objective=one_to_one", "batch_size=32", "lr=1e-3", "seed=3"]
     train_stage2(s2cfg(tmp_path / "a", tiny_docmnist, *extra, "epochs=2"))
     train_stage2(s2cfg(tmp_path / "b", tiny_docmnist, *extra, "epochs=1"))  # "interrupted" after its first epoch
     res = train_stage2(s2cfg(tmp_path / "b", tiny_docmnist, *extra, "epochs=2"))
@@ -154,19 +152,19 @@ def test_resume_equals_uninterrupted(tiny_docmnist, tmp_path):
 def nan_at_call(monkeypatch, n: int) -> dict[str, int]:
     """Make Stage 2's n-th loss (from now on) NaN; returns the call counter."""
     calls = {"n": 0}
-    real = stage2_module.infonce
+    real = objective_base.infonce
 
     def flaky(*a, **k):
         calls["n"] += 1
         out = real(*a, **k)
         return out * float("nan") if calls["n"] == n else out
 
-    monkeypatch.setattr(stage2_module, "infonce", flaky)
+    monkeypatch.setattr(objective_base, "infonce", flaky)
     return calls
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_docmnist, tmp_path, monkeypatch):
-    cfg = ["mode=baseline", "batch_size=32"]
+    cfg = ["objective=one_to_one", "batch_size=32"]
     train_stage2(s2cfg(tmp_path, tiny_docmnist, *cfg, "epochs=1"))
     before = (tmp_path / "ckpt" / "last.pt").read_bytes()
     nan_at_call(monkeypatch, 2)
@@ -181,7 +179,7 @@ def test_non_finite_stop_within_one_sync_interval(tiny_docmnist, tmp_path, monke
     """Losses are checked every log_every steps (no host sync per step): a NaN at step 0 stops the run at the
     interval's end (step 1 with log_every=2), the error names step 0, and no checkpoint is written."""
     calls = nan_at_call(monkeypatch, 1)
-    cfg = s2cfg(tmp_path, tiny_docmnist, "mode=baseline", "batch_size=16", "epochs=1", "log_every=2")
+    cfg = s2cfg(tmp_path, tiny_docmnist, "objective=one_to_one", "batch_size=16", "epochs=1", "log_every=2")
     with pytest.raises(VillaError, match=r"non-finite loss \(nan\) at epoch 1 step 0;"):
         train_stage2(cfg)
     assert calls["n"] == 2
@@ -192,8 +190,8 @@ def test_pair_collate_gathers_the_pairs_of_its_images(tiny_docmnist, tmp_path):
     from villa.core.distributed import Dist
     from villa.stage2.pairs import PairCollate, make_loader
 
-    cfg = s2cfg(tmp_path, tiny_docmnist, "mode=baseline", "batch_size=8")
-    train, _ = load_pair_data(cfg, create_clip("villa-tiny-rn", None), get_runtime("cpu"), Dist())
+    cfg = s2cfg(tmp_path, tiny_docmnist, "objective=one_to_one", "batch_size=8")
+    _, train, _ = pair_data(cfg, create_clip("villa-tiny-rn", None), get_runtime("cpu"), Dist())
     loader, _ = make_loader(train, cfg, Dist(), train=True)
     assert isinstance(loader.collate_fn, PairCollate)
     batch = next(iter(loader))
@@ -206,7 +204,7 @@ def test_pair_collate_gathers_the_pairs_of_its_images(tiny_docmnist, tmp_path):
 def test_compiled_region_path_trains_the_same(tiny_docmnist, tmp_path):
     """compile=true (traced by dynamo and AOT autograd; aot_eager generates no code, so the test is quick) trains
     to the same weights as eager, and its checkpoint keys are the eager model's."""
-    common = ["mode=baseline", "batch_size=16", "epochs=1"]
+    common = ["objective=one_to_one", "batch_size=16", "epochs=1"]
     eager = train_stage2(s2cfg(tmp_path / "e", tiny_docmnist, *common))
     compiled = train_stage2(s2cfg(tmp_path / "c", tiny_docmnist, *common, "compile=true", "compile_backend=aot_eager"))
     assert compiled["checksum"] == pytest.approx(eager["checksum"], rel=1e-9)
@@ -252,16 +250,16 @@ def torchrun_two_ranks(data: Path, tmp_path: Path, overrides: list[str]) -> None
     assert sums[0][1] == sums[1][1]  # identical weights on both ranks
 
 
-@pytest.mark.parametrize("mode", ["baseline", "pretrain"])
+@pytest.mark.parametrize("mode", ["one_to_one", "pretrain"])
 def test_ddp_gloo_matches_single_process(tiny_docmnist, tmp_path, mode):
     """torchrun, 2 CPU processes (gloo): runs, ranks end with identical weights, and the losses, weights and
     optimiser moments match a single process on the same global batch. ``pretrain`` trains both towers and the
     learnable temperature, whose gradient must not be multiplied by the world size (Adam's update hides such a
     factor; its first moment does not)."""
     data = _even_subset(tiny_docmnist, tmp_path / "data")
-    common = [f"mode={mode}", "batch_size=16", "epochs=2", "lr=1e-3", "model.freeze_bn=true", "seed=5"]
+    common = [f"objective={mode}", "batch_size=16", "epochs=2", "lr=1e-3", "model.freeze_bn=true", "seed=5"]
     if mode == "pretrain":
-        common += ["learn_temperature=true", "optimizer=adamw", "weight_decay_all=false", "crop=none"]
+        common += ["learn_temperature=true", "optimizer=adamw", "weight_decay_all=false", "pretrain.crop=none"]
     ddp, one = ddp_and_single(data, tmp_path, common)
     # pretrain: undecayed AdamW turns the rounding noise of near-zero gradients (key biases, whose gradient is 0 in
     # exact arithmetic) into steps of up to lr; the gradients themselves are compared tightly through exp_avg below
@@ -275,51 +273,10 @@ def test_ddp_gloo_matches_single_process(tiny_docmnist, tmp_path, mode):
         assert one["state_dict"]["logit_scale"] != math.log(1 / 0.07)  # the temperature did train
 
 
-def _leaves(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _leaves(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
-def test_experiment_configs_compose():
-    """Every key an experiment file sets reaches the composed config with that value (none is shadowed by the
-    primary config or lost to a wrong ``@package``)."""
-    import yaml
-    from omegaconf import OmegaConf
-
-    files = sorted((ROOT / "configs" / "experiment").glob("*.yaml"))
-    assert {f.stem for f in files} >= {
-        "docmnist_stage1",
-        "docmnist_stage2",
-        "docmnist_baseline",
-        "pretrain",
-        "docmnist_grain",
-    }
-    for f in files:
-        name = "stage1" if "stage1" in f.stem else "stage2"
-        cfg = compose_config(name, [f"experiment={f.stem}"])
-        raw = OmegaConf.to_container(cfg, resolve=False)
-        set_here = {k: v for k, v in yaml.safe_load(f.read_text()).items() if k != "defaults"}
-        leaves = list(_leaves(set_here))
-        assert len(leaves) >= 2, f
-        for key, value in leaves:
-            got = raw
-            for part in key.split("."):
-                got = got[part]
-            assert got == value, (f.name, key, got, value)
-    assert compose_config("stage2", ["experiment=pretrain"]).weight_decay_all is False
-    assert compose_config("stage2", ["experiment=docmnist_stage2"]).weight_decay_all is True  # the original's
-    grain = compose_config("stage2", ["experiment=docmnist_grain"])
-    assert grain.mode == "grain" and grain.grain_boxes == "mapping" and grain.grain.queries == 9
-    assert grain.model.pretrained == "openai" and grain.batch_size == 256  # the paper-scale settings, as ViLLA's
-
-
 def test_content_crop_boxes(tiny_docmnist):
     from villa.data.annotations import load_annotations
     from villa.data.vocab import load_vocab
-    from villa.stage2.pairs import content_boxes, jitter_boxes
+    from villa.stage2.objectives.pretrain import content_boxes, jitter_boxes
 
     ann = load_annotations(tiny_docmnist, load_vocab("docmnist"), check_images=False)
     cb = content_boxes(ann)
@@ -352,7 +309,7 @@ def test_export_is_compact_and_loads(tiny_docmnist, tmp_path):
 
 
 def test_loss_average_per_batch_is_the_originals():
-    from villa.stage2.train import LossMeter
+    from villa.core.engine import LossMeter
 
     batch, image = LossMeter("batch"), LossMeter("image")
     for loss, n in ((2.0, 32), (4.0, 8)):
@@ -367,9 +324,9 @@ def test_train_loader_drops_the_last_partial_batch(tiny_docmnist, tmp_path):
     from villa.core.distributed import Dist
     from villa.stage2.pairs import make_loader
 
-    cfg = s2cfg(tmp_path, tiny_docmnist, "mode=baseline", "batch_size=32")
+    cfg = s2cfg(tmp_path, tiny_docmnist, "objective=one_to_one", "batch_size=32")
     clip = create_clip("villa-tiny-rn", None)
-    train, val = load_pair_data(cfg, clip, get_runtime("cpu"), Dist())
+    _, train, val = pair_data(cfg, clip, get_runtime("cpu"), Dist())
     assert len(train.rows) % 32 and len(val.rows) % 32  # both have a partial last batch
     tl, _ = make_loader(train, cfg, Dist(), train=True)
     vl, _ = make_loader(val, cfg, Dist(), train=False)
@@ -383,13 +340,14 @@ def test_train_loader_drops_the_last_partial_batch(tiny_docmnist, tmp_path):
 
 def test_pretraining_does_not_decay_gains_biases_temperature_embeddings(tiny_docmnist, tmp_path):
     from villa.stage2.model import Stage2Model
+    from villa.stage2.objectives import build_objective
     from villa.stage2.optim import build_optimizer
 
     def groups(*over):
         cfg = s2cfg(tmp_path, tiny_docmnist, *over)
-        model = Stage2Model(create_clip("villa-tiny-rn", None), cfg)
+        model = Stage2Model(create_clip("villa-tiny-rn", None), cfg, build_objective(cfg))
         names = {id(p): n for n, p in model.named_parameters()}
-        opt = build_optimizer(cfg, model)
+        opt = build_optimizer(cfg, model, model.objective[0])
         return {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
 
     pre = groups("experiment=pretrain", "model.name=villa-tiny-rn")
@@ -398,5 +356,5 @@ def test_pretraining_does_not_decay_gains_biases_temperature_embeddings(tiny_doc
             "clip.visual.bn1.weight", "clip.visual.attnpool.positional_embedding"} <= pre[0.0]  # fmt: skip
     assert "clip.visual.conv1.weight" in pre[0.1] and "clip.text_projection" in pre[0.1]
     assert not any(n.endswith(".bias") for n in pre[0.1])
-    orig = groups("mode=baseline")  # the original's: Adam decays every trainable parameter
+    orig = groups("objective=one_to_one")  # the original's: Adam decays every trainable parameter
     assert set(orig) == {0.2} and "clip.visual.bn1.bias" in orig[0.2]

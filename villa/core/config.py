@@ -15,10 +15,11 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from villa.core import env
 from villa.core.env import config_dir
 from villa.core.errors import VillaError
 from villa.core.log import setup_logging
-from villa.core.schemas import help_text, register_schemas, validate_config
+from villa.core.schemas import COMMANDS, help_text, register_schemas, validate_config
 from villa.data.vocab import Vocabulary, load_vocab, vocab_from_dict
 
 
@@ -31,6 +32,23 @@ register_schemas()
 # ${basename:${data_dir}} in the configs: checkpoint folders named by their dataset, so two datasets never share one
 if not OmegaConf.has_resolver("basename"):
     OmegaConf.register_new_resolver("basename", _basename)
+# ${villa_env:data_root}: the folders villa/core/env.py reads from the environment (the one place it is read)
+if not OmegaConf.has_resolver("villa_env"):
+    OmegaConf.register_new_resolver("villa_env", lambda name: str({"data_root": env.data_root,
+                                                                    "checkpoint_root": env.checkpoint_root}[name]()))  # fmt: skip
+
+# Keys that were renamed (old spelling -> new); an old spelling is one line naming the new one.
+RENAMED = {"mode": "objective", "grain_boxes": "grain.boxes", "crop": "pretrain.crop",
+           "crop_margin": "pretrain.crop_margin"}  # fmt: skip
+RENAMED_VALUES = {("mode", "baseline"): "one_to_one"}
+
+
+def check_renamed(overrides: Sequence[str]) -> None:
+    for o in overrides:
+        key, sep, value = o.lstrip("+~").partition("=")
+        if sep and key in RENAMED:
+            new = RENAMED_VALUES.get((key, value), value)
+            raise VillaError(f"{key}= is now {RENAMED[key]}= (use {RENAMED[key]}={new})")
 
 
 def dataset_path_overrides(overrides: Sequence[str]) -> list[str]:
@@ -48,6 +66,7 @@ def dataset_path_overrides(overrides: Sequence[str]) -> list[str]:
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """``compose_config("stage2", ["experiment=docmnist_baseline", "epochs=3"])``."""
+    check_renamed(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -76,9 +95,7 @@ def check_overrides(config_name: str, overrides: Sequence[str]) -> DictConfig:
     try:
         cfg = compose_config(config_name, overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise VillaError(
-            f"{_one_line(e)}; see python -m villa.{config_name} --help for the keys and their types"
-        ) from e
+        raise VillaError(f"{_one_line(e)}; see {COMMANDS[config_name]} --help for the keys and their types") from e
     validate_config(cfg, config_name)
     return cfg
 
@@ -150,7 +167,7 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], Any], doc: str = "
                 cfg = compose_config(config_name, overrides)
             except Exception:  # help still prints, without the defaults
                 cfg = None
-            print(help_text(config_name, doc or f"python -m villa.{config_name} [key=value ...]", cfg))
+            print(help_text(config_name, doc or f"{COMMANDS[config_name]} [key=value ...]", cfg))
             return
         if not any(a.startswith("-") for a in args):  # Hydra's own flags (--multirun, --cfg...) go to Hydra
             try:

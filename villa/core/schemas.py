@@ -1,9 +1,10 @@
-"""The typed schemas of the Hydra commands (stage1, stage2, evaluate): Hydra structured configs.
+"""The typed schemas of villa's Hydra commands, and the one place their defaults are written.
 
-Each YAML in configs/ lists its schema first in its defaults list (Hydra's "structured config as schema"), so a
-key of the wrong type or a key that does not exist fails when the config is composed, before any data or weights
-load. The YAML files keep the experiment defaults; the schemas hold each key's type, its allowed range or
-choices and its description, which is what ``python -m villa.stage1 --help`` prints.
+Each command's YAML in configs/ lists its schema first in its defaults list (Hydra's "structured config as
+schema") and holds nothing else but the groups it composes (``dataset``, ``hydra``): every key's type, default,
+allowed range or choices and description is here, which is what ``--help`` prints. A key of the wrong type or a
+key that does not exist fails when the config is composed, before any data or weights load. Experiment configs
+(configs/experiment/) hold only what differs from these defaults.
 
 A field's ``metadata``: ``help`` (one line), ``gt`` / ``ge`` (numeric bound), ``choices``. :func:`validate_config`
 checks the bounds and choices (OmegaConf checks only types).
@@ -21,7 +22,7 @@ from villa.core.errors import VillaError
 
 
 def opt(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - the name reads well at the call sites
-    """A schema field: its default (the YAML overrides it), one line of help and its checks."""
+    """A schema field: its default, one line of help and its checks."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: default, metadata={"help": help, **checks})
     return field(default=default, metadata={"help": help, **checks})
@@ -30,10 +31,22 @@ def opt(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - the name
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 
 
+DEFAULT_DATA = "${paths.data_dir}/docmnist_30000_15.2"  # the paper's DocMNIST setting (budget 30000, target 16)
+PER_RUN_CHECKPOINTS = "${paths.checkpoint_dir}/${task_name}/${basename:${data_dir}}"  # one folder per task and data
+
+
+@dataclass
+class Paths:
+    data_dir: str = opt("${villa_env:data_root}", "where relative dataset names live ($VILLA_DATA_DIR, else data)")
+    checkpoint_dir: str = opt("${villa_env:checkpoint_root}", "where runs keep checkpoints ($VILLA_CHECKPOINT_DIR, "
+                              "else checkpoints)")  # fmt: skip
+    output_dir: str = opt("outputs", "where reports and Hydra's run folders go")
+
+
 @dataclass
 class Common:
-    dataset: Any = opt(None, "the attribute vocabulary and prompt templates (configs/dataset/<name>.yaml)")
-    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+    dataset: Any = opt(None, "the attribute vocabulary and prompt templates (configs/dataset/<name>.yaml or a path)")
+    paths: Paths = field(default_factory=Paths)
 
 
 @dataclass
@@ -50,6 +63,7 @@ class TrainingRun(Common):
     seed: int = opt(23, "seed of every random draw")
     logger: list = opt(["csv"], "metrics to: csv (<checkpoint_dir>/metrics.csv, always on), tensorboard, wandb")
     wandb: WandbOptions = field(default_factory=WandbOptions)
+    grad_clip: float = opt(0.0, "clip the gradient norm to this (0: off, the original's)", ge=0)
 
 
 # --- Stage 1 ----------------------------------------------------------------------------------------------------
@@ -66,10 +80,10 @@ class Stage1Model:
 class Stage1Config(TrainingRun):
     model: Stage1Model = field(default_factory=Stage1Model)
     task_name: str = opt("stage1", "names the checkpoint and output folders")
-    data_dir: str = opt("???", "the dataset folder (annotations.feather and images)")
-    embeddings_dir: str = opt("???", "preprocessing's output for this dataset")
-    mapping_path: str = opt("???", "where to write the mapping (region-attribute pairs)")
-    checkpoint_dir: str = opt("???", "last.pt / best.pt; default: one folder per task and dataset")
+    data_dir: str = opt(DEFAULT_DATA, "the dataset folder (annotations.feather and images)")
+    embeddings_dir: str = opt("${data_dir}/embeddings", "preprocessing's output for this dataset")
+    mapping_path: str = opt("${data_dir}/mapping.feather", "where to write the mapping (region-attribute pairs)")
+    checkpoint_dir: str = opt(PER_RUN_CHECKPOINTS, "last.pt / best.pt: one folder per task and dataset")
     device: str = opt("auto", DEVICE_HELP)
     amp: bool = opt(True, "bf16 (else fp16) autocast for training on CUDA")
     epochs: int = opt(30, "training epochs (may be raised on resume)", gt=0)
@@ -111,7 +125,16 @@ class Scheduler:
 
 
 @dataclass
+class PretrainOptions:
+    crop: str = opt("none", "objective=pretrain: the whole image (none) or its content box + a random margin (content)",
+                    choices=("none", "content"))  # fmt: skip
+    crop_margin: int = opt(28, "pixels per side, drawn per step, for crop=content", ge=0)
+
+
+@dataclass
 class GrainOptions:
+    boxes: str = opt("mapping", "region descriptions and boxes from Stage 1's mapping (no labels) or gold "
+                     "(reg_to_attr: an upper bound)", choices=("mapping", "gold"))  # fmt: skip
     queries: int = opt(5, "region queries (GRAIN: 5), plus one image query", gt=0)
     optimizer: str = opt("grain", "the head's optimiser: grain (its own AdamW, warm-up + cosine, GRAIN's train.py) or "
                          "trainer (the tower's optimiser and schedule, at head_lr)", choices=("grain", "trainer"))  # fmt: skip
@@ -142,17 +165,16 @@ class Stage2Config(TrainingRun):
     model: ClipModel = field(default_factory=ClipModel)
     scheduler: Scheduler = field(default_factory=Scheduler)
     grain: GrainOptions = field(default_factory=GrainOptions)
+    pretrain: PretrainOptions = field(default_factory=PretrainOptions)
     task_name: str = opt("stage2", "names the checkpoint and output folders")
-    mode: str = opt("villa", "villa | baseline (one-to-one) | pretrain (CLIP pretraining) | grain (GRAIN-style)",
-                    choices=("villa", "baseline", "pretrain", "grain"))  # fmt: skip
+    objective: str = opt("villa", "villa | one_to_one | pretrain | grain (villa/stage2/objectives/), or module.Class "
+                         "of your own Objective")  # fmt: skip
     trust_mapping: bool = opt(
         False, "use a mapping.feather that records no provenance (another tool wrote it); recorded in the checkpoint"
     )
-    grain_boxes: str = opt("mapping", "grain: region descriptions and boxes from Stage 1's mapping (no labels) or "
-                           "gold (reg_to_attr: an upper bound)", choices=("mapping", "gold"))  # fmt: skip
-    data_dir: str = opt("???", "the dataset folder (annotations.feather and images)")
-    mapping_path: str = opt("???", "Stage 1's mapping.feather (villa mode)")
-    checkpoint_dir: str = opt("???", "last.pt / best.pt; default: one folder per task and dataset")
+    data_dir: str = opt(DEFAULT_DATA, "the dataset folder (annotations.feather and images)")
+    mapping_path: str = opt("${data_dir}/mapping.feather", "Stage 1's mapping.feather (objectives that read it)")
+    checkpoint_dir: str = opt(PER_RUN_CHECKPOINTS, "last.pt / best.pt: one folder per task and dataset")
     device: str = opt("auto", DEVICE_HELP)
     amp: bool = opt(True, "bf16 (else fp16) autocast on CUDA")
     epochs: int = opt(100, "maximum epochs (early stopping may end sooner; may be raised on resume)", gt=0)
@@ -169,9 +191,6 @@ class Stage2Config(TrainingRun):
     drop_last: bool = opt(True, "drop the last partial training batch (the original's)")
     loss_average: str = opt("batch", "epoch loss: mean over batches (the original's) or weighted by images",
                             choices=("batch", "image"))  # fmt: skip
-    crop: str = opt("none", "pretrain mode: whole image (none) or content box + random margin (content)",
-                    choices=("none", "content"))  # fmt: skip
-    crop_margin: int = opt(28, "pixels per side, drawn per step, for crop=content", ge=0)
     log_every: int = opt(50, "steps between host syncs of the loss: non-finite check, progress bar (0: epoch end)",
                          ge=0)  # fmt: skip
     compile: bool = opt(False, "torch.compile the image tower's region path (where the platform supports it)")
@@ -196,13 +215,14 @@ class EvaluateConfig(Common):
     model: EvalModel = field(default_factory=EvalModel)
     task_name: str = opt("evaluate", "names the output folder")
     label: str = opt("model", "the model's name in the report")
-    data_dir: str = opt("???", "the dataset folder")
+    data_dir: str = opt(DEFAULT_DATA, "the dataset folder")
     split: str = opt("test", "the held-out split to evaluate")
-    readout: str = opt("roi", "region embeddings: the image tower's ROI path (every method) or, for a mode=grain "
+    readout: str = opt("roi", "region embeddings: the image tower's ROI path (every method) or, for a objective=grain "
                        "checkpoint, its region queries matched to the true boxes (query: villa's adaptation, not a GRAIN "
                        "readout; docs/grain.md)", choices=("roi", "query"))  # fmt: skip
-    mapping_quality: str = opt("???", "Stage 1's mapping_quality.json, included when present")
-    output: str = opt("???", "where the JSON report is written")
+    mapping_quality: str = opt("${data_dir}/mapping_quality.json", "Stage 1's mapping_quality.json, included when "
+                               "present")  # fmt: skip
+    output: str = opt("${paths.output_dir}/evaluate/${label}.json", "where the JSON report is written")
     precision_at: list = opt([10, 50, 100], "k of precision@k")
     image_text: bool = opt(
         True, "also image-text retrieval, Recall@1/5/10 both ways (the only one without reg_to_attr)"
@@ -220,9 +240,9 @@ class ZeroShotRun:
     """What every zero-shot evaluation command shares."""
 
     model: EvalModel = field(default_factory=EvalModel)
-    paths: Any = opt(None, "where data, checkpoints and outputs live (configs/paths/default.yaml)")
+    paths: Paths = field(default_factory=Paths)
     label: str = opt("model", "the model's name in the report")
-    output: str = opt("???", "the JSON report")
+    output: str = opt("${paths.output_dir}/${task_name}/${label}.json", "the JSON report")
     batch_size: int = opt(64, "images per batch", gt=0)
     num_workers: int = opt(2, "DataLoader worker processes", ge=0)
     device: str = opt("auto", DEVICE_HELP)
@@ -270,7 +290,8 @@ class FinegrainedModel:
 
 @dataclass
 class FinegrainedConfig:
-    paths: Any = opt(None, "where data and outputs live (configs/paths/default.yaml)")
+    paths: Paths = field(default_factory=Paths)
+    task_name: str = opt("finegrained", "names the output folder")
     model: FinegrainedModel = field(default_factory=FinegrainedModel)
     benchmark: str = opt(
         "docmnist",
@@ -287,7 +308,8 @@ class FinegrainedConfig:
             "docmnist",
         ),
     )
-    data_dir: str = opt("???", "the benchmark's local folder (its published layout; docmnist: a dataset folder)")
+    data_dir: str = opt(DEFAULT_DATA, "the benchmark's local folder (its published layout; docmnist: a dataset "
+                        "folder)")  # fmt: skip
     split: str = opt(
         "test",
         "vsr: the jsonl evaluated (a dev.jsonl beside it fits the threshold); "
@@ -299,9 +321,12 @@ class FinegrainedConfig:
     max_words: int = opt(30, "coco_order / flickr30k_order: words kept per caption (ARO's max_words)", gt=0)
     batch_size: int = opt(64, "images per batch", gt=0)
     device: str = opt("auto", DEVICE_HELP)
-    output: str = opt("???", "where the JSON metrics are written")
+    output: str = opt("${paths.output_dir}/finegrained/${benchmark}.json", "where the JSON metrics are written")
 
 
+COMMANDS = {"stage1": "python -m villa.stage1", "stage2": "python -m villa.stage2", "evaluate": "python -m villa.evaluate",
+            "finegrained": "python -m villa.evaluate.finegrained", "detection": "python -m villa.evaluate.detection",
+            "classification": "python -m villa.evaluate.classification", "preprocess": "python -m preprocess"}  # fmt: skip
 SCHEMAS = {"stage1": Stage1Config, "stage2": Stage2Config, "evaluate": EvaluateConfig, "finegrained": FinegrainedConfig,
            "detection": DetectionConfig, "classification": ClassificationConfig}  # fmt: skip
 
@@ -334,19 +359,19 @@ def validate_config(cfg: DictConfig, name: str) -> None:
     known = {k for k, _ in _walk(SCHEMAS[name])}
     groups = {k.split(".")[0] for k in known}
     for key in cfg:
-        if key in ("hydra",) or key in groups and key in ("dataset", "paths"):
+        if key in ("hydra", "dataset"):
             continue
         if key not in groups:
-            raise VillaError(f"unknown key {key!r} (not a {name} setting); see python -m villa.{name} --help")
+            raise VillaError(f"unknown key {key!r} (not a {name} setting); see {COMMANDS[name]} --help")
         node = cfg[key]
         if OmegaConf.is_dict(node):
             for sub in node:
                 if f"{key}.{sub}" not in known and not any(k.startswith(f"{key}.{sub}.") for k in known):
                     raise VillaError(
-                        f"unknown key '{key}.{sub}' (not a {name} setting); see python -m villa.{name} --help"
+                        f"unknown key '{key}.{sub}' (not a {name} setting); see {COMMANDS[name]} --help"
                     )
     missing = [
-        k for k in known if k not in ("dataset", "paths") and OmegaConf.select(cfg, k, default=_ABSENT) is _ABSENT
+        k for k in known if k != "dataset" and OmegaConf.select(cfg, k, default=_ABSENT) is _ABSENT
     ]
     if missing:
         raise VillaError(f"{missing[0]} is missing (deleted with ~{missing[0]}?): every {name} setting needs a value; "
@@ -390,9 +415,12 @@ def validate_config(cfg: DictConfig, name: str) -> None:
             betas = list(OmegaConf.select(cfg, key))
             if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
                 raise VillaError(f"{key}={betas}: two numbers in [0, 1), e.g. [0.9, 0.999]")
-        if cfg.crop != "none" and cfg.mode != "pretrain":
-            raise VillaError(f"crop={cfg.crop} is for mode=pretrain only (mode={cfg.mode} trains on whole images and "
-                             "boxes); remove it")  # fmt: skip
+        if cfg.pretrain.crop != "none" and cfg.objective != "pretrain":
+            raise VillaError(f"pretrain.crop={cfg.pretrain.crop} is for objective=pretrain only (objective="
+                             f"{cfg.objective} trains on whole images and boxes); remove it")  # fmt: skip
+        from villa.stage2.objectives import objective_class
+
+        objective_class(cfg.objective)
 
 
 def help_text(name: str, doc: str, cfg: Optional[DictConfig] = None) -> str:
@@ -401,7 +429,7 @@ def help_text(name: str, doc: str, cfg: Optional[DictConfig] = None) -> str:
 
     lines = [doc.strip(), "", "Keys (override as key=value; experiment=<name> loads configs/experiment/<name>.yaml):"]
     for key, f in _walk(SCHEMAS[name]):
-        if key in ("dataset", "paths"):
+        if key == "dataset":
             lines.append(f"  {key:<24} {f.metadata['help']}")
             continue
         default = OmegaConf.select(cfg, key, throw_on_missing=False) if cfg is not None else None

@@ -175,14 +175,14 @@ def embed_split_images(
 
 
 def load_grain_head(clip: Clip, device: torch.device, state: Optional[dict[str, Any]] = None) -> GrainHead:
-    """The GRAIN head a ``mode=grain`` checkpoint holds (for the query readout); ``state``: the checkpoint, when the
+    """The GRAIN head a ``objective=grain`` checkpoint holds (for the query readout); ``state``: the checkpoint, when the
     caller has read it already."""
     if state is None:
         path = clip.pretrained
         state = load_checkpoint(path, "checkpoint") if path and Path(path).is_file() else {}
     if "grain_state" not in state:
         raise VillaError(
-            f"readout=query needs a mode=grain checkpoint (with its decoder); {clip.source} has none: use readout=roi"
+            f"readout=query needs a objective=grain checkpoint (with its decoder); {clip.source} has none: use readout=roi"
         )
     head = GrainHead(GrainSpec(**state["grain"]))
     head.load_state_dict(state["grain_state"])

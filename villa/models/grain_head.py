@@ -1,5 +1,5 @@
 """A GRAIN-style local+global objective (Halbe et al., "Grounding Descriptions in Images informs Zero-Shot Visual
-Recognition", arXiv 2412.04429; public code shaunak27/grain-clip) as Stage 2's ``mode=grain``.
+Recognition", arXiv 2412.04429; public code shaunak27/grain-clip) as Stage 2's ``objective=grain``.
 
 One model, three losses at once:
 
@@ -89,7 +89,7 @@ def tower_width(visual: nn.Module) -> int:
     if hasattr(visual, "forward_intermediates") and hasattr(visual, "transformer"):
         return int(visual.transformer.width)
     raise VillaError(
-        f"mode=grain needs an image tower with a spatial feature map or tokens (ModifiedResNet, or a ViT with "
+        f"objective=grain needs an image tower with a spatial feature map or tokens (ModifiedResNet, or a ViT with "
         f"open_clip's forward_intermediates), got {type(visual).__name__}; upgrade open_clip or use an RN model"
     )
 

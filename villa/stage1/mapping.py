@@ -9,24 +9,31 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from villa.core.errors import VillaError
-from villa.core.io import atomic_file
+from villa.core.io import atomic_file, write_json_atomic
+from villa.core.provenance import file_sha256
 from villa.core.runtime import Runtime
+from villa.data.annotations import Annotations
 from villa.data.attributes import AttributeMatcher
 from villa.data.batches import RegionBank
+from villa.data.embeddings import EmbeddingSet
 from villa.data.vocab import SENTENCE_SEP, Vocabulary, split_sentences
 from villa.models.projection import MultiHeadProjection
 from villa.stage1.loss import segment_max
 
+log = logging.getLogger(__name__)
 MAPPING_META = "villa_mapping"
 
 
@@ -246,3 +253,125 @@ def mapping_quality(
         cols = ag == gi
         out[g] = prf(pred[:, cols], gold[:, cols])
     return out
+
+
+def make_mapping(
+    cfg: DictConfig,
+    model: MultiHeadProjection,
+    vocab: Vocabulary,
+    ann: Annotations,
+    emb: EmbeddingSet,
+    bank: RegionBank,
+    runtime: Runtime,
+) -> dict[str, Any]:
+    """Assign attributes to regions for every split, write mapping.feather, score it and the zero-shot rule."""
+    log.info("mapping %d images (every split, epsilon=%s)", ann.n_images, cfg.epsilon)
+    model.eval()
+    attr_emb = torch.from_numpy(emb.attributes)
+    image_attrs = ann.attribute_matrix(len(vocab))
+    t0 = time.perf_counter()
+    caption_pairs = image_attrs[np.repeat(np.arange(ann.n_images), ann.n_regions)]  # what the rule can assign
+    scores = score_regions(
+        bank, attr_emb, runtime, model, cfg.mapping_batch_regions, amp=cfg.mapping_amp, pairs=caption_pairs
+    )
+    assigned = assign(scores, ann.region_offsets, image_attrs, cfg.epsilon)
+    texts = assign_text(
+        ann.text, ann.region_offsets, assigned, vocab, np.random.default_rng(cfg.seed), per=cfg.sentence_choice
+    )
+    out = Path(cfg.mapping_path)
+    made_by = {
+        "stage1_checkpoint": str(Path(cfg.checkpoint_dir) / "last.pt"),
+        "encoder": emb.encoder,
+        "annotations": file_sha256(Path(cfg.data_dir) / "annotations.feather"),
+        "epsilon": cfg.epsilon,
+        "sentence_choice": cfg.sentence_choice,
+    }
+    write_mapping(ann.table, ann.region_offsets, assigned, texts, vocab, out, made_by)
+    secs = time.perf_counter() - t0
+    zs = assign(
+        score_regions(bank, attr_emb, runtime, None, cfg.mapping_batch_regions, amp=cfg.mapping_amp),
+        ann.region_offsets,
+        image_attrs,
+        cfg.epsilon,
+    )
+    result: dict[str, Any] = {
+        "mapping": str(out),
+        "images": int(ann.n_images),
+        "regions": int(len(ann.boxes)),
+        "assigned_pairs": int(assigned.sum()),
+        "mapping_seconds": round(secs, 3),
+        "encoder": emb.encoder,
+        "epsilon": cfg.epsilon,
+    }
+    one_sentence = int(sum(1 for t, n in zip(ann.text, image_attrs.sum(1)) if n >= 2 and len(split_sentences(t)) == 1))
+    result["one_sentence_captions"] = one_sentence
+    if one_sentence:
+        log.warning(
+            "%d captions name several attributes in one sentence (no '.' between them): each of their regions gets "
+            "the whole caption as its text; separate sentences with '.' so regions get their own",
+            one_sentence,
+        )
+    result["degeneracy"] = degeneracy = mapping_degeneracy(assigned, image_attrs, ann.region_offsets)
+    if degeneracy["degenerate"]:
+        log.warning(
+            "the mapping looks degenerate: %.0f%% of the regions of images with several regions and attributes get "
+            "every attribute of their image (%.1f attributes per region); the heads may not separate regions: lower "
+            "epsilon, train longer, or check the regions",
+            100 * degeneracy["all_attributes_share"], degeneracy["attributes_per_region"],
+        )  # fmt: skip
+    gold = ann.region_attribute_matrix(len(vocab))
+    if gold is not None:
+        labelled = np.repeat(ann.labelled if ann.labelled is not None else np.ones(ann.n_images, bool), ann.n_regions)
+        region_split = np.repeat(ann.split, ann.n_regions)
+        quality: dict[str, Any] = {}
+        for name, pred in (("stage1", assigned), ("zero_shot", zs)):
+            quality[name] = {}
+            if labelled.any():  # "all": every labelled region of every split
+                quality[name]["all"] = mapping_quality(
+                    pred[labelled], gold[labelled], vocab.attribute_group, vocab.groups
+                )
+            for split in ("train", "val", "test"):
+                m = (region_split == split) & labelled
+                if m.any():
+                    quality[name][split] = mapping_quality(pred[m], gold[m], vocab.attribute_group, vocab.groups)
+        result["quality"] = quality
+        result["labelled_regions"] = {s: int(((region_split == s) & labelled).sum()) for s in ("train", "val", "test")}
+        print_quality(quality, vocab)
+    qpath = out.with_name(out.stem + "_quality.json")
+    write_json_atomic(qpath, result)
+    log.info("wrote %s (%d regions, %d pairs, %.2fs) and %s", out, len(ann.boxes), assigned.sum(), secs, qpath.name)
+    return result
+
+
+def mapping_degeneracy(assigned: np.ndarray, image_attrs: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
+    """How close a mapping is to "every attribute to every region": among regions of images with at least two
+    regions and two attributes, the share that receive all their image's attributes, and attributes per region.
+    ``degenerate`` when that share is above one half (a working mapping on such images gives each attribute to
+    about one region)."""
+    counts = np.diff(offsets)
+    region_image = np.repeat(np.arange(len(counts)), counts)
+    n_attr = image_attrs.sum(1)[region_image]
+    got = assigned.sum(1)
+    eligible = (counts[region_image] >= 2) & (n_attr >= 2)
+    share = float((got[eligible] == n_attr[eligible]).mean()) if eligible.any() else 0.0
+    return {
+        "all_attributes_share": share,
+        "attributes_per_region": float(got.mean()) if len(got) else 0.0,
+        "regions_without_attribute": float((got == 0).mean()) if len(got) else 0.0,
+        "eligible_regions": int(eligible.sum()),
+        "degenerate": bool(eligible.any() and share > 0.5),
+    }
+
+
+def print_quality(quality: dict[str, Any], vocab: Vocabulary) -> None:
+    """Mapping P/R/F1 per split over labelled regions only (unlabelled images are not scored)."""
+    groups = list(vocab.groups)
+    head = f"{'mapping (labelled)':<26}{'P':>7}{'R':>7}{'F1':>7}" + "".join(f"{'F1 ' + g:>10}" for g in groups)
+    print(head)
+    for name, q in quality.items():
+        for split in ("train", "val", "test"):
+            if split not in q:
+                continue
+            a = q[split]["all"]
+            row = f"{name + ' ' + split:<26}{100 * a['precision']:>7.1f}{100 * a['recall']:>7.1f}{100 * a['f1']:>7.1f}"
+            print(row + "".join(f"{100 * q[split][g]['f1']:>10.1f}" for g in groups))

@@ -1,46 +1,47 @@
-"""Stage 2: a CLIP-style trainer for region embeddings; also the one-to-one baseline and CLIP pretraining.
+"""Stage 2: a CLIP-style trainer for region embeddings, one loop for every objective (villa/stage2/objectives/).
 
     python -m villa.stage2 experiment=docmnist_stage2      # ViLLA: Stage 1's region-attribute pairs + whole images
-    python -m villa.stage2 experiment=docmnist_baseline    # one-to-one VLM: whole image <-> whole caption only
+    python -m villa.stage2 experiment=docmnist_baseline    # one-to-one: whole image <-> whole caption only
     python -m villa.stage2 experiment=pretrain             # CLIP pretraining, both towers, learnable temperature
-    python -m villa.stage2 experiment=docmnist_grain       # GRAIN-style: decoder queries, boxes, L_ic + L_rd + L_box
+    python -m villa.stage2 experiment=docmnist_grain       # GRAIN: decoder queries, boxes, L_ic + L_rd + L_box
     torchrun --nproc_per_node=4 -m villa.stage2 experiment=docmnist_stage2    # multi-GPU (DDP)
 
-The image tower is open_clip's ModifiedResNet through the region path (:class:`villa.encoders.RegionEncoder`):
-backbone to the third stage over the batch of images, one ROI-Align over all regions of the batch, last stage and
-attention pool. In ``villa`` and ``baseline`` modes texts are embedded once by the frozen text tower (sentences
-averaged, L2-normalised) and only the image tower trains, with a fixed temperature, as the original. ``grain``
-trains the image tower's trunk with a GRAIN-style head (villa/grain.py, docs/grain.md) on the same pairs as ViLLA.
+The image tower is open_clip's ModifiedResNet through the region path (villa/models/region_encoder.py): backbone to
+the third stage over the batch of images, one ROI-Align over all regions of the batch, last stage and attention
+pool. The objective (``objective=``) decides the pairs, the targets, the loss and any head; this loop does the rest:
+read top to bottom, :func:`train_stage2` sets a run up, then per epoch :func:`train_one_epoch`, :func:`validate`,
+the plateau schedule, early stopping and one checkpoint commit (villa/core/engine.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from villa.core.checkpoint import (
-    check_best_on_resume,
-    checkpoint_lock,
-    config_dict,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
+from villa.core.checkpoint import checkpoint_lock, config_dict
+from villa.core.distributed import Dist, cleanup, init_distributed
+from villa.core.engine import (
+    FiniteGuard,
+    LossMeter,
+    Progress,
+    Stepper,
+    commit_epoch,
+    load_module_state,
+    restore,
+    resume_state,
+    training_state,
 )
-from villa.core.config import hydra_entry
-from villa.core.distributed import Dist, cleanup, gather_rows, init_distributed, scale_grad
-from villa.core.engine import FiniteGuard, commit_epoch
-from villa.core.errors import VillaError
 from villa.core.provenance import (
-    check_resume,
     checkpoint_pools,
     dataset_pools,
     file_sha256,
@@ -50,193 +51,124 @@ from villa.core.provenance import (
 )
 from villa.core.runtime import Runtime, get_runtime, seed_everything
 from villa.core.schemas import validate_config
-from villa.core.tracking import make_tracker
+from villa.core.tracking import Tracker, make_tracker
+from villa.data.annotations import Annotations
 from villa.data.embeddings import weights_id
-from villa.models.clip import clip_checkpoint_state, create_clip
+from villa.models.clip import Clip, clip_checkpoint_state, create_clip
 from villa.preprocess import calibrate_on_data
 from villa.stage2.model import Stage2Model
-from villa.stage2.objectives.base import infonce
-from villa.stage2.objectives.grain import build_head_optimizer, grain_state, grain_step_loss
+from villa.stage2.objectives import build_objective
+from villa.stage2.objectives.base import Objective, StepContext
 from villa.stage2.optim import build_optimizer
-from villa.stage2.pairs import (
-    PairBatch,
-    PairData,
-    jitter_boxes,
-    load_pair_data,
-    load_stage2_annotations,
-    make_loader,
-    uses_mapping,
-)
+from villa.stage2.pairs import SplitPairs, build_pairs, load_stage2_annotations, make_loader, split_pairs
 
 log = logging.getLogger(__name__)
-MODES = ("villa", "baseline", "pretrain", "grain")
 
 
+@dataclass
+class Run:
+    """Everything one Stage 2 run holds while it trains."""
+
+    cfg: DictConfig
+    objective: Objective
+    clip: Clip
+    model: Stage2Model
+    ddp: nn.Module
+    ctx: StepContext
+    stepper: Stepper
+    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau
+    train_loader: DataLoader
+    train_sampler: DistributedSampler
+    val_loader: DataLoader
+    progress: Progress
+    record: dict[str, Any]  # what the checkpoint says about the run: fingerprint, inputs, data pools, ...
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.cfg.checkpoint_dir)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
 
 
+def train_stage2(cfg: DictConfig) -> dict[str, Any]:
+    """Train with the configured objective; write best.pt / last.pt (villa-clip checkpoints); return the history."""
+    validate_config(cfg, "stage2")
+    d = init_distributed(cfg.device)
+    try:
+        with checkpoint_lock(Path(cfg.checkpoint_dir), enabled=d.is_main):
+            t_start = time.perf_counter()
+            run = setup(cfg, d)
+            with make_tracker(cfg, run.progress.epoch, enabled=d.is_main) as tracker:
+                for epoch in range(run.progress.epoch, cfg.epochs):
+                    if run.progress.stopped:
+                        break
+                    fit_epoch(run, epoch, tracker)
+            return summary(run, time.perf_counter() - t_start)
+    finally:
+        cleanup(d)
 
 
-
-
-
-
-
-
-
-
-def stage2_images_digest(cfg: DictConfig) -> str:
-    """The contents of the dataset's images (a run that trained on other pixels is another run)."""
+def stage2_inputs(cfg: DictConfig, reads_mapping: bool) -> dict[str, Any]:
+    """What a Stage 2 run reads, by content: the resume fingerprint's inputs and the checkpoint's record."""
+    ann_path = Path(cfg.data_dir) / "annotations.feather"
     import pyarrow.feather as pf
 
-    paths = pf.read_table(str(Path(cfg.data_dir) / "annotations.feather"), columns=["image_filepath"])
-    return images_digest(cfg.data_dir, paths.column("image_filepath").to_pylist())
-
-
-def stage2_inputs(cfg: DictConfig) -> dict[str, Any]:
-    """What a Stage 2 run reads, by content: the resume fingerprint's inputs and the checkpoint's record."""
+    paths = pf.read_table(str(ann_path), columns=["image_filepath"]).column("image_filepath").to_pylist()
     inputs = {
-        "annotations": file_sha256(Path(cfg.data_dir) / "annotations.feather"),
-        "images": stage2_images_digest(cfg),
+        "annotations": file_sha256(ann_path),
+        "images": images_digest(cfg.data_dir, paths),  # a run that trained on other pixels is another run
         "pretrained": weights_id(None if cfg.model.pretrained == "none" else str(cfg.model.pretrained)),
     }
-    if uses_mapping(cfg):
+    if reads_mapping:
         inputs["mapping"] = file_sha256(cfg.mapping_path)
         inputs["mapping_path"] = str(cfg.mapping_path)
     return inputs
 
 
+def objective_pairs(
+    objective: Objective, ann: Annotations, clip: Clip, runtime: Runtime, d: Dist
+) -> tuple[SplitPairs, SplitPairs]:
+    """Each image's pairs as the objective makes them, split into train and val, with every pair's text target
+    made once (sentence embeddings cached on disk per text tower, by the main process)."""
+    region_text = objective.region_text(ann)
+    regions = (ann.region_offsets, ann.boxes, region_text) if region_text is not None else (None, None, None)
+    pairs = build_pairs(ann.image_size, ann.text, *regions, whole_boxes=objective.whole_image_boxes(ann))
+    cache = Path(objective.cfg.data_dir) / "text_cache" if d.is_main else None
+    objective.targets_ = objective.targets(pairs, clip, runtime, cache)
+    return split_pairs(ann, pairs)
 
 
+def pair_data(cfg: DictConfig, clip: Clip, runtime: Runtime, d: Dist) -> tuple[Objective, SplitPairs, SplitPairs]:
+    """The objective of ``cfg`` with its train and val pairs and targets, as a run sets them up (for tools, tests)."""
+    objective = build_objective(cfg)
+    ann = load_stage2_annotations(cfg, objective.vocab, objective.reads_mapping, d)
+    return (objective, *objective_pairs(objective, ann, clip, runtime, d))
 
 
-
-
-
-
-def step_loss(
-    model: nn.Module,
-    data: PairData,
-    batch: PairBatch,
-    runtime: Runtime,
-    d: Dist,
-    channels_last: bool,
-    jitter: float = 0.0,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """The symmetric InfoNCE over all region-text pairs of the (global) batch (GRAIN: :func:`grain_step_loss`). No
-    host sync: inputs are copied asynchronously from pinned memory and the loss stays on the device."""
-    if data.grain is not None:
-        return grain_step_loss(model, data, batch, runtime, d, channels_last)
-    dev = runtime.device
-    images = batch.images.to(dev, non_blocking=True).float().div_(255)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    boxes = batch.boxes
-    if jitter > 0:
-        sizes = torch.from_numpy(data.ann.image_size[batch.rows.numpy()[batch.box_image.numpy()]])
-        boxes = jitter_boxes(boxes, sizes, jitter, generator)
-    boxes = boxes.to(dev, non_blocking=True)
-    box_image = batch.box_image.to(dev, non_blocking=True)
-    tokens = data.tokens[batch.pair_idx].to(dev, non_blocking=True) if data.tokens is not None else None
-    with runtime.autocast():
-        img, txt, scale = model(images, boxes, box_image, tokens)
-    if d.enabled and scale.requires_grad:
-        # every rank sees the whole gathered logit matrix, so logit_scale already gets the full gradient locally;
-        # undo the world-size factor that the caller applies for the towers' gathered features
-        scale = scale_grad(scale, 1.0 / d.world_size)
-    if txt is None:
-        txt = data.text_emb.index_select(0, batch.pair_idx.to(dev, non_blocking=True))
-    return infonce(gather_rows(img, d), gather_rows(txt.float(), d), scale.float())
-
-
-
-
-class LossMeter:
-    """Mean of the losses of an epoch: per batch (the original's) or weighted by images per batch. Losses are
-    summed on the device; reading :attr:`mean` is the one host sync."""
-
-    def __init__(self, average: str):
-        if average not in ("batch", "image"):
-            raise VillaError(f"loss_average={average!r}: use batch (the original's) or image")
-        self.average, self.n = average, 0
-        self.total: torch.Tensor | float = 0.0
-
-    def add(self, loss: torch.Tensor | float, images: int) -> None:
-        w = 1 if self.average == "batch" else images
-        value = loss.detach().double() if isinstance(loss, torch.Tensor) else loss
-        self.total = self.total + value * w
-        self.n += w
-
-    @property
-    def mean(self) -> float:
-        return float(self.total) / max(self.n, 1)
-
-
-def evaluate_loss(
-    model: nn.Module, data: PairData, loader: DataLoader, runtime: Runtime, d: Dist, cfg: DictConfig
-) -> float:
-    model.eval()
-    meter = LossMeter(cfg.loss_average)
-    with torch.no_grad():
-        for batch in loader:
-            loss = step_loss(model, data, batch, runtime, d, cfg.model.channels_last and runtime.is_cuda)
-            meter.add(loss, len(batch.rows))
-    return meter.mean
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def temperature(model: Stage2Model, cfg: DictConfig) -> float:
-    """The contrastive temperature in use: learned (1 / exp(logit_scale)) or fixed."""
-    return 1.0 / float(model.clip.logit_scale.detach().exp()) if model.learn_temperature else float(cfg.temperature)
-
-
-def train_stage2(cfg: DictConfig) -> dict[str, Any]:
-    """Train one of the three modes; write best.pt / last.pt (villa-clip checkpoints); return the history."""
-    validate_config(cfg, "stage2")
-    d = init_distributed(cfg.device)
-    try:
-        with checkpoint_lock(Path(cfg.checkpoint_dir), enabled=d.is_main):
-            return _train(cfg, d)
-    finally:
-        cleanup(d)
-
-
-def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
-    t_start = time.perf_counter()
+def setup(cfg: DictConfig, d: Dist) -> Run:
+    """Data and mapping checked, then weights, pairs, targets, model, optimisers, loaders; resumed when it is the
+    same run. The order is the order of random draws, so a run is reproducible and a resumed run is the same run."""
     device = cfg.device
     if d.enabled and (device in ("auto", "cuda")) and torch.cuda.is_available():
         device = f"cuda:{d.local_rank}"
     runtime = get_runtime(device, cfg.amp)
     generator = seed_everything(cfg.seed)
-    ann = load_stage2_annotations(cfg, d)
-    inputs = stage2_inputs(cfg)
+    objective = build_objective(cfg)
+    ann = load_stage2_annotations(cfg, objective.vocab, objective.reads_mapping, d)
+    inputs = stage2_inputs(cfg, objective.reads_mapping)
     fingerprint = run_fingerprint(cfg, {k: v for k, v in inputs.items() if k != "mapping_path"})
-    ckpt_dir = Path(cfg.checkpoint_dir)
-    last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    state = load_checkpoint(last) if cfg.resume and last.exists() else None
-    if state is not None:
-        check_resume(state.get("fingerprint"), fingerprint, last)
+    last = Path(cfg.checkpoint_dir) / "last.pt"
+    state = resume_state(last, fingerprint, cfg.resume)
     started = checkpoint_pools(str(cfg.model.pretrained))
     data_pools = None if started is None else unique_pools(started + dataset_pools(cfg.data_dir, ("train", "val")))
     clip = create_clip(cfg.model.name, cfg.model.pretrained, device=runtime.device)
-    train_data, val_data = load_pair_data(cfg, clip, runtime, d, ann)
-    model = Stage2Model(clip, cfg).to(runtime.device)
+    train_pairs, val_pairs = objective_pairs(objective, ann, clip, runtime, d)
+    model = Stage2Model(clip, cfg, objective).to(runtime.device)
     if clip.pretrained is None and state is None:
         # the same fixed batches on every rank, so the statistics do not depend on the world size
-        calibrate_on_data(model.regions, train_data.ann, runtime, train_data.rows)
+        calibrate_on_data(model.regions, ann, runtime, train_pairs.rows)
     if cfg.compile:
         # in place (state_dict keys unchanged); dynamic: the number of regions differs from batch to batch
         model.regions.compile(dynamic=True, backend=cfg.compile_backend)
@@ -245,136 +177,112 @@ def _train(cfg: DictConfig, d: Dist) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     if d.enabled and runtime.is_cuda and not cfg.model.freeze_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+    train_loader, train_sampler = make_loader(train_pairs, cfg, d, train=True)
+    val_loader, _ = make_loader(val_pairs, cfg, d, train=False, split="val")
+    optimizer = build_optimizer(cfg, model, objective)
+    own_opts, own_schedules = objective.optimizers(model, len(train_loader))
+    stepper = Stepper({"optimizer": optimizer, **own_opts}, runtime, cfg.grad_clip, own_schedules)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.scheduler.factor, patience=cfg.scheduler.patience,
         threshold=cfg.scheduler.threshold, threshold_mode="abs",
     )  # fmt: skip
-    scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
-    start_epoch, best_val, bad_epochs, stopped = 0, float("inf"), 0, False
-    history: list[dict[str, Any]] = []
+    progress = Progress()
     if state is not None:
-        try:
-            model.clip.load_state_dict(state["state_dict"])
-        except RuntimeError as e:
-            raise VillaError(
-                f"{last} holds another model ({str(e).splitlines()[0]}); set resume=false or delete it"
-            ) from e
-        if model.grain is not None:
-            model.grain.load_state_dict(state["grain_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], generator)
-        start_epoch, best_val, bad_epochs, stopped = (
-            state["epoch"],
-            state["best_val"],
-            state["bad_epochs"],
-            state["stopped"],
-        )
-        history = list(state.get("history", []))
-        check_best_on_resume(state, ckpt_dir)
+        load_module_state(model.clip, state["state_dict"], last, "another model")
+        objective.load_checkpoint_state(model, state)
+        progress = restore(state, stepper, generator, Path(cfg.checkpoint_dir))
+        plateau.load_state_dict(state["scheduler"])
         if d.is_main:
-            log.info("resumed from %s at epoch %d", last, start_epoch)
-    ddp = (
-        DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.is_cuda else None)
-        if d.enabled
-        else model
-    )
-    train_loader, train_sampler = make_loader(train_data, cfg, d, train=True)
-    val_loader, _ = make_loader(val_data, cfg, d, train=False, split="val")
-    jitter = float(cfg.crop_margin) if cfg.mode == "pretrain" and cfg.crop == "content" else 0.0
-    steps_per_epoch = len(train_loader)
-    head_opt, head_sched = build_head_optimizer(cfg, model, steps_per_epoch)  # mode=grain: GRAIN's own
-    if head_opt is not None and state is not None:
-        head_opt.load_state_dict(state["head_optimizer"])
-        head_sched.load_state_dict(state["head_scheduler"])
-    optimizers = [optimizer] + ([head_opt] if head_opt is not None else [])
-    with make_tracker(cfg, start_epoch, enabled=d.is_main) as tracker:
-        for epoch in range(start_epoch, cfg.epochs):
-            if stopped:
-                break
-            t0 = time.perf_counter()
-            train_sampler.set_epoch(epoch)
-            ddp.train()
-            meter = LossMeter(cfg.loss_average)
-            guard = FiniteGuard(cfg.log_every, epoch + 1, last)
-            t_log, seen = time.perf_counter(), 0
-            bar = tqdm(
-                train_loader,
-                desc=f"{cfg.mode} epoch {epoch + 1}",
-                leave=False,
-                disable=not (cfg.progress and d.is_main),
-            )
-            for step, batch in enumerate(bar):
-                loss = step_loss(ddp, train_data, batch, runtime, d, channels_last, jitter, generator)
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                scaled = loss * d.world_size  # DDP averages gradients; see villa.distributed.gather_rows
-                if scaler is not None:
-                    scaler.scale(scaled).backward()
-                    for opt in optimizers:
-                        scaler.step(opt)
-                    scaler.update()
-                else:
-                    scaled.backward()
-                    for opt in optimizers:
-                        opt.step()
-                if head_sched is not None:
-                    head_sched.step()
-                meter.add(loss, len(batch.rows))
-                seen += len(batch.rows)
-                if guard.add(loss, step):  # a host sync only every log_every steps
-                    bar.set_postfix(loss=f"{guard.last:.4f}")
-                    now = time.perf_counter()
-                    tracker.step(epoch + 1, epoch * steps_per_epoch + step, {
-                        "loss": guard.last, "lr": optimizer.param_groups[0]["lr"], "temperature": temperature(model, cfg),
-                        "images_per_s": seen * d.world_size / max(now - t_log, 1e-9)})  # fmt: skip
-                    t_log, seen = now, 0
-            guard.flush()
-            train_loss = meter.mean
-            val_loss = evaluate_loss(ddp, val_data, val_loader, runtime, d, cfg)
-            scheduler.step(val_loss)
-            improved = val_loss < best_val
-            if improved:
-                best_val, bad_epochs = val_loss, 0
-            else:
-                bad_epochs += 1
-            stopped = bad_epochs >= cfg.early_stop_patience
-            rec = {
-                "epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best_val": best_val,
-                "lr": optimizer.param_groups[0]["lr"], "temperature": temperature(model, cfg),
-                "seconds": round(time.perf_counter() - t0, 2),
-            }  # fmt: skip
-            if head_opt is not None:
-                rec["head_lr"] = head_opt.param_groups[0]["lr"]
-            history.append(rec)
-            if d.is_main:
-                state = clip_checkpoint_state(
-                    model.clip, clip.model_name, clip.model_cfg, kind=f"villa-stage2-{cfg.mode}",
-                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    **({"head_optimizer": head_opt.state_dict(), "head_scheduler": head_sched.state_dict()}
-                       if head_opt is not None else {}),
-                    scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch + 1, best_val=best_val,
-                    bad_epochs=bad_epochs, stopped=stopped, rng=rng_state(generator), history=history,
-                    config=config_dict(cfg),
-                    started_from={"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)},
-                    fingerprint=fingerprint, inputs=inputs, data_pools=data_pools, **grain_state(model),
-                )  # fmt: skip
-                commit_epoch(ckpt_dir, state, improved, f"{cfg.mode} epoch {epoch + 1}/{cfg.epochs}", rec, tracker,
-                             (epoch + 1) * steps_per_epoch)  # fmt: skip
-                if stopped:
-                    log.info("early stop: no better val loss for %d epochs", bad_epochs)
+            log.info("resumed from %s at epoch %d", last, progress.epoch)
+    ddp = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.is_cuda else None) \
+        if d.enabled else model  # fmt: skip
+    record = {"fingerprint": fingerprint, "inputs": inputs, "data_pools": data_pools,
+              "started_from": {"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)}}  # fmt: skip
+    log.info("stage2: objective %s, %s", objective.describe(), runtime.device)
+    return Run(cfg, objective, clip, model, ddp, StepContext(runtime, d, channels_last, generator), stepper, plateau,
+               train_loader, train_sampler, val_loader, progress, record)  # fmt: skip
+
+
+def train_one_epoch(run: Run, epoch: int, tracker: Tracker) -> float:
+    """One pass over the training split; returns the epoch's mean loss."""
+    cfg, d = run.cfg, run.ctx.dist
+    run.train_sampler.set_epoch(epoch)
+    run.ddp.train()
+    meter = LossMeter(cfg.loss_average)
+    guard = FiniteGuard(cfg.log_every, epoch + 1, run.ckpt_dir / "last.pt")
+    t_log, seen = time.perf_counter(), 0
+    bar = tqdm(run.train_loader, desc=f"{run.objective.name} epoch {epoch + 1}", leave=False,
+               disable=not (cfg.progress and d.is_main))  # fmt: skip
+    for step, batch in enumerate(bar):
+        loss = run.objective.loss(run.ddp, batch, run.ctx, train=True)
+        run.stepper.step(loss * d.world_size)  # DDP averages gradients; see villa.core.distributed.gather_rows
+        meter.add(loss, len(batch.rows))
+        seen += len(batch.rows)
+        if guard.add(loss, step):  # a host sync only every log_every steps
+            bar.set_postfix(loss=f"{guard.last:.4f}")
+            now = time.perf_counter()
+            tracker.step(epoch + 1, epoch * run.steps_per_epoch + step, {
+                "loss": guard.last, "lr": run.stepper.first.param_groups[0]["lr"],
+                "temperature": run.model.temperature(), "images_per_s": seen * d.world_size / max(now - t_log, 1e-9)})  # fmt: skip
+            t_log, seen = now, 0
+    guard.flush()
+    return meter.mean
+
+
+def validate(run: Run) -> float:
+    """The objective's loss on the validation split (no augmentation)."""
+    run.ddp.eval()
+    meter = LossMeter(run.cfg.loss_average)
+    with torch.no_grad():
+        for batch in run.val_loader:
+            meter.add(run.objective.loss(run.ddp, batch, run.ctx, train=False), len(batch.rows))
+    return meter.mean
+
+
+def fit_epoch(run: Run, epoch: int, tracker: Tracker) -> None:
+    """Train, validate, step the plateau schedule, decide early stopping, commit the epoch's checkpoint."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    train_loss = train_one_epoch(run, epoch, tracker)
+    val_loss = validate(run)
+    run.plateau.step(val_loss)
+    improved = run.progress.update(val_loss, cfg.early_stop_patience)
+    rec = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best_val": run.progress.best_val,
+           "lr": run.stepper.first.param_groups[0]["lr"], "temperature": run.model.temperature(),
+           "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    for name, opt in list(run.stepper.optimizers.items())[1:]:
+        rec[name.replace("optimizer", "lr")] = opt.param_groups[0]["lr"]
+    run.progress.history.append(rec)
+    if not run.ctx.dist.is_main:
+        return
+    state = clip_checkpoint_state(
+        run.model.clip, run.clip.model_name, run.clip.model_cfg, kind=f"villa-stage2-{run.objective.name}",
+        scheduler=run.plateau.state_dict(), config=config_dict(cfg), **run.record,
+        **training_state(run.stepper, run.ctx.generator, run.progress), **run.objective.checkpoint_state(run.model),
+    )  # fmt: skip
+    commit_epoch(run.ckpt_dir, state, improved, f"{run.objective.name} epoch {epoch + 1}/{cfg.epochs}", rec, tracker,
+                 (epoch + 1) * run.steps_per_epoch)  # fmt: skip
+    if run.progress.stopped:
+        log.info("early stop: no better val loss for %d epochs", run.progress.bad_epochs)
+
+
+def summary(run: Run, seconds: float) -> dict[str, Any]:
+    model, d = run.model, run.ctx.dist
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad)
     log.info("rank %d/%d finished: trainable parameter checksum %.10e", d.rank, d.world_size, checksum)
+    if d.is_main:
+        log.info("checkpoints: %s (best) and %s (last)", run.ckpt_dir / "best.pt", run.ckpt_dir / "last.pt")
     return {
-        "mode": cfg.mode, "best_val": best_val, "checksum": checksum, "epochs_run": len(history), "history": history,
-        "best_checkpoint": str(best), "last_checkpoint": str(last), "seconds": round(time.perf_counter() - t_start, 2),
+        "objective": run.objective.name, "best_val": run.progress.best_val, "checksum": checksum,
+        "epochs_run": len(run.progress.history), "history": run.progress.history,
+        "best_checkpoint": str(run.ckpt_dir / "best.pt"), "last_checkpoint": str(run.ckpt_dir / "last.pt"),
+        "seconds": round(seconds, 2),
     }  # fmt: skip
 
 
-main = hydra_entry("stage2", train_stage2, __doc__)
+def main() -> None:
+    from villa.core.config import hydra_entry
+
+    hydra_entry("stage2", train_stage2, __doc__)()
 
 
 if __name__ == "__main__":

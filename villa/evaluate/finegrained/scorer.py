@@ -5,7 +5,7 @@ global image embedding is the one the model was trained to give:
 
 - villa checkpoints (Stage 2, baseline, pretraining) go through the region path with the whole-image box, with the
   region options they were trained with (input size, normalisation), as the one-to-one baseline trains;
-- ``mode=grain`` checkpoints give GRAIN's own global readout: the decoder's image query, which GRAIN's L_ic trains
+- ``objective=grain`` checkpoints give GRAIN's own global readout: the decoder's image query, which GRAIN's L_ic trains
   against the caption (unless the checkpoint was trained with ``grain.image_embedding=attnpool``, whose image
   embedding is the region path's, as above);
 - other models (open_clip tags and checkpoints) use open_clip's ``encode_image`` with its eval preprocessing.
@@ -163,7 +163,7 @@ class Scorer:
 
 
 def grain_image_head(clip: Clip, runtime: Runtime):
-    """A ``mode=grain`` checkpoint's head when its image query is the image embedding it trained, else None."""
+    """A ``objective=grain`` checkpoint's head when its image query is the image embedding it trained, else None."""
     from villa.core.checkpoint import load_checkpoint
     from villa.evaluate.retrieval import load_grain_head
 

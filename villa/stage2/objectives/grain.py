@@ -1,4 +1,17 @@
-"""GRAIN's objective (Halbe et al.): L_ic + L_rd + L_box on a decoder head; see villa/models/grain_head.py and docs/grain.md."""
+"""GRAIN's objective (Halbe et al., "Grounding Descriptions in Images informs Zero-Shot Visual Recognition"; public
+code shaunak27/grain-clip) as ``objective=grain``: L_ic + w_rd L_rd + box_scale (w_l1 L1 + w_giou GIoU) on a
+decoder head over the image tower's tokens (villa/models/grain_head.py), trained with GRAIN's own optimiser for the
+head (``grain.optimizer=grain``). Where villa differs from GRAIN's code: docs/grain.md.
+
+- L_ic: the symmetric CLIP loss between the image query's embedding and the caption;
+- L_rd: each region query matched to a target region, against every description of the (global) batch
+  (cross-entropy, one direction, as GRAIN's ``WordContrastiveLoss``), averaged over the matched queries;
+- L_box: L1 + GIoU on the Hungarian-matched pairs of the last decoder layer (every layer with ``grain.aux_loss``),
+  times ``box_scale`` (1.5: GRAIN's ``compute_box_loss`` divides by ``len(weight_dict) / 3``).
+
+Region descriptions and boxes come from Stage 1's mapping (``grain.boxes=mapping``, no labels) or from the
+ground truth (``grain.boxes=gold``, an upper bound).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +19,30 @@ import math
 from dataclasses import asdict
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
-from villa.core.distributed import Dist, gather_rows, rank_sizes, scale_grad, sum_over_ranks
-from villa.core.runtime import Runtime
-from villa.models.grain_head import box_loss_sums, hungarian_match, normalized_targets
-from villa.stage2.model import Stage2Model
-from villa.stage2.objectives.base import infonce
-from villa.stage2.pairs import PairBatch, PairData
+from villa.core.distributed import gather_rows, rank_sizes, sum_over_ranks
+from villa.core.errors import VillaError
+from villa.data.annotations import Annotations
+from villa.models.clip import Clip
+from villa.models.grain_head import (
+    GrainHead,
+    GrainSpec,
+    box_loss_sums,
+    hungarian_match,
+    image_tokens,
+    normalized_targets,
+    tower_width,
+)
+from villa.models.region_encoder import roi_features
+from villa.stage1.mapping import assign_text
+from villa.stage2.objectives.base import Objective, StepContext, infonce, share_scale_grad, step_images
+
+GRAIN_LR = 1e-3  # GRAIN's train.py default
 
 
 def grain_losses(
@@ -58,79 +84,131 @@ def grain_losses(
             "giou": giou / n, "match": match_last}  # fmt: skip
 
 
-def grain_step_loss(
-    model: nn.Module, data: PairData, batch: PairBatch, runtime: Runtime, d: Dist, channels_last: bool
-) -> torch.Tensor:
-    """L_ic + w_rd L_rd + box_scale (w_l1 L1 + w_giou GIoU) (villa/grain.py) on the (global) batch.
+class Grain(Objective):
+    name = "grain"
 
-    L_ic is computed whole on every rank (gathered features, as the other modes). L_rd and L_box are sums over this
-    rank's matched queries (L_rd) or targets (L_box) divided by the global count, so after the trainer's world-size
-    factor and DDP's averaging their gradients are a single process's; their value is summed over ranks for
-    logging. Matching copies one cost tensor to the host per matched decoder layer (scipy's solver runs there).
-    """
-    g = data.grain
-    dev = runtime.device
-    images = batch.images.to(dev, non_blocking=True).float().div_(255)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    region = ~batch.whole
-    h, w = images.shape[-2:]
-    target = normalized_targets(batch.boxes[region], w, h).to(dev, non_blocking=True)
-    target_image = batch.box_image[region].to(dev, non_blocking=True)
-    desc = data.text_emb.index_select(0, batch.pair_idx[region].to(dev, non_blocking=True))
-    caption = data.text_emb.index_select(0, batch.pair_idx[batch.whole].to(dev, non_blocking=True))
-    with runtime.autocast():
-        boxes, region_emb, image_emb, scale = model(images, None, None, None)
-    if d.enabled and scale.requires_grad:
-        scale = scale_grad(scale, 1.0 / d.world_size)
-    scale = scale.float()
-    l_ic = infonce(gather_rows(F.normalize(image_emb.float(), dim=-1), d), gather_rows(caption, d), scale)
-    sizes = rank_sizes(len(desc), d, dev)  # the global batch's descriptions: this rank's start at its offset
-    parts = grain_losses(boxes.float(), region_emb, target, target_image, gather_rows(desc, d, sizes),
-                         sum(sizes[: d.rank]), scale, torch.tensor(float(sum(sizes)), device=dev), aux=g.aux_loss)  # fmt: skip
-    rd = parts["rd_sum"] / sum_over_ranks(parts["matched"], d).clamp(min=1)  # GRAIN: the mean over matched queries
-    local = g.rd_weight * rd + g.box_scale * (g.l1_weight * parts["l1"] + g.giou_weight * parts["giou"])
-    value = sum_over_ranks(local.detach(), d)
-    return l_ic + local + (value - local.detach())
+    @property
+    def reads_mapping(self) -> bool:  # type: ignore[override]
+        return self.cfg.grain.boxes == "mapping"
 
+    @property
+    def pool_image(self) -> bool:
+        """L_ic's image side through CLIP's attention pool (which then trains) instead of GRAIN's image query."""
+        return self.cfg.grain.image_embedding == "attnpool"
 
-GRAIN_LR = 1e-3  # GRAIN's train.py default
+    def region_text(self, ann: Annotations) -> Optional[list[str]]:
+        """Stage 1's assigned sentences (``grain.boxes=mapping``) or the ground-truth pairs with sentences chosen as
+        Stage 1's rule does (``gold``)."""
+        if self.reads_mapping:
+            return ann.table.column("assigned_text").combine_chunks().flatten().to_pylist()
+        gold = ann.region_attribute_matrix(len(self.vocab))
+        if gold is None:
+            raise VillaError(f"grain.boxes=gold needs ground-truth regions: {ann.root} has no reg_to_attr column")
+        return assign_text(ann.text, ann.region_offsets, gold, self.vocab, np.random.default_rng(self.cfg.seed))
 
+    def trains(self, name: str) -> bool:
+        if not self.pool_image and name.startswith("visual.attnpool."):
+            return False  # GRAIN pools through its image query, not CLIP's attention pool
+        return super().trains(name)
 
-def build_head_optimizer(
-    cfg: DictConfig, model: Stage2Model, steps_per_epoch: int
-) -> tuple[Optional[torch.optim.Optimizer], Optional[torch.optim.lr_scheduler.LambdaLR]]:
-    """GRAIN's optimisation of its head (``grain.optimizer=grain``; train.py and utils/train_utils.py): AdamW at
-    ``head_lr`` (GRAIN's 1e-3), betas (0.9, 0.98), decoupled decay 0.1 except on biases and norm gains
-    (``optim_policy``: ``ndim < 2``, ``bias``, ``norm``), and per step a linear warm-up from ``lr_start`` over
-    ``warmup_epochs`` then a cosine to ``lr_end`` at the epoch cap (``cosine_scheduler``)."""
-    head = getattr(model, "grain", None)
-    if head is None or cfg.grain.optimizer != "grain":
-        return None, None
-    g = cfg.grain
-    base = float(g.head_lr or GRAIN_LR)
-    named = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
-    plain = [p for n, p in named if p.ndim < 2 or "bias" in n or "norm" in n]
-    decayed = [p for n, p in named if not (p.ndim < 2 or "bias" in n or "norm" in n)]
-    opt = torch.optim.AdamW([{"params": plain, "weight_decay": 0.0},
-                             {"params": decayed, "weight_decay": float(g.head_weight_decay)}],
-                            lr=base, betas=tuple(g.head_betas), eps=float(cfg.eps))  # fmt: skip
-    warm = int(round(float(g.warmup_epochs) * steps_per_epoch))
-    total = int(cfg.epochs) * steps_per_epoch
-    start, end = float(g.lr_start), float(g.lr_end)
+    def build(self, model: nn.Module, clip: Clip) -> Optional[nn.Module]:
+        g = self.cfg.grain
+        if self.pool_image and not isinstance(clip.model.visual, ModifiedResNet):
+            raise VillaError("grain.image_embedding=attnpool needs a ModifiedResNet tower (RN50, villa-*-rn)")
+        return GrainHead(GrainSpec(tower_width(clip.model.visual), clip.embed_dim, g.queries, g.width, g.heads,
+                                   g.layers, g.ffn, g.dropout))  # fmt: skip
 
-    def factor(step: int) -> float:  # GRAIN's schedule[step] / base
-        if step < warm:
-            return (start + (base - start) * step / max(warm - 1, 1)) / base
-        n = max(total - warm, 1)
-        i = min(step - warm, n)  # past the cap (epochs raised on resume): lr_end
-        return (end + 0.5 * (base - end) * (1 + math.cos(math.pi * i / n))) / base
+    def forward(self, model, images, boxes, box_image, tokens):
+        """(L, B, Q, 4) boxes, (B, Q, E) region and (B, E) image embeddings, and the logit scale."""
+        x = model.regions.prepare(images)
+        if not self.pool_image:
+            feat, positions = image_tokens(model.clip.visual, x)
+            return (*model.head(feat, positions), model.scale(images.device))
+        # the image embedding through the region path's whole-image box: trunk once, then layer4 for the decoder's
+        # tokens and ROI-Align + layer4 + attention pool for the image (grain.image_embedding=attnpool)
+        v, trunk = model.clip.visual, model.regions.trunk(x)
+        whole = trunk.new_tensor([[0.0, 0.0, x.shape[-1], x.shape[-2]]]).float().expand(len(x), 4)
+        roi = roi_features(trunk, whole, torch.arange(len(x), device=x.device), model.regions.roi_size,
+                           trunk.shape[-1] / x.shape[-1])  # fmt: skip
+        boxes, region_emb, _ = model.head(v.layer4(trunk), True)
+        return boxes, region_emb, v.attnpool(v.layer4(roi)), model.scale(images.device)
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    def loss(self, model, batch, ctx: StepContext, train: bool = True) -> torch.Tensor:
+        """L_ic is computed whole on every rank (gathered features). L_rd and L_box are sums over this rank's
+        matched queries (L_rd) or targets (L_box) divided by the global count, so after the trainer's world-size
+        factor and DDP's averaging their gradients are a single process's; their value is summed over ranks for
+        logging. Matching copies one cost tensor to the host per matched decoder layer (scipy's solver runs there).
+        """
+        g, d, dev = self.cfg.grain, ctx.dist, ctx.runtime.device
+        emb = self.targets_.embeddings
+        images = step_images(batch, ctx)
+        region = ~batch.whole
+        h, w = images.shape[-2:]
+        target = normalized_targets(batch.boxes[region], w, h).to(dev, non_blocking=True)
+        target_image = batch.box_image[region].to(dev, non_blocking=True)
+        desc = emb.index_select(0, batch.pair_idx[region].to(dev, non_blocking=True))
+        caption = emb.index_select(0, batch.pair_idx[batch.whole].to(dev, non_blocking=True))
+        with ctx.runtime.autocast():
+            boxes, region_emb, image_emb, scale = model(images, None, None, None)
+        scale = share_scale_grad(scale, d).float()
+        l_ic = infonce(gather_rows(F.normalize(image_emb.float(), dim=-1), d), gather_rows(caption, d), scale)
+        sizes = rank_sizes(len(desc), d, dev)  # the global batch's descriptions: this rank's start at its offset
+        parts = grain_losses(boxes.float(), region_emb, target, target_image, gather_rows(desc, d, sizes),
+                             sum(sizes[: d.rank]), scale, torch.tensor(float(sum(sizes)), device=dev), aux=g.aux_loss)  # fmt: skip
+        rd = parts["rd_sum"] / sum_over_ranks(parts["matched"], d).clamp(min=1)  # GRAIN: mean over matched queries
+        local = g.rd_weight * rd + g.box_scale * (g.l1_weight * parts["l1"] + g.giou_weight * parts["giou"])
+        value = sum_over_ranks(local.detach(), d)
+        return l_ic + local + (value - local.detach())
 
+    # --- the head's optimisation -----------------------------------------------------------------------------
 
-def grain_state(model: Stage2Model) -> dict[str, Any]:
-    """GRAIN's head in a checkpoint: its shape and weights (evaluation's query readout rebuilds it)."""
-    if model.grain is None:
-        return {}
-    return {"grain": asdict(model.grain.spec), "grain_state": model.grain.state_dict()}
+    def own_parameters(self, model) -> set[int]:
+        return {id(p) for p in model.head.parameters()} if self.cfg.grain.optimizer == "grain" else set()
+
+    def tower_groups(self, model, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``grain.optimizer=trainer``: the head trains in the tower's optimiser, at ``grain.head_lr`` when set."""
+        if self.cfg.grain.optimizer == "grain" or self.cfg.grain.head_lr is None:
+            return groups
+        mine = {id(p) for p in model.head.parameters()}
+        tower = [{**g, "params": [p for p in g["params"] if id(p) not in mine]} for g in groups]
+        heads = [{**g, "params": [p for p in g["params"] if id(p) in mine], "lr": self.cfg.grain.head_lr}
+                 for g in groups]  # fmt: skip
+        return [g for g in tower + heads if g["params"]]
+
+    def optimizers(self, model, steps_per_epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """GRAIN's optimisation of its head (``grain.optimizer=grain``; its train.py and utils/train_utils.py):
+        AdamW at ``head_lr`` (GRAIN's 1e-3), betas (0.9, 0.98), decoupled decay 0.1 except on biases and norm gains
+        (``optim_policy``: ``ndim < 2``, ``bias``, ``norm``), and per step a linear warm-up from ``lr_start`` over
+        ``warmup_epochs`` then a cosine to ``lr_end`` at the epoch cap (``cosine_scheduler``)."""
+        cfg, g = self.cfg, self.cfg.grain
+        if g.optimizer != "grain":
+            return {}, {}
+        base = float(g.head_lr or GRAIN_LR)
+        named = [(n, p) for n, p in model.head.named_parameters() if p.requires_grad]
+        plain = [p for n, p in named if p.ndim < 2 or "bias" in n or "norm" in n]
+        decayed = [p for n, p in named if not (p.ndim < 2 or "bias" in n or "norm" in n)]
+        opt = torch.optim.AdamW([{"params": plain, "weight_decay": 0.0},
+                                 {"params": decayed, "weight_decay": float(g.head_weight_decay)}],
+                                lr=base, betas=tuple(g.head_betas), eps=float(cfg.eps))  # fmt: skip
+        warm = int(round(float(g.warmup_epochs) * steps_per_epoch))
+        total = int(cfg.epochs) * steps_per_epoch
+        start, end = float(g.lr_start), float(g.lr_end)
+
+        def factor(step: int) -> float:  # GRAIN's schedule[step] / base
+            if step < warm:
+                return (start + (base - start) * step / max(warm - 1, 1)) / base
+            n = max(total - warm, 1)
+            i = min(step - warm, n)  # past the cap (epochs raised on resume): lr_end
+            return (end + 0.5 * (base - end) * (1 + math.cos(math.pi * i / n))) / base
+
+        return {"head_optimizer": opt}, {"head_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor)}
+
+    def checkpoint_state(self, model) -> dict[str, Any]:
+        """GRAIN's head: its shape and weights (evaluation's query readout rebuilds it)."""
+        return {"grain": asdict(model.head.spec), "grain_state": model.head.state_dict()}
+
+    def load_checkpoint_state(self, model, state: dict[str, Any]) -> None:
+        model.head.load_state_dict(state["grain_state"])
+
+    def describe(self) -> str:
+        return f"grain (boxes from {self.cfg.grain.boxes})"
