@@ -1,6 +1,6 @@
 """Zero-shot detection evaluation at COCO val2017's size: 5,000 images x 100 proposals through villa.detection.
 
-    python benchmarks/bench_detection.py [--images 5000] [--proposals 100] [--device cpu] [--json out.json]
+    python -m benchmarks.bench_detection [--images 5000] [--proposals 100] [--device cpu] [--json out.json]
 
 The ground truth is the test split of a DocMNIST (84x84 images, digits as categories) exported to COCO format; the
 proposals are ``--proposals`` boxes per image drawn at random around the image (seeded; their quality does not
@@ -13,24 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from docmnist.generate_docmnist import generate  # noqa: E402
-from experiments.demo import ASSET  # noqa: E402
-from villa.core.io import write_json_atomic  # noqa: E402
-from villa.core.runtime import get_runtime  # noqa: E402
-from villa.data.importers.docmnist_coco import export_coco  # noqa: E402
-from villa.evaluate.detection import zero_shot_detection  # noqa: E402
-from villa.evaluate.retrieval import region_options  # noqa: E402
-from villa.models.clip import create_clip  # noqa: E402
+from docmnist.generate_docmnist import generate
+from experiments.demo import ASSET
+from villa.core.io import write_json_atomic
+from villa.core.runtime import get_runtime
+from villa.data.importers.docmnist_coco import export_coco
+from villa.evaluate.detection import zero_shot_detection
+from villa.evaluate.retrieval import region_options
+from villa.models.clip import create_clip
 
 
 def random_proposals(gt: dict, per_image: int, seed: int = 0) -> list[dict]:
@@ -48,7 +44,11 @@ def random_proposals(gt: dict, per_image: int, seed: int = 0) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_detection",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--images", type=int, default=5000, help="test images (COCO val2017: 5,000)")
     p.add_argument("--proposals", type=int, default=100, help="proposals per image")
     p.add_argument("--batch_size", type=int, default=64, help="images per region-path batch")

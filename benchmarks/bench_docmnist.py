@@ -1,7 +1,7 @@
 """Time DocMNIST generation (all three splits, PNGs and annotations) at several budgets.
 
-    python benchmarks/bench_docmnist.py                        # budget 30000 + val 10000 + test 10000, 3 repeats
-    python benchmarks/bench_docmnist.py --budgets 30000 300000 1000000 --repeats 1
+    python -m benchmarks.bench_docmnist                        # budget 30000 + val 10000 + test 10000, 3 repeats
+    python -m benchmarks.bench_docmnist --budgets 30000 300000 1000000 --repeats 1
 
 Prints, per budget, the wall-clock seconds of each repeat (median and best), the process CPU seconds, images/s and
 the peak resident memory. Outputs are deleted only after the last repeat: on this kind of disk, deleting thousands
@@ -22,7 +22,11 @@ from docmnist.generate_docmnist import generate
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_docmnist",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--budgets", type=int, nargs="+", default=[30000])
     p.add_argument("--val_budget", type=int, default=10000)
     p.add_argument("--test_budget", type=int, default=10000)

@@ -1,7 +1,7 @@
 """Time the importers' vectorised parts: the COCO importer on a synthetic captions + instances file of 100,000
 images, and the attribute extractor on 100,000 texts.
 
-    python benchmarks/bench_import.py [--images 100000] [--repeats 3] [--json out.json]
+    python -m benchmarks.bench_import [--images 100000] [--repeats 3] [--json out.json]
 
 The COCO files are written in the published layout (5 captions and about 7 boxes per image, COCO's 80 categories)
 with ``image_size`` taken from the file (as the importer does: COCO states each image's width and height), so the
@@ -17,20 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from villa.data.attributes import extract_attributes  # noqa: E402
-from villa.data.importers.coco import import_coco  # noqa: E402
-from villa.data.regions import RegionSpec  # noqa: E402
-from villa.data.vocab import load_vocab  # noqa: E402
+from villa.data.attributes import extract_attributes
+from villa.data.importers.coco import import_coco
+from villa.data.regions import RegionSpec
+from villa.data.vocab import load_vocab
 
 SUBJECTS = [
     "a man",
@@ -145,7 +141,11 @@ def write_coco(root: Path, n: int, seed: int = 0) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_import",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--images", type=int, default=100_000, help="synthetic COCO images")
     p.add_argument("--texts", type=int, default=100_000, help="texts for the extractor")
     p.add_argument("--repeats", type=int, default=3, help="runs of each; medians are reported")

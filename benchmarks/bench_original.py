@@ -1,7 +1,7 @@
 """villa against the original ViLLA code (github.com/StanfordMIMI/villa), step by step and end to end, interleaved.
 
     git clone https://github.com/StanfordMIMI/villa /path/to/villa-original      # any checkout of the original
-    python benchmarks/bench_original.py --original /path/to/villa-original [--repeats 3] [--json out.json]
+    python -m benchmarks.bench_original --original /path/to/villa-original [--repeats 3] [--json out.json]
 
 Both pipelines run the same four commands as whole processes (the README's pipeline table), with the same
 settings, the same starting weights and the same MNIST files:
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 import platform
 import re
@@ -45,10 +46,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from villa.core.errors import VillaError, exit_on_error  # noqa: E402
+from villa.core.errors import VillaError, exit_on_error
 
 REPO = Path(__file__).resolve().parent.parent
 SHIM = Path(__file__).resolve().parent / "original_shim"
@@ -342,8 +340,12 @@ def format_table(res: dict) -> str:
 
 @exit_on_error
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--original", required=True, help="a checkout of github.com/StanfordMIMI/villa")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_original",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--original", default=None, help="a checkout of github.com/StanfordMIMI/villa (required to run)")
     p.add_argument("--work", default="outputs/bench_original", help="copies, data, checkpoints and logs")
     p.add_argument("--deps", default=None, help="the original's extra packages (default: <work>/deps)")
     p.add_argument("--budget", type=int, default=15000, help="train attribute budget (the demo's)")
@@ -355,7 +357,15 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS, help="a prefix of the pipeline")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
+                   help="print the table this script writes for an existing results.json, and run nothing")  # fmt: skip
     a = p.parse_args(argv)
+    if a.render:
+        res = json.loads(Path(a.render).read_text())
+        print(format_table({**res, "summary": summarize(res["runs"])}), end="")
+        return {}
+    if a.original is None:
+        raise VillaError("--original is required: a checkout of the original ViLLA code to run against")
     if list(a.steps) != list(STEPS[: len(a.steps)]):
         raise VillaError(
             f"--steps {' '.join(a.steps)}: give a prefix of {' '.join(STEPS)} (each step reads the last's output)"
@@ -382,7 +392,7 @@ def main(argv=None) -> dict:
             reps[s].append(done[s])
     summary = summarize(reps, a.steps)
     res = {
-        "command": "python benchmarks/bench_original.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.bench_original " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cuda": _cuda()},
         "original_commit": _commit(Path(a.original)),

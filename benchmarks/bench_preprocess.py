@@ -1,8 +1,8 @@
 """Region embedding throughput: per image with batch size 1 (the original's way) vs batched (villa's).
 
-    python benchmarks/bench_preprocess.py --model villa-tiny-rn --images 256
-    python benchmarks/bench_preprocess.py --model RN50 --images 32 --batch_size 32        # CPU: RN50 is slow
-    python benchmarks/bench_preprocess.py --model RN50 --images 2048 --batch_size 256 --device cuda
+    python -m benchmarks.bench_preprocess --model villa-tiny-rn --images 256
+    python -m benchmarks.bench_preprocess --model RN50 --images 32 --batch_size 32        # CPU: RN50 is slow
+    python -m benchmarks.bench_preprocess --model RN50 --images 2048 --batch_size 256 --device cuda
 
 Both ways read the same images from disk and embed the same regions with the same weights (random init unless
 --pretrained is given); the batched way also uses DataLoader workers and, on CUDA, autocast.
@@ -44,7 +44,11 @@ def per_image(encoder, ann, rt, n_images):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_preprocess",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="villa-tiny-rn")
     p.add_argument("--pretrained", default="none")
     p.add_argument("--images", type=int, default=256)

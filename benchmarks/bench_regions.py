@@ -1,7 +1,7 @@
 """Region sources on DocMNIST: proposal recall at IoU 0.5 against the ground-truth regions, and throughput on this
 machine; plus the padding that size-bucketed preprocessing saves on images of mixed sizes.
 
-    python benchmarks/bench_regions.py [--detector detector.pt] [--json out.json]
+    python -m benchmarks.bench_regions [--detector detector.pt] [--json out.json]
 
 Without ``--detector`` a villa-tiny-frcnn is trained first on the training split's boxes (``python -m
 villa.detector train``'s defaults, about a minute). Recall and images/s are measured on the test split: grid
@@ -14,26 +14,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from docmnist.generate_docmnist import generate  # noqa: E402
-from villa.data.annotations import load_annotations  # noqa: E402
-from villa.data.images import padded_pixels, size_buckets  # noqa: E402
-from villa.data.regions import RegionSpec, detector_proposals, grid_boxes, proposals_from_file, recall_at_iou  # noqa: E402
-from villa.data.vocab import load_vocab  # noqa: E402
-from villa.models.detector import train_detector  # noqa: E402
+from docmnist.generate_docmnist import generate
+from villa.data.annotations import load_annotations
+from villa.data.images import padded_pixels, size_buckets
+from villa.data.regions import RegionSpec, detector_proposals, grid_boxes, proposals_from_file, recall_at_iou
+from villa.data.vocab import load_vocab
+from villa.models.detector import train_detector
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_regions",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--detector", default=None, help="a villa detector checkpoint (default: train one)")
     p.add_argument("--budget", type=int, default=6000, help="DocMNIST training budget")
     p.add_argument("--test_budget", type=int, default=6000, help="DocMNIST test budget (the measured images)")

@@ -1,6 +1,6 @@
 """Stage 1 speed at paper scale (budget 30000, target 16, D = 1024, 20 heads), against the original's ways.
 
-    python benchmarks/bench_stage1.py [--device cuda] [--data_dir data/docmnist_30000_15.2]
+    python -m benchmarks.bench_stage1 [--device cuda] [--data_dir data/docmnist_30000_15.2]
 
 - training epoch: villa's MultiHeadProjection with each kernel (``bmm``: all heads in one batched matmul; ``loop``:
   one GEMM per head; ``auto`` picks bmm on CUDA, loop elsewhere) vs a Python loop over 20 head modules (original);
@@ -98,7 +98,11 @@ def per_image_mapping(heads, emb, ann, vocab, rt, n_images, epsilon=0.2):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_stage1",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--dim", type=int, default=1024)

@@ -1,6 +1,6 @@
 """Stage 1's step time across a training run at paper scale, and what subnormal floats do to it (issue 23).
 
-    python benchmarks/bench_stage1_run.py [--steps 120] [--json out.json]
+    python -m benchmarks.bench_stage1_run [--steps 120] [--json out.json]
 
 Trains villa's Stage 1 model (D = 1024, 20 heads, batch 48, the fused AdamW at lr 1e-4, the original loss) on
 DocMNIST at budget 30000 / target 16 with villa.synthetic embeddings (the same work per step as CLIP's), twice from
@@ -22,18 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from docmnist.generate_docmnist import generate  # noqa: E402
-from villa.core.io import write_json_atomic  # noqa: E402
-from villa.data.annotations import load_annotations  # noqa: E402
-from villa.data.batches import RegionBank, image_batches  # noqa: E402
-from villa.data.embeddings import open_embeddings  # noqa: E402
-from villa.data.synthetic import write_synthetic_embeddings  # noqa: E402
-from villa.data.vocab import load_vocab  # noqa: E402
-from villa.models.projection import MultiHeadProjection  # noqa: E402
-from villa.stage1.loss import stage1_loss  # noqa: E402
+from docmnist.generate_docmnist import generate
+from villa.core.io import write_json_atomic
+from villa.data.annotations import load_annotations
+from villa.data.batches import RegionBank, image_batches
+from villa.data.embeddings import open_embeddings
+from villa.data.synthetic import write_synthetic_embeddings
+from villa.data.vocab import load_vocab
+from villa.models.projection import MultiHeadProjection
+from villa.stage1.loss import stage1_loss
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -76,7 +73,11 @@ class Run:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_stage1_run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--block", type=int, default=10, help="steps per block; the two runs alternate blocks")
     p.add_argument("--dim", type=int, default=1024)
@@ -115,7 +116,7 @@ def main() -> None:
         blocks.append(row)
         print(json.dumps(row))
     same = max(abs(x["loss"] - y["loss"]) for x, y in zip(runs["default"].rows, runs["flush_denormal"].rows))
-    out = {"command": "python benchmarks/bench_stage1_run.py " + " ".join(sys.argv[1:]), "steps": a.steps,
+    out = {"command": "python -m benchmarks.bench_stage1_run " + " ".join(sys.argv[1:]), "steps": a.steps,
            "dim": a.dim, "batch_size": a.batch_size, "blocks": blocks, "max_loss_difference": same,
            "total_s": {k: round(sum(x["seconds"] for x in r.rows), 1) for k, r in runs.items()}}  # fmt: skip
     print(json.dumps({k: v for k, v in out.items() if k != "blocks"}))

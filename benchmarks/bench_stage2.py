@@ -1,7 +1,7 @@
 """Stage 2 training throughput on the region path: steps/s, regions/s, achieved FLOP/s against the device peak.
 
-    python benchmarks/bench_stage2.py --model villa-tiny-rn --batch_size 256            # CPU
-    python benchmarks/bench_stage2.py --model RN50 --batch_size 256 --device cuda       # GPU: AMP on/off, channels_last
+    python -m benchmarks.bench_stage2 --model villa-tiny-rn --batch_size 256            # CPU
+    python -m benchmarks.bench_stage2 --model RN50 --batch_size 256 --device cuda       # GPU: AMP on/off, channels_last
 
 Each option is one row: ``sync`` reads the loss on the host every step (``loss.item()`` and a finite check, the
 loop before the non-finite guard) against the trainer's loop, which checks it every ``log_every`` steps
@@ -103,7 +103,11 @@ def run(model_name: str, b: int, rt, channels_last: bool, steps: int, warmup: in
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_stage2",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", nargs="+", default=["villa-tiny-rn"])
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", default="auto")

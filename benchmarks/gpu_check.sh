@@ -33,10 +33,10 @@ from pathlib import Path
 out = Path(sys.argv[1])
 steps = [  # (name, command, seconds allowed): 480 s in all
     ("cuda_tests", "python -m pytest -q -m cuda tests", 60),
-    ("preprocess_rn50", "python benchmarks/bench_preprocess.py --model RN50 --pretrained none --device cuda --images 256 --num_workers 4", 60),
-    ("stage1", "python benchmarks/bench_stage1.py --device cuda", 90),
-    ("stage2", "python benchmarks/bench_stage2.py --model RN50 villa-tiny-rn --device cuda", 120),
-    ("detection", f"python benchmarks/bench_detection.py --device cuda --json {out}/detection.json", 60),
+    ("preprocess_rn50", "python -m benchmarks.bench_preprocess --model RN50 --pretrained none --device cuda --images 256 --num_workers 4", 60),
+    ("stage1", "python -m benchmarks.bench_stage1 --device cuda", 90),
+    ("stage2", "python -m benchmarks.bench_stage2 --model RN50 villa-tiny-rn --device cuda", 120),
+    ("detection", f"python -m benchmarks.bench_detection --device cuda --json {out}/detection.json", 60),
     ("demo", f"python -m experiments.demo --device cuda --quiet --out {out}/demo", 90),
 ]
 dry = os.environ.get("DRY_RUN") == "1"

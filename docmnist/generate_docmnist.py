@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -32,15 +31,12 @@ import pyarrow.ipc as ipc
 from PIL import Image
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a script: python docmnist/generate_docmnist.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from docmnist.mnist import DigitPools, load_digit_pools  # noqa: E402
+from docmnist.mnist import DigitPools, load_digit_pools
 from villa.core.env import data_root
-from villa.core.errors import VillaError, exit_on_error  # noqa: E402
-from villa.core.io import atomic_dir, check_writable  # noqa: E402
-from villa.core.log import setup_logging  # noqa: E402
-from villa.data.vocab import SENTENCE_SEP, Vocabulary, load_vocab  # noqa: E402
+from villa.core.errors import VillaError, exit_on_error
+from villa.core.io import atomic_dir, check_writable
+from villa.core.log import setup_logging
+from villa.data.vocab import SENTENCE_SEP, Vocabulary, load_vocab
 
 log = logging.getLogger(__name__)
 

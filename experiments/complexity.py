@@ -1,10 +1,10 @@
 """The paper's complexity experiment, offline: one-to-one VLM vs ViLLA as the sample complexity of the data rises.
 
-    python experiments/complexity.py --out docs/results/complexity          # 6 complexities x 3 seeds, ~90 min on 2 CPU cores
-    python experiments/complexity.py --add_methods grain --out docs/results/complexity --work outputs/complexity
+    python -m experiments.complexity --out docs/results/complexity          # 6 complexities x 3 seeds, ~90 min on 2 CPU cores
+    python -m experiments.complexity --add_methods grain --out docs/results/complexity --work outputs/complexity
                                               # add a method to a finished sweep: the same settings, seeds, held-out set
-    python experiments/complexity.py --targets 5 30 --seeds 1 --budget 2000 --out outputs/cx   # a quick look
-    python experiments/complexity.py --model RN50 --pretrained openai --input_size 0 --budget 30000 \\
+    python -m experiments.complexity --targets 5 30 --seeds 1 --budget 2000 --out outputs/cx   # a quick look
+    python -m experiments.complexity --model RN50 --pretrained openai --input_size 0 --budget 30000 \\
         --stage2_epochs 100 --stage2_batch 256 --stage2_lr 5e-5 --device cuda                  # the paper's scale
 
 The protocol (the paper's, on the offline analogue; docs/results/README.md says where they differ):
@@ -34,17 +34,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from docmnist.generate_docmnist import generate  # noqa: E402
-from experiments.demo import ASSET  # noqa: E402
-from experiments.pipeline import PipelineSettings, run_pipeline  # noqa: E402
-from experiments.plots import complexity_lines  # noqa: E402
-from villa.core.errors import VillaError, exit_on_error  # noqa: E402
-from villa.core.io import write_json_atomic, write_text_atomic  # noqa: E402
-from villa.core.log import setup_logging  # noqa: E402
-from villa.data.vocab import load_vocab  # noqa: E402
+from docmnist.generate_docmnist import generate
+from experiments.demo import ASSET
+from experiments.pipeline import PipelineSettings, run_pipeline
+from experiments.plots import complexity_lines
+from villa.core.errors import VillaError, exit_on_error
+from villa.core.io import write_json_atomic, write_text_atomic
+from villa.core.log import setup_logging
+from villa.data.vocab import load_vocab
 
 TRAINED = ("baseline", "villa", "oracle", "grain")  # Stage 2 methods (villa.pipeline.METHODS)
 METHODS = ("zero-shot", "baseline", "villa", "oracle", "grain", "grain-queries")  # every reported model
@@ -311,7 +308,11 @@ def run_row(
 @exit_on_error
 def main(argv=None) -> dict[str, Any]:
     setup_logging()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.complexity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--targets", type=int, nargs="+", default=[5, 10, 15, 20, 25, 30], help="target sample complexities")
     p.add_argument("--seeds", type=int, default=3, help="runs per target, seeds --seed, --seed+1, ...")
     p.add_argument("--seed", type=int, default=23, help="first seed")
@@ -358,7 +359,12 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--from_partial", action="store_true",
                    help="an interrupted sweep: the same command plus this flag summarises the seeds whose every target "
                         "finished (--out's runs.partial.json) into results.json and table.md, marked partial")  # fmt: skip
+    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
+                   help="print the table this script writes for an existing results.json, and run nothing")  # fmt: skip
     a = p.parse_args(argv)
+    if a.render:
+        print(format_tables(json.loads(Path(a.render).read_text())), end="")
+        return {}
     if a.binding_only:
         return binding_only(Path(a.out), a.device, a.binding_images)
     if a.add_methods:
@@ -452,7 +458,7 @@ def write_partial(out: Path, settings: dict[str, Any], runs: list[dict[str, Any]
 
 
 def _command(argv) -> str:
-    return "python experiments/complexity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    return "python -m experiments.complexity " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
 def evaluation_set(work: Path, eval_seed: int, test_budget: int, quiet: bool) -> tuple[Path, dict[str, Any]]:
@@ -536,7 +542,7 @@ def binding_only(out: Path, device: str, max_images: Optional[int]) -> dict[str,
         raise VillaError(f"{path} not found; run the experiment first (without --binding_only)")
     results = json.loads(path.read_text())
     add_binding(results, out, device, max_images)
-    results["commands"] = [results["command"], f"python experiments/complexity.py --binding_only --out {out}"]
+    results["commands"] = [results["command"], f"python -m experiments.complexity --binding_only --out {out}"]
     write_json_atomic(path, results)
     return write_outputs(results, out)
 

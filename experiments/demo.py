@@ -78,7 +78,7 @@ def demo_tables(res: dict) -> str:
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     setup_logging()
-    p = argparse.ArgumentParser(prog="python -m villa.demo", description="villa end-to-end demo (offline, CPU)")
+    p = argparse.ArgumentParser(prog="python -m experiments.demo", description="villa end-to-end demo (offline, CPU)")
     p.add_argument("--out", default=os.environ.get("VILLA_DEMO_DIR", "outputs/demo"),
                    help="where data, checkpoints, results.json, table.md and the plot go")  # fmt: skip
     p.add_argument(
@@ -91,7 +91,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--stage1_epochs", type=int, default=30, help="Stage 1 epochs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
+                   help="print the table this script writes for an existing results.json, and run nothing")  # fmt: skip
     a = p.parse_args(argv)
+    if a.render:
+        print(demo_tables(json.loads(Path(a.render).read_text())), end="")
+        return {}
     if a.pretrain_epochs is not None and a.pretrain_epochs < 1:
         raise VillaError(f"--pretrain_epochs={a.pretrain_epochs}: must be >= 1")
     PipelineSettings(budget=a.budget, val_budget=max(1, a.budget // 5), test_budget=max(1, a.budget // 5),

@@ -1,7 +1,7 @@
 """The offline analogue of the paper's zero-shot detection (COCO AP50, base / novel), measured on DocMNIST.
 
-    python experiments/detection.py --out docs/results/detection --work outputs/detection --quiet   # ~45 min, 2 cores
-    python experiments/detection.py --targets 5 --seeds 1 --budget 2000 --out outputs/det_quick      # a quick look
+    python -m experiments.detection --out docs/results/detection --work outputs/detection --quiet   # ~45 min, 2 cores
+    python -m experiments.detection --targets 5 --seeds 1 --budget 2000 --out outputs/det_quick      # a quick look
 
 The protocol (docs/evaluation.md, "The offline analogue"):
 - categories: the ten digits (each DocMNIST region holds one digit, the analogue of a COCO object; colour, shape and
@@ -35,16 +35,13 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from experiments.complexity import _cores, _ms, evaluation_set, pipeline_settings  # noqa: E402
-from experiments.demo import ASSET  # noqa: E402
-from experiments.pipeline import run_pipeline  # noqa: E402
+from experiments.complexity import _cores, _ms, evaluation_set, pipeline_settings
+from experiments.demo import ASSET
+from experiments.pipeline import run_pipeline
 from villa.core.env import config_dir
-from villa.core.errors import VillaError, exit_on_error  # noqa: E402
-from villa.core.io import write_json_atomic, write_text_atomic  # noqa: E402
-from villa.core.log import setup_logging  # noqa: E402
+from villa.core.errors import VillaError, exit_on_error
+from villa.core.io import write_json_atomic, write_text_atomic
+from villa.core.log import setup_logging
 
 MODELS = ("zero-shot", "baseline", "villa")
 NAMES = {"zero-shot": "zero-shot", "baseline": "baseline", "villa": "ViLLA"}
@@ -181,7 +178,11 @@ def format_table(results: dict[str, Any]) -> str:
 @exit_on_error
 def main(argv=None) -> dict[str, Any]:
     setup_logging()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.detection",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--targets", type=int, nargs="+", default=[5, 30], help="target sample complexities")
     p.add_argument("--seeds", type=int, default=3, help="runs per target, seeds --seed, --seed+1, ...")
     p.add_argument("--seed", type=int, default=23, help="first seed (the complexity experiment's)")
@@ -194,7 +195,14 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--detector_epochs", type=int, default=3, help="epochs of the proposal model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
+                   help="print the table this script writes for an existing results.json, and run nothing")  # fmt: skip
     a = p.parse_args(argv)
+    if a.render:  # the table from the runs themselves: a summary that does not follow from them shows as a change
+        results = json.loads(Path(a.render).read_text())
+        summary = summarize(results["runs"])
+        print(format_table({**results, "summary": summary, "targets": check_targets(summary)}), end="")
+        return {}
     if a.seeds < 1 or not a.targets:
         raise VillaError("--seeds must be >= 1 and --targets non-empty")
     from villa.data.importers.docmnist_coco import export_coco
@@ -236,7 +244,7 @@ def main(argv=None) -> dict[str, Any]:
             write_json_atomic(out / "runs.partial.json", runs)
     summary = summarize(runs)
     results = {
-        "command": "python experiments/detection.py " + " ".join(sys.argv[1:] if argv is None else argv), "settings": {**vars(a), "seeds": seeds},
+        "command": "python -m experiments.detection " + " ".join(sys.argv[1:] if argv is None else argv), "settings": {**vars(a), "seeds": seeds},
         "split": split_groups(), "machine": f"{_cores()} CPU cores" if a.device != "cuda" else "CUDA",
         "eval": {"data": str(eval_data), "images": len(gt["images"]), "boxes": len(gt["annotations"]),
                  "regions": eval_gen["regions"]},

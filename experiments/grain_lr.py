@@ -1,6 +1,6 @@
 """Choose GRAIN's head learning rate on validation data, for the complexity sweep.
 
-    python experiments/grain_lr.py --out docs/results/grain_lr
+    python -m experiments.grain_lr --out docs/results/grain_lr
 
 GRAIN's head (decoder, queries, box MLP, projections) starts from scratch while the image tower starts from the
 pretrained encoder. On one sweep setting (target 15, seed 23, the sweep's budget and Stage 2 schedule), Stage 2
@@ -15,22 +15,21 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from experiments.demo import ASSET  # noqa: E402
-from experiments.pipeline import PipelineSettings, run_pipeline, stage2_overrides  # noqa: E402
-from villa.core.config import compose_config  # noqa: E402
-from villa.core.errors import exit_on_error  # noqa: E402
-from villa.core.io import write_json_atomic  # noqa: E402
-from villa.core.log import setup_logging  # noqa: E402
-from villa.stage2.train import train_stage2  # noqa: E402
+from experiments.demo import ASSET
+from experiments.pipeline import PipelineSettings, run_pipeline, stage2_overrides
+from villa.core.config import compose_config
+from villa.core.errors import exit_on_error
+from villa.core.io import write_json_atomic
+from villa.core.log import setup_logging
+from villa.stage2.train import train_stage2
 
 
 @exit_on_error
 def main(argv=None) -> dict:
     setup_logging()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.grain_lr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="outputs/grain_lr")
     p.add_argument("--work", default=None, help="datasets and checkpoints (default: --out)")
     p.add_argument("--target", type=int, default=15)
@@ -56,7 +55,7 @@ def main(argv=None) -> dict:
                      "val_loss": [h["val_loss"] for h in r["history"]]})  # fmt: skip
         print(f"head_lr={lr:g}: best val loss {r['best_val']:.4f} ({r['epochs_run']} epochs)", flush=True)
     best = min(runs, key=lambda r: r["best_val"])
-    res = {"command": "python experiments/grain_lr.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"command": "python -m experiments.grain_lr " + " ".join(sys.argv[1:] if argv is None else argv),
            "setting": {"target": a.target, "seed": a.seed, "budget": s.budget, "epochs_cap": s.stage2_epochs, "patience": s.early_stop_patience,
                        "lr": s.stage2_lr, "batch": s.stage2_batch},
            "criterion": "best validation loss of the GRAIN objective (the training set's val split)",

@@ -1,7 +1,7 @@
 """What region sources cost on a user's own data: DocMNIST exported as plain images plus free-text captions (no
 boxes, no attribute lists), imported back with each region source, then the demo's pipeline.
 
-    python experiments/own_data.py --out docs/results/own_data --work outputs/own_data
+    python -m experiments.own_data --out docs/results/own_data --work outputs/own_data
 
 For each region source (``given``: the exported boxes; ``grid`` 3x3; ``grid`` 1x1 + 2x2 + 3x3; ``proposals``:
 the RPN of a villa-tiny-frcnn trained on the training split's boxes, top 20): import with
@@ -16,32 +16,30 @@ One seed (23); the one-to-one baseline (regions play no part in it) trained once
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from docmnist.generate_docmnist import generate  # noqa: E402
-from experiments.demo import ASSET  # noqa: E402
-from experiments.pipeline import PipelineSettings, stage2_overrides  # noqa: E402
-from villa.core.config import compose_config  # noqa: E402
-from villa.core.errors import exit_on_error  # noqa: E402
-from villa.core.io import write_json_atomic, write_text_atomic  # noqa: E402
-from villa.core.log import setup_logging  # noqa: E402
-from villa.core.runtime import get_runtime  # noqa: E402
-from villa.data.annotations import load_annotations  # noqa: E402
-from villa.data.importers.docmnist_plain import export_plain  # noqa: E402
-from villa.data.importers.generic import import_generic  # noqa: E402
-from villa.data.regions import RegionSpec, attach_reference_labels  # noqa: E402
-from villa.data.vocab import load_vocab  # noqa: E402
-from villa.evaluate.retrieval import evaluate_model, region_options  # noqa: E402
-from villa.models.clip import create_clip  # noqa: E402
-from villa.models.detector import train_detector  # noqa: E402
-from villa.preprocess import embed_dataset  # noqa: E402
-from villa.stage1.train import train_stage1  # noqa: E402
-from villa.stage2.train import train_stage2  # noqa: E402
+from docmnist.generate_docmnist import generate
+from experiments.demo import ASSET
+from experiments.pipeline import PipelineSettings, stage2_overrides
+from villa.core.config import compose_config
+from villa.core.errors import exit_on_error
+from villa.core.io import write_json_atomic, write_text_atomic
+from villa.core.log import setup_logging
+from villa.core.runtime import get_runtime
+from villa.data.annotations import load_annotations
+from villa.data.importers.docmnist_plain import export_plain
+from villa.data.importers.generic import import_generic
+from villa.data.regions import RegionSpec, attach_reference_labels
+from villa.data.vocab import load_vocab
+from villa.evaluate.retrieval import evaluate_model, region_options
+from villa.models.clip import create_clip
+from villa.models.detector import train_detector
+from villa.preprocess import embed_dataset
+from villa.stage1.train import train_stage1
+from villa.stage2.train import train_stage2
 
 VARIANTS = {
     "given": RegionSpec("given"),
@@ -77,7 +75,9 @@ def table_md(res: dict) -> str:
 @exit_on_error
 def main(argv=None) -> dict:
     setup_logging()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.own_data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="outputs/own_data", help="results.json and table.md")
     p.add_argument("--work", default=None, help="datasets and checkpoints (default: --out)")
     p.add_argument("--budget", type=int, default=15000, help="DocMNIST training budget (the demo's)")
@@ -86,7 +86,12 @@ def main(argv=None) -> dict:
     p.add_argument("--stage2_epochs", type=int, default=6, help="Stage 2 epoch cap (the demo's)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
+                   help="print the table this script writes for an existing results.json, and run nothing")  # fmt: skip
     a = p.parse_args(argv)
+    if a.render:
+        print(table_md(json.loads(Path(a.render).read_text())), end="")
+        return {}
     t0 = time.perf_counter()
     out, work = Path(a.out), Path(a.work or a.out)
     s = PipelineSettings(pretrained=str(ASSET), budget=a.budget, val_budget=a.budget // 5, test_budget=a.budget // 5,
@@ -103,7 +108,7 @@ def main(argv=None) -> dict:
     detector_seconds = round(time.perf_counter() - t, 1)
     runtime = get_runtime(s.device)
     test = load_annotations(gt, vocab, required_splits=("test",))
-    res = {"command": "python experiments/own_data.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"command": "python -m experiments.own_data " + " ".join(sys.argv[1:] if argv is None else argv),
            "settings": vars(a) | {"seed": s.seed, "target": s.target, "starting_encoder": ASSET.name},
            "detector_seconds": detector_seconds, "variants": {}, "reference": {}}  # fmt: skip
 

@@ -8,9 +8,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from villa.core.io import atomic_file  # noqa: E402
+from villa.core.io import atomic_file
 
 
 def _save(fig, path: Path) -> None:

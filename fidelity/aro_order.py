@@ -3,7 +3,7 @@
 
     git clone https://github.com/mertyg/vision-language-models-are-bows /tmp/aro   # any checkout of ARO's code
     pip install --target /tmp/aro_deps easydict                                    # ARO's one extra import
-    PYTHONPATH=/tmp/aro_deps python fidelity/aro_order.py --aro_repo /tmp/aro \
+    PYTHONPATH=/tmp/aro_deps python -m fidelity.aro_order --aro_repo /tmp/aro \
         --json docs/results/aro_fidelity/results.json [--spacy_model en_core_web_sm | --stand_in_tagger]
 
 Both sides read the same ``coco_karpathy_test.json`` (the captions below, written in BLIP's layout), tag with the
@@ -32,11 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from villa.core.io import write_json_atomic  # noqa: E402
-from villa.evaluate.finegrained.order import load_order, load_spacy  # noqa: E402
+from villa.core.io import write_json_atomic
+from villa.evaluate.finegrained.order import load_order, load_spacy
 
 # COCO-style captions written for this check: capitals, punctuation, apostrophes, numbers, two sentences, a caption
 # over ARO's 30-word limit, captions with no adjective or a single noun.
@@ -129,7 +126,7 @@ def load_aro(repo: Path, nlp, seed: int):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fidelity.aro_order", description=__doc__.split("\n\n")[0])
     p.add_argument("--aro_repo", type=Path, required=True, help="a checkout of mertyg/vision-language-models-are-bows")
     p.add_argument("--spacy_model", default="en_core_web_sm", help="the spaCy pipeline both sides tag with")
     p.add_argument("--stand_in_tagger", action="store_true",
@@ -156,7 +153,7 @@ def main(argv=None) -> dict:
     control_differ = sum(ours[i][k] != control[i][k] for i in range(len(ours)) for k in range(5))
     moved = sum(o != opts[0] for opts in ours for o in opts[1:])
     res = {
-        "command": "python fidelity/aro_order.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m fidelity.aro_order " + " ".join(sys.argv[1:] if argv is None else argv),
         "aro_repo_head": _head(a.aro_repo),
         "spacy_model": "stand-in tagger trained on HAND_TAGGED" if a.stand_in_tagger else a.spacy_model,
         "seed": a.seed, "nltk_version": _version("nltk"), "spacy_version": _version("spacy"),

@@ -2,7 +2,7 @@
 assignments (docs/grain.md, "Checked against GRAIN's code").
 
     git clone https://github.com/shaunak27/grain-clip /tmp/grain-clip        # any checkout of GRAIN's code
-    python fidelity/grain_losses.py --grain_repo /tmp/grain-clip --json docs/results/grain_fidelity/results.json
+    python -m fidelity.grain_losses --grain_repo /tmp/grain-clip --json docs/results/grain_fidelity/results.json
 
 GRAIN's modules are imported from ``--grain_repo`` as they are (model/box_utils.py's HungarianMatcher, SetCriterion
 and compute_box_loss as train.py builds them; model/losses.py's CLIPLoss and WordContrastiveLoss) with two stubs for
@@ -31,12 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from villa.core.io import write_json_atomic  # noqa: E402
-from villa.models.grain_head import normalized_targets  # noqa: E402
-from villa.stage2.objectives.base import infonce  # noqa: E402
+from villa.core.io import write_json_atomic
+from villa.models.grain_head import normalized_targets
+from villa.stage2.objectives.base import infonce
 from villa.stage2.objectives.grain import grain_losses
 
 
@@ -119,7 +116,11 @@ def trial(g: torch.Generator, grain, layers: int, batch: int, queries: int, dim:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fidelity.grain_losses",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--grain_repo", required=True, help="a checkout of github.com/shaunak27/grain-clip")
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--layers", type=int, default=3)
@@ -135,7 +136,7 @@ def main() -> None:
     rows = [trial(g, grain, a.layers, a.batch, a.queries, a.dim) for _ in range(a.trials)]
     commit = os.popen(f"git -C {a.grain_repo} rev-parse HEAD 2>/dev/null").read().strip() or "unknown"
     out = {
-        "command": "python fidelity/grain_losses.py " + " ".join(sys.argv[1:]),
+        "command": "python -m fidelity.grain_losses " + " ".join(sys.argv[1:]),
         "grain_commit": commit,
         "trials": a.trials, "layers": a.layers, "images_per_batch": a.batch, "queries": a.queries, "seed": a.seed,
         "targets_per_batch": [min(r["targets"] for r in rows), max(r["targets"] for r in rows)],

@@ -1,67 +1,70 @@
-"""Embed any dataset that follows docs/data_format.md.
+"""Embed any dataset that follows docs/data_format.md with a frozen open_clip encoder.
 
-python -m preprocess --data_dir=path/to/dataset --dataset_config=path/to/vocab.yaml --model=RN50 --pretrained=openai
+    python -m preprocess data_dir=path/to/dataset dataset=path/to/vocab.yaml model.name=RN50 model.pretrained=openai
+    torchrun --nproc_per_node=N -m preprocess data_dir=...      # the images sharded over N processes
+
+The keys are the stages' (``model.name``, ``model.pretrained``, ``dataset=``...; ``--help`` lists them). The
+original's flags (``--data_dir=... --model=... --pretrained=...``) are read too, and errors then speak in flags.
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Optional, Sequence
 
-from villa.core.errors import exit_on_error
-from villa.core.log import setup_logging
+# The original's argparse flags (``python preprocess/preprocess_docmnist.py --data_dir=...``) as villa's keys.
+LEGACY_FLAGS = {"--data_dir": "data_dir", "--dataset_config": "dataset", "--model": "model.name",
+                "--pretrained": "model.pretrained", "--input_size": "model.input_size", "--batch_size": "batch_size",
+                "--device": "device", "--num_workers": "num_workers", "--dtype": "dtype", "--out_dir": "out_dir",
+                "--seed": "seed", "--splits": "splits"}  # fmt: skip
+LEGACY_SWITCHES = {"--normalize": "model.normalize=true", "--quiet": "progress=false"}
 
 
-def build_parser(default_config: Optional[str] = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m preprocess",
-        description="Frozen CLIP embeddings of every region and attribute of a dataset "
-        "(torchrun --nproc_per_node=N -m preprocess ... shards the images over N processes).",
-    )
-    p.add_argument("--data_dir", required=True, help="dataset folder (a relative name resolves under data/)")
-    p.add_argument(
-        "--dataset_config",
-        default=default_config,
-        required=default_config is None,
-        help="vocabulary + templates: a name under configs/dataset/ or a YAML path",
-    )
-    p.add_argument("--model", default="RN50", help="open_clip model name (RN50, villa-tiny-rn, ...)")
-    p.add_argument("--pretrained", default="openai", help="open_clip tag, checkpoint path, or none")
-    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers reading images")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored region dtype")
-    p.add_argument("--normalize", action="store_true", help="CLIP mean/std normalisation (the original: none)")
-    p.add_argument("--input_size", type=int, default=None, help="resize images to this square size first")
-    p.add_argument("--out_dir", default=None, help="embeddings folder (default: <data_dir>/embeddings)")
-    p.add_argument("--splits", nargs="+", default=["train"], help="splits that must be non-empty")
-    p.add_argument("--seed", type=int, default=0, help="seeds random init when --pretrained=none")
-    p.add_argument("--quiet", action="store_true")
-    return p
+def legacy_overrides(argv: Sequence[str]) -> Optional[list[str]]:
+    """``--data_dir=X --model RN50 --quiet`` as ``data_dir=X model.name=RN50 progress=false``; None when ``argv``
+    uses no legacy flag (then it is villa's ``key=value`` form as it is)."""
+    if not any(a.split("=")[0] in LEGACY_FLAGS or a in LEGACY_SWITCHES for a in argv):
+        return None
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        flag, eq, value = a.partition("=")
+        if a in LEGACY_SWITCHES:
+            out.append(LEGACY_SWITCHES[a])
+        elif flag in LEGACY_FLAGS:
+            if not eq:  # --flag value [value ...] (--splits takes several)
+                values = []
+                while i + 1 < len(argv) and not argv[i + 1].startswith("-") and (not values or flag == "--splits"):
+                    values.append(argv[i + 1])
+                    i += 1
+                value = ",".join(values)
+            key = LEGACY_FLAGS[flag]
+            out.append(f"{key}=[{value}]" if key == "splits" else f"{key}={value}")
+        else:
+            out.append(a)
+        i += 1
+    return out
 
 
-@exit_on_error
-def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str] = None):
-    from villa.preprocess import embed_dataset
+def legacy_spelling(message: str) -> str:
+    """An error about a key, in the flag spelling of the original's command (``batch_size=0`` -> ``--batch_size=0``)."""
+    for flag, key in LEGACY_FLAGS.items():
+        message = message.replace(f"{key}=", f"{flag}=")
+    return message
 
-    setup_logging()
-    a = build_parser(default_config).parse_args(argv)
-    return embed_dataset(
-        a.data_dir,
-        dataset_config=a.dataset_config,
-        model=a.model,
-        pretrained=a.pretrained,
-        batch_size=a.batch_size,
-        device=a.device,
-        num_workers=a.num_workers,
-        dtype=a.dtype,
-        normalize=a.normalize,
-        input_size=a.input_size,
-        out_dir=a.out_dir,
-        required_splits=a.splits,
-        progress=not a.quiet,
-        seed=a.seed,
-    )
+
+def main(default_dataset: Optional[str] = None) -> None:
+    """``python -m preprocess key=value ...`` (villa's keys, as the stages take them) or the original's flags."""
+    import sys
+
+    from villa.core.config import hydra_entry
+
+    legacy = legacy_overrides(sys.argv[1:])
+    if legacy is not None:
+        if default_dataset and not any(o.startswith("dataset=") for o in legacy):
+            legacy.append(f"dataset={default_dataset}")
+        sys.argv = sys.argv[:1] + legacy
+    spell = legacy_spelling if legacy is not None else None
+    hydra_entry("preprocess", "villa.preprocess:run_preprocess", __doc__, spell=spell)()
 
 
 if __name__ == "__main__":

@@ -60,11 +60,12 @@ def test_open_clip_export_loads_in_open_clip_alone_and_round_trips(tmp_path):
     """python -m villa.export --format open_clip: open_clip (no villa import) gives the same image and text
     embeddings as villa's model; villa.load(folder) gives back the region path with its options."""
     import villa
-    from experiments.demo import ASSET
+    from villa.core.env import SHIPPED_WEIGHTS
     from villa.core.errors import VillaError
     from villa.export import export_open_clip
     from villa.export import main as export_main
 
+    ASSET = SHIPPED_WEIGHTS["villa-small-rn-docmnist"]
     out = tmp_path / "exported"
     export_main(["--format", "open_clip", str(ASSET), str(out)])
     with pytest.raises(VillaError, match="already exists; pass --overwrite"):

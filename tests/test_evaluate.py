@@ -74,22 +74,23 @@ def test_evaluate_entry_writes_json(tiny_docmnist, tiny_pretrained, tmp_path):
     assert saved["region_path"]["input_size"] == 168  # as the checkpoint was trained (experiment=pretrain)
 
 
+def script(module: str, *args: str, code: int = 0) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` from the project's root, as its users run it; its exit status checked."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=root, timeout=900)
+    assert r.returncode == code, r.stderr[-2000:]
+    return r
+
+
 DEMO_ARGS = ["--budget", "1300", "--stage1_epochs", "2", "--stage2_epochs", "1", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tiny_pretrained, tmp_path_factory):
-    """The tiny demo, run once in this process: (output folder, its return value, what it printed)."""
-    import contextlib
-    import io
-
-    from experiments.demo import main
-
+    """The tiny demo, run once as ``make demo`` runs it: (output folder, its results.json, what it printed)."""
     out = tmp_path_factory.mktemp("demo")
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        res = main(["--out", str(out / "demo"), "--pretrained", str(tiny_pretrained), *DEMO_ARGS])
-    return out, res, buf.getvalue()
+    r = script("experiments.demo", "--out", str(out / "demo"), "--pretrained", str(tiny_pretrained), *DEMO_ARGS)
+    return out, json.loads((out / "demo" / "results.json").read_text()), r.stdout
 
 
 def test_demo_pipeline_tiny(demo_run, tiny_pretrained):
@@ -97,7 +98,6 @@ def test_demo_pipeline_tiny(demo_run, tiny_pretrained):
     mapping figures are Stage 1's own file; ViLLA trained on that mapping and the baseline did not."""
     import pyarrow.feather as feather
 
-    from experiments.demo import demo_tables
     from villa.data.vocab import load_vocab
     from villa.evaluate.retrieval import format_markdown_table
 
@@ -113,7 +113,8 @@ def test_demo_pipeline_tiny(demo_run, tiny_pretrained):
     assert saved["mapping"] == quality and 0 < quality["stage1"]["all"]["all"]["f1"] <= 1
     assert format_markdown_table(saved["retrieval"], load_vocab("docmnist")) in printed
     table = (tmp_path / "demo" / "table.md").read_text()
-    assert table == demo_tables(saved) and table in printed
+    assert table == script("experiments.demo", "--render", str(tmp_path / "demo" / "results.json")).stdout
+    assert table in printed
     assert f"| Stage 1 | {100 * quality['stage1']['all']['all']['f1']:.1f} |" in table
     assert f"Retrieval on the {test_regions} held-out regions" in table
     kinds = {m: torch.load(p, map_location="cpu", weights_only=True) for m, p in saved["checkpoints"].items()}
@@ -128,13 +129,8 @@ def test_demo_pipeline_tiny(demo_run, tiny_pretrained):
 def test_demo_twice_gives_the_same_numbers(demo_run, tiny_pretrained, tmp_path):
     """The same demo command again, in a separate process (worker processes for the data): the same mapping,
     training losses and retrieval, to the last bit (issue 19: a re-run must repeat its numbers)."""
-    import os
 
-    root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-m", "experiments.demo", "--out", str(tmp_path / "again"), "--pretrained",
-                        str(tiny_pretrained), *DEMO_ARGS], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    script("experiments.demo", "--out", str(tmp_path / "again"), "--pretrained", str(tiny_pretrained), *DEMO_ARGS)
     out = []
     for folder in (demo_run[0] / "demo", tmp_path / "again"):
         res = json.loads((folder / "results.json").read_text())
@@ -145,11 +141,23 @@ def test_demo_twice_gives_the_same_numbers(demo_run, tiny_pretrained, tmp_path):
     assert (demo_run[0] / "demo" / "table.md").read_text() == (tmp_path / "again" / "table.md").read_text()
 
 
-def test_complexity_experiment_tiny(tiny_pretrained, tmp_path, capsys):
+def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
     """Seeds x targets x the methods on one fixed held-out set; the summary is the mean/std of the runs; the table
     written equals the one computed from results.json; the targets are computed from the summary. GRAIN is added to
     the finished sweep afterwards (--add_methods), as the committed sweep's was."""
-    from experiments.complexity import METHODS, format_tables, main, write_partial
+    methods = ["zero-shot", "baseline", "villa", "oracle", "grain", "grain-queries"]
+
+    def main(args: list) -> dict:
+        script("experiments.complexity", *args)
+        return json.loads((tmp_path / "results.json").read_text())
+
+    def format_tables(results: dict) -> str:
+        (tmp_path / "render.json").write_text(json.dumps(results))
+        return script("experiments.complexity", "--render", str(tmp_path / "render.json")).stdout
+
+    def write_partial(settings: dict, runs: list) -> None:  # the file an interrupted sweep leaves
+        kept = {k: v for k, v in settings.items() if k not in ("from_partial", "quiet")}
+        (tmp_path / "runs.partial.json").write_text(json.dumps({"settings": kept, "runs": runs}))
 
     sweep = ["--targets", "4", "8", "--seeds", "2", "--out", str(tmp_path), "--pretrained", str(tiny_pretrained),
              "--budget", "600", "--val_budget", "300", "--eval_test_budget", "300", "--min_eval_regions", "50",
@@ -158,8 +166,8 @@ def test_complexity_experiment_tiny(tiny_pretrained, tmp_path, capsys):
     assert first["methods"] == ["zero-shot", "baseline", "villa", "oracle"] and "GRAIN" not in format_tables(first)
     res = main(["--add_methods", "grain", "--out", str(tmp_path), "--device", "cpu", "--quiet"])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved == json.loads(json.dumps(res))
-    assert saved["methods"] == list(METHODS) and set(saved["added"]) == {"grain"}
+    assert saved == res
+    assert saved["methods"] == methods and set(saved["added"]) == {"grain"}
     for before, after in zip(first["runs"], saved["runs"]):  # the sweep's own numbers are untouched
         assert after["retrieval"]["villa"] == before["retrieval"]["villa"]
         assert 0 <= after["grain_boxes"]["mean_iou"] <= 1 and after["epochs"]["grain"] == 1
@@ -170,7 +178,7 @@ def test_complexity_experiment_tiny(tiny_pretrained, tmp_path, capsys):
     assert [s["target"] for s in summary] == [4, 8]
     assert summary[0]["complexity"]["mean"] < summary[1]["complexity"]["mean"]
     for r in runs:
-        assert set(r["retrieval"]) == set(METHODS) and r["epochs"]["oracle"] == 1
+        assert set(r["retrieval"]) == set(methods) and r["epochs"]["oracle"] == 1
         assert r["retrieval"]["zero-shot"] == runs[0]["retrieval"]["zero-shot"]  # same encoder, same regions
     for row in summary:
         vals = [r["retrieval"]["villa"]["region_to_text"]["color"] for r in runs if r["target"] == row["target"]]
@@ -192,12 +200,10 @@ def test_complexity_experiment_tiny(tiny_pretrained, tmp_path, capsys):
     assert set(one["held_out"]["overlap"].values()) == {0} and one["held_out"]["test_pool"]["split"] == "test"
     # an interrupted sweep (seed 24 stopped after its first target): --from_partial summarises seed 23 alone
     done = [r for r in first["runs"] if r["seed"] == 23] + [first["runs"][2]]
-    write_partial(tmp_path, {**first["settings"], "stage2_epochs": 2}, done)  # another sweep's runs are refused
-    with pytest.raises(SystemExit) as stop:
-        main([*sweep, "--methods", "baseline", "villa", "oracle", "--from_partial"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert stop.value.code == 2 and "not written by this sweep (settings differ: stage2_epochs)" in err[-1]
-    write_partial(tmp_path, first["settings"], done)
+    write_partial({**first["settings"], "stage2_epochs": 2}, done)  # another sweep's runs are refused
+    r = script("experiments.complexity", *sweep, "--methods", "baseline", "villa", "oracle", "--from_partial", code=2)
+    assert "not written by this sweep (settings differ: stage2_epochs)" in r.stderr.strip().splitlines()[-1]
+    write_partial(first["settings"], done)
     part = main([*sweep, "--methods", "baseline", "villa", "oracle", "--from_partial"])
     assert part["settings"]["seeds"] == [23] and part["settings"]["partial"]["runs_finished"] == 3
     assert [r["seed"] for r in part["runs"]] == [23, 23] and "binding" not in part["summary"][0]
@@ -209,8 +215,10 @@ def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
     """The shipped starting encoder loads, records the digits it was pretrained on, and none of them is a DocMNIST
     test digit (MNIST's test file); the command that produced it (docs/pretrained.md) still runs."""
     from docmnist.mnist import load_digit_pools, pools_overlap
-    from experiments.demo import ASSET
+    from villa.core.env import SHIPPED_WEIGHTS
     from villa.models.clip import create_clip
+
+    ASSET = SHIPPED_WEIGHTS["villa-small-rn-docmnist"]
 
     assert ASSET.is_file()
     clip = create_clip("auto", str(ASSET))

@@ -17,13 +17,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 from tqdm import tqdm
 
+from villa.core.config import vocab_from_config
 from villa.core.distributed import init_distributed
 from villa.core.env import resolve_data_dir
 from villa.core.errors import VillaError
 from villa.core.io import PathLike, atomic_dir
 from villa.core.runtime import Runtime, get_runtime, seed_everything
+from villa.core.schemas import check_inputs, validate_config
 from villa.data.annotations import Annotations, load_annotations
 from villa.data.batches import gather_index
 from villa.data.embeddings import FORMAT, encoder_meta, write_index, write_meta
@@ -224,3 +227,15 @@ def embed_dataset(
         f"(pretrained={clip.pretrained or 'none'}), {secs:.1f}s, {len(ann.boxes) / secs:.0f} regions/s -> {out}"
     )
     return out
+
+
+def run_preprocess(cfg: DictConfig) -> Path:
+    """``python -m preprocess``: :func:`embed_dataset` with the composed config's keys."""
+    validate_config(cfg, "preprocess")
+    check_inputs(cfg, "preprocess")
+    return embed_dataset(
+        cfg.data_dir, model=cfg.model.name, pretrained=cfg.model.pretrained, batch_size=cfg.batch_size,
+        device=cfg.device, num_workers=cfg.num_workers, dtype=cfg.dtype, normalize=cfg.model.normalize,
+        input_size=cfg.model.input_size, out_dir=cfg.out_dir, required_splits=list(cfg.splits),
+        progress=cfg.progress, vocab=vocab_from_config(cfg), seed=cfg.seed,
+    )  # fmt: skip

@@ -94,7 +94,7 @@ def checkpoint_lock(ckpt_dir: Path, enabled: bool = True) -> Iterator[None]:
         yield
         return
     ckpt_dir = Path(ckpt_dir)
-    created = not ckpt_dir.exists()
+    created = [d for d in [ckpt_dir, *ckpt_dir.parents] if not d.exists()]  # innermost first
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     lock = ckpt_dir / ".lock"
     for _ in range(2):
@@ -121,8 +121,10 @@ def checkpoint_lock(ckpt_dir: Path, enabled: bool = True) -> Iterator[None]:
         try:
             if json.loads(lock.read_text()).get("pid") == os.getpid():
                 lock.unlink()
-            if created and not any(ckpt_dir.iterdir()):  # a run that stopped before writing leaves no folder
-                ckpt_dir.rmdir()
+            for d in created:  # a run that stopped before writing leaves no folder, nor the parents it made
+                if any(d.iterdir()):
+                    break
+                d.rmdir()
         except (OSError, ValueError):
             pass
 

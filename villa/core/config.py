@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -19,7 +19,7 @@ from villa.core import env
 from villa.core.env import config_dir
 from villa.core.errors import VillaError
 from villa.core.log import setup_logging
-from villa.core.schemas import COMMANDS, help_text, register_schemas, validate_config
+from villa.core.schemas import COMMANDS, check_inputs, help_text, register_schemas, validate_config
 from villa.data.vocab import Vocabulary, load_vocab, vocab_from_dict
 
 
@@ -97,6 +97,7 @@ def check_overrides(config_name: str, overrides: Sequence[str]) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as e:
         raise VillaError(f"{_one_line(e)}; see {COMMANDS[config_name]} --help for the keys and their types") from e
     validate_config(cfg, config_name)
+    check_inputs(cfg, config_name)
     return cfg
 
 
@@ -142,39 +143,121 @@ def per_job_folders(cfg: DictConfig, config_name: str) -> DictConfig:
     return cfg
 
 
-def hydra_entry(config_name: str, run: Callable[[DictConfig], Any], doc: str = "") -> Callable[[], None]:
-    """A ``@hydra.main`` entry point for ``run(cfg)``: villa's logging, and bad input as one ``error:`` line, exit 2.
+SWEEP_FLAGS = ("-m", "--multirun")
 
-    Plain ``key=value`` overrides are composed and validated against the schema (villa/schemas.py) before Hydra
-    starts, so a bad override creates no output folder; ``--help`` prints each key with its type and description.
+
+def sweep_jobs(args: Sequence[str]) -> list[list[str]]:
+    """The overrides of every job a ``-m`` command line runs (Hydra's basic sweeper's cartesian product)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise VillaError(f"{_one_line(e)}") from e
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def check_sweep(config_name: str, args: Sequence[str]) -> int:
+    """Compose and validate every job of a sweep before the first one starts; the first bad job is one line naming
+    it. Returns the number of jobs."""
+    jobs = sweep_jobs(args)
+    for i, job in enumerate(jobs):
+        try:
+            check_overrides(config_name, job)
+        except VillaError as e:
+            swept = [o for o in job if o not in args]
+            raise VillaError(f"sweep job {i} ({' '.join(swept) or ' '.join(job)}): {e}; nothing was run") from None
+    return len(jobs)
+
+
+def _target(run: Union[str, Callable[[DictConfig], Any]]) -> Callable[[DictConfig], Any]:
+    """``"module:function"`` imported when a job starts (so ``--help`` and bad overrides never import torch)."""
+    if callable(run):
+        return run
+    import importlib
+
+    module, _, name = run.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _where(cfg: DictConfig) -> str:
+    for key in ("checkpoint_dir", "output", "out_dir"):
+        if key in cfg:
+            return f"{key}={cfg[key]}"
+    return ""
+
+
+def hydra_entry(
+    config_name: str, run: Union[str, Callable[[DictConfig], Any]], doc: str = "", spell: Optional[Callable[[str], str]] = None
+) -> Callable[[], None]:
+    """A ``@hydra.main`` entry point for ``run(cfg)`` (a function, or ``"module:function"`` imported when a job
+    starts): villa's logging, and bad input as one ``error:`` line, exit 2.
+
+    Plain ``key=value`` overrides are composed and validated against the schema (villa/core/schemas.py) before Hydra
+    starts, so a bad override creates no output folder; with ``-m`` every job of the sweep is validated before the
+    first runs, a job that fails while running is reported and the sweep goes on, and a summary ends it (exit 1 if
+    any job failed). ``--help`` prints each key with its type and description, and the environment variables.
+    ``spell`` rewrites an error line in the spelling of the command the user ran (the original's flags).
     """
+    spell = spell or (lambda message: message)
+    outcomes: list[tuple[int, str, str, str]] = []  # (job, its overrides, "done" | "failed: reason", where)
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
     def hydra_main(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
         setup_logging()
+        hc = HydraConfig.get()
+        sweep = hc.mode == RunMode.MULTIRUN
+        cfg = per_job_folders(cfg, config_name)
         try:
-            run(per_job_folders(cfg, config_name))
-        except VillaError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            _target(run)(cfg)
+        except Exception as e:  # noqa: BLE001 - a sweep reports every job's failure and goes on
+            if not sweep and not isinstance(e, VillaError):
+                raise
+            if not sweep:
+                print(f"error: {spell(str(e))}", file=sys.stderr)
+                sys.exit(2)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not isinstance(e, VillaError):
+                reason = f"{type(e).__name__}: {reason}"
+            print(f"error: sweep job {hc.job.num}: {reason}", file=sys.stderr)
+            outcomes.append((hc.job.num, " ".join(hc.overrides.task), f"failed: {reason}", _where(cfg)))
+            return
+        if sweep:
+            outcomes.append((hc.job.num, " ".join(hc.overrides.task), "done", _where(cfg)))
 
     def main() -> None:
         args = dataset_path_overrides(sys.argv[1:])
         sys.argv = sys.argv[:1] + args  # what Hydra parses
+        command = COMMANDS[config_name]
         if "--help" in args or "-h" in args:
             overrides = [a for a in args if not a.startswith("-")]
             try:
                 cfg = compose_config(config_name, overrides)
             except Exception:  # help still prints, without the defaults
                 cfg = None
-            print(help_text(config_name, doc or f"{COMMANDS[config_name]} [key=value ...]", cfg))
+            print(help_text(config_name, doc or f"{command} [key=value ...]", cfg))
             return
-        if not any(a.startswith("-") for a in args):  # Hydra's own flags (--multirun, --cfg...) go to Hydra
-            try:
+        flags = [a for a in args if a.startswith("-")]
+        try:
+            if set(flags) <= set(SWEEP_FLAGS) and flags:
+                check_sweep(config_name, args)
+            elif not flags:  # Hydra's other flags (--cfg job, --info...) go to Hydra as they are
                 check_overrides(config_name, args)
-            except VillaError as e:
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(2)
+        except VillaError as e:
+            print(f"error: {spell(str(e))}", file=sys.stderr)
+            sys.exit(2)
         hydra_main()
+        if outcomes:
+            failed = [o for o in outcomes if o[2] != "done"]
+            print(f"sweep: {len(outcomes)} jobs, {len(outcomes) - len(failed)} done, {len(failed)} failed")
+            for num, overrides, outcome, where in sorted(outcomes):
+                print(f"  job {num} ({overrides}): {outcome}" + (f" ({where})" if where else ""))
+            if failed:
+                sys.exit(1)
 
     return main

@@ -29,6 +29,7 @@ def opt(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - the name
 
 
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+LOGGERS = ("csv", "tensorboard", "wandb")  # villa/core/tracking.py
 
 
 DEFAULT_DATA = "${paths.data_dir}/docmnist_30000_15.2"  # the paper's DocMNIST setting (budget 30000, target 16)
@@ -64,6 +65,33 @@ class TrainingRun(Common):
     logger: list = opt(["csv"], "metrics to: csv (<checkpoint_dir>/metrics.csv, always on), tensorboard, wandb")
     wandb: WandbOptions = field(default_factory=WandbOptions)
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0: off, the original's)", ge=0)
+
+
+# --- preprocessing ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreprocessModel:
+    name: str = opt("RN50", "open_clip model name (RN50, villa-tiny-rn, villa-small-rn...) or auto")
+    pretrained: str = opt("openai", "open_clip tag, villa-small-rn-docmnist (shipped), checkpoint path, or none")
+    normalize: bool = opt(False, "CLIP mean/std on the input (the original: none)")
+    input_size: Optional[int] = opt(None, "resize images to this square size first (null: native)", gt=0)
+
+
+@dataclass
+class PreprocessConfig(Common):
+    model: PreprocessModel = field(default_factory=PreprocessModel)
+    task_name: str = opt("preprocess", "names the output folder of Hydra's run record")
+    data_dir: str = opt(DEFAULT_DATA, "the dataset folder (a relative name resolves under $VILLA_DATA_DIR, else data)")
+    out_dir: Optional[str] = opt(None, "where the embeddings folder is written (null: <data_dir>/embeddings)")
+    batch_size: int = opt(64, "images per forward pass", gt=0)
+    device: str = opt("auto", DEVICE_HELP)
+    num_workers: int = opt(2, "DataLoader worker processes reading images", ge=0)
+    dtype: str = opt("float16", "stored region dtype: float16 (half the disk) or float32 (the original's, exact)",
+                     choices=("float16", "float32"))  # fmt: skip
+    splits: list = opt(["train"], "splits that must be non-empty")
+    seed: int = opt(0, "seeds random init when model.pretrained=none")
+    progress: bool = opt(True, "tqdm progress bars")
 
 
 # --- Stage 1 ----------------------------------------------------------------------------------------------------
@@ -327,7 +355,7 @@ class FinegrainedConfig:
 COMMANDS = {"stage1": "python -m villa.stage1", "stage2": "python -m villa.stage2", "evaluate": "python -m villa.evaluate",
             "finegrained": "python -m villa.evaluate.finegrained", "detection": "python -m villa.evaluate.detection",
             "classification": "python -m villa.evaluate.classification", "preprocess": "python -m preprocess"}  # fmt: skip
-SCHEMAS = {"stage1": Stage1Config, "stage2": Stage2Config, "evaluate": EvaluateConfig, "finegrained": FinegrainedConfig,
+SCHEMAS = {"preprocess": PreprocessConfig, "stage1": Stage1Config, "stage2": Stage2Config, "evaluate": EvaluateConfig, "finegrained": FinegrainedConfig,
            "detection": DetectionConfig, "classification": ClassificationConfig}  # fmt: skip
 
 
@@ -377,7 +405,7 @@ def validate_config(cfg: DictConfig, name: str) -> None:
         raise VillaError(f"{missing[0]} is missing (deleted with ~{missing[0]}?): every {name} setting needs a value; "
                          f"set it with {missing[0]}=... instead")  # fmt: skip
     target = OmegaConf.select(cfg, "model._target_", default=None)
-    if target is not None:
+    if target is not None and target != "villa.models.MultiHeadProjection":  # villa's own: nothing to import
         import importlib
 
         try:
@@ -401,8 +429,6 @@ def validate_config(cfg: DictConfig, name: str) -> None:
         if "choices" in meta and value not in meta["choices"]:
             raise VillaError(f"{key}={value!r}: use one of {', '.join(meta['choices'])} ({meta['help']})")
     if name in ("stage1", "stage2"):
-        from villa.core.tracking import LOGGERS
-
         bad = [x for x in cfg.logger if x not in LOGGERS]
         if bad:
             raise VillaError(
@@ -418,16 +444,45 @@ def validate_config(cfg: DictConfig, name: str) -> None:
         if cfg.pretrain.crop != "none" and cfg.objective != "pretrain":
             raise VillaError(f"pretrain.crop={cfg.pretrain.crop} is for objective=pretrain only (objective="
                              f"{cfg.objective} trains on whole images and boxes); remove it")  # fmt: skip
-        from villa.stage2.objectives import objective_class
+        from villa.stage2.objectives import BUILTIN, objective_class
 
-        objective_class(cfg.objective)
+        if cfg.objective not in BUILTIN:  # your own: importable, a subclass of Objective
+            objective_class(cfg.objective)
+
+
+def check_inputs(cfg: DictConfig, name: str) -> None:
+    """The folders and files a command reads exist, before anything is created (a checkpoint folder, Hydra's run
+    folder): a missing input is one line, and the command leaves nothing behind."""
+    from pathlib import Path
+
+    from villa.core.env import resolve_data_dir
+
+    if name not in ("preprocess", "stage1", "stage2", "evaluate"):
+        return
+    from villa.core.config import vocab_from_config
+
+    vocab_from_config(cfg)  # the dataset config reads
+    data = resolve_data_dir(cfg.data_dir) if name == "preprocess" else Path(cfg.data_dir)
+    if not data.is_dir():
+        raise VillaError(f"dataset folder not found: {data}; generate it or pass the right data_dir")
+    if not (data / "annotations.feather").is_file():
+        raise VillaError(f"{data / 'annotations.feather'} not found; a dataset folder needs annotations.feather "
+                         "(docs/data_format.md)")  # fmt: skip
+    if name == "stage1" and not Path(cfg.embeddings_dir).is_dir():
+        raise VillaError(f"embeddings not found: {cfg.embeddings_dir}; run preprocessing first (python -m preprocess "
+                         f"data_dir={cfg.data_dir}) or set embeddings_dir")  # fmt: skip
+    reads_mapping = name == "stage2" and (cfg.objective == "villa" or (cfg.objective == "grain" and cfg.grain.boxes == "mapping"))
+    if reads_mapping and not Path(cfg.mapping_path).is_file():
+        raise VillaError(f"mapping not found: {cfg.mapping_path}; run Stage 1 first (python -m villa.stage1 ...) or set "
+                         "mapping_path")  # fmt: skip
 
 
 def help_text(name: str, doc: str, cfg: Optional[DictConfig] = None) -> str:
     """``--help``: the command's description, then each key with its type, current default and description."""
     from omegaconf import OmegaConf
 
-    lines = [doc.strip(), "", "Keys (override as key=value; experiment=<name> loads configs/experiment/<name>.yaml):"]
+    experiments = "; experiment=<name> loads configs/experiment/<name>.yaml" if name in ("stage1", "stage2") else ""
+    lines = [doc.strip(), "", f"Keys (override as key=value; -m key=a,b sweeps{experiments}):"]
     for key, f in _walk(SCHEMAS[name]):
         if key == "dataset":
             lines.append(f"  {key:<24} {f.metadata['help']}")
@@ -440,4 +495,7 @@ def help_text(name: str, doc: str, cfg: Optional[DictConfig] = None) -> str:
         typ = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
         extra = f" [{'|'.join(f.metadata['choices'])}]" if "choices" in f.metadata else ""
         lines.append(f"  {key:<24} {f.metadata.get('help', '')}{extra} ({typ}; default {shown})")
+    from villa.core.env import env_help
+
+    lines += ["", "Environment variables (villa/core/env.py):", env_help()]
     return "\n".join(lines)

@@ -29,10 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 from villa.core.checkpoint import config_dict
 from villa.core.errors import VillaError
 from villa.core.io import atomic_file
+from villa.core.schemas import LOGGERS
 
 log = logging.getLogger(__name__)
 
-LOGGERS = ("csv", "tensorboard", "wandb")
 FIXED = ("kind", "epoch", "step")  # the CSV's first columns
 
 

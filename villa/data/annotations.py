@@ -119,6 +119,29 @@ def load_annotations(
     whose images are still under ``data_dir``); raise :class:`VillaError` on the first problem."""
     root = Path(data_dir)
     path = Path(table_path) if table_path is not None else root / "annotations.feather"
+    table = read_table(root, path, required_columns)
+    image_id, ids = _image_ids(table, path)
+    split = np.asarray(table.column("split").to_numpy(zero_copy_only=False)).astype(str)
+    for s in required_splits:
+        if not (split == s).any():
+            present = ", ".join(sorted(set(split)))
+            raise VillaError(f"split {s!r} is empty in {path} (splits present: {present}); add {s} rows")
+    reg_off, boxes = _regions(table, ids)
+    wh = _image_sizes(table, ids)
+    _check_boxes_inside(boxes, reg_off, wh, ids)
+    attr_off, attr_vals = _list_offsets(table.column("attributes"), "attributes")
+    attr_ids = _encode_names(attr_vals, vocab, "'attributes'", np.repeat(np.arange(len(ids)), np.diff(attr_off)), ids)
+    reg_attr_off, reg_attr_ids, labelled = _region_labels(table, vocab, reg_off, ids)
+    filepath = _image_paths(table, path, root, split, ids, check_images)
+    return Annotations(
+        root=root, table=table, image_id=image_id, split=split, filepath=filepath, image_size=wh.astype(np.int64),
+        text=_texts(table, ids), region_offsets=reg_off, boxes=boxes, attr_offsets=attr_off, attr_ids=attr_ids,
+        reg_attr_offsets=reg_attr_off, reg_attr_ids=reg_attr_ids, labelled=labelled,
+    )  # fmt: skip
+
+
+def read_table(root: Path, path: Path, required_columns: Sequence[str] = ()) -> pa.Table:
+    """The annotation table, with villa's required columns (and ``required_columns``) and at least one row."""
     if not root.is_dir():
         raise VillaError(f"dataset folder not found: {root}; generate it or pass the right data_dir")
     if not path.is_file():
@@ -133,22 +156,24 @@ def load_annotations(
     for col in required_columns:
         if col not in table.column_names:
             raise VillaError(f"{path}: missing column {col!r}; it is written by Stage 1 (python -m villa.stage1 ...)")
-    n = table.num_rows
-    if n == 0:
+    if table.num_rows == 0:
         raise VillaError(f"{path} has no rows")
+    return table
+
+
+def _image_ids(table: pa.Table, path: Path) -> tuple[np.ndarray, list]:
+    """The ids (finite, unique) and the same as plain Python values for messages."""
     image_id = table.column("image_id").to_numpy(zero_copy_only=False)
-    ids = image_id.tolist()  # plain Python values for messages
     if table.column("image_id").null_count or (image_id.dtype.kind == "f" and not np.isfinite(image_id).all()):
         i = int(np.flatnonzero(_null_ids(image_id))[0])
         raise VillaError(f"{path}: row {i}: image_id is not finite (null or NaN); give every image an id")
-    if len(np.unique(image_id)) != n:
+    if len(np.unique(image_id)) != table.num_rows:
         raise VillaError(f"{path}: column 'image_id' has duplicates; ids must be unique")
-    split = np.asarray(table.column("split").to_numpy(zero_copy_only=False)).astype(str)
-    for s in required_splits:
-        if not (split == s).any():
-            present = ", ".join(sorted(set(split)))
-            raise VillaError(f"split {s!r} is empty in {path} (splits present: {present}); add {s} rows")
-    # regions and boxes
+    return image_id, image_id.tolist()
+
+
+def _regions(table: pa.Table, ids: list) -> tuple[np.ndarray, np.ndarray]:
+    """Region offsets (I + 1,) and boxes (R, 4): every image has regions, each a finite [x0, y0, x1, y1]."""
     reg_off, coords = _list_offsets(table.column("region_coord"), "region_coord")
     n_reg = np.diff(reg_off)
     num_regions = table.column("num_regions").to_numpy().astype(np.int64)
@@ -175,18 +200,31 @@ def load_annotations(
         raise VillaError(
             f"image {ids[i]!r}: region {r - reg_off[i]} has a coordinate that is not finite ({boxes[r].tolist()})"
         )
+    return reg_off, boxes
+
+
+def _image_sizes(table: pa.Table, ids: list) -> np.ndarray:
+    """(I, 2) [width, height]."""
     size_off, sizes = _list_offsets(table.column("image_size"), "image_size")
     if (np.diff(size_off) < 2).any():
         i = int(np.flatnonzero(np.diff(size_off) < 2)[0])
         raise VillaError(f"image {ids[i]!r}: image_size must be [width, height]")
     sizes = np.asarray(sizes.to_numpy(zero_copy_only=False), dtype=np.float64)
-    wh = np.stack([sizes[size_off[:-1]], sizes[size_off[:-1] + 1]], 1)
-    reg_img = np.repeat(np.arange(n), n_reg)
-    w, h = wh[reg_img, 0], wh[reg_img, 1]
-    outside = (
+    return np.stack([sizes[size_off[:-1]], sizes[size_off[:-1] + 1]], 1)
+
+
+def boxes_outside(boxes: np.ndarray, region_image: np.ndarray, wh: np.ndarray) -> np.ndarray:
+    """(R,) bool: boxes that leave their image (negative, beyond its width or height) or are empty or inverted."""
+    w, h = wh[region_image, 0], wh[region_image, 1]
+    return (
         (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
         | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
     )  # fmt: skip
+
+
+def _check_boxes_inside(boxes: np.ndarray, reg_off: np.ndarray, wh: np.ndarray, ids: list) -> None:
+    reg_img = np.repeat(np.arange(len(ids)), np.diff(reg_off))
+    outside = boxes_outside(boxes, reg_img, wh)
     if outside.any():
         r = int(np.flatnonzero(outside)[0])
         i = reg_img[r]
@@ -194,32 +232,37 @@ def load_annotations(
             f"image {ids[i]!r}: box {boxes[r].tolist()} (region {r - reg_off[i]}) is outside its "
             f"{int(wh[i, 0])}x{int(wh[i, 1])} image or empty; boxes are [x0, y0, x1, y1] in pixels"
         )
-    # attributes
-    attr_off, attr_vals = _list_offsets(table.column("attributes"), "attributes")
-    attr_ids = _encode_names(attr_vals, vocab, "'attributes'", np.repeat(np.arange(n), np.diff(attr_off)), ids)
-    reg_attr_off = reg_attr_ids = None
-    labelled = None
-    if "reg_to_attr" in table.column_names:
-        ra_col = table.column("reg_to_attr").combine_chunks()
-        labelled = ~np.asarray(ra_col.is_null(), dtype=bool)
-        _, ra_lists = _list_offsets(table.column("reg_to_attr"), "reg_to_attr", nullable=True)  # labelled images'
-        per_image = np.asarray(pc.fill_null(pc.list_value_length(ra_col), 0), dtype=np.int64)
-        wrong = labelled & (per_image != n_reg)
-        if wrong.any():
-            i = int(np.flatnonzero(wrong)[0])
-            raise VillaError(f"image {ids[i]!r}: reg_to_attr must have one list per region ({n_reg[i]}), or be null")
-        # region-level offsets: an unlabelled image's regions have no labels
-        inner_len = np.diff(np.asarray(ra_lists.offsets, dtype=np.int64))
-        reg_count = np.zeros(len(boxes), np.int64)
-        reg_count[np.repeat(labelled, n_reg)] = inner_len
-        reg_attr_off = np.concatenate([[0], np.cumsum(reg_count)]).astype(np.int64)
-        reg_attr_ids = _encode_names(
-            ra_lists.flatten(),
-            vocab,
-            "'reg_to_attr'",
-            reg_img[np.repeat(np.arange(len(boxes)), reg_count)],
-            ids,
-        )
+
+
+def _region_labels(
+    table: pa.Table, vocab: Vocabulary, reg_off: np.ndarray, ids: list
+) -> tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
+    """``reg_to_attr`` as region-level offsets and vocabulary ids, and which images are labelled (None, None, None
+    without the column); an unlabelled image (null) has no labels on its regions."""
+    if "reg_to_attr" not in table.column_names:
+        return None, None, None
+    n_reg = np.diff(reg_off)
+    ra_col = table.column("reg_to_attr").combine_chunks()
+    labelled = ~np.asarray(ra_col.is_null(), dtype=bool)
+    _, ra_lists = _list_offsets(table.column("reg_to_attr"), "reg_to_attr", nullable=True)  # labelled images'
+    per_image = np.asarray(pc.fill_null(pc.list_value_length(ra_col), 0), dtype=np.int64)
+    wrong = labelled & (per_image != n_reg)
+    if wrong.any():
+        i = int(np.flatnonzero(wrong)[0])
+        raise VillaError(f"image {ids[i]!r}: reg_to_attr must have one list per region ({n_reg[i]}), or be null")
+    n_boxes = int(reg_off[-1])
+    inner_len = np.diff(np.asarray(ra_lists.offsets, dtype=np.int64))
+    reg_count = np.zeros(n_boxes, np.int64)
+    reg_count[np.repeat(labelled, n_reg)] = inner_len
+    reg_attr_off = np.concatenate([[0], np.cumsum(reg_count)]).astype(np.int64)
+    reg_img = np.repeat(np.arange(len(ids)), n_reg)
+    owners = reg_img[np.repeat(np.arange(n_boxes), reg_count)]
+    reg_attr_ids = _encode_names(ra_lists.flatten(), vocab, "'reg_to_attr'", owners, ids)
+    return reg_attr_off, reg_attr_ids, labelled
+
+
+def _image_paths(table: pa.Table, path: Path, root: Path, split: np.ndarray, ids: list, check_images: bool) -> list:
+    """Relative paths that stay in the dataset folder, each image in one split only, the files readable."""
     filepath = table.column("image_filepath").to_pylist()
     outside_paths = [i for i, p in enumerate(filepath) if not path_inside(p)]
     if outside_paths:
@@ -236,6 +279,10 @@ def load_annotations(
         )
     if check_images:
         check_image_files(root, filepath, ids)
+    return filepath
+
+
+def _texts(table: pa.Table, ids: list) -> list[str]:
     text = table.column("text").to_pylist()
     if any(t is None for t in text):
         i = text.index(None)
@@ -245,22 +292,7 @@ def load_annotations(
         raise VillaError(
             f"image {ids[blank[0]]!r}: text is empty ({len(blank)} such images); give every image its caption"
         )
-    return Annotations(
-        root=root,
-        table=table,
-        image_id=image_id,
-        split=split,
-        filepath=filepath,
-        image_size=wh.astype(np.int64),
-        text=text,
-        region_offsets=reg_off,
-        boxes=boxes,
-        attr_offsets=attr_off,
-        attr_ids=attr_ids,
-        reg_attr_offsets=reg_attr_off,
-        reg_attr_ids=reg_attr_ids,
-        labelled=labelled,
-    )
+    return text
 
 
 def _null_ids(a: np.ndarray) -> np.ndarray:

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from villa.core.checkpoint import load_checkpoint
-from villa.core.config import hydra_entry, vocab_from_config
+from villa.core.config import vocab_from_config
 from villa.core.env import resolve_weights
 from villa.core.errors import VillaError
 from villa.core.io import write_json_atomic
 from villa.core.runtime import Runtime, get_runtime
-from villa.core.schemas import validate_config
+from villa.core.schemas import check_inputs, validate_config
 from villa.data.annotations import Annotations, load_annotations
 from villa.data.images import boxes_of, region_batches
 from villa.data.vocab import Vocabulary
@@ -272,6 +272,7 @@ def model_from_config(cfg: DictConfig) -> tuple[Runtime, Clip, dict[str, Any]]:
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg, "evaluate")
+    check_inputs(cfg, "evaluate")
     vocab = vocab_from_config(cfg)
     ann = load_annotations(Path(cfg.data_dir), vocab, required_splits=(cfg.split,))
     runtime, clip, opts = model_from_config(cfg)
@@ -354,10 +355,3 @@ def format_markdown_table(results: dict[str, dict[str, Any]], vocab: Vocabulary)
             + " | | |"
         )
     return "\n".join(lines)
-
-
-main = hydra_entry("evaluate", run_evaluation, __doc__)
-
-
-if __name__ == "__main__":
-    main()

@@ -38,7 +38,7 @@ from villa.core.engine import (
 from villa.core.errors import VillaError
 from villa.core.provenance import file_sha256, run_fingerprint
 from villa.core.runtime import Runtime, get_runtime, seed_everything
-from villa.core.schemas import validate_config
+from villa.core.schemas import check_inputs, validate_config
 from villa.core.tracking import Tracker, flat_scalars, make_tracker
 from villa.data.annotations import Annotations, load_annotations
 from villa.data.batches import RegionBank, image_batches
@@ -106,6 +106,7 @@ class Run:
 def train_stage1(cfg: DictConfig) -> dict[str, Any]:
     """Train Stage 1, write mapping.feather and mapping_quality.json; return the metrics."""
     validate_config(cfg, "stage1")
+    check_inputs(cfg, "stage1")  # before the checkpoint folder is made
     with checkpoint_lock(Path(cfg.checkpoint_dir)):
         t_start = time.perf_counter()
         run = setup(cfg)
@@ -216,13 +217,3 @@ def fit_epoch(run: Run, epoch: int, tracker: Tracker) -> None:
            "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
     commit_epoch(Path(cfg.checkpoint_dir), state, improved, f"epoch {epoch + 1}/{cfg.epochs}", rec, tracker,
                  (epoch + 1) * run.steps_per_epoch)  # fmt: skip
-
-
-def main() -> None:
-    from villa.core.config import hydra_entry
-
-    hydra_entry("stage1", train_stage1, __doc__)()
-
-
-if __name__ == "__main__":
-    main()

@@ -50,7 +50,7 @@ from villa.core.provenance import (
     unique_pools,
 )
 from villa.core.runtime import Runtime, get_runtime, seed_everything
-from villa.core.schemas import validate_config
+from villa.core.schemas import check_inputs, validate_config
 from villa.core.tracking import Tracker, make_tracker
 from villa.data.annotations import Annotations
 from villa.data.embeddings import weights_id
@@ -95,6 +95,7 @@ class Run:
 def train_stage2(cfg: DictConfig) -> dict[str, Any]:
     """Train with the configured objective; write best.pt / last.pt (villa-clip checkpoints); return the history."""
     validate_config(cfg, "stage2")
+    check_inputs(cfg, "stage2")  # before the checkpoint folder is made
     d = init_distributed(cfg.device)
     try:
         with checkpoint_lock(Path(cfg.checkpoint_dir), enabled=d.is_main):
@@ -277,13 +278,3 @@ def summary(run: Run, seconds: float) -> dict[str, Any]:
         "best_checkpoint": str(run.ckpt_dir / "best.pt"), "last_checkpoint": str(run.ckpt_dir / "last.pt"),
         "seconds": round(seconds, 2),
     }  # fmt: skip
-
-
-def main() -> None:
-    from villa.core.config import hydra_entry
-
-    hydra_entry("stage2", train_stage2, __doc__)()
-
-
-if __name__ == "__main__":
-    main()

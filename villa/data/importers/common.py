@@ -23,11 +23,11 @@ import pyarrow.feather as feather
 from PIL import Image
 
 from villa.core.errors import VillaError
-from villa.core.io import atomic_file, write_json_atomic
-from villa.data.annotations import image_key, path_inside, split_conflicts
-from villa.data.attributes import extract_attributes, format_report
+from villa.core.io import atomic_dir, atomic_file, write_json_atomic
+from villa.data.annotations import boxes_outside, image_key, path_inside, split_conflicts
+from villa.data.attributes import Extraction, extract_attributes, format_report
 from villa.data.batches import gather_index
-from villa.data.regions import REGIONS_META, RegionSpec, make_regions, with_whole_image
+from villa.data.regions import REGIONS_META, RegionSpec, label_regions, make_regions, with_whole_image
 from villa.data.vocab import SENTENCE_SEP, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -56,25 +56,39 @@ def check_inside(paths: Sequence[str], where: str) -> None:
         )
 
 
-def _size(path: Path) -> tuple[int, int, str]:
+def _decode(path: Path) -> tuple[int, int, str]:
+    """(width, height, problem) of an image decoded whole: a truncated or corrupt file is found here, at import,
+    not later in a training worker."""
     try:
         with Image.open(path) as im:
+            im.load()
             return im.size[0], im.size[1], ""
     except FileNotFoundError:
         return 0, 0, "missing"
     except Exception as e:  # noqa: BLE001 - any decoder error names the file
-        return 0, 0, f"unreadable ({type(e).__name__})"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return 0, 0, f"unreadable ({type(e).__name__}{': ' + reason[:80] if reason else ''})"
 
 
-def image_sizes(root: Path, paths: Sequence[str], workers: int = 8) -> np.ndarray:
-    """(I, 2) [width, height] from each image's header, read in threads; every missing or unreadable image is
-    reported at once."""
+def image_sizes(
+    root: Path, paths: Sequence[str], workers: int = 8, expected: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """(I, 2) [width, height] of every image, each decoded whole in a thread pool; every missing, unreadable or
+    truncated image is reported at once, and so is one whose size is not the one the layout states (``expected``)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        res = list(ex.map(lambda p: _size(root / p), paths, chunksize=64))
+        res = list(ex.map(lambda p: _decode(root / p), paths, chunksize=64))
     bad = [f"{root / p} {why}" for p, (_, _, why) in zip(paths, res) if why]
     if bad:
         raise problems_error("images cannot be read", bad, "fix or remove them (or their rows) and import again")
-    return np.array([[w, h] for w, h, _ in res], dtype=np.int64).reshape(-1, 2)
+    sizes = np.array([[w, h] for w, h, _ in res], dtype=np.int64).reshape(-1, 2)
+    if expected is not None:
+        wrong = np.flatnonzero((np.asarray(expected, np.int64) != sizes).any(1))
+        if len(wrong):
+            shown = [f"{root / paths[i]} is {sizes[i, 0]}x{sizes[i, 1]}, stated {expected[i][0]}x{expected[i][1]}"
+                     for i in wrong]  # fmt: skip
+            raise problems_error("images differ from the size their annotation states", shown,
+                                 "fix the annotation or the files")  # fmt: skip
+    return sizes
 
 
 def hash_unit(keys: Sequence[Any], seed: int) -> np.ndarray:
@@ -209,13 +223,14 @@ def write_dataset(
     label_iou: float = 0.5,
     same_image: str = "join",
 ) -> Path:
-    """Finish an import: image sizes, splits, attributes, regions; write ``annotations.feather`` atomically.
+    """Finish an import: splits, one row per image, image sizes (every image decoded), attributes, regions; write
+    ``annotations.feather`` and ``import_report.json`` atomically.
 
     ``same_image``: several rows naming one image file in one split are joined into one (``join``: their texts
     joined, boxes and labels together) or imported as separate images (``separate``); rows of one image in
     different splits are refused either way (:func:`one_row_per_image`). ``root``: the folder the image paths are
-    relative to. ``out_dir``: the dataset folder to write (default
-    ``root``); when it differs, it gets a link ``source`` to ``root`` and the paths are prefixed with it.
+    relative to. ``out_dir``: the dataset folder to write (default ``root``); when it differs, it gets a link
+    ``source`` to ``root`` and the paths are prefixed with it. A new ``out_dir`` appears whole or not at all.
     Returns the dataset folder."""
     if no_attribute not in NO_ATTRIBUTE:
         raise VillaError(f"no_attribute={no_attribute!r}: use drop, keep or error")
@@ -224,50 +239,95 @@ def write_dataset(
     regions.check()
     root = Path(root)
     out = Path(out_dir) if out_dir else root
-    n = len(rows.image_id)
-    if n == 0:
+    rows, split, merged = checked_rows(rows, root, split_fractions, seed, same_image, source)
+    sizes = image_sizes(root, rows.filepath, expected=rows.image_size)
+    attrs, keep, extraction = image_attributes(rows, vocab, no_attribute)
+    reg_off, boxes, scores, labels, record = image_regions(rows, root, sizes, regions, label_iou, progress)
+    prefix = "source/" if out.resolve() != root.resolve() else ""
+    table = annotation_table(rows, np.flatnonzero(keep), split, sizes, attrs, vocab, reg_off, boxes, labels, scores,
+                             prefix)  # fmt: skip
+    meta = {"source": source, "vocab": vocab.name, "vocab_digest": vocab.digest, "no_attribute": no_attribute,
+            "seed": seed}  # fmt: skip
+    table = table.replace_schema_metadata(
+        {REGIONS_META.encode(): json.dumps(record).encode(), IMPORT_META.encode(): json.dumps(meta).encode()}
+    )
+    splits = {s: int((table.column("split").to_numpy(zero_copy_only=False) == s).sum()) for s in ("train", "val", "test")}
+    report = {"source": source, "images": table.num_rows, "regions": int(len(table.column("region_coord").combine_chunks()
+              .flatten())), "regions_from": record, "rows_joined": merged, "splits": splits,
+              "attributes": extraction.report}  # fmt: skip
+    write_dataset_files(out, root if prefix else None, table, report)
+    print(f"wrote {out / 'annotations.feather'}: {report['images']} images ({splits['train']} train, {splits['val']} "
+          f"val, {splits['test']} test), {report['regions']} regions from {regions.source}; report in "
+          "import_report.json")  # fmt: skip
+    return out
+
+
+def checked_rows(
+    rows: ImportedRows, root: Path, split_fractions: Sequence[float], seed: int, same_image: str, source: str
+) -> tuple[ImportedRows, np.ndarray, int]:
+    """The rows checked (images, paths inside the folder, texts), their splits, one row per image, unique ids."""
+    if len(rows.image_id) == 0:
         raise VillaError(f"nothing to import from {root}: no images")
     check_inside(rows.filepath, source)
     empty_text = [repr(np.asarray(rows.image_id)[i].item()) for i, t in enumerate(rows.text) if not (t or "").strip()]
     if empty_text and rows.attributes is None:
         raise problems_error("images have an empty text", empty_text, "give each image its caption or drop the rows")
-    # splits, then one row per image: an image in two splits is refused, its captions in one split are joined
     if rows.split is not None:
         split = np.asarray(rows.split)
     else:
         split = assign_splits(rows.group if rows.group is not None else rows.filepath, split_fractions, seed)
     rows, split, merged = one_row_per_image(rows, split, same_image, source)
-    n = len(rows.image_id)
     ids, c = np.unique(np.asarray(rows.image_id), return_counts=True)
     if (c > 1).any():
         raise problems_error("image ids are repeated", [repr(i) for i in ids[c > 1].tolist()], "give each image one id")
-    sizes = rows.image_size if rows.image_size is not None else image_sizes(root, rows.filepath)
-    # attributes: labelled by the layout, or extracted from the text (the coverage report either way)
+    return rows, split, merged
+
+
+def image_attributes(rows: ImportedRows, vocab: Vocabulary, no_attribute: str) -> tuple[list, np.ndarray, Extraction]:
+    """Each image's attributes (labelled by the layout, else extracted from the text; the coverage report printed
+    either way) and which images are kept (``no_attribute``: texts that mention none are an error, dropped or kept)."""
     extraction = extract_attributes(rows.text, vocab)
     attrs = rows.attributes if rows.attributes is not None else extraction.attributes
     print(format_report(extraction.report))
+    n = len(rows.image_id)
     keep = np.ones(n, bool)
     none = np.flatnonzero([len(a) == 0 for a in attrs])
     if len(none):
         if no_attribute == "error":
             raise VillaError(
                 f"{len(none)} of {n} texts mention no attribute of the {vocab.name!r} vocabulary (e.g. image "
-                f"{rows.image_id[none[0]]!r}); add aliases to the dataset config, or pass --no_attribute drop "
-                "(leave them out) or keep (import them without attributes)"
+                f"{np.asarray(rows.image_id)[none[0]].item()!r}); add aliases to the dataset config, or pass "
+                "--no_attribute drop (leave them out) or keep (import them without attributes)"
             )
         if no_attribute == "drop":
             keep[none] = False
             print(f"dropped {len(none)} images whose text mentions no attribute (--no_attribute drop)")
         else:
             print(f"kept {len(none)} images whose text mentions no attribute (--no_attribute keep)")
-    # regions
+    return attrs, keep, extraction
+
+
+def check_given_boxes(rows: ImportedRows, sizes: np.ndarray, where: str) -> None:
+    """Boxes the data brings lie inside their image and are not empty or inverted (else every such box is named)."""
+    counts = np.diff(rows.box_offsets)
+    owner = np.repeat(np.arange(len(counts)), counts)
+    bad = np.flatnonzero(boxes_outside(rows.boxes.astype(np.float64), owner, sizes.astype(np.float64)))
+    if len(bad):
+        shown = [f"{rows.filepath[owner[r]]!r} box {rows.boxes[r].tolist()} (its image is "
+                 f"{sizes[owner[r], 0]}x{sizes[owner[r], 1]})" for r in bad]  # fmt: skip
+        raise problems_error("boxes are outside their image, empty or inverted", shown,
+                             f"in {where}, give boxes as [x0, y0, x1, y1] in pixels inside the image")  # fmt: skip
+
+
+def image_regions(
+    rows: ImportedRows, root: Path, sizes: np.ndarray, regions: RegionSpec, label_iou: float, progress: bool
+) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[list], dict[str, Any]]:
+    """Regions from the chosen source (an image with none gets the whole image), their ground-truth labels where
+    the data labels boxes (given as they are; grid cells and proposals by overlap), their scores, the record."""
     given = None
     if rows.box_offsets is not None:
+        check_given_boxes(rows, sizes, "the data")
         given = (rows.box_offsets, rows.boxes)
-    prefix = ""
-    if out.resolve() != root.resolve():
-        prefix = "source/"
-    filepath = [prefix + p for p in rows.filepath]
     reg_off, boxes, scores, record = make_regions(
         regions, root, rows.image_id, rows.filepath, sizes, given=given, progress=progress
     )
@@ -276,21 +336,24 @@ def write_dataset(
         if regions.source in ("given", "masks"):
             labels = rows.box_labels
         else:  # ground truth for grid cells / proposals from the labelled boxes they overlap
-            from villa.data.regions import label_regions
-
             labels = label_regions(reg_off, boxes, rows.box_offsets, rows.boxes, rows.box_labels, label_iou)
             record["labels_from"] = {"boxes": "given", "iou": label_iou}
     counts = np.diff(reg_off)
     if (counts == 0).any():
         print(f"{int((counts == 0).sum())} images have no region from {regions.source}: each gets the whole image")
-        whole_off, boxes2 = with_whole_image(reg_off, boxes, sizes)
+        whole_off, boxes = with_whole_image(reg_off, boxes, sizes)
         if labels is not None:
             labels = _insert_empty(labels, reg_off, counts)
         if scores is not None:
             scores = _insert_values(scores, reg_off, counts, 0.0)
-        reg_off, boxes = whole_off, boxes2
-    # keep the selected images (and their regions)
-    sel = np.flatnonzero(keep)
+        reg_off = whole_off
+    return reg_off, boxes, scores, labels, record
+
+
+def annotation_table(rows: ImportedRows, sel: np.ndarray, split: np.ndarray, sizes: np.ndarray, attrs: list,
+                     vocab: Vocabulary, reg_off: np.ndarray, boxes: np.ndarray, labels: Optional[list],
+                     scores: Optional[np.ndarray], prefix: str) -> pa.Table:  # fmt: skip
+    """The selected images (and their regions) in villa's schema (docs/data_format.md)."""
     reg_idx, _ = gather_index(reg_off, sel)
     counts = np.diff(reg_off)[sel]
     new_off = np.concatenate([[0], np.cumsum(counts)])
@@ -300,60 +363,48 @@ def write_dataset(
     box_arr = np.round(boxes[reg_idx].astype(np.float64), 2).astype(np.float32)
     cols: dict[str, pa.Array] = {
         "image_id": pa.array(np.asarray(rows.image_id)[sel]),
-        "image_filepath": pa.array([filepath[i] for i in sel], pa.string()),
+        "image_filepath": pa.array([prefix + rows.filepath[i] for i in sel], pa.string()),
         "image_size": _list_array(np.arange(len(sel) + 1) * 2, pa.array(sizes[sel].reshape(-1).astype(np.int32))),
         "split": pa.array(split[sel].astype(str), pa.string()),
         "text": pa.array([rows.text[i] for i in sel], pa.string()),
         "region_coord": _list_array(
             new_off, _list_array(np.arange(len(reg_idx) + 1) * 4, pa.array(box_arr.reshape(-1), pa.float32()))
-        ),  # fmt: skip
+        ),
         "num_regions": pa.array(counts.astype(np.int32)),
         "attributes": _list_array(attr_off, pa.array([a for lst in attr_lists for a in lst], pa.string())),
     }
     if labels is not None:
         lab = [[a for a in labels[r] if a in vocab_index] for r in reg_idx]
         lab_off = np.concatenate([[0], np.cumsum([len(x) for x in lab])])
-        cols["reg_to_attr"] = _list_array(
-            new_off, _list_array(lab_off, pa.array([a for x in lab for a in x], pa.string()))
-        )
+        cols["reg_to_attr"] = _list_array(new_off, _list_array(lab_off, pa.array([a for x in lab for a in x], pa.string())))
     if scores is not None:
         cols["region_score"] = _list_array(new_off, pa.array(scores[reg_idx].astype(np.float32)))
-    table = pa.table(cols)
-    meta = {
-        REGIONS_META.encode(): json.dumps(record).encode(),
-        IMPORT_META.encode(): json.dumps(
-            {
-                "source": source,
-                "vocab": vocab.name,
-                "vocab_digest": vocab.digest,
-                "no_attribute": no_attribute,
-                "seed": seed,
-            }
-        ).encode(),  # fmt: skip
-    }
-    table = table.replace_schema_metadata(meta)
-    out.mkdir(parents=True, exist_ok=True)
-    if prefix:
-        link = out / "source"
-        if link.is_symlink() and Path(os.readlink(link)) != root.resolve():
+    return pa.table(cols)
+
+
+def write_dataset_files(out: Path, link_to: Optional[Path], table: pa.Table, report: dict[str, Any]) -> None:
+    """``import_report.json``, the ``source`` link (when the images live elsewhere) and ``annotations.feather``,
+    the file that makes a folder a dataset, last. A new folder is built under a temporary name and renamed when
+    complete, so an import that is killed or fills the disk leaves nothing behind."""
+    if out.exists():
+        _write_into(out, out, link_to, table, report)
+        return
+    with atomic_dir(out) as tmp:
+        _write_into(tmp, out, link_to, table, report)
+
+
+def _write_into(folder: Path, out: Path, link_to: Optional[Path], table: pa.Table, report: dict[str, Any]) -> None:
+    write_json_atomic(folder / "import_report.json", report)
+    if link_to is not None:
+        link = folder / "source"
+        if link.is_symlink() and Path(os.readlink(link)) != link_to.resolve():
             link.unlink()
         if not link.exists():
-            link.symlink_to(root.resolve(), target_is_directory=True)
+            link.symlink_to(link_to.resolve(), target_is_directory=True)
         elif not link.is_symlink():
-            raise VillaError(f"{link} exists and is not the link to {root}; choose another --out_dir")
-    with atomic_file(out / "annotations.feather") as tmp:
+            raise VillaError(f"{out / 'source'} exists and is not the link to {link_to}; choose another --out_dir")
+    with atomic_file(folder / "annotations.feather") as tmp:
         feather.write_feather(table, str(tmp), compression="zstd")
-    report = {"source": source, "images": int(len(sel)), "regions": int(len(reg_idx)), "regions_from": record,
-              "rows_joined": merged,
-              "splits": {s: int((split[sel] == s).sum()) for s in ("train", "val", "test")},
-              "attributes": extraction.report}  # fmt: skip
-    write_json_atomic(out / "import_report.json", report)
-    print(
-        f"wrote {out / 'annotations.feather'}: {len(sel)} images ({report['splits']['train']} train, "
-        f"{report['splits']['val']} val, {report['splits']['test']} test), {len(reg_idx)} regions from "
-        f"{regions.source}; report in import_report.json"
-    )
-    return out
 
 
 def _insert_empty(labels: list, offsets: np.ndarray, counts: np.ndarray) -> list:

@@ -12,11 +12,14 @@ docs/stage2.md shows one).
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from villa.core.errors import VillaError
-from villa.stage2.objectives.base import Objective
+
+if TYPE_CHECKING:
+    from villa.stage2.objectives.base import Objective
 
 BUILTIN = {
     "villa": "villa.stage2.objectives.villa.ViLLA",
@@ -35,6 +38,8 @@ def build_objective(cfg: DictConfig) -> Objective:
 
 def objective_class(name: str) -> type[Objective]:
     """A built-in objective's class by name, or a subclass of :class:`Objective` by its dotted path."""
+    from villa.stage2.objectives.base import Objective
+
     path = BUILTIN.get(name, name)
     module, _, attr = path.rpartition(".")
     try:
