@@ -4,14 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON ?= python3
 
-# Real MNIST digits: the shared test split when present (offline machines), else data/mnist.
-SHARED_MNIST := $(abspath ../shared/data/mnist)
-ifeq ($(origin VILLA_MNIST_DIR), undefined)
-ifneq ($(wildcard $(SHARED_MNIST)/t10k-images-idx3-ubyte.gz),)
-export VILLA_MNIST_DIR := $(SHARED_MNIST)
-endif
-endif
-
 .PHONY: demo test lint format install clean
 
 $(VENV)/.installed: setup.py constraints.txt

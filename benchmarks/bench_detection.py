@@ -38,8 +38,15 @@ def random_proposals(gt: dict, per_image: int, seed: int = 0) -> list[dict]:
         wh = rng.uniform(8, [w, h], size=(per_image, 2))
         wh = np.minimum(wh, [w, h] - xy)
         score = rng.uniform(0, 1, per_image)
-        rows += [{"image_id": im["id"], "category_id": 1, "bbox": [float(a), float(b), float(c), float(d)],
-                  "score": float(s)} for (a, b), (c, d), s in zip(xy, wh, score)]  # fmt: skip
+        rows += [
+            {
+                "image_id": im["id"],
+                "category_id": 1,
+                "bbox": [float(a), float(b), float(c), float(d)],
+                "score": float(s),
+            }
+            for (a, b), (c, d), s in zip(xy, wh, score)
+        ]
     return rows
 
 
@@ -59,8 +66,9 @@ def main() -> None:
     clip = create_clip("auto", str(ASSET), device=runtime.device)
     opts = region_options(str(ASSET), None, None)
     with tempfile.TemporaryDirectory() as tmp:
-        data = generate(200, 16, seed=5, out_dir=tmp, val_budget=100, test_budget=int(a.images * 15.3) + 32,
-                        progress=False)  # fmt: skip
+        data = generate(
+            200, 16, seed=5, out_dir=tmp, val_budget=100, test_budget=int(a.images * 15.3) + 32, progress=False
+        )
         gt_path = export_coco(data, Path(tmp) / "gt.json")
         gt = json.loads(gt_path.read_text())
         keep = {im["id"] for im in gt["images"][: a.images]}
@@ -70,17 +78,34 @@ def main() -> None:
         props = Path(tmp) / "proposals.json"
         props.write_text(json.dumps(random_proposals(gt, a.proposals)))
         t = time.perf_counter()
-        res = zero_shot_detection(clip, opts, runtime, gt_path, data, regions="proposals", proposals_file=str(props),
-                                  top_k=a.proposals, batch_size=a.batch_size, num_workers=0)  # fmt: skip
+        res = zero_shot_detection(
+            clip,
+            opts,
+            runtime,
+            gt_path,
+            data,
+            regions="proposals",
+            proposals_file=str(props),
+            top_k=a.proposals,
+            batch_size=a.batch_size,
+            num_workers=0,
+        )
         total = time.perf_counter() - t
     s = res["seconds"]
     out = {
-        "images": len(gt["images"]), "proposals_per_image": a.proposals, "regions": res["boxes"],
-        "device": str(runtime.device), "model": "villa-small-rn (shipped), input 168", "total_s": round(total, 1),
-        "embed_regions_s": s["embed_regions"], "regions_per_s": round(res["boxes"] / s["embed_regions"], 1),
-        "classify_and_nms_s": s["classify_and_nms"], "pycocotools_s": s["pycocotools"],
-        "other_s": round(total - sum(s.values()), 1), "detections": res["detections"],
-    }  # fmt: skip
+        "images": len(gt["images"]),
+        "proposals_per_image": a.proposals,
+        "regions": res["boxes"],
+        "device": str(runtime.device),
+        "model": "villa-small-rn (shipped), input 168",
+        "total_s": round(total, 1),
+        "embed_regions_s": s["embed_regions"],
+        "regions_per_s": round(res["boxes"] / s["embed_regions"], 1),
+        "classify_and_nms_s": s["classify_and_nms"],
+        "pycocotools_s": s["pycocotools"],
+        "other_s": round(total - sum(s.values()), 1),
+        "detections": res["detections"],
+    }
     print(json.dumps(out, indent=2))
     if a.json:
         write_json_atomic(a.json, out)

@@ -47,9 +47,15 @@ def main() -> None:
                 outs.append(out)
                 c0, t0 = time.process_time(), time.perf_counter()
                 path = generate(
-                    b, a.target, out_dir=out, mnist_dir=a.mnist_dir, val_budget=a.val_budget,
-                    test_budget=a.test_budget, workers=a.workers, progress=False,
-                )  # fmt: skip
+                    b,
+                    a.target,
+                    out_dir=out,
+                    mnist_dir=a.mnist_dir,
+                    val_budget=a.val_budget,
+                    test_budget=a.test_budget,
+                    workers=a.workers,
+                    progress=False,
+                )
                 walls.append(time.perf_counter() - t0)
                 cpus.append(time.process_time() - c0)
                 info = json.loads((path / "generation.json").read_text())
@@ -57,8 +63,11 @@ def main() -> None:
             med = statistics.median(walls)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             runs = " ".join(f"{w:.2f}" for w in walls)
-            print(f"{b:>8} {n:>7} {med:>9.2f} {min(walls):>7.2f} {statistics.median(cpus):>6.2f} {n / med:>9.0f} "
-                  f"{rss:>11.0f}  {runs}", flush=True)  # fmt: skip
+            print(
+                f"{b:>8} {n:>7} {med:>9.2f} {min(walls):>7.2f} {statistics.median(cpus):>6.2f} {n / med:>9.0f} "
+                f"{rss:>11.0f}  {runs}",
+                flush=True,
+            )
     finally:
         for out in outs:
             shutil.rmtree(out, ignore_errors=True)

@@ -114,9 +114,17 @@ def reports(n: int, rng: np.random.Generator) -> list[str]:
     for _ in range(n):
         sents = []
         for _ in range(int(rng.integers(3, 7))):
-            sents.append(pick(FRAMES).format(size=pick(["small", "moderate", "large", "trace"]),
-                                             side=pick(["left", "right", "bilateral"]), f=pick(FINDINGS),
-                                             g=pick(FINDINGS), cm=f"{rng.uniform(0.3, 9.9):.1f}").format(n=int(rng.integers(2, 12))))  # fmt: skip
+            sents.append(
+                pick(FRAMES)
+                .format(
+                    size=pick(["small", "moderate", "large", "trace"]),
+                    side=pick(["left", "right", "bilateral"]),
+                    f=pick(FINDINGS),
+                    g=pick(FINDINGS),
+                    cm=f"{rng.uniform(0.3, 9.9):.1f}",
+                )
+                .format(n=int(rng.integers(2, 12)))
+            )
         out.append("FINDINGS: " + ". ".join(sents) + ".")
     return out
 
@@ -131,8 +139,16 @@ def write_coco(root: Path, n: int, seed: int = 0) -> None:
     xy = rng.uniform(0, 400, (n_box, 2))
     wh = rng.uniform(10, 200, (n_box, 2))
     cat = rng.integers(1, 81, n_box)
-    inst = [{"id": k, "image_id": int(img[k]), "category_id": int(cat[k]), "iscrowd": 0,
-             "bbox": [float(xy[k, 0]), float(xy[k, 1]), float(wh[k, 0]), float(wh[k, 1])]} for k in range(n_box)]  # fmt: skip
+    inst = [
+        {
+            "id": k,
+            "image_id": int(img[k]),
+            "category_id": int(cat[k]),
+            "iscrowd": 0,
+            "bbox": [float(xy[k, 0]), float(xy[k, 1]), float(wh[k, 0]), float(wh[k, 1])],
+        }
+        for k in range(n_box)
+    ]
     (root / "annotations").mkdir(parents=True)
     (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": caps}))
     (root / "annotations" / "instances_train2017.json").write_text(
@@ -161,15 +177,24 @@ def main() -> None:
         times = []
         for r in range(a.repeats):
             t = time.perf_counter()
-            import_coco(root, vocab, RegionSpec("given"), Path(tmp) / f"ds{r}", splits=["train2017"], progress=False,
-                        no_attribute="keep")  # fmt: skip
+            import_coco(
+                root,
+                vocab,
+                RegionSpec("given"),
+                Path(tmp) / f"ds{r}",
+                splits=["train2017"],
+                progress=False,
+                no_attribute="keep",
+            )
             times.append(time.perf_counter() - t)
         out["coco_import_s"] = {"median": statistics.median(times), "min": min(times), "max": max(times)}
     rng = np.random.default_rng(1)
     unique = [f"{c} next to house number {i}" for i, c in enumerate(captions(a.texts, rng))]  # every text new
-    for name, vocab_name, items in (("reports", "chexpert", reports(a.texts, rng)),
-                                    ("captions", "coco", captions(a.texts, rng)),
-                                    ("unique_captions", "coco", unique)):  # fmt: skip
+    for name, vocab_name, items in (
+        ("reports", "chexpert", reports(a.texts, rng)),
+        ("captions", "coco", captions(a.texts, rng)),
+        ("unique_captions", "coco", unique),
+    ):
         vocab = load_vocab(vocab_name)
         out[f"unique_sentences_{name}"] = len({s.strip() for t in items for s in t.split(".") if s.strip()})
         times = []

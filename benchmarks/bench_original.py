@@ -206,8 +206,16 @@ class Side:
         args = [f"--attribute_budget={a.budget}", f"--target_sample_complexity={a.target}"]
         if self.name == "original":
             return [sys.executable, "docmnist/generate_docmnist.py", *args]
-        return [sys.executable, str(REPO / "docmnist" / "generate_docmnist.py"), *args, "--val_budget=10000",
-                f"--test_budget={a.target}", f"--out_dir={self.root / 'data'}", "--overwrite", "--quiet"]  # fmt: skip
+        return [
+            sys.executable,
+            str(REPO / "docmnist" / "generate_docmnist.py"),
+            *args,
+            "--val_budget=10000",
+            f"--test_budget={a.target}",
+            f"--out_dir={self.root / 'data'}",
+            "--overwrite",
+            "--quiet",
+        ]
 
     def read_generate(self, lines, secs):
         dirs = sorted((self.root / "data").glob(f"docmnist_{self.a.budget}_*"), key=lambda p: p.stat().st_mtime)
@@ -218,8 +226,15 @@ class Side:
     def cmd_preprocess(self):
         if self.name == "original":
             return [sys.executable, "preprocess/preprocess_docmnist.py", f"--data_dir={self.data.name}"]
-        return [sys.executable, str(REPO / "preprocess" / "preprocess_docmnist.py"), f"--data_dir={self.data}",
-                f"--pretrained={self.files['villa']}", "--model=auto", f"--num_workers={self.a.workers}", "--quiet"]  # fmt: skip
+        return [
+            sys.executable,
+            str(REPO / "preprocess" / "preprocess_docmnist.py"),
+            f"--data_dir={self.data}",
+            f"--pretrained={self.files['villa']}",
+            "--model=auto",
+            f"--num_workers={self.a.workers}",
+            "--quiet",
+        ]
 
     def read_preprocess(self, lines, secs):
         import pandas as pd
@@ -234,10 +249,26 @@ class Side:
         common = [f"data_dir={self.data}", f"epochs={a.stage1_epochs}", "batch_size=48"]
         if self.name == "original":
             w = [f"dataloader.{s}.num_workers={a.workers}" for s in ("train", "val")]
-            return [sys.executable, "villa/stage1.py", "experiment=docmnist_stage1", *common, *w,
-                    f"checkpoint_dir={self.root / 'ckpt'}", "model.emb_dim=1024"]  # fmt: skip
-        return [sys.executable, "-m", "villa.stage1", "experiment=docmnist_stage1", *common, "lr=1e-4",
-                f"checkpoint_dir={self.root / 'ckpt' / 'stage1'}", "resume=false", "progress=false"]  # fmt: skip
+            return [
+                sys.executable,
+                "villa/stage1.py",
+                "experiment=docmnist_stage1",
+                *common,
+                *w,
+                f"checkpoint_dir={self.root / 'ckpt'}",
+                "model.emb_dim=1024",
+            ]
+        return [
+            sys.executable,
+            "-m",
+            "villa.stage1",
+            "experiment=docmnist_stage1",
+            *common,
+            "lr=1e-4",
+            f"checkpoint_dir={self.root / 'ckpt' / 'stage1'}",
+            "resume=false",
+            "progress=false",
+        ]
 
     def read_stage1(self, lines, secs):
         n = self.a.stage1_epochs
@@ -252,8 +283,12 @@ class Side:
         epochs = [b - a for a, b in zip(ends, ends[1:])]  # epochs 2..n (the first includes loading)
         k = max(1, len(epochs) // 4)
         early, late = (statistics.median(epochs[:k]), statistics.median(epochs[-k:])) if epochs else (None, None)
-        return {"train_seconds": start, "mapping_seconds": secs - start, "epoch_seconds": [round(e, 3) for e in epochs],
-                "late_over_early": round(late / early, 3) if epochs else None}  # fmt: skip
+        return {
+            "train_seconds": start,
+            "mapping_seconds": secs - start,
+            "epoch_seconds": [round(e, 3) for e in epochs],
+            "late_over_early": round(late / early, 3) if epochs else None,
+        }
 
     # 4. Stage 2
     def cmd_stage2(self):
@@ -261,11 +296,28 @@ class Side:
         common = [f"data_dir={self.data}", f"epochs={a.stage2_epochs}", f"batch_size={a.stage2_batch}"]
         if self.name == "original":
             w = [f"dataloader.{s}.num_workers={a.workers}" for s in ("train", "val")]
-            return [sys.executable, "villa/stage2.py", "experiment=docmnist_stage2", *common, *w,
-                    f"checkpoint_dir={self.root / 'ckpt'}", f"model.clip_weights={self.files['clip_pth']}"]  # fmt: skip
-        return [sys.executable, "-m", "villa.stage2", "experiment=docmnist_stage2", *common,
-                f"model.pretrained={self.files['villa']}", "model.name=auto", f"num_workers={a.workers}",
-                f"checkpoint_dir={self.root / 'ckpt' / 'stage2'}", "resume=false", "progress=false"]  # fmt: skip
+            return [
+                sys.executable,
+                "villa/stage2.py",
+                "experiment=docmnist_stage2",
+                *common,
+                *w,
+                f"checkpoint_dir={self.root / 'ckpt'}",
+                f"model.clip_weights={self.files['clip_pth']}",
+            ]
+        return [
+            sys.executable,
+            "-m",
+            "villa.stage2",
+            "experiment=docmnist_stage2",
+            *common,
+            f"model.pretrained={self.files['villa']}",
+            "model.name=auto",
+            f"num_workers={a.workers}",
+            f"checkpoint_dir={self.root / 'ckpt' / 'stage2'}",
+            "resume=false",
+            "progress=false",
+        ]
 
     def read_stage2(self, lines, secs):
         # an epoch ends when its val loss is printed (the original: "Loss = ..." after its val pass; villa: the epoch line)
@@ -304,24 +356,33 @@ def summarize(reps: dict, steps=STEPS) -> dict:
                 vals = [r[step][key] for r in reps[side] if r[step].get(key) is not None]
             if not vals:
                 break
-            row[side] = {"runs": [round(v, 3) for v in vals], "median": round(statistics.median(vals), 3),
-                         "min": round(min(vals), 3), "max": round(max(vals), 3)}  # fmt: skip
+            row[side] = {
+                "runs": [round(v, 3) for v in vals],
+                "median": round(statistics.median(vals), 3),
+                "min": round(min(vals), 3),
+                "max": round(max(vals), 3),
+            }
         if len(row) == 2:
             o, v = row["original"]["median"], row["villa"]["median"]
             row["ratio"] = round(v / o if name.endswith("per_s") else o / v, 2)  # > 1: villa faster
             out[name] = row
     if "stage1" in steps:  # Stage 1's late epochs against its early ones (issue 23: within 20%), per side
         out["stage1_late_over_early"] = {
-            side: {"runs": [r["stage1"]["late_over_early"] for r in reps[side]],
-                   "median": statistics.median(r["stage1"]["late_over_early"] for r in reps[side])}
-            for side in ("original", "villa") if all(r["stage1"]["late_over_early"] is not None for r in reps[side])
-        }  # fmt: skip
+            side: {
+                "runs": [r["stage1"]["late_over_early"] for r in reps[side]],
+                "median": statistics.median(r["stage1"]["late_over_early"] for r in reps[side]),
+            }
+            for side in ("original", "villa")
+            if all(r["stage1"]["late_over_early"] is not None for r in reps[side])
+        }
     return out
 
 
 def format_table(res: dict) -> str:
-    lines = ["| measure | original (median, min-max) | villa (median, min-max) | original / villa |",
-             "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        "| measure | original (median, min-max) | villa (median, min-max) | original / villa |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, row in res["summary"].items():
         if "ratio" not in row:
             continue
@@ -333,8 +394,10 @@ def format_table(res: dict) -> str:
     slow = res["summary"].get("stage1_late_over_early")
     if slow:
         lines.append("")
-        lines.append("Stage 1, the last quarter of its epochs over the first (median): " + ", ".join(
-            f"{side} {v['median']:.2f}" for side, v in slow.items()))  # fmt: skip
+        lines.append(
+            "Stage 1, the last quarter of its epochs over the first (median): "
+            + ", ".join(f"{side} {v['median']:.2f}" for side, v in slow.items())
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -357,8 +420,12 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS, help="a prefix of the pipeline")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
-                   help="print the table this script writes for an existing results.json, and run nothing")  # fmt: skip
+    p.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        default=None,
+        help="print the table this script writes for an existing results.json, and run nothing",
+    )
     a = p.parse_args(argv)
     if a.render:
         res = json.loads(Path(a.render).read_text())
@@ -399,7 +466,7 @@ def main(argv=None) -> dict:
         "settings": {
             k: getattr(a, k)
             for k in ("budget", "target", "stage1_epochs", "stage2_epochs", "stage2_batch", "workers", "repeats")
-        },  # fmt: skip
+        },
         "model_cfg": MODEL_CFG,
         "runs": reps,
         "summary": summary,

@@ -59,29 +59,60 @@ def main() -> None:
             t = time.perf_counter()
             off, boxes = grid_boxes(sizes, levels)
             secs = time.perf_counter() - t
-            table.append((f"grid {'+'.join(map(str, levels))}", np.diff(off).mean(), recall_at_iou(off, boxes, ref_off, ref),
-                          len(rows) / max(secs, 1e-9)))  # fmt: skip
+            table.append(
+                (
+                    f"grid {'+'.join(map(str, levels))}",
+                    np.diff(off).mean(),
+                    recall_at_iou(off, boxes, ref_off, ref),
+                    len(rows) / max(secs, 1e-9),
+                )
+            )
         for kind in ("rpn", "detections"):
             for k in (10, 20, 100):
                 spec = RegionSpec("proposals", detector_weights=det, proposal_kind=kind, top_k=k)
                 t = time.perf_counter()
                 off, boxes, scores, _ = detector_proposals(ann.root, files, sizes, spec, progress=False)
                 secs = time.perf_counter() - t
-                table.append((f"detector {kind} top {k}", np.diff(off).mean(), recall_at_iou(off, boxes, ref_off, ref),
-                              len(rows) / secs))  # fmt: skip
+                table.append(
+                    (
+                        f"detector {kind} top {k}",
+                        np.diff(off).mean(),
+                        recall_at_iou(off, boxes, ref_off, ref),
+                        len(rows) / secs,
+                    )
+                )
                 if kind == "rpn" and k == 100:  # the same proposals as a COCO results file, read back
                     owner = np.repeat(np.arange(len(rows)), np.diff(off))
                     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
                     f = Path(tmp) / "proposals.json"
-                    f.write_text(json.dumps([{"image_id": int(ids[o]), "bbox": [float(v) for v in b], "score": float(s)}
-                                             for o, b, s in zip(owner, xywh, scores)]))  # fmt: skip
+                    f.write_text(
+                        json.dumps(
+                            [
+                                {"image_id": int(ids[o]), "bbox": [float(v) for v in b], "score": float(s)}
+                                for o, b, s in zip(owner, xywh, scores)
+                            ]
+                        )
+                    )
                     t = time.perf_counter()
                     off2, boxes2, _ = proposals_from_file(str(f), ids, sizes, top_k=100)
                     secs = time.perf_counter() - t
-                    table.append(("proposals file (RPN top 100)", np.diff(off2).mean(),
-                                  recall_at_iou(off2, boxes2, ref_off, ref), len(rows) / secs))  # fmt: skip
-    res["sources"] = [{"source": n, "regions_per_image": round(float(r), 2), "recall_at_0.5": round(float(c), 4),
-                       "images_per_s": round(float(s), 1)} for n, r, c, s in table]  # fmt: skip
+                    table.append(
+                        (
+                            "proposals file (RPN top 100)",
+                            np.diff(off2).mean(),
+                            recall_at_iou(off2, boxes2, ref_off, ref),
+                            len(rows) / secs,
+                        )
+                    )
+    res["sources"] = [
+        {
+            "source": n,
+            "regions_per_image": round(float(r), 2),
+            "recall_at_0.5": round(float(c), 4),
+            "images_per_s": round(float(s), 1),
+        }
+        for n, r, c, s in table
+    ]
     print(f"{'regions':<30}{'per image':>10}{'recall@0.5':>12}{'images/s':>12}")
     for row in res["sources"]:
         print(
@@ -93,10 +124,18 @@ def main() -> None:
     rows = np.arange(len(sizes))
     padded, real = padded_pixels(sizes, rows, size_buckets(sizes, rows, 64, bucket=False))
     bucketed, _ = padded_pixels(sizes, rows, size_buckets(sizes, rows, 64, bucket=True))
-    res["padding"] = {"images": len(sizes), "batch": 64, "pixels_in_file_order": padded, "pixels_bucketed": bucketed,
-                      "image_pixels": real, "saved_fraction": round(1 - bucketed / padded, 4)}  # fmt: skip
-    print(f"padding: batches in file order process {padded / real:.2f}x the image pixels, bucketed {bucketed / real:.2f}x "
-          f"({100 * res['padding']['saved_fraction']:.0f}% fewer pixels)")  # fmt: skip
+    res["padding"] = {
+        "images": len(sizes),
+        "batch": 64,
+        "pixels_in_file_order": padded,
+        "pixels_bucketed": bucketed,
+        "image_pixels": real,
+        "saved_fraction": round(1 - bucketed / padded, 4),
+    }
+    print(
+        f"padding: batches in file order process {padded / real:.2f}x the image pixels, bucketed {bucketed / real:.2f}x "
+        f"({100 * res['padding']['saved_fraction']:.0f}% fewer pixels)"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
 

@@ -64,12 +64,15 @@ class Run:
         sec = time.perf_counter() - t
         torch.set_flush_denormal(False)
         params = list(self.model.parameters())
-        self.rows.append({
-            "seconds": sec, "loss": float(loss),
-            "subnormal_grad": subnormal_share(p.grad for p in params),
-            "subnormal_exp_avg_sq": subnormal_share(self.opt.state[p]["exp_avg_sq"] for p in params),
-            "subnormal_weight": subnormal_share(params),
-        })  # fmt: skip
+        self.rows.append(
+            {
+                "seconds": sec,
+                "loss": float(loss),
+                "subnormal_grad": subnormal_share(p.grad for p in params),
+                "subnormal_exp_avg_sq": subnormal_share(self.opt.state[p]["exp_avg_sq"] for p in params),
+                "subnormal_weight": subnormal_share(params),
+            }
+        )
 
 
 def main() -> None:
@@ -109,16 +112,24 @@ def main() -> None:
         row = {"steps": f"{s}-{min(s + a.block, a.steps) - 1}"}
         for name, r in runs.items():
             part = r.rows[s : s + a.block]
-            row[name] = {"median_s": round(float(np.median([x["seconds"] for x in part])), 3),
-                         "loss": round(part[-1]["loss"], 6),
-                         **{k: part[-1][k] for k in ("subnormal_grad", "subnormal_exp_avg_sq", "subnormal_weight")}}  # fmt: skip
+            row[name] = {
+                "median_s": round(float(np.median([x["seconds"] for x in part])), 3),
+                "loss": round(part[-1]["loss"], 6),
+                **{k: part[-1][k] for k in ("subnormal_grad", "subnormal_exp_avg_sq", "subnormal_weight")},
+            }
         row["ratio"] = round(row["default"]["median_s"] / row["flush_denormal"]["median_s"], 2)
         blocks.append(row)
         print(json.dumps(row))
     same = max(abs(x["loss"] - y["loss"]) for x, y in zip(runs["default"].rows, runs["flush_denormal"].rows))
-    out = {"command": "python -m benchmarks.bench_stage1_run " + " ".join(sys.argv[1:]), "steps": a.steps,
-           "dim": a.dim, "batch_size": a.batch_size, "blocks": blocks, "max_loss_difference": same,
-           "total_s": {k: round(sum(x["seconds"] for x in r.rows), 1) for k, r in runs.items()}}  # fmt: skip
+    out = {
+        "command": "python -m benchmarks.bench_stage1_run " + " ".join(sys.argv[1:]),
+        "steps": a.steps,
+        "dim": a.dim,
+        "batch_size": a.batch_size,
+        "blocks": blocks,
+        "max_loss_difference": same,
+        "total_s": {k: round(sum(x["seconds"] for x in r.rows), 1) for k, r in runs.items()},
+    }
     print(json.dumps({k: v for k, v in out.items() if k != "blocks"}))
     if a.json:
         write_json_atomic(a.json, out)

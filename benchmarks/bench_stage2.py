@@ -135,8 +135,11 @@ def main() -> None:
             r = run(m, a.batch_size, rt, cl, a.steps, a.warmup + (a.compile_warmup if comp else 0), sync, comp)
             pct = f"{100 * r['tflops'] / peak:.1f}" if peak else "n/a"
             dtype = str(rt.amp_dtype).replace("torch.", "") if amp else "fp32"
-            print(f"{m:<14} {dtype:<5} {str(cl):<7} {str(sync):<5} {str(comp):<7} {r['regions']:>7} {r['gflop_step']:>10.1f} "
-                  f"{r['steps_per_s']:>8.3f} {r['regions_per_s']:>10.0f} {r['tflops']:>8.3f} {pct:>7} {r['mem_gib']:>8.2f}", flush=True)  # fmt: skip
+            print(
+                f"{m:<14} {dtype:<5} {str(cl):<7} {str(sync):<5} {str(comp):<7} {r['regions']:>7} {r['gflop_step']:>10.1f} "
+                f"{r['steps_per_s']:>8.3f} {r['regions_per_s']:>10.0f} {r['tflops']:>8.3f} {pct:>7} {r['mem_gib']:>8.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -108,9 +108,14 @@ class SplitLayout:
 
 
 def draw_layout(
-    rng: np.random.Generator, split: str, pool_size: int, target: int, budget: int, n_templates: Sequence[int],
+    rng: np.random.Generator,
+    split: str,
+    pool_size: int,
+    target: int,
+    budget: int,
+    n_templates: Sequence[int],
     images: Optional[int] = None,
-) -> SplitLayout:  # fmt: skip
+) -> SplitLayout:
     """Draw a split's images until the next one would push its region-attribute pairs over ``budget``; with
     ``images``, exactly that many images instead (whatever their pairs: the fixed-images control)."""
     if images is not None:
@@ -357,10 +362,21 @@ def build_table(
             _lists(img_attr_off, _strings(names[img_attr_vals].tolist())),
         ],
         names=[
-            "image_id", "image_size", "image_filepath", "region_coord", "num_regions", "split", "text",
-            "digit_label", "color_label", "shape_label", "size_label", "reg_to_attr", "attributes",
+            "image_id",
+            "image_size",
+            "image_filepath",
+            "region_coord",
+            "num_regions",
+            "split",
+            "text",
+            "digit_label",
+            "color_label",
+            "shape_label",
+            "size_label",
+            "reg_to_attr",
+            "attributes",
         ],
-    )  # fmt: skip
+    )
     return table, filepaths
 
 
@@ -411,11 +427,7 @@ def generate(
     for flag, n in (("train_images", train_images), ("val_images", val_images)):
         if n is not None and n < 1:
             raise VillaError(f"--{flag}={n}: must be >= 1 image")
-    for flag, b in (
-        ("attribute_budget", attribute_budget),
-        ("val_budget", val_budget),
-        ("test_budget", test_budget),
-    ):
+    for flag, b in (("attribute_budget", attribute_budget), ("val_budget", val_budget), ("test_budget", test_budget)):
         if b < 1:
             raise VillaError(f"--{flag}={b}: must be >= 1 region-attribute pair")
     root = Path(out_dir) if out_dir else data_root()
@@ -429,8 +441,9 @@ def generate(
     layouts = []
     for si, split in enumerate(SPLITS):
         rng = np.random.default_rng([seed, si])
-        lay = draw_layout(rng, split, len(pools.images[split]), target_sample_complexity, budgets[split], n_templates,
-                          fixed[split])  # fmt: skip
+        lay = draw_layout(
+            rng, split, len(pools.images[split]), target_sample_complexity, budgets[split], n_templates, fixed[split]
+        )
         lay.digit = pools.labels[split][lay.pool_index]
         if lay.n_images == 0:
             flag = "attribute_budget" if split == "train" else f"{split}_budget"
@@ -516,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_images", type=int, default=None, help="exactly this many val images (not a budget)")
     p.add_argument("--out_dir", default=None, help="parent folder of the dataset (default: $VILLA_DATA_DIR or data)")
     p.add_argument("--mnist_dir", default=None, help="MNIST folder (IDX files or torchvision's MNIST/raw)")
-    p.add_argument("--download", action="store_true", help="download MNIST with torchvision (needs internet)")
+    p.add_argument("--download", action="store_true", help="fetch MNIST into --mnist_dir first (MNIST found nowhere is fetched anyway)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--workers", type=int, default=None, help="threads encoding PNGs (default: cores, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from villa.core.env import env
+from villa.core.env import data_root, env
 from villa.core.errors import VillaError
+
+log = logging.getLogger(__name__)
 
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -104,25 +107,91 @@ def _read_pair(folder: Path, which: str, img_path: Path, lab_path: Path) -> tupl
 
 
 def candidate_dirs(mnist_dir: Optional[str]) -> list[Path]:
-    """Lookup order: ``--mnist_dir`` alone when given; else ``$VILLA_MNIST_DIR``, then ``data/mnist``."""
+    """Lookup order: ``--mnist_dir`` alone when given; else ``$VILLA_MNIST_DIR``, then ``<data root>/mnist``."""
     if mnist_dir:
         return [Path(mnist_dir)]
     out = []
     if env("VILLA_MNIST_DIR"):
         out.append(Path(env("VILLA_MNIST_DIR")))
-    out.append(Path("data") / "mnist")
+    out.append(default_dir())
     return out
 
 
-def download_mnist(root: Path) -> None:
-    """Fetch MNIST with torchvision into ``root`` (torchvision layout: ``root/MNIST/raw``)."""
-    from torchvision.datasets import MNIST
+def default_dir() -> Path:
+    """Where a download goes: ``<$VILLA_DATA_DIR or data>/mnist``."""
+    return data_root() / "mnist"
 
-    try:
-        for train in (True, False):
-            MNIST(str(root), train=train, download=True)
-    except Exception as e:  # network errors come in many types
-        raise VillaError(f"could not download MNIST into {root}: {e}; copy the IDX files there instead") from e
+
+# MNIST's four files and their SHA-256 (the files torchvision's mirrors serve).
+CHECKSUMS = {
+    "train-images-idx3-ubyte.gz": "0b367032e93c5d0cea0925647cfdb18614af8ee15f83e6f2fc2ad904a6835971",
+    "train-labels-idx1-ubyte.gz": "1787548bbe0bff1ec2ecdc0ef292b02df999e2d1a6002d27500982c652b17203",
+    "t10k-images-idx3-ubyte.gz": "9fe7630f90c0e670227960a294637bc2e78a29d724810e24204eb342c9f033a1",
+    "t10k-labels-idx1-ubyte.gz": "2c54c993d38068b3c3adb720a5cdee07065a066a7b36e7d1df720548d6359eba",
+}
+MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fetch(url: str, dest: Path, expected: str, progress: bool) -> None:
+    """One file to a temporary name beside ``dest``, its checksum verified, then renamed; nothing is left otherwise."""
+    import urllib.request
+
+    from tqdm import tqdm
+
+    from villa.core.io import atomic_file
+
+    with atomic_file(dest) as tmp:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:  # noqa: S310 - http(s) mirrors only
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False) as bar:
+                for block in iter(lambda: r.read(1 << 16), b""):
+                    f.write(block)
+                    bar.update(len(block))
+        got = _sha256(tmp)
+        if got != expected:
+            raise VillaError(
+                f"{url} is not MNIST's {dest.name} (sha256 {got[:12]}..., expected {expected[:12]}...); nothing was "
+                "kept; use another mirror (VILLA_MNIST_MIRROR) or copy the files by hand and set VILLA_MNIST_DIR"
+            )
+
+
+def download_mnist(dest: Optional[Path] = None, mirror: Optional[str] = None, progress: bool = True) -> Path:
+    """MNIST's four .gz files into ``dest`` (default ``<data root>/mnist``) from ``mirror`` (default
+    ``$VILLA_MNIST_MIRROR``, else torchvision's mirrors), each verified against its SHA-256; files already there
+    and intact are kept. A failure is one line naming what to do instead."""
+    import urllib.error
+
+    dest = Path(dest) if dest else default_dir()
+    mirrors = [mirror or env("VILLA_MNIST_MIRROR")] if (mirror or env("VILLA_MNIST_MIRROR")) else list(MIRRORS)
+    for name, expected in CHECKSUMS.items():
+        target = dest / name
+        if target.is_file() and _sha256(target) == expected:
+            continue
+        errors = []
+        for base in mirrors:
+            url = base.rstrip("/") + "/" + name
+            if not url.startswith(("http://", "https://")):
+                raise VillaError(f"VILLA_MNIST_MIRROR={base!r} is not an http(s) URL; give the folder's URL")
+            try:
+                _fetch(url, target, expected, progress)
+                break
+            except (urllib.error.URLError, OSError, TimeoutError) as e:
+                errors.append(f"{url}: {getattr(e, 'reason', e)}")
+        else:
+            raise VillaError(
+                f"cannot download MNIST ({'; '.join(errors)}); without network, put the four IDX .gz files in a folder "
+                "and set VILLA_MNIST_DIR to it, or set VILLA_MNIST_MIRROR to a mirror you can reach"
+            )
+    log.info("MNIST in %s (4 files, checksums verified)", dest)
+    return dest
 
 
 def pool_indices(scheme: str, split: str, file_size: int) -> np.ndarray:
@@ -158,6 +227,19 @@ def load_digit_pools(mnist_dir: Optional[str] = None, download: bool = False) ->
         raise VillaError(f"--mnist_dir {mnist_dir} does not exist; pass the folder holding MNIST's IDX files")
     if download:
         download_mnist(tried[0])
+    pools = _pools_from(tried)
+    if pools is None and not mnist_dir:  # found nowhere: fetch it once into <data root>/mnist (with internet)
+        log.info("MNIST not found (tried %s): downloading it into %s", ", ".join(map(str, tried)), default_dir())
+        download_mnist(default_dir())
+        pools = _pools_from([default_dir()])
+    if pools is None:
+        raise VillaError(
+            f"MNIST not found in {mnist_dir}; put the IDX files there, or leave --mnist_dir out to download MNIST"
+        )
+    return pools
+
+
+def _pools_from(tried: list[Path]) -> Optional[DigitPools]:
     for folder in tried:
         test_img, test_lab = _find(folder, _FILES["test"][0]), _find(folder, _FILES["test"][1])
         if test_img is None or test_lab is None:
@@ -177,8 +259,27 @@ def load_digit_pools(mnist_dir: Optional[str] = None, download: bool = False) ->
             images[split], labels[split] = img[idx], lab[idx]
             info[split] = _pool_info(scheme, split, digests[file], len(img), idx)
         return DigitPools(images, labels, str(folder), scheme == "full-v1", info)
-    tried_s = ", ".join(str(p) for p in tried)
-    raise VillaError(
-        f"MNIST not found (tried {tried_s}); put the IDX files in one of them, set VILLA_MNIST_DIR, "
-        "or pass --download on a machine with internet"
-    )
+    return None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m docmnist.mnist --download [--dir DIR] [--mirror URL]``: fetch MNIST without running anything."""
+    import argparse
+
+    from villa.core.errors import exit_on_error
+    from villa.core.log import setup_logging
+
+    setup_logging()
+    p = argparse.ArgumentParser(prog="python -m docmnist.mnist", description="download MNIST (checksums verified)")
+    p.add_argument("--download", action="store_true", help="download the four IDX .gz files")
+    p.add_argument("--dir", default=None, help="where (default: $VILLA_DATA_DIR/mnist, else data/mnist)")
+    p.add_argument("--mirror", default=None, help="an http(s) folder holding the files (default: $VILLA_MNIST_MIRROR)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    if not a.download:
+        p.error("nothing to do: pass --download")
+    print(exit_on_error(download_mnist)(Path(a.dir) if a.dir else None, a.mirror, not a.quiet))
+
+
+if __name__ == "__main__":
+    main()

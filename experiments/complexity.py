@@ -45,8 +45,14 @@ from villa.data.vocab import load_vocab
 
 TRAINED = ("baseline", "villa", "oracle", "grain")  # Stage 2 methods (villa.pipeline.METHODS)
 METHODS = ("zero-shot", "baseline", "villa", "oracle", "grain", "grain-queries")  # every reported model
-NAMES = {"zero-shot": "zero-shot", "baseline": "baseline", "villa": "ViLLA", "oracle": "oracle", "grain": "GRAIN",
-         "grain-queries": "GRAIN (queries)"}  # fmt: skip
+NAMES = {
+    "zero-shot": "zero-shot",
+    "baseline": "baseline",
+    "villa": "ViLLA",
+    "oracle": "oracle",
+    "grain": "GRAIN",
+    "grain-queries": "GRAIN (queries)",
+}
 
 
 def reported(trained) -> list[str]:
@@ -71,8 +77,11 @@ def summarize(runs: list[dict[str, Any]], groups: list[str], methods: list[str])
     out = []
     for t in sorted({r["target"] for r in runs}):
         rs = [r for r in runs if r["target"] == t]
-        row: dict[str, Any] = {"target": t, "seeds": [r["seed"] for r in rs],
-                               "complexity": _ms([r["complexity"] for r in rs])}  # fmt: skip
+        row: dict[str, Any] = {
+            "target": t,
+            "seeds": [r["seed"] for r in rs],
+            "complexity": _ms([r["complexity"] for r in rs]),
+        }
         for d in DIRECTIONS:
             row[d] = {}
             for m in methods:
@@ -87,8 +96,17 @@ def summarize(runs: list[dict[str, Any]], groups: list[str], methods: list[str])
     return out
 
 
+FINDINGS = {  # what each lowest-vs-highest measure is, in the table
+    "baseline_relative_fall": "baseline: relative fall (%)",
+    "villa_relative_fall": "ViLLA: relative fall (%)",
+    "villa_minus_baseline_t2r_at_highest": "ViLLA − baseline at the highest complexity",
+    "villa_minus_baseline_r2t_at_highest": "ViLLA − baseline at the highest complexity, region-to-text",
+    "mapping_f1_minus_zero_shot_at_highest": "Stage 1 − zero-shot mapping F1 (train) at the highest complexity",
+}
+
+
 def check_targets(summary: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets, measured (lowest vs highest complexity of the sweep)."""
+    """The lowest-vs-highest measures (with the goals the sweep was planned against, kept in results.json)."""
     lo, hi = summary[0], summary[-1]
     t2r, r2t = "text_to_region", "region_to_text"
 
@@ -110,13 +128,13 @@ def check_targets(summary: list[dict[str, Any]]) -> dict[str, Any]:
             "goal": ">= 0.10 and > std",
             "std": std_t2r,
             "met": gap_t2r >= 0.10 and gap_t2r > std_t2r,
-        },  # fmt: skip
+        },
         "villa_minus_baseline_r2t_at_highest": {
             "value": gap_r2t,
             "goal": "> 0 and > std",
             "std": std_r2t,
             "met": gap_r2t > 0 and gap_r2t > std_r2t,
-        },  # fmt: skip
+        },
         "mapping_f1_minus_zero_shot_at_highest": {"value": map_gap, "goal": ">= 0.20", "met": map_gap >= 0.20},
     }
 
@@ -139,15 +157,21 @@ def format_tables(results: dict[str, Any]) -> str:
     st = results["settings"]
     if st.get("partial"):
         pl = st["partial"]
-        lines += [f"**Partial**: the sweep was stopped after {pl['runs_finished']} of "
-                  f"{len(pl['seeds_planned']) * len(summary)} runs; seeds {', '.join(map(str, st['seeds']))} of "
-                  f"{', '.join(map(str, pl['seeds_planned']))} finished every target and are summarised here.", ""]  # fmt: skip
+        lines += [
+            f"**Partial**: the sweep was stopped after {pl['runs_finished']} of "
+            f"{len(pl['seeds_planned']) * len(summary)} runs; seeds {', '.join(map(str, st['seeds']))} of "
+            f"{', '.join(map(str, pl['seeds_planned']))} finished every target and are summarised here.",
+            "",
+        ]
     if st.get("fixed_images"):
         imgs = sorted({r["train_images"] for r in results["runs"]})
-        lines += [f"Fixed-images control: every training split has {st['fixed_images']} images ({imgs[0]}-{imgs[-1]} "
-                  f"drawn) and every val split {st['fixed_val_images']}, at every complexity; Stage 2 cap "
-                  f"{st['stage2_epochs']} epochs, patience {st['patience']}; trainings that reached the cap: "
-                  f"{cap_reached(results)}.", ""]  # fmt: skip
+        lines += [
+            f"Fixed-images control: every training split has {st['fixed_images']} images ({imgs[0]}-{imgs[-1]} "
+            f"drawn) and every val split {st['fixed_val_images']}, at every complexity; Stage 2 cap "
+            f"{st['stage2_epochs']} epochs, patience {st['patience']}; trainings that reached the cap: "
+            f"{cap_reached(results)}.",
+            "",
+        ]
     for d, title in DIRECTIONS.items():
         lines += [f"**{title} R-Precision (%)**", ""]
         head = "| target | complexity | " + " | ".join(NAMES[m] for m in methods) + " | ViLLA − baseline |"
@@ -172,10 +196,14 @@ def format_tables(results: dict[str, Any]) -> str:
             lines.append(f"| {row['target']} | {NAMES[m]} | " + " | ".join(vals) + " |")
     if "binding" in results:
         b = results["binding"]
-        lines += ["", f"**DocMNIST binding (%)**: {b['foils']} foils and {b['pairs']} recoloured pairs from {b['images']} "
-                  "images of the evaluation set (`villa.finegrained`, benchmark=docmnist); pairwise accuracy on the binding foils (swapped colours "
-                  "or shapes: chance 50) with the global image embedding and with the changed region's embedding, and "
-                  "the Winoground-style group score of the pairs (global readout; chance 16.7)", ""]  # fmt: skip
+        lines += [
+            "",
+            f"**DocMNIST binding (%)**: {b['foils']} foils and {b['pairs']} recoloured pairs from {b['images']} "
+            "images of the evaluation set (`villa.finegrained`, benchmark=docmnist); pairwise accuracy on the binding foils (swapped colours "
+            "or shapes: chance 50) with the global image embedding and with the changed region's embedding, and "
+            "the Winoground-style group score of the pairs (global readout; chance 16.7)",
+            "",
+        ]
         bound = [m for m in methods if m in row_binding(summary)]
         head = (
             "| target | "
@@ -190,21 +218,23 @@ def format_tables(results: dict[str, Any]) -> str:
                 cells += [_pm(bm["global"]), _pm(bm["region"]), _pm(bm["pairs_global"])]
             lines.append("| " + " | ".join(cells) + " |")
     if "grain-queries" in methods:
-        lines += ["", "**GRAIN's boxes**: mean IoU (%) of the region queries matched to the held-out regions' boxes, "
-                  "and the epochs its Stage 2 ran (cap " + str(results["settings"]["stage2_epochs"]) + ")", ""]  # fmt: skip
+        lines += [
+            "",
+            "**GRAIN's boxes**: mean IoU (%) of the region queries matched to the held-out regions' boxes, "
+            "and the epochs its Stage 2 ran (cap " + str(results["settings"]["stage2_epochs"]) + ")",
+            "",
+        ]
         lines += ["| target | mean IoU | epochs |", "| ---: | ---: | ---: |"]
         for row in summary:
             e = row["epochs"]["grain"]
             lines.append(f"| {row['target']} | {_pm(row['grain_boxes_iou'])} | {e['mean']:.1f} |")
-    targets = results["targets"] if len(summary) > 1 else {}  # lowest vs highest complexity: needs two
-    if targets:
-        lines += ["", "**The targets (lowest vs highest complexity)**", ""]
-        lines += ["| target | measured | goal | met |", "| --- | ---: | --- | --- |"]
-    for k, v in targets.items():
+    findings = results["targets"] if len(summary) > 1 else {}  # lowest vs highest complexity: needs two
+    if findings:
+        lines += ["", "**Lowest vs highest complexity** (text-to-region unless named; points or relative %)", ""]
+        lines += ["| measure | value |", "| --- | ---: |"]
+    for k, v in findings.items():
         std = f" (std {100 * v['std']:.1f})" if "std" in v else ""
-        lines.append(
-            f"| {k.replace('_', ' ')} | {100 * v['value']:.1f}{std} | {v['goal']} | {'yes' if v['met'] else 'no'} |"
-        )
+        lines.append(f"| {FINDINGS.get(k, k.replace('_', ' '))} | {100 * v['value']:.1f}{std} |")
     w = results["wall_seconds"]
     extra = (
         f" (the binding benchmark: {results['binding']['seconds'] / 60:.1f} min more)" if "binding" in results else ""
@@ -240,9 +270,11 @@ def binding_figures(res: dict[str, Any]) -> dict[str, float]:
     """The binding benchmark's headline numbers: pairwise accuracy on the binding foils (swap colour / shape) with
     the global and the region readout, and the Winoground-style group score of the recoloured pairs."""
     return {
-        "global": res["global"]["binding"], "region": res["region"].get("binding", float("nan")),
-        "pairs_global": res["pairs_global"]["group"], "pairs_region": res.get("pairs_region", {}).get("group", float("nan")),
-    }  # fmt: skip
+        "global": res["global"]["binding"],
+        "region": res["region"].get("binding", float("nan")),
+        "pairs_global": res["pairs_global"]["group"],
+        "pairs_region": res.get("pairs_region", {}).get("group", float("nan")),
+    }
 
 
 def add_binding(
@@ -278,10 +310,15 @@ def add_binding(
     if only is not None and "binding" in results:
         results["binding"]["seconds"] += round(time.perf_counter() - t0, 1)
         return
-    results["binding"] = {"benchmark": "docmnist", "images": len({f["image"] for f in bench["foils"]}),
-                          "foils": len(bench["foils"]), "pairs": len(bench["pairs"]),
-                          "seed": bench["seed"], "test_pool": bench["test_pool"],
-                          "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    results["binding"] = {
+        "benchmark": "docmnist",
+        "images": len({f["image"] for f in bench["foils"]}),
+        "foils": len(bench["foils"]),
+        "pairs": len(bench["pairs"]),
+        "seed": bench["seed"],
+        "test_pool": bench["test_pool"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def run_row(
@@ -289,8 +326,13 @@ def run_row(
 ) -> dict[str, Any]:
     gen = json.loads((Path(res["data"]) / "generation.json").read_text())
     retrieval = {"zero-shot": zero_shot, **res["retrieval"]}
-    row: dict[str, Any] = {"target": target, "seed": seed, "complexity": gen["splits"]["train"]["sample_complexity"],
-                           "train_images": gen["splits"]["train"]["images"], "retrieval": {}}  # fmt: skip
+    row: dict[str, Any] = {
+        "target": target,
+        "seed": seed,
+        "complexity": gen["splits"]["train"]["sample_complexity"],
+        "train_images": gen["splits"]["train"]["images"],
+        "retrieval": {},
+    }
     for m in methods:
         row["retrieval"][m] = {}
         for d in DIRECTIONS:
@@ -327,8 +369,12 @@ def main(argv=None) -> dict[str, Any]:
         default=None,
         help="the fixed-images control: every training split has this many images (not --budget)",
     )
-    p.add_argument("--fixed_val_images", type=int, default=None,
-                   help="with --fixed_images: this many val images (default: half of --fixed_images)")  # fmt: skip
+    p.add_argument(
+        "--fixed_val_images",
+        type=int,
+        default=None,
+        help="with --fixed_images: this many val images (default: half of --fixed_images)",
+    )
     p.add_argument("--val_budget", type=int, default=3000, help="attribute budget of every val split")
     p.add_argument("--eval_test_budget", type=int, default=7000, help="pairs of the held-out evaluation set")
     p.add_argument("--eval_seed", type=int, default=1000, help="seed of the held-out evaluation set")
@@ -344,8 +390,11 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no_binding", action="store_true", help="skip the DocMNIST binding benchmark")
     p.add_argument("--binding_images", type=int, default=200, help="evaluation images the binding benchmark uses")
-    p.add_argument("--binding_only", action="store_true",
-                   help="add the binding benchmark to an existing --out (its results.json and checkpoints)")  # fmt: skip
+    p.add_argument(
+        "--binding_only",
+        action="store_true",
+        help="add the binding benchmark to an existing --out (its results.json and checkpoints)",
+    )
     p.add_argument("--methods", nargs="+", default=list(TRAINED), choices=TRAINED, help="Stage 2 methods to train")
     p.add_argument(
         "--add_methods",
@@ -356,11 +405,18 @@ def main(argv=None) -> dict[str, Any]:
     )
     p.add_argument("--work", default=None, help="where datasets and checkpoints go (default: --out)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--from_partial", action="store_true",
-                   help="an interrupted sweep: the same command plus this flag summarises the seeds whose every target "
-                        "finished (--out's runs.partial.json) into results.json and table.md, marked partial")  # fmt: skip
-    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
-                   help="print the table this script writes for an existing results.json, and run nothing")  # fmt: skip
+    p.add_argument(
+        "--from_partial",
+        action="store_true",
+        help="an interrupted sweep: the same command plus this flag summarises the seeds whose every target "
+        "finished (--out's runs.partial.json) into results.json and table.md, marked partial",
+    )
+    p.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        default=None,
+        help="print the table this script writes for an existing results.json, and run nothing",
+    )
     a = p.parse_args(argv)
     if a.render:
         print(format_tables(json.loads(Path(a.render).read_text())), end="")
@@ -368,8 +424,15 @@ def main(argv=None) -> dict[str, Any]:
     if a.binding_only:
         return binding_only(Path(a.out), a.device, a.binding_images)
     if a.add_methods:
-        return add_methods(Path(a.out), Path(a.work or a.out), a.add_methods, a.device, a.quiet, argv,
-                           {"grain_head_lr": a.grain_head_lr})  # fmt: skip
+        return add_methods(
+            Path(a.out),
+            Path(a.work or a.out),
+            a.add_methods,
+            a.device,
+            a.quiet,
+            argv,
+            {"grain_head_lr": a.grain_head_lr},
+        )
     if not {"baseline", "villa"} <= set(a.methods):
         raise VillaError("--methods must include baseline and villa (the comparison the targets measure)")
     if a.seeds < 1 or not a.targets:
@@ -403,10 +466,16 @@ def main(argv=None) -> dict[str, Any]:
         partial, want = json.loads(path.read_text()), partial_key(settings)
         got = partial.get("settings") if isinstance(partial, dict) else None
         if got != want:
-            why = ("it records no settings (written by an older villa)" if not isinstance(got, dict) else
-                   "settings differ: " + ", ".join(sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))))  # fmt: skip
-            raise VillaError(f"{path} was not written by this sweep ({why}); pass the interrupted sweep's own "
-                             "command with --from_partial")  # fmt: skip
+            why = (
+                "it records no settings (written by an older villa)"
+                if not isinstance(got, dict)
+                else "settings differ: "
+                + ", ".join(sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k)))
+            )
+            raise VillaError(
+                f"{path} was not written by this sweep ({why}); pass the interrupted sweep's own "
+                "command with --from_partial"
+            )
         done = partial["runs"]
         finished = [s for s in seeds if {r["target"] for r in done if r["seed"] == s} == set(a.targets)]
         if not finished:
@@ -423,20 +492,34 @@ def main(argv=None) -> dict[str, Any]:
     for seed in seeds:
         for t in a.targets:
             # zero-shot is the starting encoder on the fixed evaluation set: the same for every run, evaluated once
-            res = run_pipeline(pipeline_settings(settings, t, seed, a.device, a.quiet), work / f"seed_{seed}" / f"target_{t}",
-                               eval_data=eval_data, methods=tuple(a.methods), zero_shot=zero_shot is None)  # fmt: skip
+            res = run_pipeline(
+                pipeline_settings(settings, t, seed, a.device, a.quiet),
+                work / f"seed_{seed}" / f"target_{t}",
+                eval_data=eval_data,
+                methods=tuple(a.methods),
+                zero_shot=zero_shot is None,
+            )
             zero_shot = zero_shot or res["retrieval"]["zero-shot"]
             runs.append(run_row(res, t, seed, groups, zero_shot, methods))
             write_partial(out, settings, runs)
     summary = summarize(runs, groups, methods)
     results = {
-        "command": _command(argv), "methods": methods,
-        "settings": settings, "groups": groups, "machine": f"{_cores()} CPU cores" if a.device != "cuda" else "CUDA",
-        "eval": {"data": str(eval_data), "images": eval_gen["images"], "regions": eval_gen["regions"],
-                 "sample_complexity": eval_gen["sample_complexity"]},
-        "runs": runs, "summary": summary, "targets": check_targets(summary),
+        "command": _command(argv),
+        "methods": methods,
+        "settings": settings,
+        "groups": groups,
+        "machine": f"{_cores()} CPU cores" if a.device != "cuda" else "CUDA",
+        "eval": {
+            "data": str(eval_data),
+            "images": eval_gen["images"],
+            "regions": eval_gen["regions"],
+            "sample_complexity": eval_gen["sample_complexity"],
+        },
+        "runs": runs,
+        "summary": summary,
+        "targets": check_targets(summary),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
-    }  # fmt: skip
+    }
     if not a.no_binding:
         add_binding(results, work, a.device, a.binding_images)
     write_json_atomic(out / "results.json", results)
@@ -463,20 +546,41 @@ def _command(argv) -> str:
 
 def evaluation_set(work: Path, eval_seed: int, test_budget: int, quiet: bool) -> tuple[Path, dict[str, Any]]:
     """The fixed held-out set: the test split of one target-16 DocMNIST (MNIST's test digits)."""
-    data = generate(200, 16, seed=eval_seed, out_dir=str(work / "eval_data"), val_budget=100,
-                    test_budget=test_budget, overwrite=True, progress=not quiet)  # fmt: skip
+    data = generate(
+        200,
+        16,
+        seed=eval_seed,
+        out_dir=str(work / "eval_data"),
+        val_budget=100,
+        test_budget=test_budget,
+        overwrite=True,
+        progress=not quiet,
+    )
     return data, json.loads((data / "generation.json").read_text())["splits"]["test"]
 
 
 def pipeline_settings(settings: dict[str, Any], target: int, seed: int, device: str, quiet: bool) -> PipelineSettings:
     a = settings
     return PipelineSettings(
-        model=a["model"], pretrained=a["pretrained"], input_size=a["input_size"] or None, target=target,
-        budget=a["budget"], val_budget=a["val_budget"], test_budget=200, seed=seed, stage1_epochs=a["stage1_epochs"],
-        stage2_epochs=a["stage2_epochs"], stage2_batch=a["stage2_batch"], stage2_lr=a["stage2_lr"],
-        early_stop_patience=a["patience"], device=device, progress=not quiet, grain_head_lr=a.get("grain_head_lr"),
-        train_images=a.get("fixed_images"), val_images=a.get("fixed_val_images"),
-    )  # fmt: skip
+        model=a["model"],
+        pretrained=a["pretrained"],
+        input_size=a["input_size"] or None,
+        target=target,
+        budget=a["budget"],
+        val_budget=a["val_budget"],
+        test_budget=200,
+        seed=seed,
+        stage1_epochs=a["stage1_epochs"],
+        stage2_epochs=a["stage2_epochs"],
+        stage2_batch=a["stage2_batch"],
+        stage2_lr=a["stage2_lr"],
+        early_stop_patience=a["patience"],
+        device=device,
+        progress=not quiet,
+        grain_head_lr=a.get("grain_head_lr"),
+        train_images=a.get("fixed_images"),
+        val_images=a.get("fixed_val_images"),
+    )
 
 
 def add_methods(
@@ -499,15 +603,21 @@ def add_methods(
         st[k] = v
     eval_data, eval_gen = evaluation_set(work, st["eval_seed"], st["eval_test_budget"], quiet)
     if (eval_gen["images"], eval_gen["regions"]) != (results["eval"]["images"], results["eval"]["regions"]):
-        raise VillaError(f"the regenerated evaluation set ({eval_gen['regions']} regions) is not the sweep's "
-                         f"({results['eval']['regions']}): the generator or MNIST changed; run the whole sweep")  # fmt: skip
+        raise VillaError(
+            f"the regenerated evaluation set ({eval_gen['regions']} regions) is not the sweep's "
+            f"({results['eval']['regions']}): the generator or MNIST changed; run the whole sweep"
+        )
     methods = reported(sorted({m for m in methods_of(results) if m in TRAINED} | set(new), key=TRAINED.index))
     added = [m for m in methods if m not in methods_of(results)]
     groups = results["groups"]
     for run in results["runs"]:
-        res = run_pipeline(pipeline_settings(st, run["target"], run["seed"], device, quiet),
-                           work / f"seed_{run['seed']}" / f"target_{run['target']}", eval_data=eval_data,
-                           methods=tuple(new), zero_shot=False)  # fmt: skip
+        res = run_pipeline(
+            pipeline_settings(st, run["target"], run["seed"], device, quiet),
+            work / f"seed_{run['seed']}" / f"target_{run['target']}",
+            eval_data=eval_data,
+            methods=tuple(new),
+            zero_shot=False,
+        )
         row = run_row(res, run["target"], run["seed"], groups, None, added)
         run["retrieval"].update(row["retrieval"])
         run["epochs"].update(row["epochs"])
@@ -519,8 +629,10 @@ def add_methods(
     results["summary"] = summarize(results["runs"], groups, methods)
     if "binding" in results:
         add_binding(results, work, device, results["binding"].get("images"), only=new)
-    results.setdefault("added", {})[",".join(new)] = {"command": _command(argv),
-                                                       "wall_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    results.setdefault("added", {})[",".join(new)] = {
+        "command": _command(argv),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
     results["targets"] = check_targets(results["summary"])
     write_json_atomic(path, results)
     (out / "runs.partial.json").unlink(missing_ok=True)

@@ -47,10 +47,20 @@ def pretrain_small_clip(work: Path, epochs: Optional[int], progress: bool, devic
         overwrite=True,
         progress=progress,
     )
-    res = train_stage2(compose_config("stage2", [
-        "experiment=pretrain", f"data_dir={data}", f"checkpoint_dir={work / 'ckpt' / 'pretrain'}", "resume=false",
-        f"progress={str(progress).lower()}", f"device={device}", *([f"epochs={epochs}"] if epochs else []),
-    ]))  # fmt: skip
+    res = train_stage2(
+        compose_config(
+            "stage2",
+            [
+                "experiment=pretrain",
+                f"data_dir={data}",
+                f"checkpoint_dir={work / 'ckpt' / 'pretrain'}",
+                "resume=false",
+                f"progress={str(progress).lower()}",
+                f"device={device}",
+                *([f"epochs={epochs}"] if epochs else []),
+            ],
+        )
+    )
     return Path(res["best_checkpoint"])
 
 
@@ -58,8 +68,10 @@ def demo_tables(res: dict) -> str:
     """The demo's two tables (Stage 1 mapping F1; retrieval), computed from its results.json alone."""
     vocab = load_vocab("docmnist")
     groups = list(vocab.groups)
-    lines = ["| Stage 1 mapping, micro F1 % (all splits) | all | " + " | ".join(groups) + " |",
-             "| --- | ---: | " + " | ".join(["---:"] * len(groups)) + " |"]  # fmt: skip
+    lines = [
+        "| Stage 1 mapping, micro F1 % (all splits) | all | " + " | ".join(groups) + " |",
+        "| --- | ---: | " + " | ".join(["---:"] * len(groups)) + " |",
+    ]
     for name, label in (("stage1", "Stage 1"), ("zero_shot", "zero-shot mapping (same rule, no heads)")):
         q = res["mapping"][name]["all"]
         lines.append(
@@ -79,8 +91,11 @@ def demo_tables(res: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     setup_logging()
     p = argparse.ArgumentParser(prog="python -m experiments.demo", description="villa end-to-end demo (offline, CPU)")
-    p.add_argument("--out", default=os.environ.get("VILLA_DEMO_DIR", "outputs/demo"),
-                   help="where data, checkpoints, results.json, table.md and the plot go")  # fmt: skip
+    p.add_argument(
+        "--out",
+        default=os.environ.get("VILLA_DEMO_DIR", "outputs/demo"),
+        help="where data, checkpoints, results.json, table.md and the plot go",
+    )
     p.add_argument(
         "--pretrain", action="store_true", help="pretrain the starting encoder here instead of the shipped one"
     )
@@ -91,16 +106,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--stage1_epochs", type=int, default=30, help="Stage 1 epochs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
-                   help="print the table this script writes for an existing results.json, and run nothing")  # fmt: skip
+    p.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        default=None,
+        help="print the table this script writes for an existing results.json, and run nothing",
+    )
     a = p.parse_args(argv)
     if a.render:
         print(demo_tables(json.loads(Path(a.render).read_text())), end="")
         return {}
     if a.pretrain_epochs is not None and a.pretrain_epochs < 1:
         raise VillaError(f"--pretrain_epochs={a.pretrain_epochs}: must be >= 1")
-    PipelineSettings(budget=a.budget, val_budget=max(1, a.budget // 5), test_budget=max(1, a.budget // 5),
-                     stage1_epochs=a.stage1_epochs, stage2_epochs=a.stage2_epochs).check()  # before any work  # fmt: skip
+    PipelineSettings(
+        budget=a.budget,
+        val_budget=max(1, a.budget // 5),
+        test_budget=max(1, a.budget // 5),
+        stage1_epochs=a.stage1_epochs,
+        stage2_epochs=a.stage2_epochs,
+    ).check()  # before any work
     work = Path(a.out)
     if a.pretrain:
         start = pretrain_small_clip(work, a.pretrain_epochs, not a.quiet, a.device)
@@ -108,8 +132,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         start = Path(a.pretrained) if a.pretrained else ASSET
         if not start.is_file():
             raise VillaError(f"starting encoder {start} not found; run with --pretrain to make one")
-    s = PipelineSettings(pretrained=str(start), budget=a.budget, val_budget=a.budget // 5, test_budget=a.budget // 5,
-                         stage1_epochs=a.stage1_epochs, stage2_epochs=a.stage2_epochs, device=a.device, progress=not a.quiet)  # fmt: skip
+    s = PipelineSettings(
+        pretrained=str(start),
+        budget=a.budget,
+        val_budget=a.budget // 5,
+        test_budget=a.budget // 5,
+        stage1_epochs=a.stage1_epochs,
+        stage2_epochs=a.stage2_epochs,
+        device=a.device,
+        progress=not a.quiet,
+    )
     res = run_pipeline(s, work)
     vocab = load_vocab("docmnist")
     plot = retrieval_bars(

@@ -78,8 +78,14 @@ def proposals_for(detector: Path, gt_path: Path, images: Path, top_k: int, out: 
     rows = []
     for i, img in enumerate(ids):
         for b, s in zip(boxes[off[i] : off[i + 1]], scores[off[i] : off[i + 1]]):
-            rows.append({"image_id": int(img), "category_id": 1, "score": float(s),
-                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})  # fmt: skip
+            rows.append(
+                {
+                    "image_id": int(img),
+                    "category_id": 1,
+                    "score": float(s),
+                    "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                }
+            )
     write_json_atomic(out, rows)
     by_name = {c["name"]: c["id"] for c in gt.loadCats(gt.getCatIds())}
     recall = {}
@@ -104,11 +110,23 @@ def detect_all(pretrained: str, gt_path: Path, images: Path, proposals: str, dev
     opts = region_options(clip.pretrained, None, None)
     out = {}
     for setting in SETTINGS:
-        res = zero_shot_detection(clip, opts, runtime, gt_path, images, regions=setting,
-                                  proposals_file=proposals if setting == "proposals" else None, split=SPLIT,
-                                  templates=digit_templates(), num_workers=0)  # fmt: skip
-        out[setting] = {g: res[g]["AP50"] for g in GROUPS} | {"AP": res["all"]["AP"], "boxes": res["boxes"],
-                                                              "per_category_AP50": res["per_category_AP50"]}  # fmt: skip
+        res = zero_shot_detection(
+            clip,
+            opts,
+            runtime,
+            gt_path,
+            images,
+            regions=setting,
+            proposals_file=proposals if setting == "proposals" else None,
+            split=SPLIT,
+            templates=digit_templates(),
+            num_workers=0,
+        )
+        out[setting] = {g: res[g]["AP50"] for g in GROUPS} | {
+            "AP": res["all"]["AP"],
+            "boxes": res["boxes"],
+            "per_category_AP50": res["per_category_AP50"],
+        }
     return out
 
 
@@ -116,8 +134,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for t in sorted({r["target"] for r in runs}):
         rs = [r for r in runs if r["target"] == t]
-        row: dict[str, Any] = {"target": t, "seeds": [r["seed"] for r in rs],
-                               "complexity": _ms([r["complexity"] for r in rs])}  # fmt: skip
+        row: dict[str, Any] = {
+            "target": t,
+            "seeds": [r["seed"] for r in rs],
+            "complexity": _ms([r["complexity"] for r in rs]),
+        }
         for s in SETTINGS:
             row[s] = {m: {g: _ms([r["detection"][m][s][g] for r in rs]) for g in GROUPS} for m in MODELS}
         row["proposal_recall"] = {g: _ms([r["proposals"]["recall_at_0.5"][g] for r in rs]) for g in ("base", "novel")}
@@ -126,17 +147,24 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def check_targets(summary: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's target at the highest complexity, GT boxes: ViLLA above the baseline on all by more than the
-    seeds' std, and its lead on novel at least its lead on base."""
+    """At the highest complexity, GT boxes: ViLLA's lead over the baseline on all digits (with the seeds' std), and
+    its lead on novel minus its lead on base (the goals the run was planned against stay in results.json)."""
     hi = summary[-1]["gt"]
     lead = {g: hi["villa"][g]["mean"] - hi["baseline"][g]["mean"] for g in GROUPS}
     std = max(hi["villa"]["all"]["std"], hi["baseline"]["all"]["std"])
     return {
-        "villa_minus_baseline_AP50_all_gt_at_highest": {"value": lead["all"], "std": std, "goal": "> std",
-                                                        "met": lead["all"] > std},
-        "lead_on_novel_minus_lead_on_base_gt_at_highest": {"value": lead["novel"] - lead["base"], "goal": ">= 0",
-                                                            "met": lead["novel"] >= lead["base"]},
-    }  # fmt: skip
+        "villa_minus_baseline_AP50_all_gt_at_highest": {
+            "value": lead["all"],
+            "std": std,
+            "goal": "> std",
+            "met": lead["all"] > std,
+        },
+        "lead_on_novel_minus_lead_on_base_gt_at_highest": {
+            "value": lead["novel"] - lead["base"],
+            "goal": ">= 0",
+            "met": lead["novel"] >= lead["base"],
+        },
+    }
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -149,10 +177,11 @@ def format_table(results: dict[str, Any]) -> str:
         f"{ev['images']} held-out images (MNIST test digits); novel = seven, eight, nine (the proposal model never "
         "saw their boxes).",
         "",
-        "| complexity | regions | " + " | ".join(f"{NAMES[m]} {g}" for m in MODELS for g in GROUPS)
+        "| complexity | regions | "
+        + " | ".join(f"{NAMES[m]} {g}" for m in MODELS for g in GROUPS)
         + " | ViLLA − baseline (novel / base) |",
         "| " + " | ".join(["---:", "---"] + ["---:"] * (len(MODELS) * len(GROUPS) + 1)) + " |",
-    ]  # fmt: skip
+    ]
     for row in s:
         for setting, title in SETTINGS.items():
             r = row[setting]
@@ -162,15 +191,21 @@ def format_table(results: dict[str, Any]) -> str:
             cells.append(f"{lead[0]:+.1f} / {lead[1]:+.1f}")
             lines.append("| " + " | ".join(cells) + " |")
     rec = s[0]["proposal_recall"]  # one proposal model per seed, the same at every complexity
-    lines += ["", f"Proposal recall at IoU 0.5 ({results['settings']['top_k']} per image, mean ± std over seeds): base "
-              f"{100 * rec['base']['mean']:.1f} ± {100 * rec['base']['std']:.1f}%, novel {100 * rec['novel']['mean']:.1f} "
-              f"± {100 * rec['novel']['std']:.1f}%.", ""]  # fmt: skip
-    lines += ["| target | measured | goal | met |", "| --- | ---: | --- | --- |"]
+    lines += [
+        "",
+        f"Proposal recall at IoU 0.5 ({results['settings']['top_k']} per image, mean ± std over seeds): base "
+        f"{100 * rec['base']['mean']:.1f} ± {100 * rec['base']['std']:.1f}%, novel {100 * rec['novel']['mean']:.1f} "
+        f"± {100 * rec['novel']['std']:.1f}%.",
+        "",
+    ]
+    lines += ["| at the highest complexity, ground-truth boxes | AP50 points |", "| --- | ---: |"]
+    names = {
+        "villa_minus_baseline_AP50_all_gt_at_highest": "ViLLA − baseline, all digits",
+        "lead_on_novel_minus_lead_on_base_gt_at_highest": "ViLLA's lead on novel digits − its lead on base digits",
+    }
     for k, v in results["targets"].items():
         std = f" (std {v['std']:.1f})" if "std" in v else ""
-        lines.append(
-            f"| {k.replace('_', ' ')} | {v['value']:+.1f}{std} | {v['goal']} | {'yes' if v['met'] else 'no'} |"
-        )
+        lines.append(f"| {names.get(k, k.replace('_', ' '))} | {v['value']:+.1f}{std} |")
     lines += ["", f"Wall time: {results['wall_seconds'] / 60:.1f} min on {results['machine']}.", ""]
     return "\n".join(lines)
 
@@ -195,8 +230,12 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--detector_epochs", type=int, default=3, help="epochs of the proposal model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
-                   help="print the table this script writes for an existing results.json, and run nothing")  # fmt: skip
+    p.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        default=None,
+        help="print the table this script writes for an existing results.json, and run nothing",
+    )
     a = p.parse_args(argv)
     if a.render:  # the table from the runs themselves: a summary that does not follow from them shows as a change
         results = json.loads(Path(a.render).read_text())
@@ -210,9 +249,18 @@ def main(argv=None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     out, work = Path(a.out), Path(a.work or a.out)
-    settings = {"model": "auto", "pretrained": a.pretrained, "input_size": 168, "budget": a.budget, "val_budget": 3000,
-                "stage1_epochs": 30, "stage2_epochs": a.stage2_epochs, "stage2_batch": 64, "stage2_lr": 2e-4,
-                "patience": 2}  # fmt: skip
+    settings = {
+        "model": "auto",
+        "pretrained": a.pretrained,
+        "input_size": 168,
+        "budget": a.budget,
+        "val_budget": 3000,
+        "stage1_epochs": 30,
+        "stage2_epochs": a.stage2_epochs,
+        "stage2_batch": 64,
+        "stage2_lr": 2e-4,
+        "patience": 2,
+    }
     targets = sorted(a.targets)
     for t in targets:
         pipeline_settings(settings, t, a.seed, a.device, a.quiet).check()
@@ -226,31 +274,59 @@ def main(argv=None) -> dict[str, Any]:
         detector = None
         for t in targets:
             run_dir = work / f"seed_{seed}" / f"target_{t}"
-            res = run_pipeline(pipeline_settings(settings, t, seed, a.device, a.quiet), run_dir, eval_data=eval_data,
-                               methods=("baseline", "villa"), zero_shot=False)  # fmt: skip
+            res = run_pipeline(
+                pipeline_settings(settings, t, seed, a.device, a.quiet),
+                run_dir,
+                eval_data=eval_data,
+                methods=("baseline", "villa"),
+                zero_shot=False,
+            )
             if detector is None:  # the seed's lowest-complexity training split, base digits' boxes only
-                detector = train_detector(res["data"], work / f"seed_{seed}" / "detector.pt", epochs=a.detector_epochs,
-                                          seed=seed, keep_attributes=split_groups()["base"], progress=not a.quiet)  # fmt: skip
+                detector = train_detector(
+                    res["data"],
+                    work / f"seed_{seed}" / "detector.pt",
+                    epochs=a.detector_epochs,
+                    seed=seed,
+                    keep_attributes=split_groups()["base"],
+                    progress=not a.quiet,
+                )
                 props = proposals_for(detector, gt_path, eval_data, a.top_k, work / f"seed_{seed}" / "proposals.json")
                 zero[seed] = detect_all(a.pretrained, gt_path, eval_data, props["file"], a.device)
             gen = json.loads((Path(res["data"]) / "generation.json").read_text())
             det = {"zero-shot": zero[seed]}
             for m in ("baseline", "villa"):
                 det[m] = detect_all(res["checkpoints"][m], gt_path, eval_data, props["file"], a.device)
-            runs.append({"target": t, "seed": seed, "complexity": gen["splits"]["train"]["sample_complexity"],
-                         "train_images": gen["splits"]["train"]["images"], "proposals": props, "detection": det,
-                         "epochs": {m: res[f"{m}_training"]["epochs"] for m in ("baseline", "villa")},
-                         "held_out": res["held_out"], "seconds": res["seconds"]})  # fmt: skip
+            runs.append(
+                {
+                    "target": t,
+                    "seed": seed,
+                    "complexity": gen["splits"]["train"]["sample_complexity"],
+                    "train_images": gen["splits"]["train"]["images"],
+                    "proposals": props,
+                    "detection": det,
+                    "epochs": {m: res[f"{m}_training"]["epochs"] for m in ("baseline", "villa")},
+                    "held_out": res["held_out"],
+                    "seconds": res["seconds"],
+                }
+            )
             write_json_atomic(out / "runs.partial.json", runs)
     summary = summarize(runs)
     results = {
-        "command": "python -m experiments.detection " + " ".join(sys.argv[1:] if argv is None else argv), "settings": {**vars(a), "seeds": seeds},
-        "split": split_groups(), "machine": f"{_cores()} CPU cores" if a.device != "cuda" else "CUDA",
-        "eval": {"data": str(eval_data), "images": len(gt["images"]), "boxes": len(gt["annotations"]),
-                 "regions": eval_gen["regions"]},
-        "runs": runs, "summary": summary, "targets": check_targets(summary),
+        "command": "python -m experiments.detection " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {**vars(a), "seeds": seeds},
+        "split": split_groups(),
+        "machine": f"{_cores()} CPU cores" if a.device != "cuda" else "CUDA",
+        "eval": {
+            "data": str(eval_data),
+            "images": len(gt["images"]),
+            "boxes": len(gt["annotations"]),
+            "regions": eval_gen["regions"],
+        },
+        "runs": runs,
+        "summary": summary,
+        "targets": check_targets(summary),
         "wall_seconds": round(time.perf_counter() - t0, 1),
-    }  # fmt: skip
+    }
     write_json_atomic(out / "results.json", results)
     (out / "runs.partial.json").unlink(missing_ok=True)
     table = format_table(results)

@@ -42,24 +42,52 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     out, work = Path(a.out), Path(a.work or a.out)
     # the complexity sweep's settings (experiments/complexity.py defaults)
-    s = PipelineSettings(pretrained=str(ASSET), target=a.target, budget=6000, val_budget=3000, test_budget=200,
-                         seed=a.seed, stage2_epochs=a.epochs, stage2_batch=64, stage2_lr=2e-4, early_stop_patience=a.patience,
-                         device=a.device, progress=False)  # fmt: skip
+    s = PipelineSettings(
+        pretrained=str(ASSET),
+        target=a.target,
+        budget=6000,
+        val_budget=3000,
+        test_budget=200,
+        seed=a.seed,
+        stage2_epochs=a.epochs,
+        stage2_batch=64,
+        stage2_lr=2e-4,
+        early_stop_patience=a.patience,
+        device=a.device,
+        progress=False,
+    )
     base = run_pipeline(s, work / "pipeline", methods=(), zero_shot=False)  # data, embeddings, Stage 1's mapping
     data = Path(base["data"])
     runs = []
     for lr in a.head_lrs:
         over = stage2_overrides(s, data, work / "ckpt" / f"head_lr_{lr:g}", "grain", data / "mapping.feather")
         r = train_stage2(compose_config("stage2", over + [f"grain.queries={s.grain_queries}", f"grain.head_lr={lr}"]))
-        runs.append({"head_lr": lr, "best_val": r["best_val"], "epochs": r["epochs_run"],
-                     "val_loss": [h["val_loss"] for h in r["history"]]})  # fmt: skip
+        runs.append(
+            {
+                "head_lr": lr,
+                "best_val": r["best_val"],
+                "epochs": r["epochs_run"],
+                "val_loss": [h["val_loss"] for h in r["history"]],
+            }
+        )
         print(f"head_lr={lr:g}: best val loss {r['best_val']:.4f} ({r['epochs_run']} epochs)", flush=True)
     best = min(runs, key=lambda r: r["best_val"])
-    res = {"command": "python -m experiments.grain_lr " + " ".join(sys.argv[1:] if argv is None else argv),
-           "setting": {"target": a.target, "seed": a.seed, "budget": s.budget, "epochs_cap": s.stage2_epochs, "patience": s.early_stop_patience,
-                       "lr": s.stage2_lr, "batch": s.stage2_batch},
-           "criterion": "best validation loss of the GRAIN objective (the training set's val split)",
-           "runs": runs, "chosen_head_lr": best["head_lr"], "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    res = {
+        "command": "python -m experiments.grain_lr " + " ".join(sys.argv[1:] if argv is None else argv),
+        "setting": {
+            "target": a.target,
+            "seed": a.seed,
+            "budget": s.budget,
+            "epochs_cap": s.stage2_epochs,
+            "patience": s.early_stop_patience,
+            "lr": s.stage2_lr,
+            "batch": s.stage2_batch,
+        },
+        "criterion": "best validation loss of the GRAIN objective (the training set's val split)",
+        "runs": runs,
+        "chosen_head_lr": best["head_lr"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     write_json_atomic(out / "results.json", res)
     print(f"chosen: head_lr={best['head_lr']:g}; wrote {out / 'results.json'}")
     return res

@@ -86,20 +86,39 @@ def main(argv=None) -> dict:
     p.add_argument("--stage2_epochs", type=int, default=6, help="Stage 2 epoch cap (the demo's)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
-                   help="print the table this script writes for an existing results.json, and run nothing")  # fmt: skip
+    p.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        default=None,
+        help="print the table this script writes for an existing results.json, and run nothing",
+    )
     a = p.parse_args(argv)
     if a.render:
         print(table_md(json.loads(Path(a.render).read_text())), end="")
         return {}
     t0 = time.perf_counter()
     out, work = Path(a.out), Path(a.work or a.out)
-    s = PipelineSettings(pretrained=str(ASSET), budget=a.budget, val_budget=a.budget // 5, test_budget=a.budget // 5,
-                         stage1_epochs=a.stage1_epochs, stage2_epochs=a.stage2_epochs, device=a.device,
-                         progress=not a.quiet)  # fmt: skip
+    s = PipelineSettings(
+        pretrained=str(ASSET),
+        budget=a.budget,
+        val_budget=a.budget // 5,
+        test_budget=a.budget // 5,
+        stage1_epochs=a.stage1_epochs,
+        stage2_epochs=a.stage2_epochs,
+        device=a.device,
+        progress=not a.quiet,
+    )
     vocab = load_vocab("docmnist")
-    gt = generate(s.budget, s.target, seed=s.seed, out_dir=str(work / "docmnist"), val_budget=s.val_budget,
-                  test_budget=s.test_budget, overwrite=True, progress=s.progress)  # fmt: skip
+    gt = generate(
+        s.budget,
+        s.target,
+        seed=s.seed,
+        out_dir=str(work / "docmnist"),
+        val_budget=s.val_budget,
+        test_budget=s.test_budget,
+        overwrite=True,
+        progress=s.progress,
+    )
     plain = export_plain(gt, work / "plain", overwrite=True, with_boxes=True)
     t = time.perf_counter()
     det = train_detector(
@@ -108,36 +127,82 @@ def main(argv=None) -> dict:
     detector_seconds = round(time.perf_counter() - t, 1)
     runtime = get_runtime(s.device)
     test = load_annotations(gt, vocab, required_splits=("test",))
-    res = {"command": "python -m experiments.own_data " + " ".join(sys.argv[1:] if argv is None else argv),
-           "settings": vars(a) | {"seed": s.seed, "target": s.target, "starting_encoder": ASSET.name},
-           "detector_seconds": detector_seconds, "variants": {}, "reference": {}}  # fmt: skip
+    res = {
+        "command": "python -m experiments.own_data " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": vars(a) | {"seed": s.seed, "target": s.target, "starting_encoder": ASSET.name},
+        "detector_seconds": detector_seconds,
+        "variants": {},
+        "reference": {},
+    }
 
     def evaluate(ckpt: str) -> dict:
         clip = create_clip(s.model, ckpt, device=runtime.device)
-        return evaluate_model(clip, test, vocab, "test", runtime, region_options(clip.pretrained, None, s.input_size),
-                              num_workers=s.num_workers, image_text=True)  # fmt: skip
+        return evaluate_model(
+            clip,
+            test,
+            vocab,
+            "test",
+            runtime,
+            region_options(clip.pretrained, None, s.input_size),
+            num_workers=s.num_workers,
+            image_text=True,
+        )
 
     for name, spec in VARIANTS.items():
         t = time.perf_counter()
         slug = name.split(" ")[0] + ("" if name == "given" else "_" + "".join(c for c in name if c.isdigit()))
         if spec.source == "proposals":
             spec.detector_weights = str(det)
-        data = import_generic(plain, plain / "captions.jsonl", vocab, spec, work / "imported" / slug,
-                              no_attribute="error", progress=s.progress)  # fmt: skip
+        data = import_generic(
+            plain,
+            plain / "captions.jsonl",
+            vocab,
+            spec,
+            work / "imported" / slug,
+            no_attribute="error",
+            progress=s.progress,
+        )
         labels = attach_reference_labels(data, gt, vocab)
-        emb = embed_dataset(data, "docmnist", model=s.model, pretrained=s.pretrained, device=s.device,
-                            num_workers=s.num_workers, input_size=s.input_size, progress=s.progress)  # fmt: skip
-        s1 = train_stage1(compose_config("stage1", [
-            f"data_dir={data}", f"embeddings_dir={emb}", f"mapping_path={data / 'mapping.feather'}",
-            f"checkpoint_dir={work / 'ckpt' / slug / 'stage1'}", "resume=false", f"epochs={s.stage1_epochs}",
-            f"lr={s.stage1_lr}", f"device={s.device}", f"seed={s.seed}", f"progress={str(s.progress).lower()}",
-        ]))  # fmt: skip
-        r2 = train_stage2(compose_config("stage2", stage2_overrides(s, data, work / "ckpt" / slug / "villa", "villa",
-                                                                    data / "mapping.feather")))  # fmt: skip
-        res["variants"][name] = {**labels, "mapping": s1["quality"], "degeneracy": s1["degeneracy"],
-                                 "stage2": {"best_val": r2["best_val"], "epochs": r2["epochs_run"]},
-                                 "retrieval": evaluate(r2["best_checkpoint"]),
-                                 "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+        emb = embed_dataset(
+            data,
+            "docmnist",
+            model=s.model,
+            pretrained=s.pretrained,
+            device=s.device,
+            num_workers=s.num_workers,
+            input_size=s.input_size,
+            progress=s.progress,
+        )
+        s1 = train_stage1(
+            compose_config(
+                "stage1",
+                [
+                    f"data_dir={data}",
+                    f"embeddings_dir={emb}",
+                    f"mapping_path={data / 'mapping.feather'}",
+                    f"checkpoint_dir={work / 'ckpt' / slug / 'stage1'}",
+                    "resume=false",
+                    f"epochs={s.stage1_epochs}",
+                    f"lr={s.stage1_lr}",
+                    f"device={s.device}",
+                    f"seed={s.seed}",
+                    f"progress={str(s.progress).lower()}",
+                ],
+            )
+        )
+        r2 = train_stage2(
+            compose_config(
+                "stage2", stage2_overrides(s, data, work / "ckpt" / slug / "villa", "villa", data / "mapping.feather")
+            )
+        )
+        res["variants"][name] = {
+            **labels,
+            "mapping": s1["quality"],
+            "degeneracy": s1["degeneracy"],
+            "stage2": {"best_val": r2["best_val"], "epochs": r2["epochs_run"]},
+            "retrieval": evaluate(r2["best_checkpoint"]),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
         print(f"[{name}] done in {time.perf_counter() - t:.0f}s", flush=True)
     base = train_stage2(compose_config("stage2", stage2_overrides(s, gt, work / "ckpt" / "baseline", "baseline", None)))
     res["reference"]["one-to-one baseline"] = evaluate(base["best_checkpoint"])

@@ -59,8 +59,17 @@ class PipelineSettings:
 
     def check(self) -> None:
         """Every setting in range before any work (the demo's and the experiments' flags have these names)."""
-        for name in ("target", "budget", "val_budget", "test_budget", "stage1_epochs", "stage2_epochs", "stage2_batch",
-                     "early_stop_patience", "grain_queries"):  # fmt: skip
+        for name in (
+            "target",
+            "budget",
+            "val_budget",
+            "test_budget",
+            "stage1_epochs",
+            "stage2_epochs",
+            "stage2_batch",
+            "early_stop_patience",
+            "grain_queries",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise VillaError(f"--{name}={v}: must be an integer >= 1")
@@ -85,11 +94,21 @@ class PipelineSettings:
 
 def stage2_overrides(s: PipelineSettings, data: Path, ckpt: Path, objective: str, mapping: Optional[Path]) -> list[str]:
     over = [
-        f"objective={objective}", f"data_dir={data}", f"checkpoint_dir={ckpt}", "resume=false", f"model.name={s.model}",
-        f"model.pretrained={s.pretrained}", f"epochs={s.stage2_epochs}", f"batch_size={s.stage2_batch}", f"lr={s.stage2_lr}",
-        f"device={s.device}", f"num_workers={s.num_workers}", f"progress={str(s.progress).lower()}", f"seed={s.seed}",
+        f"objective={objective}",
+        f"data_dir={data}",
+        f"checkpoint_dir={ckpt}",
+        "resume=false",
+        f"model.name={s.model}",
+        f"model.pretrained={s.pretrained}",
+        f"epochs={s.stage2_epochs}",
+        f"batch_size={s.stage2_batch}",
+        f"lr={s.stage2_lr}",
+        f"device={s.device}",
+        f"num_workers={s.num_workers}",
+        f"progress={str(s.progress).lower()}",
+        f"seed={s.seed}",
         f"early_stop_patience={s.early_stop_patience}",
-    ]  # fmt: skip
+    ]
     if s.input_size:
         over.append(f"model.input_size={s.input_size}")
     if mapping is not None:
@@ -127,34 +146,70 @@ def run_pipeline(
         log.info("[%s] done in %.1fs", name, timings[name])
 
     t = time.perf_counter()
-    data = generate(s.budget, s.target, seed=s.seed, out_dir=str(work / "data"), val_budget=s.val_budget,
-                    test_budget=s.test_budget, overwrite=True, progress=s.progress, train_images=s.train_images,
-                    val_images=s.val_images)  # fmt: skip
+    data = generate(
+        s.budget,
+        s.target,
+        seed=s.seed,
+        out_dir=str(work / "data"),
+        val_budget=s.val_budget,
+        test_budget=s.test_budget,
+        overwrite=True,
+        progress=s.progress,
+        train_images=s.train_images,
+        val_images=s.val_images,
+    )
     tick("docmnist", t)
     eval_root = eval_data or data
     # refuse before any training: the evaluation digits must be new to everything that trains in this run
-    held_out = check_held_out(eval_root, {
-        f"this run's training data ({data.name}, train and val splits)": dataset_pools(data, ("train", "val")),
-        f"the starting encoder {s.pretrained}": checkpoint_pools(s.pretrained),
-    })  # fmt: skip
+    held_out = check_held_out(
+        eval_root,
+        {
+            f"this run's training data ({data.name}, train and val splits)": dataset_pools(data, ("train", "val")),
+            f"the starting encoder {s.pretrained}": checkpoint_pools(s.pretrained),
+        },
+    )
     t = time.perf_counter()
-    emb = embed_dataset(data, "docmnist", model=s.model, pretrained=s.pretrained, device=s.device, num_workers=s.num_workers,
-                        input_size=s.input_size, progress=s.progress, out_dir=data / "embeddings")  # fmt: skip
+    emb = embed_dataset(
+        data,
+        "docmnist",
+        model=s.model,
+        pretrained=s.pretrained,
+        device=s.device,
+        num_workers=s.num_workers,
+        input_size=s.input_size,
+        progress=s.progress,
+        out_dir=data / "embeddings",
+    )
     tick("preprocess", t)
     t = time.perf_counter()
     mapping = data / "mapping.feather"
-    s1 = train_stage1(compose_config("stage1", [
-        f"data_dir={data}", f"embeddings_dir={emb}", f"mapping_path={mapping}", f"checkpoint_dir={work / 'ckpt' / 'stage1'}",
-        "resume=false", f"epochs={s.stage1_epochs}", f"lr={s.stage1_lr}", f"device={s.device}", f"seed={s.seed}",
-        f"progress={str(s.progress).lower()}",
-    ]))  # fmt: skip
+    s1 = train_stage1(
+        compose_config(
+            "stage1",
+            [
+                f"data_dir={data}",
+                f"embeddings_dir={emb}",
+                f"mapping_path={mapping}",
+                f"checkpoint_dir={work / 'ckpt' / 'stage1'}",
+                "resume=false",
+                f"epochs={s.stage1_epochs}",
+                f"lr={s.stage1_lr}",
+                f"device={s.device}",
+                f"seed={s.seed}",
+                f"progress={str(s.progress).lower()}",
+            ],
+        )
+    )
     tick("stage1", t)
     vocab = load_vocab("docmnist")
     if "oracle" in methods:
         write_oracle_mapping(data, vocab, data / "oracle_mapping.feather", seed=s.seed)
     results: dict[str, Any] = {
-        "settings": asdict(s), "data": str(data), "mapping": s1.get("quality"), "held_out": held_out,
-    }  # fmt: skip
+        "settings": asdict(s),
+        "data": str(data),
+        "mapping": s1.get("quality"),
+        "held_out": held_out,
+    }
     ckpts = {}
     for method in methods:
         t = time.perf_counter()
@@ -180,10 +235,18 @@ def run_pipeline(
         opts = region_options(clip.pretrained, None, s.input_size)
         for readout in READOUTS.get(label, ("roi",)):
             name = label if readout == "roi" else f"{label}-queries"
-            retrieval[name] = evaluate_model(clip, ann, vocab, "test", runtime, opts, num_workers=s.num_workers,
-                                             readout=readout)  # fmt: skip
+            retrieval[name] = evaluate_model(
+                clip, ann, vocab, "test", runtime, opts, num_workers=s.num_workers, readout=readout
+            )
     tick("evaluate", t)
-    results.update({"retrieval": retrieval, "eval_data": str(eval_root), "checkpoints": {k: str(v) for k, v in ckpts.items()},
-                    "timings": timings, "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+    results.update(
+        {
+            "retrieval": retrieval,
+            "eval_data": str(eval_root),
+            "checkpoints": {k: str(v) for k, v in ckpts.items()},
+            "timings": timings,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    )
     write_json_atomic(work / "results.json", results)
     return results

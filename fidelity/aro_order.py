@@ -87,8 +87,10 @@ def stand_in_tagger(seed: int = 0):
     spacy.util.fix_random_seed(seed)  # Python's, NumPy's (thinc's initialisation) and torch's generators
     nlp = spacy.blank("en")
     nlp.add_pipe("tagger")
-    examples = [Example(nlp.make_doc(c), Doc(nlp.vocab, words=[t.text for t in nlp.make_doc(c)], tags=g.split()))
-                for c, g in HAND_TAGGED]  # fmt: skip
+    examples = [
+        Example(nlp.make_doc(c), Doc(nlp.vocab, words=[t.text for t in nlp.make_doc(c)], tags=g.split()))
+        for c, g in HAND_TAGGED
+    ]
     optimizer = nlp.initialize(lambda: examples)
     for _ in range(80):
         nlp.update(examples, sgd=optimizer)
@@ -129,8 +131,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m fidelity.aro_order", description=__doc__.split("\n\n")[0])
     p.add_argument("--aro_repo", type=Path, required=True, help="a checkout of mertyg/vision-language-models-are-bows")
     p.add_argument("--spacy_model", default="en_core_web_sm", help="the spaCy pipeline both sides tag with")
-    p.add_argument("--stand_in_tagger", action="store_true",
-                   help="tag with a spaCy tagger trained here on HAND_TAGGED instead of --spacy_model")  # fmt: skip
+    p.add_argument(
+        "--stand_in_tagger",
+        action="store_true",
+        help="tag with a spaCy tagger trained here on HAND_TAGGED instead of --spacy_model",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the comparison here")
     a = p.parse_args(argv)
@@ -156,15 +161,23 @@ def main(argv=None) -> dict:
         "command": "python -m fidelity.aro_order " + " ".join(sys.argv[1:] if argv is None else argv),
         "aro_repo_head": _head(a.aro_repo),
         "spacy_model": "stand-in tagger trained on HAND_TAGGED" if a.stand_in_tagger else a.spacy_model,
-        "seed": a.seed, "nltk_version": _version("nltk"), "spacy_version": _version("spacy"),
-        "captions": len(ours), "options": 5 * len(ours), "same_number_of_items": len(ours) == len(theirs),
-        "options_differing": len(differ), "first_differences": [
-            {"caption": i, "option": k, "villa": ours[i][k], "aro": theirs[i][k]} for i, k in differ[:5]],
-        "perturbations_that_changed_the_caption": moved, "perturbations": 4 * len(ours),
-        "control_options_differing": control_differ, "control": "ARO's side drawing from seed + 1",
+        "seed": a.seed,
+        "nltk_version": _version("nltk"),
+        "spacy_version": _version("spacy"),
+        "captions": len(ours),
+        "options": 5 * len(ours),
+        "same_number_of_items": len(ours) == len(theirs),
+        "options_differing": len(differ),
+        "first_differences": [
+            {"caption": i, "option": k, "villa": ours[i][k], "aro": theirs[i][k]} for i, k in differ[:5]
+        ],
+        "perturbations_that_changed_the_caption": moved,
+        "perturbations": 4 * len(ours),
+        "control_options_differing": control_differ,
+        "control": "ARO's side drawing from seed + 1",
         "example": {"villa": ours[0], "aro": theirs[0]},
         "seconds": round(time.perf_counter() - t0, 1),
-    }  # fmt: skip
+    }
     print(json.dumps({k: v for k, v in res.items() if k != "example"}, indent=1))
     if a.json:
         write_json_atomic(a.json, res)

@@ -54,8 +54,9 @@ def load_grain(repo: Path):
 
     matcher = box_utils.build_matcher(None)  # cost_class 1, cost_bbox 5, cost_giou 2
     weight_dict = {"loss_bbox_all_boxes": 1.0, "loss_giou_all_boxes": 1.0}  # train.py's defaults
-    criterion = box_utils.SetCriterion(22047, matcher=matcher, weight_dict=weight_dict, eos_coef=0.1,
-                                       losses=["boxes", "cardinality"])  # fmt: skip
+    criterion = box_utils.SetCriterion(
+        22047, matcher=matcher, weight_dict=weight_dict, eos_coef=0.1, losses=["boxes", "cardinality"]
+    )
     return box_utils, losses, criterion, config.max_boxes
 
 
@@ -71,8 +72,11 @@ def trial(g: torch.Generator, grain, layers: int, batch: int, queries: int, dim:
     avail = (obj_boxes.sum(-1) != 0).flatten().long()
     pred_boxes = torch.rand(layers, batch, queries, 4, generator=g) * 0.6 + 0.2  # cxcywh in [0, 1]
     logits = torch.randn(layers, batch, queries, 3, generator=g)
-    model_out = {"pred_logits": logits[-1], "pred_boxes": pred_boxes[-1],
-                 "aux_outputs": [{"pred_logits": logits[k], "pred_boxes": pred_boxes[k]} for k in range(layers - 1)]}  # fmt: skip
+    model_out = {
+        "pred_logits": logits[-1],
+        "pred_boxes": pred_boxes[-1],
+        "aux_outputs": [{"pred_logits": logits[k], "pred_boxes": pred_boxes[k]} for k in range(layers - 1)],
+    }
     t = int(avail.sum())
     desc = torch.randn(t, dim, generator=g)
     obj_embeds = torch.randn(batch, queries, dim, generator=g)
@@ -86,8 +90,9 @@ def trial(g: torch.Generator, grain, layers: int, batch: int, queries: int, dim:
     g_aux = {
         k: sum(float(v) for n, v in g_dict.items() if n.startswith(f"loss_{k}_all_boxes")) for k in ("bbox", "giou")
     }
-    g_rd = losses.WordContrastiveLoss()(model_out, desc, obj_embeds, criterion, obj_boxes.clone(), queries, avail,
-                                        scale)["word_loss"]  # fmt: skip
+    g_rd = losses.WordContrastiveLoss()(
+        model_out, desc, obj_embeds, criterion, obj_boxes.clone(), queries, avail, scale
+    )["word_loss"]
     g_ic = losses.CLIPLoss()(img_embeds, text_embeds, scale)["loss"]
 
     # villa's
@@ -138,14 +143,19 @@ def main() -> None:
     out = {
         "command": "python -m fidelity.grain_losses " + " ".join(sys.argv[1:]),
         "grain_commit": commit,
-        "trials": a.trials, "layers": a.layers, "images_per_batch": a.batch, "queries": a.queries, "seed": a.seed,
+        "trials": a.trials,
+        "layers": a.layers,
+        "images_per_batch": a.batch,
+        "queries": a.queries,
+        "seed": a.seed,
         "targets_per_batch": [min(r["targets"] for r in rows), max(r["targets"] for r in rows)],
         "max_abs_diff": {k: max(r[k] for r in rows) for k in ("L_box", "L_box_aux", "L_rd", "L_ic")},
         "identical_assignments": sum(r["same_assignment"] for r in rows),
-        "value_ranges": {k: [min(r["values"][k] for r in rows), max(r["values"][k] for r in rows)]
-                         for k in ("L_box", "L_rd", "L_ic")},
+        "value_ranges": {
+            k: [min(r["values"][k] for r in rows), max(r["values"][k] for r in rows)] for k in ("L_box", "L_rd", "L_ic")
+        },
         "seconds": round(time.perf_counter() - t0, 1),
-    }  # fmt: skip
+    }
     print(json.dumps(out, indent=2))
     if a.json:
         write_json_atomic(a.json, out)

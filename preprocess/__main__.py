@@ -12,10 +12,20 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 # The original's argparse flags (``python preprocess/preprocess_docmnist.py --data_dir=...``) as villa's keys.
-LEGACY_FLAGS = {"--data_dir": "data_dir", "--dataset_config": "dataset", "--model": "model.name",
-                "--pretrained": "model.pretrained", "--input_size": "model.input_size", "--batch_size": "batch_size",
-                "--device": "device", "--num_workers": "num_workers", "--dtype": "dtype", "--out_dir": "out_dir",
-                "--seed": "seed", "--splits": "splits"}  # fmt: skip
+LEGACY_FLAGS = {
+    "--data_dir": "data_dir",
+    "--dataset_config": "dataset",
+    "--model": "model.name",
+    "--pretrained": "model.pretrained",
+    "--input_size": "model.input_size",
+    "--batch_size": "batch_size",
+    "--device": "device",
+    "--num_workers": "num_workers",
+    "--dtype": "dtype",
+    "--out_dir": "out_dir",
+    "--seed": "seed",
+    "--splits": "splits",
+}
 LEGACY_SWITCHES = {"--normalize": "model.normalize=true", "--quiet": "progress=false"}
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: real MNIST digits (the shared test split here), small generated DocMNIST datasets."""
+"""Shared fixtures: real MNIST digits ($VILLA_MNIST_DIR, or data/mnist), small generated DocMNIST datasets."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
-if not os.environ.get("VILLA_MNIST_DIR") and SHARED_MNIST.is_dir():  # as the Makefile does
-    os.environ["VILLA_MNIST_DIR"] = str(SHARED_MNIST)
 
 
 def pytest_configure(config):
@@ -28,9 +25,11 @@ def pytest_configure(config):
 
 
 def mnist_dir() -> str:
-    d = os.environ.get("VILLA_MNIST_DIR") or (str(SHARED_MNIST) if SHARED_MNIST.is_dir() else "")
+    d = os.environ.get("VILLA_MNIST_DIR") or (
+        str(ROOT / "data" / "mnist") if (ROOT / "data" / "mnist").is_dir() else ""
+    )
     if not d:
-        pytest.skip("no MNIST: set VILLA_MNIST_DIR (see README)")
+        pytest.skip("no MNIST: set VILLA_MNIST_DIR or run python -m docmnist.mnist --download (see README)")
     return d
 
 
@@ -46,14 +45,7 @@ def docmnist_16(tmp_path_factory, mnist) -> Path:
 
     out = tmp_path_factory.mktemp("dm16")
     return generate(
-        30000,
-        16,
-        seed=23,
-        out_dir=str(out),
-        mnist_dir=mnist,
-        val_budget=2000,
-        test_budget=2000,
-        progress=False,
+        30000, 16, seed=23, out_dir=str(out), mnist_dir=mnist, val_budget=2000, test_budget=2000, progress=False
     )
 
 
@@ -99,8 +91,20 @@ def tiny_mapping(tiny_docmnist, tmp_path_factory):
     emb = write_synthetic_embeddings(
         load_annotations(tiny_docmnist, vocab, check_images=False), vocab, tmp / "emb", dim=32
     )
-    cfg = compose_config("stage1", [f"data_dir={tiny_docmnist}", f"embeddings_dir={emb}", f"mapping_path={tmp / 'mapping.feather'}",
-                                    f"checkpoint_dir={tmp / 'ck'}", "epochs=4", "lr=1e-3", "batch_size=16", "device=cpu", "progress=false"])  # fmt: skip
+    cfg = compose_config(
+        "stage1",
+        [
+            f"data_dir={tiny_docmnist}",
+            f"embeddings_dir={emb}",
+            f"mapping_path={tmp / 'mapping.feather'}",
+            f"checkpoint_dir={tmp / 'ck'}",
+            "epochs=4",
+            "lr=1e-3",
+            "batch_size=16",
+            "device=cpu",
+            "progress=false",
+        ],
+    )
     train_stage1(cfg)
     return tmp / "mapping.feather"
 

@@ -45,10 +45,16 @@ def test_encode_regions_matches_the_region_path_and_checks_boxes():
     z = model.encode_regions([a, b], [[[0, 0, 32, 24], [10, 10, 60, 40]], [[0, 0, 32, 32]]], normalize=False)
     enc = RegionEncoder(model.clip.model.visual).eval()
     with torch.no_grad():
-        ref_a = enc(torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255,
-                    torch.tensor([[0, 0, 32, 24], [10, 10, 60, 40]], dtype=torch.float32), torch.zeros(2, dtype=torch.long))  # fmt: skip
-        ref_b = enc(torch.from_numpy(b).permute(2, 0, 1)[None].float() / 255,
-                    torch.tensor([[0, 0, 32, 32]], dtype=torch.float32), torch.zeros(1, dtype=torch.long))  # fmt: skip
+        ref_a = enc(
+            torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255,
+            torch.tensor([[0, 0, 32, 24], [10, 10, 60, 40]], dtype=torch.float32),
+            torch.zeros(2, dtype=torch.long),
+        )
+        ref_b = enc(
+            torch.from_numpy(b).permute(2, 0, 1)[None].float() / 255,
+            torch.tensor([[0, 0, 32, 32]], dtype=torch.float32),
+            torch.zeros(1, dtype=torch.long),
+        )
     torch.testing.assert_close(z, torch.cat([ref_a, ref_b]), rtol=1e-4, atol=1e-5)
     with pytest.raises(VillaError, match="outside its 64x48 image"):
         model.encode_regions([a], [[[0, 0, 65, 10]]])

@@ -63,11 +63,15 @@ CAPTIONS = {
     "plurals": True,
     "negation": "default",
     "groups": [
-        {"name": "thing", "attributes": ["tower", "vessel", "traffic light", "bus"],
-         "aliases": {"vessel": ["ship", "boat"], "traffic light": ["stoplight"]}, "templates": ["a {}"]},
+        {
+            "name": "thing",
+            "attributes": ["tower", "vessel", "traffic light", "bus"],
+            "aliases": {"vessel": ["ship", "boat"], "traffic light": ["stoplight"]},
+            "templates": ["a {}"],
+        },
         {"name": "colour", "attributes": ["red", "blue"], "templates": ["{}"]},
     ],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize(
@@ -92,13 +96,19 @@ def test_without_cues_nothing_is_negated():
 
 
 def test_an_alias_two_attributes_share_is_refused():
-    bad = {"name": "x", "groups": [{"name": "g", "attributes": ["boat", "ship"], "aliases": {"boat": ["Ship"]},
-                                    "templates": ["{}"]}]}  # fmt: skip
+    bad = {
+        "name": "x",
+        "groups": [{"name": "g", "attributes": ["boat", "ship"], "aliases": {"boat": ["Ship"]}, "templates": ["{}"]}],
+    }
     with pytest.raises(VillaError, match="'Ship' names both 'ship' and 'boat'|'ship' names both 'boat' and 'ship'"):
         vocab_from_dict(bad)
     with pytest.raises(VillaError, match="aliases for 'cat', not one of its attributes"):
-        vocab_from_dict({"name": "x", "groups": [{"name": "g", "attributes": ["dog"], "aliases": {"cat": ["kitten"]},
-                                                  "templates": ["{}"]}]})  # fmt: skip
+        vocab_from_dict(
+            {
+                "name": "x",
+                "groups": [{"name": "g", "attributes": ["dog"], "aliases": {"cat": ["kitten"]}, "templates": ["{}"]}],
+            }
+        )
 
 
 def test_coverage_report():

@@ -17,8 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_dry_run(tmp_path):
     """DRY_RUN=1: nothing is installed and no step runs; every step's program starts and lists the flags it gets."""
-    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "OUT": str(tmp_path / "out"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
@@ -61,8 +65,13 @@ with torch.no_grad():
 torch.testing.assert_close(got, torch.load(WANT))
 print("ok")
 """.replace("WANT", repr(str(tmp_path / "want.pt")))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks" / "original_shim"), "VILLA_ORIGINAL_SHIM": "1",
-           "VILLA_ORIGINAL_ON_CPU": "1", "VILLA_BENCH_CLIP": str(tmp_path / "m.pt")}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "benchmarks" / "original_shim"),
+        "VILLA_ORIGINAL_SHIM": "1",
+        "VILLA_ORIGINAL_ON_CPU": "1",
+        "VILLA_BENCH_CLIP": str(tmp_path / "m.pt"),
+    }
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
@@ -73,12 +82,17 @@ def test_original_harness_summary():
     from benchmarks.bench_original import STEPS, format_table, summarize
 
     def rep(gen, pre, s1, s2):
-        return {"generate": {"seconds": gen}, "preprocess": {"seconds": pre, "regions_per_s": 1000 / pre},
-                "stage1": {"seconds": s1, "train_seconds": s1 - 1, "mapping_seconds": 1.0, "late_over_early": 1.1},
-                "stage2": {"seconds": s2, "epoch_seconds": s2 / 4}}  # fmt: skip
+        return {
+            "generate": {"seconds": gen},
+            "preprocess": {"seconds": pre, "regions_per_s": 1000 / pre},
+            "stage1": {"seconds": s1, "train_seconds": s1 - 1, "mapping_seconds": 1.0, "late_over_early": 1.1},
+            "stage2": {"seconds": s2, "epoch_seconds": s2 / 4},
+        }
 
-    reps = {"original": [rep(10, 20, 30, 40), rep(12, 22, 34, 44), rep(11, 21, 32, 42)],
-            "villa": [rep(1, 10, 15, 20), rep(2, 11, 16, 21), rep(1.5, 12, 17, 22)]}  # fmt: skip
+    reps = {
+        "original": [rep(10, 20, 30, 40), rep(12, 22, 34, 44), rep(11, 21, 32, 42)],
+        "villa": [rep(1, 10, 15, 20), rep(2, 11, 16, 21), rep(1.5, 12, 17, 22)],
+    }
     s = summarize(reps, STEPS)
     assert s["generate"]["original"] == {"runs": [10, 12, 11], "median": 11, "min": 10, "max": 12}
     assert s["generate"]["ratio"] == pytest.approx(11 / 1.5, abs=0.01)

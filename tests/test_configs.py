@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from pycocotools.coco import COCO
 
 from villa.core.errors import VillaError
-from villa.core.schemas import SCHEMAS, _walk, validate_config
+from villa.core.schemas import SCHEMAS, schema_keys, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -29,7 +29,7 @@ def leaves(d: dict, prefix: str = ""):
 
 def schema_defaults(name: str) -> dict:
     out = {}
-    for key, f in _walk(SCHEMAS[name]):
+    for key, f in schema_keys(SCHEMAS[name]):
         out[key] = f.default_factory() if f.default_factory is not MISSING else f.default
     return out
 
@@ -45,7 +45,7 @@ def test_every_yaml_under_configs_is_known_and_loads():
         seen.add(CONFIGS / f"{name}.yaml")
     for f in sorted((CONFIGS / "experiment").glob("*.yaml")):  # what differs from the defaults, and nothing else
         name = "stage1" if "stage1" in f.stem else "stage2"
-        defaults, known = schema_defaults(name), {k for k, _ in _walk(SCHEMAS[name])}
+        defaults, known = schema_defaults(name), {k for k, _ in schema_keys(SCHEMAS[name])}
         set_here = list(leaves({k: v for k, v in yaml.safe_load(f.read_text()).items() if k != "defaults"}))
         assert set_here, f
         raw = OmegaConf.to_container(compose_config(name, [f"experiment={f.stem}"]), resolve=False)
@@ -69,7 +69,11 @@ def test_every_yaml_under_configs_is_known_and_loads():
         spec = yaml.safe_load(f.read_text())
         names = [n for g in spec["groups"].values() for n in g]
         gt = COCO()  # a real ground truth holding exactly the split's categories
-        gt.dataset = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+        gt.dataset = {
+            "images": [],
+            "annotations": [],
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
+        }
         gt.createIndex()
         groups = category_groups(gt, str(f))
         assert all(len(groups[g]) == len(spec["groups"][g]) for g in spec["groups"]), f
@@ -89,9 +93,12 @@ def test_experiment_settings_reach_the_run():
 
 @pytest.mark.parametrize(
     "override,message",
-    [("mode=baseline", r"mode= is now objective= \(use objective=one_to_one\)"),
-     ("grain_boxes=gold", r"grain_boxes= is now grain.boxes="), ("crop=content", r"crop= is now pretrain.crop=")],
-)  # fmt: skip
+    [
+        ("mode=baseline", r"mode= is now objective= \(use objective=one_to_one\)"),
+        ("grain_boxes=gold", r"grain_boxes= is now grain.boxes="),
+        ("crop=content", r"crop= is now pretrain.crop="),
+    ],
+)
 def test_renamed_keys_name_their_new_spelling(override, message):
     with pytest.raises(VillaError, match=message):
         compose_config("stage2", [override])

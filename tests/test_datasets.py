@@ -26,10 +26,20 @@ from villa.data.importers.mimic_cxr import import_mimic, report_sections
 from villa.data.regions import REGIONS_META, RegionSpec, regions_record
 from villa.data.vocab import load_vocab, vocab_from_dict
 
-SHAPES = {"name": "shapes", "plurals": True, "negation": "default",
-          "groups": [{"name": "form", "attributes": ["square", "disc"], "aliases": {"disc": ["circle", "round spot"]},
-                      "templates": ["a {}"]},
-                     {"name": "tint", "attributes": ["orange", "cyan"], "templates": ["it is {}"]}]}  # fmt: skip
+SHAPES = {
+    "name": "shapes",
+    "plurals": True,
+    "negation": "default",
+    "groups": [
+        {
+            "name": "form",
+            "attributes": ["square", "disc"],
+            "aliases": {"disc": ["circle", "round spot"]},
+            "templates": ["a {}"],
+        },
+        {"name": "tint", "attributes": ["orange", "cyan"], "templates": ["it is {}"]},
+    ],
+}
 COLOURS = {"orange": (255, 128, 0), "cyan": (0, 200, 200)}
 
 
@@ -75,8 +85,15 @@ def photos(root: Path, n: int = 24, with_boxes: bool = False) -> Path:
 def test_generic_jsonl_grid_sizes_splits_attributes(tmp_path):
     root = photos(tmp_path / "mine")
     vocab = vocab_from_dict(SHAPES)
-    out = import_generic(root, root / "captions.jsonl", vocab, RegionSpec("grid", grid=[1, 2]), group_key="source",
-                         split_fractions=(0.5, 0.25, 0.25), progress=False)  # fmt: skip
+    out = import_generic(
+        root,
+        root / "captions.jsonl",
+        vocab,
+        RegionSpec("grid", grid=[1, 2]),
+        group_key="source",
+        split_fractions=(0.5, 0.25, 0.25),
+        progress=False,
+    )
     assert out == root
     ann = load_annotations(out, vocab, required_splits=())
     assert ann.n_images == 24 and (ann.n_regions == 5).all()
@@ -122,8 +139,13 @@ def test_generic_given_boxes_and_out_dir_link(tmp_path):
 def test_generic_reports_every_problem_at_once(tmp_path, capsys):
     root = tmp_path / "mine"
     draw(root / "a.png")
-    lines = ['{"image": "a.png", "caption": "a square"}', "{broken", '{"image": "b.png"}', '["list"]',
-             '{"image": "../etc/x.png", "caption": "a disc"}']  # fmt: skip
+    lines = [
+        '{"image": "a.png", "caption": "a square"}',
+        "{broken",
+        '{"image": "b.png"}',
+        '["list"]',
+        '{"image": "../etc/x.png", "caption": "a disc"}',
+    ]
     (root / "c.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "v.yaml").write_text(json.dumps(SHAPES))
     with pytest.raises(SystemExit) as e:
@@ -150,14 +172,25 @@ def test_an_image_in_two_splits_is_refused_at_import_and_at_every_read(tmp_path,
     root = tmp_path / "mine"
     for i in range(3):
         draw(root / f"p{i}.png", shapes=[("square", "orange", (2, 2, 20, 20))])
-    recs = [{"image": "p0.png", "caption": "an orange square", "split": "train"},
-            {"image": "p1.png", "caption": "a cyan disc", "split": "train"},
-            {"image": "./p0.png", "caption": "a square", "split": "test"},  # the same file, spelled otherwise
-            {"image": "p2.png", "caption": "a disc", "split": "test"}]  # fmt: skip
+    recs = [
+        {"image": "p0.png", "caption": "an orange square", "split": "train"},
+        {"image": "p1.png", "caption": "a cyan disc", "split": "train"},
+        {"image": "./p0.png", "caption": "a square", "split": "test"},  # the same file, spelled otherwise
+        {"image": "p2.png", "caption": "a disc", "split": "test"},
+    ]
     (root / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (tmp_path / "v.yaml").write_text(json.dumps(SHAPES))
-    argv = ["--root", str(root), "--captions", str(root / "c.jsonl"), "--dataset_config", str(tmp_path / "v.yaml"),
-            "--out_dir", str(tmp_path / "ds"), "--quiet"]  # fmt: skip
+    argv = [
+        "--root",
+        str(root),
+        "--captions",
+        str(root / "c.jsonl"),
+        "--dataset_config",
+        str(tmp_path / "v.yaml"),
+        "--out_dir",
+        str(tmp_path / "ds"),
+        "--quiet",
+    ]
     with pytest.raises(SystemExit) as e:
         generic_main(argv)
     err = capsys.readouterr().err.strip()
@@ -174,8 +207,11 @@ def test_an_image_in_two_splits_is_refused_at_import_and_at_every_read(tmp_path,
     paths = t.column("image_filepath").to_pylist()
     paths[2] = paths[0]
     feather.write_feather(t.set_column(1, "image_filepath", pa.array(paths)), out / "annotations.feather")
-    with pytest.raises(VillaError, match=r"1 images are listed under more than one split, e.g. 'source/p0.png' "
-                                         r"\(train, test\)"):  # fmt: skip
+    with pytest.raises(
+        VillaError,
+        match=r"1 images are listed under more than one split, e.g. 'source/p0.png' "
+        r"\(train, test\)",
+    ):
         load_annotations(out, vocab, required_splits=())
 
 
@@ -183,9 +219,11 @@ def test_rows_of_one_image_in_one_split_are_joined_or_kept_apart(tmp_path):
     root = tmp_path / "mine"
     draw(root / "a.png", shapes=[("square", "orange", (2, 2, 20, 20)), ("disc", "cyan", (26, 26, 44, 44))])
     draw(root / "b.png")
-    recs = [{"image": "a.png", "caption": "An orange square.", "id": 7, "boxes": [[2, 2, 20, 20]]},
-            {"image": "b.png", "caption": "a disc", "id": 8, "boxes": [[0, 0, 10, 10]]},
-            {"image": "a.png", "caption": "A cyan disc", "id": 9, "boxes": [[2, 2, 20, 20], [26, 26, 44, 44]]}]  # fmt: skip
+    recs = [
+        {"image": "a.png", "caption": "An orange square.", "id": 7, "boxes": [[2, 2, 20, 20]]},
+        {"image": "b.png", "caption": "a disc", "id": 8, "boxes": [[0, 0, 10, 10]]},
+        {"image": "a.png", "caption": "A cyan disc", "id": 9, "boxes": [[2, 2, 20, 20], [26, 26, 44, 44]]},
+    ]
     (root / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     vocab = vocab_from_dict(SHAPES)
     out = import_generic(root, root / "c.jsonl", vocab, RegionSpec("given"), tmp_path / "j", progress=False)
@@ -194,8 +232,9 @@ def test_rows_of_one_image_in_one_split_are_joined_or_kept_apart(tmp_path):
     assert ann.boxes[: ann.n_regions[0]].tolist() == [[2, 2, 20, 20], [26, 26, 44, 44]]  # the repeated box once
     assert sorted(ann.table.column("attributes").to_pylist()[0]) == ["cyan", "disc", "orange", "square"]
     assert json.loads((out / "import_report.json").read_text())["rows_joined"] == 1
-    apart = import_generic(root, root / "c.jsonl", vocab, RegionSpec("given"), tmp_path / "s", progress=False,
-                           same_image="separate")  # fmt: skip
+    apart = import_generic(
+        root, root / "c.jsonl", vocab, RegionSpec("given"), tmp_path / "s", progress=False, same_image="separate"
+    )
     assert load_annotations(apart, vocab, required_splits=()).image_id.tolist() == [7, 8, 9]
 
 
@@ -216,8 +255,11 @@ def test_texts_without_attributes_error_drop_keep(tmp_path):
 
 # --- COCO 2017 --------------------------------------------------------------------------------------------------
 
-COCO_CATS = [{"id": 1, "name": "person", "supercategory": "person"}, {"id": 18, "name": "dog", "supercategory": "animal"},
-             {"id": 67, "name": "dining table", "supercategory": "furniture"}]  # fmt: skip
+COCO_CATS = [
+    {"id": 1, "name": "person", "supercategory": "person"},
+    {"id": 18, "name": "dog", "supercategory": "animal"},
+    {"id": 67, "name": "dining table", "supercategory": "furniture"},
+]
 
 
 def coco_fixture(root: Path, n_train: int = 16, n_val: int = 6, bad_caption_image: bool = False) -> Path:
@@ -233,15 +275,49 @@ def coco_fixture(root: Path, n_train: int = 16, n_val: int = 6, bad_caption_imag
             draw(root / name / fname, (w, h), [("square", "orange", (4, 4, 24, 24))], fmt="JPEG")
             images.append({"id": img_id, "file_name": fname, "width": w, "height": h})
             for k in range(5):
-                caps.append({"id": len(caps) + 1000 * img_id, "image_id": img_id,
-                             "caption": ["A man and his dog.", "Two people at a table.", "A puppy sleeps.",
-                                         "Someone sits near a dining table.", "A dog on the floor"][(k + img_id) % 5]})  # fmt: skip
-            inst.append({"id": len(inst) + 1, "image_id": img_id, "category_id": 18, "bbox": [4.0, 4.0, 20.0, 20.0],
-                         "area": 400.0, "iscrowd": 0})  # fmt: skip
-            inst.append({"id": len(inst) + 1, "image_id": img_id, "category_id": 1,
-                         "bbox": [30.0, 10.0, 100.0, float(rng.integers(5, 20))], "area": 99.0, "iscrowd": 0})  # fmt: skip
-            inst.append({"id": len(inst) + 1, "image_id": img_id, "category_id": 67, "bbox": [0, 0, 10, 10],
-                         "area": 100.0, "iscrowd": 1})  # fmt: skip
+                caps.append(
+                    {
+                        "id": len(caps) + 1000 * img_id,
+                        "image_id": img_id,
+                        "caption": [
+                            "A man and his dog.",
+                            "Two people at a table.",
+                            "A puppy sleeps.",
+                            "Someone sits near a dining table.",
+                            "A dog on the floor",
+                        ][(k + img_id) % 5],
+                    }
+                )
+            inst.append(
+                {
+                    "id": len(inst) + 1,
+                    "image_id": img_id,
+                    "category_id": 18,
+                    "bbox": [4.0, 4.0, 20.0, 20.0],
+                    "area": 400.0,
+                    "iscrowd": 0,
+                }
+            )
+            inst.append(
+                {
+                    "id": len(inst) + 1,
+                    "image_id": img_id,
+                    "category_id": 1,
+                    "bbox": [30.0, 10.0, 100.0, float(rng.integers(5, 20))],
+                    "area": 99.0,
+                    "iscrowd": 0,
+                }
+            )
+            inst.append(
+                {
+                    "id": len(inst) + 1,
+                    "image_id": img_id,
+                    "category_id": 67,
+                    "bbox": [0, 0, 10, 10],
+                    "area": 100.0,
+                    "iscrowd": 1,
+                }
+            )
         if bad_caption_image and name == "val2017":
             caps.append({"id": 1, "image_id": 999999, "caption": "a dog"})
         (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -313,13 +389,18 @@ def deepfashion_fixture(root: Path, n: int = 12) -> Path:
         seg[0:4, 18:30] = 13  # hair
         (root / "segm").mkdir(parents=True, exist_ok=True)
         Image.fromarray(seg).save(root / "segm" / name.replace(".jpg", "_segm.png"))
-        caps[name] = ("The lady wears a short-sleeve T-shirt with pure color patterns. She wears long denim pants. "
-                      "There is no hat.")  # fmt: skip
+        caps[name] = (
+            "The lady wears a short-sleeve T-shirt with pure color patterns. She wears long denim pants. "
+            "There is no hat."
+        )
         fabric.append(f"{name} 1 0 7")
         color.append(f"{name} 3 3 7")
         shape.append(f"{name} " + " ".join(["0"] * 12))
-    for sub, fname, lines in (("fabric", "fabric_ann.txt", fabric), ("color", "color_ann.txt", color),
-                              ("shape", "shape_anno_all.txt", shape)):  # fmt: skip
+    for sub, fname, lines in (
+        ("fabric", "fabric_ann.txt", fabric),
+        ("color", "color_ann.txt", color),
+        ("shape", "shape_anno_all.txt", shape),
+    ):
         (root / "labels" / sub).mkdir(parents=True, exist_ok=True)
         (root / "labels" / sub / fname).write_text("\n".join(lines) + "\n")
     (root / "captions.json").write_text(json.dumps(caps))
@@ -353,7 +434,7 @@ REPORTS = [
     "FINAL REPORT\n INDICATION:  Cough.\n\n FINDINGS:  Lungs are clear without consolidation, effusion, or edema.\n\n "
     "IMPRESSION:  No acute cardiopulmonary process.\n",
     "FINAL REPORT\n IMPRESSION:  Enlarged heart.  Pulmonary edema is seen.  Right PICC line in place.\n",
-]  # fmt: skip
+]
 
 
 def mimic_fixture(root: Path, n_subjects: int = 8) -> tuple[Path, Path]:
@@ -368,13 +449,33 @@ def mimic_fixture(root: Path, n_subjects: int = 8) -> tuple[Path, Path]:
         rep.write_text(REPORTS[s % 3])
         for k, view in enumerate(("PA", "LATERAL")):
             dicom = f"{s:08x}-{k:08x}-aaaaaaaa-bbbbbbbb-cccccccc"
-            draw(images / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg", (40, 48),
-                 [("disc", "cyan", (8, 8, 32, 32))], fmt="JPEG")  # fmt: skip
-            meta.append({"dicom_id": dicom, "subject_id": subject, "study_id": study,
-                         "PerformedProcedureStepDescription": "CHEST (PA AND LAT)", "ViewPosition": view,
-                         "Rows": 48, "Columns": 40, "StudyDate": 21800506, "StudyTime": 213014.531})  # fmt: skip
-            split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject,
-                          "split": ["train", "train", "validate", "test"][s % 4]})  # fmt: skip
+            draw(
+                images / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg",
+                (40, 48),
+                [("disc", "cyan", (8, 8, 32, 32))],
+                fmt="JPEG",
+            )
+            meta.append(
+                {
+                    "dicom_id": dicom,
+                    "subject_id": subject,
+                    "study_id": study,
+                    "PerformedProcedureStepDescription": "CHEST (PA AND LAT)",
+                    "ViewPosition": view,
+                    "Rows": 48,
+                    "Columns": 40,
+                    "StudyDate": 21800506,
+                    "StudyTime": 213014.531,
+                }
+            )
+            split.append(
+                {
+                    "dicom_id": dicom,
+                    "study_id": study,
+                    "subject_id": subject,
+                    "split": ["train", "train", "validate", "test"][s % 4],
+                }
+            )
     for name, rows in (("metadata", meta), ("split", split)):
         with gzip.open(images / f"mimic-cxr-2.0.0-{name}.csv.gz", "wt") as f:
             pd.DataFrame(rows).to_csv(f, index=False)
@@ -390,8 +491,9 @@ def test_report_sections():
 def test_mimic_import(tmp_path):
     reports, images = mimic_fixture(tmp_path)
     vocab = load_vocab("chexpert")
-    out = import_mimic(reports, images, vocab, RegionSpec("grid", grid=[1, 2]), tmp_path / "ds", no_attribute="keep",
-                       progress=False)  # fmt: skip
+    out = import_mimic(
+        reports, images, vocab, RegionSpec("grid", grid=[1, 2]), tmp_path / "ds", no_attribute="keep", progress=False
+    )
     ann = load_annotations(out, vocab, required_splits=())
     t = ann.table.to_pydict()
     assert ann.n_images == 8  # frontal (PA) views only
@@ -412,17 +514,66 @@ def _pipeline(data: Path, dataset_config: str, tmp: Path) -> dict:
     from villa.stage1.train import train_stage1
     from villa.stage2.train import train_stage2
 
-    emb = embed_dataset(data, dataset_config, model="villa-tiny-rn", pretrained="none", device="cpu", num_workers=0,
-                        progress=False, batch_size=8)  # fmt: skip
+    emb = embed_dataset(
+        data,
+        dataset_config,
+        model="villa-tiny-rn",
+        pretrained="none",
+        device="cpu",
+        num_workers=0,
+        progress=False,
+        batch_size=8,
+    )
     ds = f"dataset={dataset_config}"
-    s1 = train_stage1(compose_config("stage1", [ds, f"data_dir={data}", f"embeddings_dir={emb}", f"checkpoint_dir={tmp / 's1'}",
-                                                "epochs=1", "batch_size=4", "drop_last=false", "device=cpu", "progress=false"]))  # fmt: skip
-    s2 = train_stage2(compose_config("stage2", [ds, f"data_dir={data}", f"checkpoint_dir={tmp / 's2'}", "epochs=1",
-                                                "batch_size=4", "model.name=villa-tiny-rn", "model.pretrained=none",
-                                                "device=cpu", "num_workers=0", "progress=false", "amp=false"]))  # fmt: skip
-    ev = run_evaluation(compose_config("evaluate", [ds, f"data_dir={data}", f"model.pretrained={s2['best_checkpoint']}",
-                                                    "model.name=auto", f"output={tmp / 'ev.json'}", "num_workers=0",
-                                                    "batch_size=8", "device=cpu"]))  # fmt: skip
+    s1 = train_stage1(
+        compose_config(
+            "stage1",
+            [
+                ds,
+                f"data_dir={data}",
+                f"embeddings_dir={emb}",
+                f"checkpoint_dir={tmp / 's1'}",
+                "epochs=1",
+                "batch_size=4",
+                "drop_last=false",
+                "device=cpu",
+                "progress=false",
+            ],
+        )
+    )
+    s2 = train_stage2(
+        compose_config(
+            "stage2",
+            [
+                ds,
+                f"data_dir={data}",
+                f"checkpoint_dir={tmp / 's2'}",
+                "epochs=1",
+                "batch_size=4",
+                "model.name=villa-tiny-rn",
+                "model.pretrained=none",
+                "device=cpu",
+                "num_workers=0",
+                "progress=false",
+                "amp=false",
+            ],
+        )
+    )
+    ev = run_evaluation(
+        compose_config(
+            "evaluate",
+            [
+                ds,
+                f"data_dir={data}",
+                f"model.pretrained={s2['best_checkpoint']}",
+                "model.name=auto",
+                f"output={tmp / 'ev.json'}",
+                "num_workers=0",
+                "batch_size=8",
+                "device=cpu",
+            ],
+        )
+    )
     return {"stage1": s1, "eval": ev}
 
 
@@ -432,26 +583,57 @@ def test_every_importer_runs_through_the_pipeline(importer, tmp_path):
         root = photos(tmp_path / "mine", n=16)
         cfg = tmp_path / "shapes.yaml"
         cfg.write_text(json.dumps(SHAPES))
-        data = import_generic(root, root / "captions.jsonl", vocab_from_dict(SHAPES), RegionSpec("grid", grid=[2]),
-                              split_fractions=(0.5, 0.25, 0.25), progress=False)  # fmt: skip
+        data = import_generic(
+            root,
+            root / "captions.jsonl",
+            vocab_from_dict(SHAPES),
+            RegionSpec("grid", grid=[2]),
+            split_fractions=(0.5, 0.25, 0.25),
+            progress=False,
+        )
         config = str(cfg)
     elif importer == "coco":
-        data = import_coco(coco_fixture(tmp_path / "coco"), load_vocab("coco"), RegionSpec("given"), tmp_path / "ds",
-                           val_fraction=0.25, progress=False)  # fmt: skip
+        data = import_coco(
+            coco_fixture(tmp_path / "coco"),
+            load_vocab("coco"),
+            RegionSpec("given"),
+            tmp_path / "ds",
+            val_fraction=0.25,
+            progress=False,
+        )
         config = "coco"
     elif importer == "deepfashion":
-        data = import_deepfashion(deepfashion_fixture(tmp_path / "df", n=16), load_vocab("deepfashion"),
-                                  RegionSpec("masks"), tmp_path / "ds", split_fractions=(0.5, 0.25, 0.25), progress=False)  # fmt: skip
+        data = import_deepfashion(
+            deepfashion_fixture(tmp_path / "df", n=16),
+            load_vocab("deepfashion"),
+            RegionSpec("masks"),
+            tmp_path / "ds",
+            split_fractions=(0.5, 0.25, 0.25),
+            progress=False,
+        )
         config = "deepfashion"
     else:
         reports, images = mimic_fixture(tmp_path, n_subjects=12)
-        data = import_mimic(reports, images, load_vocab("chexpert"), RegionSpec("grid", grid=[2]), tmp_path / "ds",
-                            progress=False, no_attribute="keep")  # fmt: skip
+        data = import_mimic(
+            reports,
+            images,
+            load_vocab("chexpert"),
+            RegionSpec("grid", grid=[2]),
+            tmp_path / "ds",
+            progress=False,
+            no_attribute="keep",
+        )
         config = "chexpert"
     out = _pipeline(data, config, tmp_path)
     ev = out["eval"]
-    assert ev["image_text"]["images"] == int((load_annotations(data, load_vocab(config) if "/" not in config else
-                                              vocab_from_dict(SHAPES), required_splits=()).split == "test").sum())  # fmt: skip
+    assert ev["image_text"]["images"] == int(
+        (
+            load_annotations(
+                data, load_vocab(config) if "/" not in config else vocab_from_dict(SHAPES), required_splits=()
+            ).split
+            == "test"
+        ).sum()
+    )
     assert 0 <= ev["image_text"]["image_to_text"]["R@1"] <= 1
     assert ("text_to_region" in ev) == (importer in ("coco", "deepfashion"))  # region labels where the data has them
     assert "degeneracy" in out["stage1"]

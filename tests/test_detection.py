@@ -45,8 +45,10 @@ def write_gt(tmp: Path, n_images: int = 4, size=(64, 48)) -> Path:
 def test_perfect_detections_give_ap50_100_and_a_swap_gives_the_hand_value(tmp_path):
     gt = load_gt(write_gt(tmp_path, n_images=2))
     groups = {"all": [1, 2], "base": [1], "novel": [2]}
-    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-               for a in gt.dataset["annotations"]]  # fmt: skip
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in gt.dataset["annotations"]
+    ]
     res = coco_ap(gt, perfect, groups, [10, 11])
     assert res["all"]["AP50"] == pytest.approx(100) and res["all"]["AP"] == pytest.approx(100)
     assert res["per_category_AP50"] == {"square": pytest.approx(100), "disc": pytest.approx(100)}
@@ -88,8 +90,18 @@ def test_zero_shot_detection_end_to_end(tmp_path):
     opts = {"normalize": False, "input_size": None}
     split = tmp_path / "split.yaml"
     split.write_text("groups:\n  base: [square]\n  novel: [disc]\n")
-    res = zero_shot_detection(clip, opts, rt, gt_path, tmp_path / "images", split=str(split), num_workers=0,
-                              templates=["a {}"], temperature=1.0, results_path=tmp_path / "dets.json")  # fmt: skip
+    res = zero_shot_detection(
+        clip,
+        opts,
+        rt,
+        gt_path,
+        tmp_path / "images",
+        split=str(split),
+        num_workers=0,
+        templates=["a {}"],
+        temperature=1.0,
+        results_path=tmp_path / "dets.json",
+    )
     assert res["images"] == 4 and res["boxes"] == 8 and set(res) >= {"all", "base", "novel", "per_category_AP50"}
     dets = json.loads((tmp_path / "dets.json").read_text())
     assert len(dets) == res["detections"] and {d["image_id"] for d in dets} == {10, 11, 12, 13}
@@ -100,19 +112,44 @@ def test_zero_shot_detection_end_to_end(tmp_path):
     assert again["all"]["AP50"] == pytest.approx(res["all"]["AP50"])
     props = [{"image_id": 10 + i, "bbox": [4, 4, 16, 16], "score": 0.9} for i in range(4)]
     (tmp_path / "p.json").write_text(json.dumps(props))
-    res = zero_shot_detection(clip, opts, rt, gt_path, tmp_path / "images", regions="proposals",
-                              proposals_file=str(tmp_path / "p.json"), num_workers=0, templates=["a {}"])  # fmt: skip
+    res = zero_shot_detection(
+        clip,
+        opts,
+        rt,
+        gt_path,
+        tmp_path / "images",
+        regions="proposals",
+        proposals_file=str(tmp_path / "p.json"),
+        num_workers=0,
+        templates=["a {}"],
+    )
     assert res["boxes"] == 4 and res["objectness"] is True
     with pytest.raises(VillaError, match="names 1 categories the ground truth does not have"):
         category_groups(load_gt(gt_path), str(_yaml(tmp_path / "s2.yaml", "groups:\n  novel: [triangle]\n")))
     with pytest.raises(VillaError, match="proposals for 1 images this dataset does not have"):
         (tmp_path / "q.json").write_text(json.dumps([{"image_id": 99, "bbox": [0, 0, 4, 4], "score": 1}]))
-        zero_shot_detection(clip, opts, rt, gt_path, tmp_path / "images", regions="proposals",
-                            proposals_file=str(tmp_path / "q.json"), num_workers=0)  # fmt: skip
+        zero_shot_detection(
+            clip,
+            opts,
+            rt,
+            gt_path,
+            tmp_path / "images",
+            regions="proposals",
+            proposals_file=str(tmp_path / "q.json"),
+            num_workers=0,
+        )
     with pytest.raises(VillaError, match="holds no proposals"):
         (tmp_path / "e.json").write_text("[]")
-        zero_shot_detection(clip, opts, rt, gt_path, tmp_path / "images", regions="proposals",
-                            proposals_file=str(tmp_path / "e.json"), num_workers=0)  # fmt: skip
+        zero_shot_detection(
+            clip,
+            opts,
+            rt,
+            gt_path,
+            tmp_path / "images",
+            regions="proposals",
+            proposals_file=str(tmp_path / "e.json"),
+            num_workers=0,
+        )
 
 
 def _yaml(p: Path, text: str) -> Path:
@@ -132,10 +169,23 @@ def test_coco_split_file_and_lvis_groups(tmp_path):
 
 
 def test_cli_bad_ground_truth_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "villa.detection", f"gt={tmp_path / 'none.json'}", f"images={tmp_path}",
-                        "model.name=villa-tiny-rn", "model.pretrained=none", f"output={tmp_path / 'o.json'}",
-                        f"hydra.run.dir={tmp_path / 'h'}"], capture_output=True, text=True, cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "villa.detection",
+            f"gt={tmp_path / 'none.json'}",
+            f"images={tmp_path}",
+            "model.name=villa-tiny-rn",
+            "model.pretrained=none",
+            f"output={tmp_path / 'o.json'}",
+            f"hydra.run.dir={tmp_path / 'h'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "error: ground truth not found" in r.stderr
 
@@ -155,14 +205,22 @@ def test_classification_accuracy_by_hand_and_end_to_end(tmp_path):
     clip = create_clip("villa-tiny-rn", "none", device="cpu")
     opts = {"normalize": False, "input_size": None}
     for readout in ("image", "region"):
-        r = zero_shot_classification(clip, opts, get_runtime("cpu"), tmp_path / "labels.csv", tmp_path / "images",
-                                     readout=readout, num_workers=0)  # fmt: skip
+        r = zero_shot_classification(
+            clip, opts, get_runtime("cpu"), tmp_path / "labels.csv", tmp_path / "images", readout=readout, num_workers=0
+        )
         assert r["images"] == 4 and r["classes"] == ["Atelectasis", "Edema"] and r["accuracy"] in (0, 25, 50, 75, 100)
         assert sum(map(sum, r["confusion"])) == 4
     (tmp_path / "bad.csv").write_text("image,label\n0.png,Pneumonia\n")
     with pytest.raises(VillaError, match=r"labels \['Pneumonia'\] are not among the classes"):
-        zero_shot_classification(clip, opts, get_runtime("cpu"), tmp_path / "bad.csv", tmp_path / "images",
-                                 classes=["Atelectasis", "Edema"], num_workers=0)  # fmt: skip
+        zero_shot_classification(
+            clip,
+            opts,
+            get_runtime("cpu"),
+            tmp_path / "bad.csv",
+            tmp_path / "images",
+            classes=["Atelectasis", "Edema"],
+            num_workers=0,
+        )
 
 
 def test_docmnist_as_coco_ground_truth(tiny_docmnist, tmp_path):
@@ -173,8 +231,10 @@ def test_docmnist_as_coco_ground_truth(tiny_docmnist, tmp_path):
     out = export_coco(tiny_docmnist, tmp_path / "gt.json")
     gt = load_gt(out)
     assert [c["name"] for c in gt.loadCats(gt.getCatIds())][:3] == ["zero", "one", "two"]
-    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-            for a in gt.dataset["annotations"]]  # fmt: skip
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in gt.dataset["annotations"]
+    ]
     res = coco_ap(gt, dets, category_groups(gt, None), gt.getImgIds())
     assert res["all"]["AP50"] == pytest.approx(100)
     assert len(gt.dataset["annotations"]) == sum(len(gt.imgToAnns[i]) for i in gt.getImgIds()) > 0

@@ -180,8 +180,17 @@ def _content_digest(root: Path) -> str:
 @pytest.mark.parametrize("args", list(PINNED_DIGESTS))
 def test_output_pinned(tmp_path, mnist, args):
     budget, target, seed, val, test = args
-    out = generate(budget, target, seed=seed, out_dir=str(tmp_path), mnist_dir=mnist, val_budget=val,
-                   test_budget=test, progress=False, chunk_images=16)  # fmt: skip
+    out = generate(
+        budget,
+        target,
+        seed=seed,
+        out_dir=str(tmp_path),
+        mnist_dir=mnist,
+        val_budget=val,
+        test_budget=test,
+        progress=False,
+        chunk_images=16,
+    )
     if not json.loads((out / "generation.json").read_text())["mnist_full"]:
         pytest.skip("the pinned digests were taken with the full MNIST")
     assert _content_digest(out) == PINNED_DIGESTS[args]
@@ -212,10 +221,26 @@ def test_disjoint_pools_from_test_split(mnist, tmp_path):
     keys = _digit_keys(pools)
     assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["val"]) and not (keys["val"] & keys["test"])
     # the partition never depends on the generator's seed: datasets of different seeds share no train/test digit
-    a = generate(300, 8, seed=1, out_dir=str(tmp_path / "a"), mnist_dir=str(folder), val_budget=50,
-                 test_budget=50, progress=False)  # fmt: skip
-    b = generate(300, 8, seed=2, out_dir=str(tmp_path / "b"), mnist_dir=str(folder), val_budget=50,
-                 test_budget=50, progress=False)  # fmt: skip
+    a = generate(
+        300,
+        8,
+        seed=1,
+        out_dir=str(tmp_path / "a"),
+        mnist_dir=str(folder),
+        val_budget=50,
+        test_budget=50,
+        progress=False,
+    )
+    b = generate(
+        300,
+        8,
+        seed=2,
+        out_dir=str(tmp_path / "b"),
+        mnist_dir=str(folder),
+        val_budget=50,
+        test_budget=50,
+        progress=False,
+    )
     pa_, pb = (json.loads((d / "generation.json").read_text())["digit_pools"] for d in (a, b))
     assert pa_ == pb and pa_["test"]["scheme"] == "test-only-v1" and pa_["test"]["digits"] == 2000
 

@@ -19,8 +19,9 @@ RESULTS_PAGE = (RESULTS / "README.md").read_text()
 def render(script: str, results: Path) -> str:
     """What ``python -m <script> --render <results.json>`` prints: the table the script writes for those results
     (the scripts are run as their users run them, never imported)."""
-    r = subprocess.run([sys.executable, "-m", script, "--render", str(results)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", script, "--render", str(results)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -39,12 +40,32 @@ def first_table(markdown: str) -> str:
     return markdown[i : j if j >= 0 else len(markdown)]
 
 
+def test_docs_speak_to_users():
+    """Findings with their spread, never the project's bookkeeping (issue numbers, targets met or missed), and no
+    path that exists only on the project's CI machines."""
+    import re
+
+    pages = [ROOT / "README.md", ROOT / "Makefile", *sorted((ROOT / "docs").rglob("*.md"))]
+    for page in pages:
+        text = page.read_text()
+        for pattern in (r"\b[Ii]ssue \d+", r"issue's", r":\s*\**(met|missed)\b", r"\btargets? (met|missed)\b",
+                        r"shared/data"):  # fmt: skip
+            hit = re.search(pattern, text)
+            assert hit is None, f"{page.relative_to(ROOT)}: {text[max(0, hit.start() - 60) : hit.end() + 20]!r}"
+
+
 def test_readme_is_a_front_door():
     lines = README.splitlines()
     assert len(lines) <= 250
     first_block = README.index("```bash")
     assert README[first_block:].split("```")[1].split()[:4] == ["bash", "make", "demo", "#"]
-    for link in ("docs/results/README.md", "docs/api.md", "docs/data_format.md", "docs/speed.md"):
+    for link in (
+        "docs/results/README.md",
+        "docs/api.md",
+        "docs/data_format.md",
+        "docs/speed.md",
+        "docs/architecture.md",
+    ):
         assert f"]({link}" in README
 
 
@@ -101,7 +122,7 @@ def test_detection_table_is_its_results_file_and_in_the_readme():
     results = json.loads((RESULTS / "detection" / "results.json").read_text())
     table = (RESULTS / "detection" / "table.md").read_text()
     assert table == render("experiments.detection", RESULTS / "detection" / "results.json")  # from the runs
-    assert first_table(table) in README and table.strip() in RESULTS_PAGE
+    assert table.strip() in RESULTS_PAGE
     assert results["command"] in RESULTS_PAGE
     assert len(results["settings"]["seeds"]) == 3 and [r["target"] for r in results["summary"]] == [5, 30]
     assert results["split"]["novel"] == ["seven", "eight", "nine"] and not set(results["split"]["base"]) & {
@@ -115,7 +136,7 @@ def test_detection_table_is_its_results_file_and_in_the_readme():
 
 @pytest.mark.parametrize("folder", ["complexity_fixed", "complexity_cap24"])
 def test_complexity_controls_are_their_results_files_and_on_the_results_page(folder):
-    """Issue 24: the fixed-images control and the 3x-cap check at the budget sweep's extremes."""
+    """The fixed-images control and the 3x-cap check at the budget sweep's extremes."""
     results = json.loads((RESULTS / folder / "results.json").read_text())
     table = (RESULTS / folder / "table.md").read_text()
     assert table == render("experiments.complexity", RESULTS / folder / "results.json")
@@ -131,7 +152,7 @@ def test_complexity_controls_are_their_results_files_and_on_the_results_page(fol
 
 
 def test_speed_against_the_original_is_the_harness_output():
-    """Issue 23: docs/speed.md's villa-vs-original table is what benchmarks/bench_original.py printed from its JSON
+    """docs/speed.md's villa-vs-original table is what benchmarks/bench_original.py printed from its JSON
     (one run, both sides interleaved), with its command and date; the README's ratios are that file's."""
     res = json.loads((RESULTS / "benchmarks" / "original.json").read_text())
     speed = (ROOT / "docs" / "speed.md").read_text()
@@ -145,7 +166,7 @@ def test_speed_against_the_original_is_the_harness_output():
 
 
 def test_grain_converged_comparison_is_its_results_file_and_on_the_results_page():
-    """Issue 22: baseline, ViLLA and GRAIN (its code's losses and optimiser) at the lowest and highest complexity,
+    """Baseline, ViLLA and GRAIN (its code's losses and optimiser) at the lowest and highest complexity,
     a 20-epoch cap, GRAIN's head learning rate chosen on validation data; 3 seeds, with the binding benchmark."""
     results = json.loads((RESULTS / "grain_converged" / "results.json").read_text())
     chosen = json.loads((RESULTS / "grain_converged" / "head_lr" / "results.json").read_text())

@@ -38,8 +38,15 @@ def test_retrieval_metrics_on_toy_gallery():
     from villa.data.vocab import vocab_from_dict
     from villa.evaluate.retrieval import retrieval_metrics
 
-    vocab = vocab_from_dict({"name": "toy", "groups": [{"name": "g1", "attributes": ["a", "b"], "templates": ["{}"]},
-                                                       {"name": "g2", "attributes": ["c"], "templates": ["{}"]}]})  # fmt: skip
+    vocab = vocab_from_dict(
+        {
+            "name": "toy",
+            "groups": [
+                {"name": "g1", "attributes": ["a", "b"], "templates": ["{}"]},
+                {"name": "g2", "attributes": ["c"], "templates": ["{}"]},
+            ],
+        }
+    )
     attrs = torch.eye(3)
     regions = torch.tensor([[1.0, 0, 0.5], [0, 1.0, 0], [1.0, 0, 0]])
     gold = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 0]], bool)
@@ -55,8 +62,20 @@ def tiny_pretrained(tiny_docmnist, tmp_path_factory):
     from villa.stage2.train import train_stage2
 
     tmp = tmp_path_factory.mktemp("pre")
-    cfg = compose_config("stage2", ["experiment=pretrain", f"data_dir={tiny_docmnist}", f"checkpoint_dir={tmp}", "model.name=villa-tiny-rn",
-                                    "epochs=1", "batch_size=32", "device=cpu", "num_workers=0", "progress=false"])  # fmt: skip
+    cfg = compose_config(
+        "stage2",
+        [
+            "experiment=pretrain",
+            f"data_dir={tiny_docmnist}",
+            f"checkpoint_dir={tmp}",
+            "model.name=villa-tiny-rn",
+            "epochs=1",
+            "batch_size=32",
+            "device=cpu",
+            "num_workers=0",
+            "progress=false",
+        ],
+    )
     return Path(train_stage2(cfg)["best_checkpoint"])
 
 
@@ -64,8 +83,19 @@ def test_evaluate_entry_writes_json(tiny_docmnist, tiny_pretrained, tmp_path):
     from villa.evaluate.retrieval import run_evaluation
 
     out = tmp_path / "eval.json"
-    res = run_evaluation(compose_config("evaluate", [f"data_dir={tiny_docmnist}", f"model.pretrained={tiny_pretrained}", "label=tiny",
-                                                     f"output={out}", "device=cpu", "num_workers=0"]))  # fmt: skip
+    res = run_evaluation(
+        compose_config(
+            "evaluate",
+            [
+                f"data_dir={tiny_docmnist}",
+                f"model.pretrained={tiny_pretrained}",
+                "label=tiny",
+                f"output={out}",
+                "device=cpu",
+                "num_workers=0",
+            ],
+        )
+    )
     saved = json.loads(out.read_text())
     assert saved["label"] == "tiny" and saved["split"] == "test" and saved["model"]["model"] == "villa-tiny-rn"
     t = saved["text_to_region"]
@@ -159,9 +189,34 @@ def test_complexity_experiment_tiny(tiny_pretrained, tmp_path):
         kept = {k: v for k, v in settings.items() if k not in ("from_partial", "quiet")}
         (tmp_path / "runs.partial.json").write_text(json.dumps({"settings": kept, "runs": runs}))
 
-    sweep = ["--targets", "4", "8", "--seeds", "2", "--out", str(tmp_path), "--pretrained", str(tiny_pretrained),
-             "--budget", "600", "--val_budget", "300", "--eval_test_budget", "300", "--min_eval_regions", "50",
-             "--input_size", "0", "--stage1_epochs", "1", "--stage2_epochs", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+    sweep = [
+        "--targets",
+        "4",
+        "8",
+        "--seeds",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--pretrained",
+        str(tiny_pretrained),
+        "--budget",
+        "600",
+        "--val_budget",
+        "300",
+        "--eval_test_budget",
+        "300",
+        "--min_eval_regions",
+        "50",
+        "--input_size",
+        "0",
+        "--stage1_epochs",
+        "1",
+        "--stage2_epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     first = main([*sweep, "--methods", "baseline", "villa", "oracle"])
     assert first["methods"] == ["zero-shot", "baseline", "villa", "oracle"] and "GRAIN" not in format_tables(first)
     res = main(["--add_methods", "grain", "--out", str(tmp_path), "--device", "cpu", "--quiet"])
@@ -224,7 +279,9 @@ def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
     clip = create_clip("auto", str(ASSET))
     assert clip.model_name.startswith("villa-small-rn")
     state = torch.load(ASSET, map_location="cpu", weights_only=True)
-    assert state["kind"] == "villa-stage2-pretrain" and state["config"]["mode"] == "pretrain"  # written before objective=
+    assert (
+        state["kind"] == "villa-stage2-pretrain" and state["config"]["mode"] == "pretrain"
+    )  # written before objective=
     pools = state["data_pools"]
     assert {p["split"] for p in pools} == {"train", "val"} and {p["scheme"] for p in pools} == {"full-v1"}
     test_pool = load_digit_pools().info["test"].to_dict()
@@ -232,10 +289,23 @@ def test_shipped_checkpoint_and_its_command(tiny_docmnist, tmp_path):
     assert sum(pools_overlap(test_pool, p) for p in pools) == 0
     assert sum(p["digits"] for p in pools) == 60000  # train 48,000 + val 12,000: MNIST's training file
     r = subprocess.run(
-        [sys.executable, "-m", "villa.stage2", "experiment=pretrain", f"data_dir={tiny_docmnist}", f"checkpoint_dir={tmp_path}",
-         "epochs=1", "device=cpu", "num_workers=0", "progress=false"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "villa.stage2",
+            "experiment=pretrain",
+            f"data_dir={tiny_docmnist}",
+            f"checkpoint_dir={tmp_path}",
+            "epochs=1",
+            "device=cpu",
+            "num_workers=0",
+            "progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "best.pt").is_file()
 

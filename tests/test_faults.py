@@ -20,10 +20,20 @@ from villa.stage1.train import train_stage1
 
 
 def s1(data: Path, emb: Path, tmp: Path, *extra: str):
-    return compose_config("stage1", [
-        f"data_dir={data}", f"embeddings_dir={emb}", f"mapping_path={tmp / 'mapping.feather'}",
-        f"checkpoint_dir={tmp / 'ckpt'}", "device=cpu", "progress=false", "batch_size=16", "lr=1e-3", *extra,
-    ])  # fmt: skip
+    return compose_config(
+        "stage1",
+        [
+            f"data_dir={data}",
+            f"embeddings_dir={emb}",
+            f"mapping_path={tmp / 'mapping.feather'}",
+            f"checkpoint_dir={tmp / 'ckpt'}",
+            "device=cpu",
+            "progress=false",
+            "batch_size=16",
+            "lr=1e-3",
+            *extra,
+        ],
+    )
 
 
 def test_crash_between_an_epochs_writes_resumes_to_the_same_run(synthetic_stage1, tmp_path, monkeypatch):
@@ -102,9 +112,12 @@ def test_epsilon_rule_in_float64():
 
 @pytest.mark.parametrize(
     "column,value,match",
-    [("region_coord", [[float("nan"), 0, 10, 10]], "not finite"), ("image_id", float("nan"), "image_id is not finite"),
-     ("text", "  ", "text is empty")],
-)  # fmt: skip
+    [
+        ("region_coord", [[float("nan"), 0, 10, 10]], "not finite"),
+        ("image_id", float("nan"), "image_id is not finite"),
+        ("text", "  ", "text is empty"),
+    ],
+)
 def test_non_finite_and_empty_input_is_refused(tiny_docmnist, tmp_path, column, value, match):
     from villa.data.annotations import load_annotations
     from villa.data.vocab import load_vocab
@@ -125,9 +138,13 @@ def test_non_finite_and_empty_input_is_refused(tiny_docmnist, tmp_path, column, 
 
 @pytest.mark.parametrize(
     "name,override,match",
-    [("stage2", "+batchsize=4", "unknown key 'batchsize'"), ("evaluate", "precision_at=[0,10]", "precision_at"),
-     ("stage2", "betas=[1.5,0.9]", "betas"), ("stage2", "pretrain.crop=content", "pretrain.crop=content is for objective=pretrain")],
-)  # fmt: skip
+    [
+        ("stage2", "+batchsize=4", "unknown key 'batchsize'"),
+        ("evaluate", "precision_at=[0,10]", "precision_at"),
+        ("stage2", "betas=[1.5,0.9]", "betas"),
+        ("stage2", "pretrain.crop=content", "pretrain.crop=content is for objective=pretrain"),
+    ],
+)
 def test_overrides_that_would_be_ignored_or_wrong(name, override, match):
     from villa.core.config import check_overrides
 
@@ -140,9 +157,19 @@ def test_stage2_refuses_a_mapping_without_provenance(tiny_docmnist, tiny_mapping
 
     t = feather.read_table(tiny_mapping)
     feather.write_feather(t.replace_schema_metadata({}), tmp_path / "m.feather")
-    over = [f"data_dir={tiny_docmnist}", f"mapping_path={tmp_path / 'm.feather'}", f"checkpoint_dir={tmp_path / 'ck'}",
-            "model.name=villa-tiny-rn", "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false",
-            "epochs=1", "batch_size=16", "amp=false"]  # fmt: skip
+    over = [
+        f"data_dir={tiny_docmnist}",
+        f"mapping_path={tmp_path / 'm.feather'}",
+        f"checkpoint_dir={tmp_path / 'ck'}",
+        "model.name=villa-tiny-rn",
+        "model.pretrained=none",
+        "device=cpu",
+        "num_workers=0",
+        "progress=false",
+        "epochs=1",
+        "batch_size=16",
+        "amp=false",
+    ]
     with pytest.raises(VillaError, match="records no provenance .* trust_mapping=true"):
         train_stage2(compose_config("stage2", over))
     res = train_stage2(compose_config("stage2", over + ["trust_mapping=true"]))
@@ -193,41 +220,84 @@ def test_full_disk_is_one_line_and_leaves_nothing(small_disk, tiny_docmnist, mni
 
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-m", "docmnist.generate_docmnist", "--attribute_budget=300", "--quiet",
-                        f"--out_dir={small_disk}", f"--mnist_dir={mnist}", "--val_budget=150", "--test_budget=150"],
-                       capture_output=True, text=True, env=env)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "docmnist.generate_docmnist",
+            "--attribute_budget=300",
+            "--quiet",
+            f"--out_dir={small_disk}",
+            f"--mnist_dir={mnist}",
+            "--val_budget=150",
+            "--test_budget=150",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().startswith("error: ") and "no space left on the device" in r.stderr
     assert r.stderr.strip().count("\n") == 0 or "left on the device" in r.stderr.strip().splitlines()[-1]
     assert list(small_disk.iterdir()) == []
     with pytest.raises(VillaError, match="no space left on the device writing .*emb"):
-        embed_dataset(tiny_docmnist, "docmnist", model="villa-tiny-rn", pretrained="none", device="cpu",
-                      num_workers=0, progress=False, dtype="float32", out_dir=small_disk / "emb")  # fmt: skip
+        embed_dataset(
+            tiny_docmnist,
+            "docmnist",
+            model="villa-tiny-rn",
+            pretrained="none",
+            device="cpu",
+            num_workers=0,
+            progress=False,
+            dtype="float32",
+            out_dir=small_disk / "emb",
+        )
     assert list(small_disk.iterdir()) == []
     with pytest.raises(VillaError, match="no space left on the device writing .*last.pt|best.pt|metrics"):
         from villa.stage2.train import train_stage2
 
-        train_stage2(compose_config("stage2", [
-            f"data_dir={tiny_docmnist}", f"checkpoint_dir={small_disk / 'ck'}", "objective=one_to_one", "model.name=villa-tiny-rn",
-            "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false", "epochs=1", "batch_size=16", "amp=false",
-        ]))  # fmt: skip
+        train_stage2(
+            compose_config(
+                "stage2",
+                [
+                    f"data_dir={tiny_docmnist}",
+                    f"checkpoint_dir={small_disk / 'ck'}",
+                    "objective=one_to_one",
+                    "model.name=villa-tiny-rn",
+                    "model.pretrained=none",
+                    "device=cpu",
+                    "num_workers=0",
+                    "progress=false",
+                    "epochs=1",
+                    "batch_size=16",
+                    "amp=false",
+                ],
+            )
+        )
     ck = small_disk / "ck"
     assert not ck.exists() or not [p for p in ck.iterdir() if p.name.endswith(".pt") or ".tmp-" in p.name]
 
 
 @pytest.mark.parametrize(
     "module,override,match",
-    [("villa.stage2", "~lr", "error: lr is missing .*set it with lr=... instead"),
-     ("villa.stage1", "model._target_=foo.Bar", "error: model._target_='foo.Bar' is not a class villa can import")],
-)  # fmt: skip
+    [
+        ("villa.stage2", "~lr", "error: lr is missing .*set it with lr=... instead"),
+        ("villa.stage1", "model._target_=foo.Bar", "error: model._target_='foo.Bar' is not a class villa can import"),
+    ],
+)
 def test_deleted_keys_and_bad_targets_are_one_line_before_hydra_starts(module, override, match, tmp_path):
     import re
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-m", module, override, f"data_dir={tmp_path}"], capture_output=True,
-                       text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", module, override, f"data_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and re.search(match, r.stderr), r.stderr
     assert not (tmp_path / "outputs").exists()  # Hydra never started: no output folder
 
@@ -291,16 +361,19 @@ def _cli(*args: str, cwd: Path):
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(root)}
+    )
 
 
 @pytest.mark.parametrize(
     "args,match",
-    [(["-m", "experiments.demo", "--stage2_epochs", "0"], "error: --stage2_epochs=0: must be an integer >= 1"),
-     (["-m", "experiments.demo", "--budget", "10"], "error: --budget=10 is below two images at --target=16"),
-     (["-m", "docmnist.generate_docmnist", "--workers", "-3"], "error: --workers=-3: must be >= 1")],
-)  # fmt: skip
+    [
+        (["-m", "experiments.demo", "--stage2_epochs", "0"], "error: --stage2_epochs=0: must be an integer >= 1"),
+        (["-m", "experiments.demo", "--budget", "10"], "error: --budget=10 is below two images at --target=16"),
+        (["-m", "docmnist.generate_docmnist", "--workers", "-3"], "error: --workers=-3: must be >= 1"),
+    ],
+)
 def test_settings_refused_before_any_work(tmp_path, args, match):
     r = _cli(*args, "--out" if "experiments.demo" in args else "--out_dir", str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
@@ -328,6 +401,7 @@ def test_every_flag_has_help_and_commands_name_themselves(tmp_path):
                 i + 1 < len(lines) and lines[i + 1].startswith(" " * 10) and not lines[i + 1].strip().startswith("-")
             )
             assert described, f"{module}: {m.group(1)} has no help text"
+
 
 def test_a_checkpoint_of_another_model_names_the_key_to_set(tmp_path):
     from villa.core.checkpoint import save_checkpoint
@@ -367,8 +441,18 @@ def test_stage2_refuses_to_resume_on_changed_images(tiny_docmnist, tmp_path, mon
 
     monkeypatch.setenv("VILLA_CACHE_DIR", str(tmp_path / "cache"))
     data = shutil.copytree(tiny_docmnist, tmp_path / "d", ignore=shutil.ignore_patterns("embeddings", "text_cache"))
-    over = [f"data_dir={data}", f"checkpoint_dir={tmp_path / 'ck'}", "objective=one_to_one", "model.name=villa-tiny-rn",
-            "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false", "batch_size=16", "amp=false"]  # fmt: skip
+    over = [
+        f"data_dir={data}",
+        f"checkpoint_dir={tmp_path / 'ck'}",
+        "objective=one_to_one",
+        "model.name=villa-tiny-rn",
+        "model.pretrained=none",
+        "device=cpu",
+        "num_workers=0",
+        "progress=false",
+        "batch_size=16",
+        "amp=false",
+    ]
     train_stage2(compose_config("stage2", over + ["epochs=1"]))
     for p in (data / "images").rglob("*.png"):
         with Image.open(p) as im:

@@ -28,11 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_winoground_metrics_by_hand():
     # s[n, caption, image]
-    s = np.array([
-        [[0.9, 0.1], [0.2, 0.8]],  # both right: text, image, group
-        [[0.5, 0.6], [0.4, 0.7]],  # text: 0.5 > 0.4 and 0.7 > 0.6 -> yes; image: 0.5 > 0.6 no -> group no
-        [[0.3, 0.2], [0.4, 0.1]],  # text: 0.3 > 0.4 no; image: 0.3 > 0.2 and 0.1 > 0.4 no
-    ])  # fmt: skip
+    s = np.array(
+        [
+            [[0.9, 0.1], [0.2, 0.8]],  # both right: text, image, group
+            [[0.5, 0.6], [0.4, 0.7]],  # text: 0.5 > 0.4 and 0.7 > 0.6 -> yes; image: 0.5 > 0.6 no -> group no
+            [[0.3, 0.2], [0.4, 0.1]],  # text: 0.3 > 0.4 no; image: 0.3 > 0.2 and 0.1 > 0.4 no
+        ]
+    )
     m = winoground_metrics(s)
     assert m == {
         "text": pytest.approx(2 / 3),
@@ -79,9 +81,19 @@ def winoground_fixture(root: Path) -> None:
     for i in range(3):
         for k in (0, 1):
             _img(root / "images" / f"ex_{i}_img_{k}.png", COLORS[(i + k) % 4])
-        rows.append({"id": i, "caption_0": f"a red square number {i}", "caption_1": f"number {i} a square red",
-                     "image_0": f"ex_{i}_img_0", "image_1": f"ex_{i}_img_1", "tag": "Object" if i else "Relation",
-                     "secondary_tag": "", "num_main_preds": 1, "collapsed_tag": "Object" if i else "Relation"})  # fmt: skip
+        rows.append(
+            {
+                "id": i,
+                "caption_0": f"a red square number {i}",
+                "caption_1": f"number {i} a square red",
+                "image_0": f"ex_{i}_img_0",
+                "image_1": f"ex_{i}_img_1",
+                "tag": "Object" if i else "Relation",
+                "secondary_tag": "",
+                "num_main_preds": 1,
+                "collapsed_tag": "Object" if i else "Relation",
+            }
+        )
     (root / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -91,8 +103,13 @@ def valse_fixture(root: Path) -> None:
         for i in range(3):
             f = f"img_{name}_{i}.jpg"
             _img(root / "images" / "coco" / f, COLORS[i])
-            pieces[name][f"{name}_{i}"] = {"dataset": "coco", "image_file": f, "caption": f"there are {i} red things",
-                                           "foil": f"there are {i + 1} blue things", "mturk": {"caption": 3 - i, "foil": 0}}  # fmt: skip
+            pieces[name][f"{name}_{i}"] = {
+                "dataset": "coco",
+                "image_file": f,
+                "caption": f"there are {i} red things",
+                "foil": f"there are {i + 1} blue things",
+                "mturk": {"caption": 3 - i, "foil": 0},
+            }
         (root / "data").mkdir(parents=True, exist_ok=True)
         (root / "data" / f"{name}.json").write_text(json.dumps(pieces[name]))
 
@@ -103,8 +120,15 @@ def vsr_fixture(root: Path) -> None:
         for i in range(n):
             name = f"{split}_{i}.jpg"
             _img(root / "images" / name, COLORS[i])
-            rows.append({"image": name, "image_link": "http://x/" + name, "caption": f"the cat is left of thing {i}",
-                         "label": i % 2, "relation": "left of" if i < 2 else "on top of"})  # fmt: skip
+            rows.append(
+                {
+                    "image": name,
+                    "image_link": "http://x/" + name,
+                    "caption": f"the cat is left of thing {i}",
+                    "label": i % 2,
+                    "relation": "left of" if i < 2 else "on top of",
+                }
+            )
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -114,9 +138,20 @@ def svo_fixture(root: Path) -> None:
         _img(root / "images" / f"p{i}.jpg", COLORS[i])
         _img(root / "images" / f"n{i}.jpg", COLORS[(i + 1) % 4])
         kind = ("subj_neg", "verb_neg", "obj_neg", "obj_neg")[i]
-        rows.append({"sentence": f"a dog catches ball {i}", "pos_triplet": "dog,catch,ball", "neg_triplet": "cat,catch,ball",
-                     "subj_neg": str(kind == "subj_neg"), "verb_neg": str(kind == "verb_neg"), "obj_neg": str(kind == "obj_neg"),
-                     "pos_url": f"http://x/p{i}.jpg", "neg_url": f"http://x/n{i}.jpg", "pos_image_id": f"p{i}", "neg_image_id": f"n{i}"})  # fmt: skip
+        rows.append(
+            {
+                "sentence": f"a dog catches ball {i}",
+                "pos_triplet": "dog,catch,ball",
+                "neg_triplet": "cat,catch,ball",
+                "subj_neg": str(kind == "subj_neg"),
+                "verb_neg": str(kind == "verb_neg"),
+                "obj_neg": str(kind == "obj_neg"),
+                "pos_url": f"http://x/p{i}.jpg",
+                "neg_url": f"http://x/n{i}.jpg",
+                "pos_image_id": f"p{i}",
+                "neg_image_id": f"n{i}",
+            }
+        )
     with open(root / "svo_probes.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -129,8 +164,14 @@ def sugarcrepe_fixture(root: Path) -> None:
         _img(root / "val2017" / f"{i:012d}.jpg", COLORS[i])
     (root / "data").mkdir(parents=True, exist_ok=True)
     for name in ("add_att", "replace_obj", "swap_att"):
-        items = {str(i): {"filename": f"{i:012d}.jpg", "caption": f"a red square {name} {i}",
-                          "negative_caption": f"a blue square {name} {i}"} for i in range(4)}  # fmt: skip
+        items = {
+            str(i): {
+                "filename": f"{i:012d}.jpg",
+                "caption": f"a red square {name} {i}",
+                "negative_caption": f"a blue square {name} {i}",
+            }
+            for i in range(4)
+        }
         (root / "data" / f"{name}.json").write_text(json.dumps(items))
 
 
@@ -138,27 +179,67 @@ def aro_fixture(root: Path) -> None:
     """visual_genome_relation.json / visual_genome_attribution.json and images/ (the published file names)."""
     for i in range(4):
         _img(root / "images" / f"{i + 100}.jpg", COLORS[i], size=(60, 40))
-    rel = [{"image_id": str(100 + i), "image_path": f"/x/vg/images/{100 + i}.jpg", "bbox_x": 5, "bbox_y": 4,
-            "bbox_w": 30, "bbox_h": 20, "true_caption": f"the cup is on the table {i}",
-            "false_caption": f"the table is on the cup {i}", "relation_name": ["on", "on", "under", "under"][i]}
-           for i in range(4)]  # fmt: skip
-    att = [{"image_id": str(100 + i), "image_path": f"{100 + i}.jpg", "bbox_x": 0, "bbox_y": 0, "bbox_w": 60,
-            "bbox_h": 40, "true_caption": f"the red cup and the white table {i}",
-            "false_caption": f"the white cup and the red table {i}", "attributes": ["red", "white"]} for i in range(4)]  # fmt: skip
+    rel = [
+        {
+            "image_id": str(100 + i),
+            "image_path": f"/x/vg/images/{100 + i}.jpg",
+            "bbox_x": 5,
+            "bbox_y": 4,
+            "bbox_w": 30,
+            "bbox_h": 20,
+            "true_caption": f"the cup is on the table {i}",
+            "false_caption": f"the table is on the cup {i}",
+            "relation_name": ["on", "on", "under", "under"][i],
+        }
+        for i in range(4)
+    ]
+    att = [
+        {
+            "image_id": str(100 + i),
+            "image_path": f"{100 + i}.jpg",
+            "bbox_x": 0,
+            "bbox_y": 0,
+            "bbox_w": 60,
+            "bbox_h": 40,
+            "true_caption": f"the red cup and the white table {i}",
+            "false_caption": f"the white cup and the red table {i}",
+            "attributes": ["red", "white"],
+        }
+        for i in range(4)
+    ]
     (root / "visual_genome_relation.json").write_text(json.dumps(rel))
     (root / "visual_genome_attribution.json").write_text(json.dumps(att))
 
 
-FIXTURES = {"winoground": winoground_fixture, "valse": valse_fixture, "vsr": vsr_fixture, "svo_probes": svo_fixture,
-            "sugarcrepe": sugarcrepe_fixture, "aro": aro_fixture}  # fmt: skip
+FIXTURES = {
+    "winoground": winoground_fixture,
+    "valse": valse_fixture,
+    "vsr": vsr_fixture,
+    "svo_probes": svo_fixture,
+    "sugarcrepe": sugarcrepe_fixture,
+    "aro": aro_fixture,
+}
 
 
 def run_cli(bench: str, data: Path, ckpt: Path, out: Path, *overrides: str, env=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "villa.evaluate.finegrained", f"benchmark={bench}", f"data_dir={data}", f"model.pretrained={ckpt}",
-         "device=cpu", f"output={out}", *overrides], capture_output=True, text=True, cwd=out.parent, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "villa.evaluate.finegrained",
+            f"benchmark={bench}",
+            f"data_dir={data}",
+            f"model.pretrained={ckpt}",
+            "device=cpu",
+            f"output={out}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=out.parent,
+        env=env,
+    )
 
 
 def _scores(ckpt: Path, images: list[Path], texts: list[str]) -> np.ndarray:
@@ -221,11 +302,17 @@ def test_vsr_threshold_from_dev(tmp_path, tiny_ckpt):
     r = run_cli("vsr", tmp_path / "vsr", tiny_ckpt, tmp_path / "vsr.json")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "vsr.json").read_text())
-    dev = _scores(tiny_ckpt, [tmp_path / "vsr" / "images" / f"dev_{i}.jpg" for i in range(4)],
-                  [f"the cat is left of thing {i}" for i in range(4)])  # fmt: skip
+    dev = _scores(
+        tiny_ckpt,
+        [tmp_path / "vsr" / "images" / f"dev_{i}.jpg" for i in range(4)],
+        [f"the cat is left of thing {i}" for i in range(4)],
+    )
     t = best_threshold(dev, np.array([0, 1, 0, 1]))
-    test = _scores(tiny_ckpt, [tmp_path / "vsr" / "images" / f"test_{i}.jpg" for i in range(4)],
-                   [f"the cat is left of thing {i}" for i in range(4)])  # fmt: skip
+    test = _scores(
+        tiny_ckpt,
+        [tmp_path / "vsr" / "images" / f"test_{i}.jpg" for i in range(4)],
+        [f"the cat is left of thing {i}" for i in range(4)],
+    )
     assert res["threshold"] == pytest.approx(t, abs=1e-6) and res["threshold_from"] == "fitted on dev.jsonl"
     assert res["accuracy"] == pytest.approx(np.mean((test > t) == np.array([0, 1, 0, 1], bool)))
     assert set(res["per_relation"]) == {"left of", "on top of"} and "zero-shot" in res["note"]
@@ -321,15 +408,21 @@ def test_order_perturbations_move_only_what_aro_moves():
 def test_order_metrics_by_hand():
     from villa.evaluate.finegrained.order import order_metrics
 
-    s = np.array([
-        [0.9, 0.1, 0.2, 0.3, 0.4],  # caption best
-        [0.5, 0.5, 0.1, 0.1, 0.1],  # tie with option 1: argmax -> 0, as ARO
-        [0.2, 0.1, 0.6, 0.1, 0.1],  # option 2 best
-    ])  # fmt: skip
+    s = np.array(
+        [
+            [0.9, 0.1, 0.2, 0.3, 0.4],  # caption best
+            [0.5, 0.5, 0.1, 0.1, 0.1],  # tie with option 1: argmax -> 0, as ARO
+            [0.2, 0.1, 0.6, 0.1, 0.1],  # option 2 best
+        ]
+    )
     m = order_metrics(s)
     assert m["precision_at_1"] == pytest.approx(2 / 3) and m["examples"] == 3
-    assert m["per_perturbation"] == {"shuffle_nouns_and_adj": 1.0, "shuffle_allbut_nouns_and_adj": pytest.approx(2 / 3),
-                                     "shuffle_within_trigrams": 1.0, "shuffle_trigrams": 1.0}  # fmt: skip
+    assert m["per_perturbation"] == {
+        "shuffle_nouns_and_adj": 1.0,
+        "shuffle_allbut_nouns_and_adj": pytest.approx(2 / 3),
+        "shuffle_within_trigrams": 1.0,
+        "shuffle_trigrams": 1.0,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -345,8 +438,10 @@ def tiny_tagger(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nlp")
     nlp = spacy.blank("en")
     nlp.add_pipe("tagger")
-    examples = [Example(nlp.make_doc(c), Doc(nlp.vocab, words=[t.text for t in nlp.make_doc(c)], tags=g.split()))
-                for c, g in ORDER_CAPTIONS]  # fmt: skip
+    examples = [
+        Example(nlp.make_doc(c), Doc(nlp.vocab, words=[t.text for t in nlp.make_doc(c)], tags=g.split()))
+        for c, g in ORDER_CAPTIONS
+    ]
     spacy.util.fix_random_seed(0)
     optimizer = nlp.initialize(lambda: examples)
     for _ in range(60):
@@ -379,8 +474,15 @@ def test_coco_order_end_to_end(tmp_path, tiny_ckpt, tiny_tagger, monkeypatch):
 
     coco_order_fixture(tmp_path / "coco")
     env = {"NLTK_DATA": str(tiny_tagger / "nltk_data")}
-    r = run_cli("coco_order", tmp_path / "coco", tiny_ckpt, tmp_path / "co.json", f"spacy_model={tiny_tagger / 'tagger'}",
-                "seed=7", env=env)  # fmt: skip
+    r = run_cli(
+        "coco_order",
+        tmp_path / "coco",
+        tiny_ckpt,
+        tmp_path / "co.json",
+        f"spacy_model={tiny_tagger / 'tagger'}",
+        "seed=7",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "co.json").read_text())
     # the same options in this process (same tagger, tokenizer and seed); another seed draws other shuffles
@@ -430,21 +532,43 @@ def test_flickr30k_order_reads_its_layout(tmp_path, tiny_tagger, monkeypatch):
     [
         (lambda d: None, ["spacy_model=/nowhere/tagger"], "spaCy pipeline '/nowhere/tagger' not found"),
         (lambda d: (d / "coco_karpathy_test.json").unlink(), [], "coco_karpathy_test.json not found; get"),
-        (lambda d: (d / "coco_karpathy_test.json").write_text('[{"image": "../x.jpg", "caption": ["a"]}]'), [],
-         "outside"),
-        (lambda d: (d / "val2014" / "COCO_val2014_000000000002.jpg").unlink(), [], "COCO_val2014_000000000002.jpg (item 1) not found"),
+        (
+            lambda d: (d / "coco_karpathy_test.json").write_text('[{"image": "../x.jpg", "caption": ["a"]}]'),
+            [],
+            "outside",
+        ),
+        (
+            lambda d: (d / "val2014" / "COCO_val2014_000000000002.jpg").unlink(),
+            [],
+            "COCO_val2014_000000000002.jpg (item 1) not found",
+        ),
         (lambda d: None, ["split=train"], "split=train is not one of test, val"),
-        (lambda d: (d / "coco_karpathy_test.json").write_text('[{"image": 3, "caption": ["a"]}]'), [],
-         "item 0 lacks an image path or a caption"),
-        (lambda d: (d / "coco_karpathy_test.json").write_text('[{"image": "val2014/COCO_val2014_000000000001.jpg", '
-                                                                '"caption": []}]'), [], "holds no captions"),
+        (
+            lambda d: (d / "coco_karpathy_test.json").write_text('[{"image": 3, "caption": ["a"]}]'),
+            [],
+            "item 0 lacks an image path or a caption",
+        ),
+        (
+            lambda d: (d / "coco_karpathy_test.json").write_text(
+                '[{"image": "val2014/COCO_val2014_000000000001.jpg", "caption": []}]'
+            ),
+            [],
+            "holds no captions",
+        ),
     ],
-)  # fmt: skip
+)
 def test_coco_order_bad_input_is_one_line(tmp_path, tiny_ckpt, tiny_tagger, corrupt, overrides, match):
     coco_order_fixture(tmp_path / "d")
     corrupt(tmp_path / "d")
-    r = run_cli("coco_order", tmp_path / "d", tiny_ckpt, tmp_path / "o.json", f"spacy_model={tiny_tagger / 'tagger'}",
-                *overrides, env={"NLTK_DATA": str(tiny_tagger / "nltk_data")})  # fmt: skip
+    r = run_cli(
+        "coco_order",
+        tmp_path / "d",
+        tiny_ckpt,
+        tmp_path / "o.json",
+        f"spacy_model={tiny_tagger / 'tagger'}",
+        *overrides,
+        env={"NLTK_DATA": str(tiny_tagger / "nltk_data")},
+    )
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("[")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr[-1500:]

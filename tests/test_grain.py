@@ -47,8 +47,14 @@ def test_hungarian_match_and_box_loss_by_hand():
     target = torch.tensor([[0.25, 0.2, 0.2, 0.2], [0.7, 0.75, 0.2, 0.1]])
     img, qry, tgt = hungarian_match(pred, target, torch.tensor([0, 0]), 1)
     # all 6 assignments of 2 targets to distinct queries, costs by hand: 5 L1 - 2 GIoU
-    cost = [[5 * sum(abs(p - t) for p, t in zip(pred[0, q].tolist(), target[j].tolist()))
-             - 2 * _giou(_xyxy(pred[0, q].tolist()), _xyxy(target[j].tolist())) for j in range(2)] for q in range(3)]  # fmt: skip
+    cost = [
+        [
+            5 * sum(abs(p - t) for p, t in zip(pred[0, q].tolist(), target[j].tolist()))
+            - 2 * _giou(_xyxy(pred[0, q].tolist()), _xyxy(target[j].tolist()))
+            for j in range(2)
+        ]
+        for q in range(3)
+    ]
     best = min(
         ((q0, q1) for q0 in range(3) for q1 in range(3) if q0 != q1), key=lambda p: cost[p[0]][0] + cost[p[1]][1]
     )
@@ -124,8 +130,19 @@ def test_vit_tokens_through_forward_intermediates():
 
 
 def _grain_cfg(tmp, data, *extra):
-    return s2cfg(tmp, data, "objective=grain", "grain.boxes=gold", "batch_size=16", "grain.queries=9", "grain.width=32",
-                 "grain.heads=4", "grain.layers=2", "grain.ffn=64", *extra)  # fmt: skip
+    return s2cfg(
+        tmp,
+        data,
+        "objective=grain",
+        "grain.boxes=gold",
+        "batch_size=16",
+        "grain.queries=9",
+        "grain.width=32",
+        "grain.heads=4",
+        "grain.layers=2",
+        "grain.ffn=64",
+        *extra,
+    )
 
 
 def test_grain_trains_resumes_and_evaluates(tiny_docmnist, tmp_path):
@@ -248,9 +265,21 @@ def test_grain_ddp_gloo_matches_single_process(tiny_docmnist, tmp_path):
     """2 gloo processes against one process on the same global batch: losses and weights match (the box and
     region-description losses are local sums over a global count; the caption loss gathers features)."""
     data = _even_subset(tiny_docmnist, tmp_path / "data")
-    common = ["objective=grain", "grain.boxes=gold", "batch_size=16", "epochs=2", "lr=1e-3", "model.freeze_bn=true",
-              "seed=5", "grain.queries=9", "grain.width=32", "grain.heads=4", "grain.layers=2", "grain.ffn=64",
-              "grain.dropout=0"]  # fmt: skip
+    common = [
+        "objective=grain",
+        "grain.boxes=gold",
+        "batch_size=16",
+        "epochs=2",
+        "lr=1e-3",
+        "model.freeze_bn=true",
+        "seed=5",
+        "grain.queries=9",
+        "grain.width=32",
+        "grain.heads=4",
+        "grain.layers=2",
+        "grain.ffn=64",
+        "grain.dropout=0",
+    ]
     ddp, one = ddp_and_single(data, tmp_path, common)
     for k, v in one["state_dict"].items():
         torch.testing.assert_close(ddp["state_dict"][k], v, rtol=1e-3, atol=1e-4, msg=k)

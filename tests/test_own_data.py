@@ -51,23 +51,78 @@ def test_raw_images_and_captions_end_to_end(tiny_docmnist, tmp_path):
     rec = json.loads((plain / "captions.jsonl").read_text().splitlines()[0])
     assert set(rec) == {"id", "image", "caption"}  # no boxes, no attribute lists, no split
     data = tmp_path / "mine"
-    run("-m", "villa.data.importers.generic", f"--root={plain}", f"--captions={plain / 'captions.jsonl'}",
-        f"--dataset_config={DOCMNIST_YAML}", "--regions=grid", "--grid", "3", f"--out_dir={data}", "--quiet", cwd=tmp_path)  # fmt: skip
-    run("-m", "preprocess", f"--data_dir={data}", f"--dataset_config={DOCMNIST_YAML}", "--model=villa-tiny-rn",
-        "--pretrained=none", "--num_workers=0", "--quiet", cwd=tmp_path)  # fmt: skip
+    run(
+        "-m",
+        "villa.data.importers.generic",
+        f"--root={plain}",
+        f"--captions={plain / 'captions.jsonl'}",
+        f"--dataset_config={DOCMNIST_YAML}",
+        "--regions=grid",
+        "--grid",
+        "3",
+        f"--out_dir={data}",
+        "--quiet",
+        cwd=tmp_path,
+    )
+    run(
+        "-m",
+        "preprocess",
+        f"--data_dir={data}",
+        f"--dataset_config={DOCMNIST_YAML}",
+        "--model=villa-tiny-rn",
+        "--pretrained=none",
+        "--num_workers=0",
+        "--quiet",
+        cwd=tmp_path,
+    )
     meta = json.loads((data / "embeddings" / "meta.json").read_text())
     assert meta["regions_from"] == {"source": "grid", "grid": [[3, 3]]}
     ds = f"dataset={DOCMNIST_YAML}"
-    r1 = run("-m", "villa.stage1", ds, f"data_dir={data}", "epochs=2", "batch_size=16", "lr=1e-3", "device=cpu",
-             "progress=false", f"checkpoint_dir={tmp_path / 'ck1'}", f"hydra.run.dir={tmp_path / 'h1'}", cwd=tmp_path)  # fmt: skip
+    r1 = run(
+        "-m",
+        "villa.stage1",
+        ds,
+        f"data_dir={data}",
+        "epochs=2",
+        "batch_size=16",
+        "lr=1e-3",
+        "device=cpu",
+        "progress=false",
+        f"checkpoint_dir={tmp_path / 'ck1'}",
+        f"hydra.run.dir={tmp_path / 'h1'}",
+        cwd=tmp_path,
+    )
     assert "mapping (labelled)" not in r1.stdout  # nothing labelled: no mapping quality printed
     q = json.loads((data / "mapping_quality.json").read_text())
     assert "quality" not in q and q["regions"] == 9 * q["images"] and "degeneracy" in q
-    run("-m", "villa.stage2", ds, f"data_dir={data}", "epochs=1", "batch_size=16", "model.name=villa-tiny-rn",
-        "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false", f"checkpoint_dir={tmp_path / 'ck2'}",
-        f"hydra.run.dir={tmp_path / 'h2'}", cwd=tmp_path)  # fmt: skip
-    r3 = run("-m", "villa.evaluate", ds, f"data_dir={data}", "model.name=auto", f"model.pretrained={tmp_path / 'ck2' / 'best.pt'}",
-             f"output={tmp_path / 'ev.json'}", "num_workers=0", f"hydra.run.dir={tmp_path / 'h3'}", cwd=tmp_path)  # fmt: skip
+    run(
+        "-m",
+        "villa.stage2",
+        ds,
+        f"data_dir={data}",
+        "epochs=1",
+        "batch_size=16",
+        "model.name=villa-tiny-rn",
+        "model.pretrained=none",
+        "device=cpu",
+        "num_workers=0",
+        "progress=false",
+        f"checkpoint_dir={tmp_path / 'ck2'}",
+        f"hydra.run.dir={tmp_path / 'h2'}",
+        cwd=tmp_path,
+    )
+    r3 = run(
+        "-m",
+        "villa.evaluate",
+        ds,
+        f"data_dir={data}",
+        "model.name=auto",
+        f"model.pretrained={tmp_path / 'ck2' / 'best.pt'}",
+        f"output={tmp_path / 'ev.json'}",
+        "num_workers=0",
+        f"hydra.run.dir={tmp_path / 'h3'}",
+        cwd=tmp_path,
+    )
     ev = json.loads((tmp_path / "ev.json").read_text())
     n_test = int((load_annotations(data, load_vocab("docmnist"), check_images=False).split == "test").sum())
     assert "text_to_region" not in ev and ev["image_text"]["images"] == n_test
@@ -98,10 +153,21 @@ def test_degenerate_mapping_is_flagged():
 
 
 def _s1(data, emb, tmp, *extra):
-    return compose_config("stage1", [
-        f"data_dir={data}", f"embeddings_dir={emb}", f"mapping_path={tmp / 'mapping.feather'}", f"checkpoint_dir={tmp / 'ck'}",
-        "device=cpu", "progress=false", "batch_size=16", "lr=1e-3", "epochs=2", *extra,
-    ])  # fmt: skip
+    return compose_config(
+        "stage1",
+        [
+            f"data_dir={data}",
+            f"embeddings_dir={emb}",
+            f"mapping_path={tmp / 'mapping.feather'}",
+            f"checkpoint_dir={tmp / 'ck'}",
+            "device=cpu",
+            "progress=false",
+            "batch_size=16",
+            "lr=1e-3",
+            "epochs=2",
+            *extra,
+        ],
+    )
 
 
 def test_epsilon_remaps_without_retraining_and_warns_when_degenerate(synthetic_stage1, tmp_path, caplog):
@@ -159,8 +225,13 @@ def test_dataset_config_by_path_for_every_command(tmp_path):
     bad = tmp_path / "empty.yaml"
     bad.write_text("")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "villa.stage1", f"dataset={bad}", f"data_dir={tmp_path}"], capture_output=True,
-                       text=True, cwd=tmp_path, env=env)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "villa.stage1", f"dataset={bad}", f"data_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"error: dataset config {bad} is empty or not a mapping" in r.stderr
 
@@ -198,11 +269,28 @@ def test_size_buckets_save_padding_and_keep_outputs(tmp_path):
 
 def test_sharded_preprocessing_equals_one_process(tiny_docmnist, tmp_path):
     """torchrun with 2 gloo processes writes the same regions.npy as one process (each rank its slice)."""
-    common = [f"--data_dir={tiny_docmnist}", "--dataset_config=docmnist", "--model=villa-tiny-rn", "--pretrained=none",
-              "--num_workers=0", "--quiet", "--dtype=float32", "--device=cpu"]  # fmt: skip
+    common = [
+        f"--data_dir={tiny_docmnist}",
+        "--dataset_config=docmnist",
+        "--model=villa-tiny-rn",
+        "--pretrained=none",
+        "--num_workers=0",
+        "--quiet",
+        "--dtype=float32",
+        "--device=cpu",
+    ]
     run("-m", "preprocess", *common, f"--out_dir={tmp_path / 'one'}", cwd=tmp_path)
-    run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "preprocess", *common,
-        f"--out_dir={tmp_path / 'two'}", cwd=tmp_path)  # fmt: skip
+    run(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "preprocess",
+        *common,
+        f"--out_dir={tmp_path / 'two'}",
+        cwd=tmp_path,
+    )
     a, b = np.load(tmp_path / "one" / "regions.npy"), np.load(tmp_path / "two" / "regions.npy")
     assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
     assert json.loads((tmp_path / "two" / "meta.json").read_text())["world_size"] == 2
@@ -221,7 +309,9 @@ def test_image_paths_outside_the_dataset_are_refused(tiny_docmnist, tmp_path):
         paths[3] = bad
         copy = tmp_path / f"d{len(bad)}"
         copy.mkdir()
-        feather.write_feather(t.set_column(t.column_names.index("image_filepath"), "image_filepath", pa.array(paths)),
-                              copy / "annotations.feather")  # fmt: skip
+        feather.write_feather(
+            t.set_column(t.column_names.index("image_filepath"), "image_filepath", pa.array(paths)),
+            copy / "annotations.feather",
+        )
         with pytest.raises(VillaError, match=f"has image_filepath '{bad}', which leaves the dataset folder"):
             load_annotations(copy, load_vocab("docmnist"), check_images=False)

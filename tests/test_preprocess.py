@@ -201,15 +201,28 @@ def test_generic_dataset(tmp_path):
 
 def test_cli_docmnist_script(tiny_docmnist, tmp_path):
     r = subprocess.run(
-        [sys.executable, str(ROOT / "preprocess" / "preprocess_docmnist.py"), f"--data_dir={tiny_docmnist}",
-         "--model=villa-tiny-rn", "--pretrained=none", "--device=cpu", "--num_workers=0", f"--out_dir={tmp_path / 'e'}", "--quiet"],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "preprocess" / "preprocess_docmnist.py"),
+            f"--data_dir={tiny_docmnist}",
+            "--model=villa-tiny-rn",
+            "--pretrained=none",
+            "--device=cpu",
+            "--num_workers=0",
+            f"--out_dir={tmp_path / 'e'}",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     assert "preprocess: " in r.stdout and "regions/s" in r.stdout and (tmp_path / "e" / "regions.npy").is_file()
     r = subprocess.run(
         [sys.executable, "-m", "preprocess", f"--data_dir={tmp_path / 'none'}", "--dataset_config=docmnist", "--quiet"],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and r.stderr.strip().startswith("error: dataset folder not found")
     assert len(r.stderr.strip().splitlines()) == 1

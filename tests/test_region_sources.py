@@ -29,9 +29,15 @@ def test_grid_cells_tile_each_image():
     off, boxes = grid_boxes(np.array([[84, 84], [100, 50]]), [1, 2, "1x3"])
     assert off.tolist() == [0, 8, 16]
     assert boxes[:8].tolist() == [
-        [0, 0, 84, 84], [0, 0, 42, 42], [42, 0, 84, 42], [0, 42, 42, 84], [42, 42, 84, 84],
-        [0, 0, 28, 84], [28, 0, 56, 84], [56, 0, 84, 84],
-    ]  # fmt: skip
+        [0, 0, 84, 84],
+        [0, 0, 42, 42],
+        [42, 0, 84, 42],
+        [0, 42, 42, 84],
+        [42, 42, 84, 84],
+        [0, 0, 28, 84],
+        [28, 0, 56, 84],
+        [56, 0, 84, 84],
+    ]
     assert boxes[13].tolist() == [0, 0, 33, 50]  # 100 / 3 rounded
     assert grid_levels(["2x3"]) == [(2, 3)]
     for bad in (["0"], ["2y3"], []):
@@ -46,13 +52,16 @@ def _coco_results(path, rows):
 
 def test_proposals_file_top_k_and_errors(tmp_path):
     ids, size = np.array([7, 9]), np.array([[100, 80], [50, 50]])
-    f = _coco_results(tmp_path / "p.json", [
-        {"image_id": 9, "bbox": [0, 0, 10, 10], "score": 0.2},
-        {"image_id": 7, "bbox": [10, 10, 20, 20], "score": 0.9},
-        {"image_id": 7, "bbox": [90, 70, 30, 30], "score": 0.5},   # clipped to [90, 70, 100, 80]
-        {"image_id": 7, "bbox": [0, 0, 5, 5], "score": 0.7},
-        {"image_id": 7, "bbox": [0, 0, 1, 1], "score": 0.99},      # below min_size
-    ])  # fmt: skip
+    f = _coco_results(
+        tmp_path / "p.json",
+        [
+            {"image_id": 9, "bbox": [0, 0, 10, 10], "score": 0.2},
+            {"image_id": 7, "bbox": [10, 10, 20, 20], "score": 0.9},
+            {"image_id": 7, "bbox": [90, 70, 30, 30], "score": 0.5},  # clipped to [90, 70, 100, 80]
+            {"image_id": 7, "bbox": [0, 0, 5, 5], "score": 0.7},
+            {"image_id": 7, "bbox": [0, 0, 1, 1], "score": 0.99},  # below min_size
+        ],
+    )
     off, boxes, scores = proposals_from_file(f, ids, size, top_k=2, min_size=2)
     assert off.tolist() == [0, 2, 3]
     assert boxes.tolist() == [[10, 10, 30, 30], [0, 0, 5, 5], [0, 0, 10, 10]]
@@ -87,8 +96,11 @@ def test_images_without_regions_get_the_whole_image():
 
 
 def test_region_spec_checks():
-    for spec, match in ((RegionSpec("boxes"), "regions='boxes'"), (RegionSpec("proposals"), "needs --proposals_file"),
-                        (RegionSpec("grid", nms=0), "nms=0")):  # fmt: skip
+    for spec, match in (
+        (RegionSpec("boxes"), "regions='boxes'"),
+        (RegionSpec("proposals"), "needs --proposals_file"),
+        (RegionSpec("grid", nms=0), "nms=0"),
+    ):
         with pytest.raises(VillaError, match=match):
             spec.check()
 

@@ -25,15 +25,32 @@ from villa.stage1.train import train_stage1
 from villa.stage2.train import train_stage2
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_S2 = ["model.name=villa-tiny-rn", "model.pretrained=none", "device=cpu", "num_workers=0", "progress=false",
-           "amp=false", "batch_size=16"]  # fmt: skip
+TINY_S2 = [
+    "model.name=villa-tiny-rn",
+    "model.pretrained=none",
+    "device=cpu",
+    "num_workers=0",
+    "progress=false",
+    "amp=false",
+    "batch_size=16",
+]
 
 
 def s1(data: Path, emb: Path, tmp: Path, *extra: str):
-    return compose_config("stage1", [
-        f"data_dir={data}", f"embeddings_dir={emb}", f"mapping_path={tmp / 'mapping.feather'}",
-        f"checkpoint_dir={tmp / 'ckpt'}", "device=cpu", "progress=false", "batch_size=16", "lr=1e-3", *extra,
-    ])  # fmt: skip
+    return compose_config(
+        "stage1",
+        [
+            f"data_dir={data}",
+            f"embeddings_dir={emb}",
+            f"mapping_path={tmp / 'mapping.feather'}",
+            f"checkpoint_dir={tmp / 'ckpt'}",
+            "device=cpu",
+            "progress=false",
+            "batch_size=16",
+            "lr=1e-3",
+            *extra,
+        ],
+    )
 
 
 def s2(data: Path, ckpt: Path, *extra: str):
@@ -125,8 +142,14 @@ def test_mapping_records_its_run_and_stage2_checks_it(tiny_docmnist, tiny_mappin
 
 def test_stage2_checks_data_before_weights(tiny_docmnist, tmp_path):
     """A missing mapping is reported before pretrained=openai would try to load (or download) anything."""
-    cfg = s2(tiny_docmnist, tmp_path / "ck", "objective=villa", "model.name=RN50", "model.pretrained=openai",
-             f"mapping_path={tmp_path / 'none.feather'}")  # fmt: skip
+    cfg = s2(
+        tiny_docmnist,
+        tmp_path / "ck",
+        "objective=villa",
+        "model.name=RN50",
+        "model.pretrained=openai",
+        f"mapping_path={tmp_path / 'none.feather'}",
+    )
     with pytest.raises(VillaError, match="mapping not found"):
         train_stage2(cfg)
 
@@ -216,11 +239,26 @@ def test_corrupt_and_wrong_checkpoints(tmp_path, synthetic_stage1):
 def test_cli_checkpoint_errors_are_one_line(tmp_path, tiny_docmnist):
     text = tmp_path / "notes.pt"
     text.write_text("hello\n")
-    r = cli("villa.evaluate", f"data_dir={tiny_docmnist}", f"model.pretrained={text}", "model.name=villa-tiny-rn",
-            "device=cpu", f"output={tmp_path / 'r.json'}", cwd=tmp_path)  # fmt: skip
+    r = cli(
+        "villa.evaluate",
+        f"data_dir={tiny_docmnist}",
+        f"model.pretrained={text}",
+        "model.name=villa-tiny-rn",
+        "device=cpu",
+        f"output={tmp_path / 'r.json'}",
+        cwd=tmp_path,
+    )
     assert "notes.pt" in one_error_line(r)
-    r = cli("preprocess", f"--data_dir={tiny_docmnist}", "--dataset_config=docmnist", "--model=villa-tiny-rn",
-            f"--pretrained={text}", f"--out_dir={tmp_path / 'emb'}", "--device=cpu", cwd=tmp_path)  # fmt: skip
+    r = cli(
+        "preprocess",
+        f"--data_dir={tiny_docmnist}",
+        "--dataset_config=docmnist",
+        "--model=villa-tiny-rn",
+        f"--pretrained={text}",
+        f"--out_dir={tmp_path / 'emb'}",
+        "--device=cpu",
+        cwd=tmp_path,
+    )
     assert "notes.pt" in one_error_line(r)
     assert not (tmp_path / "emb").exists() and not list(tmp_path.glob(".emb.*"))
 
@@ -346,10 +384,18 @@ def test_held_out_check_refuses_shared_digits(tmp_path, mnist):
     from docmnist.generate_docmnist import generate
     from villa.core.provenance import check_held_out, checkpoint_pools, dataset_pools
 
-    full = generate(200, 8, out_dir=str(tmp_path / "full"), mnist_dir=mnist, val_budget=100, test_budget=100,
-                    progress=False)  # fmt: skip
-    old = generate(200, 8, out_dir=str(tmp_path / "old"), mnist_dir=str(mnist_test_files_only(mnist, tmp_path / "m")),
-                   val_budget=100, test_budget=100, progress=False)  # fmt: skip
+    full = generate(
+        200, 8, out_dir=str(tmp_path / "full"), mnist_dir=mnist, val_budget=100, test_budget=100, progress=False
+    )
+    old = generate(
+        200,
+        8,
+        out_dir=str(tmp_path / "old"),
+        mnist_dir=str(mnist_test_files_only(mnist, tmp_path / "m")),
+        val_budget=100,
+        test_budget=100,
+        progress=False,
+    )
     ok = check_held_out(full, {"training data": dataset_pools(full, ("train", "val"))})
     assert ok["overlap"] == {"training data": 0} and ok["test_pool"]["scheme"] == "full-v1"
     # an encoder pretrained on the test-only folder's train pool (6,000 MNIST test digits): refused
@@ -367,9 +413,17 @@ def test_held_out_check_refuses_shared_digits(tmp_path, mnist):
 def test_hydra_multirun_gives_each_job_its_folder_and_resumes_each(tiny_docmnist, tiny_mapping, tmp_path):
     """python -m villa.stage2 -m lr=...,... : one checkpoint folder per job (named by its overrides); the same sweep
     run again resumes each job from its own folder (no job resumes another, which the fingerprint would refuse)."""
-    args = ["-m", "lr=1e-4,5e-5", "seed=1", f"data_dir={tiny_docmnist}", f"mapping_path={tiny_mapping}",
-            f"paths.checkpoint_dir={tmp_path / 'ck'}", f"paths.output_dir={tmp_path / 'out'}", "epochs=1",
-            *TINY_S2]  # fmt: skip
+    args = [
+        "-m",
+        "lr=1e-4,5e-5",
+        "seed=1",
+        f"data_dir={tiny_docmnist}",
+        f"mapping_path={tiny_mapping}",
+        f"paths.checkpoint_dir={tmp_path / 'ck'}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        "epochs=1",
+        *TINY_S2,
+    ]
     r = cli("villa.stage2", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     root = tmp_path / "ck" / "stage2" / tiny_docmnist.name

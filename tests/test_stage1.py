@@ -305,8 +305,10 @@ def test_bad_inputs(synthetic_stage1, tmp_path):
 def test_cli_reports_one_line(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "villa.stage1", f"data_dir={tmp_path / 'missing'}", "device=cpu"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: dataset folder not found")
 

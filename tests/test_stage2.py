@@ -91,7 +91,9 @@ def test_modes_see_their_pairs(tiny_docmnist, tiny_mapping, tmp_path):
     cached = torch.load(cache, weights_only=True)
     assert len(cached["sentences"]) == len(set(cached["sentences"])) == cached["embeddings"].shape[0]
     with pytest.raises(VillaError, match="mapping not found"):
-        pair_data(s2cfg(tmp_path, tiny_docmnist, "objective=villa", mapping=tmp_path / "none.feather"), clip, rt, Dist())
+        pair_data(
+            s2cfg(tmp_path, tiny_docmnist, "objective=villa", mapping=tmp_path / "none.feather"), clip, rt, Dist()
+        )
 
 
 def test_pretrain_checkpoint_loads_and_reproduces(tiny_docmnist, tmp_path):
@@ -124,12 +126,41 @@ def test_end_to_end_lowers_val_loss(tiny_docmnist, tmp_path):
     from villa.preprocess import embed_dataset as preprocess
     from villa.stage1.train import train_stage1
 
-    emb = preprocess(tiny_docmnist, "docmnist", model="villa-tiny-rn", pretrained="none", device="cpu",
-                     num_workers=0, progress=False, out_dir=tmp_path / "emb")  # fmt: skip
-    train_stage1(compose_config("stage1", [f"data_dir={tiny_docmnist}", f"embeddings_dir={emb}", f"mapping_path={tmp_path / 'm.feather'}",
-                                           f"checkpoint_dir={tmp_path / 's1'}", "epochs=2", "device=cpu", "progress=false"]))  # fmt: skip
-    res = train_stage2(s2cfg(tmp_path, tiny_docmnist, "objective=villa", "epochs=4", "batch_size=16", "lr=1e-3",
-                             mapping=tmp_path / "m.feather"))  # fmt: skip
+    emb = preprocess(
+        tiny_docmnist,
+        "docmnist",
+        model="villa-tiny-rn",
+        pretrained="none",
+        device="cpu",
+        num_workers=0,
+        progress=False,
+        out_dir=tmp_path / "emb",
+    )
+    train_stage1(
+        compose_config(
+            "stage1",
+            [
+                f"data_dir={tiny_docmnist}",
+                f"embeddings_dir={emb}",
+                f"mapping_path={tmp_path / 'm.feather'}",
+                f"checkpoint_dir={tmp_path / 's1'}",
+                "epochs=2",
+                "device=cpu",
+                "progress=false",
+            ],
+        )
+    )
+    res = train_stage2(
+        s2cfg(
+            tmp_path,
+            tiny_docmnist,
+            "objective=villa",
+            "epochs=4",
+            "batch_size=16",
+            "lr=1e-3",
+            mapping=tmp_path / "m.feather",
+        )
+    )
     vals = [h["val_loss"] for h in res["history"]]
     assert len(vals) == 4 and vals[-1] < vals[0] - 0.05, vals
 
@@ -240,10 +271,23 @@ def torchrun_two_ranks(data: Path, tmp_path: Path, overrides: list[str]) -> None
     finish with identical weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(
-        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m", "villa.stage2",
-         f"data_dir={data}", f"checkpoint_dir={tmp_path / 'ddp'}", *TINY, *overrides],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "villa.stage2",
+            f"data_dir={data}",
+            f"checkpoint_dir={tmp_path / 'ddp'}",
+            *TINY,
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     sums = re.findall(r"rank (\d)/2 finished: trainable parameter checksum (\S+)", r.stdout + r.stderr)
     assert sorted(s[0] for s in sums) == ["0", "1"]
@@ -352,9 +396,42 @@ def test_pretraining_does_not_decay_gains_biases_temperature_embeddings(tiny_doc
 
     pre = groups("experiment=pretrain", "model.name=villa-tiny-rn")
     assert set(pre) == {0.1, 0.0}
-    assert {"clip.logit_scale", "clip.token_embedding.weight", "clip.positional_embedding", "clip.ln_final.weight",
-            "clip.visual.bn1.weight", "clip.visual.attnpool.positional_embedding"} <= pre[0.0]  # fmt: skip
+    assert {
+        "clip.logit_scale",
+        "clip.token_embedding.weight",
+        "clip.positional_embedding",
+        "clip.ln_final.weight",
+        "clip.visual.bn1.weight",
+        "clip.visual.attnpool.positional_embedding",
+    } <= pre[0.0]
     assert "clip.visual.conv1.weight" in pre[0.1] and "clip.text_projection" in pre[0.1]
     assert not any(n.endswith(".bias") for n in pre[0.1])
     orig = groups("objective=one_to_one")  # the original's: Adam decays every trainable parameter
     assert set(orig) == {0.2} and "clip.visual.bn1.bias" in orig[0.2]
+
+
+def test_a_fifth_objective_is_one_file_and_one_config(tiny_docmnist, tiny_mapping, tmp_path, monkeypatch):
+    """The example of docs/stage2.md: a new objective in a module of its own, named by objective=, trains through
+    the one loop (checkpoint, resume, history); its loss is the text-to-region direction alone."""
+    code = re.search(r"```python\n# my_objectives.py\n(.*?)```", (ROOT / "docs" / "stage2.md").read_text(), re.S)
+    (tmp_path / "my_objectives.py").write_text(code.group(1))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = s2cfg(tmp_path, tiny_docmnist, "objective=my_objectives.TextToRegion", "epochs=1", "batch_size=16",
+                "model.freeze_bn=true", mapping=tiny_mapping)  # fmt: skip
+    res = train_stage2(cfg)
+    state = torch.load(tmp_path / "ckpt" / "last.pt", map_location="cpu", weights_only=True)
+    assert res["objective"] == "text_to_region" and state["kind"] == "villa-stage2-text_to_region"
+    assert res["epochs_run"] == 1 and np.isfinite(res["history"][0]["train_loss"])
+    from my_objectives import TextToRegion
+
+    from villa.data.vocab import load_vocab
+
+    objective = TextToRegion(cfg, load_vocab("docmnist"))
+    img, txt = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
+    one_way = objective.contrast(img, txt, torch.tensor(10.0))
+    both = infonce(img, txt, torch.tensor(10.0))
+    logits = 10.0 * txt @ img.t()
+    assert one_way == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.arange(3))))
+    assert float(one_way) != pytest.approx(float(both))  # not the symmetric loss
+    with pytest.raises(VillaError, match="objective='no_such.Thing' is neither one of villa, one_to_one"):
+        train_stage2(s2cfg(tmp_path, tiny_docmnist, "objective=no_such.Thing"))

@@ -62,8 +62,15 @@ def read_wandb_history(run_dir: Path) -> list[dict]:
 def test_stage2_writes_csv_tensorboard_and_wandb_offline(tiny_docmnist, tiny_mapping, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     ck = tmp_path / "s2"
-    over = [f"data_dir={tiny_docmnist}", f"mapping_path={tiny_mapping}", f"checkpoint_dir={ck}", *TINY_S2,
-            "epochs=2", "log_every=1", "logger=[csv,tensorboard,wandb]"]  # fmt: skip
+    over = [
+        f"data_dir={tiny_docmnist}",
+        f"mapping_path={tiny_mapping}",
+        f"checkpoint_dir={ck}",
+        *TINY_S2,
+        "epochs=2",
+        "log_every=1",
+        "logger=[csv,tensorboard,wandb]",
+    ]
     res = train_stage2(compose_config("stage2", over))
     rows = read_csv(ck / "metrics.csv")
     epochs = [r for r in rows if r["kind"] == "epoch"]

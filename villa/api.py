@@ -86,8 +86,17 @@ class VillaModel:
         flat = np.concatenate(bx) if bx else np.zeros((0, 4), np.float32)
         for i, b in enumerate(bx):
             w, h = sizes[i]
-            if len(b) and ((b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > w) | (b[:, 3] > h) | (b[:, 2] <= b[:, 0])
-                           | (b[:, 3] <= b[:, 1])).any():  # fmt: skip
+            if (
+                len(b)
+                and (
+                    (b[:, 0] < 0)
+                    | (b[:, 1] < 0)
+                    | (b[:, 2] > w)
+                    | (b[:, 3] > h)
+                    | (b[:, 2] <= b[:, 0])
+                    | (b[:, 3] <= b[:, 1])
+                ).any()
+            ):
                 raise VillaError(f"image {i}: a box is outside its {w}x{h} image or empty; boxes are [x0, y0, x1, y1]")
         enc = self._encoder()
         out = torch.zeros(len(flat), self.embed_dim)
@@ -126,8 +135,13 @@ class VillaModel:
         return F.normalize(e.mean(1), dim=-1)
 
 
-def load(path_or_tag: str = "openai", model: str = "auto", device: str = "cpu",
-         normalize: Optional[bool] = None, input_size: Optional[int] = None) -> VillaModel:  # fmt: skip
+def load(
+    path_or_tag: str = "openai",
+    model: str = "auto",
+    device: str = "cpu",
+    normalize: Optional[bool] = None,
+    input_size: Optional[int] = None,
+) -> VillaModel:
     """A model to embed with: a villa checkpoint (Stage 2, baseline, pretraining; its region-path options come
     with it), a folder written by ``python -m villa.export --format open_clip`` (the same), an open_clip checkpoint
     or tag (with ``model=`` its architecture, e.g. ``RN50``), or ``none``."""
@@ -140,8 +154,15 @@ def load(path_or_tag: str = "openai", model: str = "auto", device: str = "cpu",
     return VillaModel(clip, region_options(clip.pretrained, normalize, input_size), rt.device)
 
 
-def map_regions(stage1_checkpoint: str, data_dir: str, embeddings_dir: Optional[str] = None,
-                out: Optional[str] = None, epsilon: float = 0.2, dataset: str = "docmnist", device: str = "cpu") -> dict:  # fmt: skip
+def map_regions(
+    stage1_checkpoint: str,
+    data_dir: str,
+    embeddings_dir: Optional[str] = None,
+    out: Optional[str] = None,
+    epsilon: float = 0.2,
+    dataset: str = "docmnist",
+    device: str = "cpu",
+) -> dict:
     """Run a trained Stage 1 checkpoint on a (new) dataset's embeddings and write its mapping.feather: the
     checkpoint is copied into a fresh run folder and re-mapped without training (Stage 1's re-map path)."""
     import tempfile
@@ -157,11 +178,28 @@ def map_regions(stage1_checkpoint: str, data_dir: str, embeddings_dir: Optional[
     emb = embeddings_dir or str(Path(data_dir) / "embeddings")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dict(state["config"])
-        over = [f"dataset={dataset}", f"data_dir={data_dir}", f"embeddings_dir={emb}", f"checkpoint_dir={tmp}",
-                f"mapping_path={out or Path(data_dir) / 'mapping.feather'}", f"epsilon={epsilon}", f"device={device}",
-                "progress=false", f"epochs={state['epoch']}"]  # fmt: skip
-        for k in ("seed", "batch_size", "lr", "weight_decay", "temperature", "original_loss", "drop_last", "amp",
-                  "sentence_choice"):  # fmt: skip
+        over = [
+            f"dataset={dataset}",
+            f"data_dir={data_dir}",
+            f"embeddings_dir={emb}",
+            f"checkpoint_dir={tmp}",
+            f"mapping_path={out or Path(data_dir) / 'mapping.feather'}",
+            f"epsilon={epsilon}",
+            f"device={device}",
+            "progress=false",
+            f"epochs={state['epoch']}",
+        ]
+        for k in (
+            "seed",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "temperature",
+            "original_loss",
+            "drop_last",
+            "amp",
+            "sentence_choice",
+        ):
             if k in cfg:
                 over.append(f"{k}={str(cfg[k]).lower() if isinstance(cfg[k], bool) else cfg[k]}")
         for k in ("one_proj", "adapter"):

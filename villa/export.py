@@ -32,9 +32,18 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 KEEP = (
-    "format", "kind", "model_name", "model_cfg", "epoch", "best_val", "history", "config", "started_from", "inputs",
+    "format",
+    "kind",
+    "model_name",
+    "model_cfg",
+    "epoch",
+    "best_val",
+    "history",
+    "config",
+    "started_from",
+    "inputs",
     "data_pools",
-)  # fmt: skip
+)
 
 
 def _villa_state(src: Path) -> dict:
@@ -74,11 +83,22 @@ def export_open_clip(src: Path, dst: Path, dtype: str = "float32", overwrite: bo
     mean, std = (CLIP_MEAN, CLIP_STD) if opts["normalize"] else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     config = {
         "model_cfg": cfg,
-        "preprocess_cfg": {"size": size, "mode": "RGB", "mean": list(mean), "std": list(std),
-                           "interpolation": "bilinear", "resize_mode": "squash"},
-        "villa": {"model_name": state["model_name"], "kind": state.get("kind"), "epoch": state.get("epoch"),
-                  "region_options": opts, "exported_from": Path(src).name},
-    }  # fmt: skip
+        "preprocess_cfg": {
+            "size": size,
+            "mode": "RGB",
+            "mean": list(mean),
+            "std": list(std),
+            "interpolation": "bilinear",
+            "resize_mode": "squash",
+        },
+        "villa": {
+            "model_name": state["model_name"],
+            "kind": state.get("kind"),
+            "epoch": state.get("epoch"),
+            "region_options": opts,
+            "exported_from": Path(src).name,
+        },
+    }
     weights = {k: (v.to(dt) if v.is_floating_point() else v).contiguous() for k, v in state["state_dict"].items()}
     with atomic_dir(dst, overwrite=overwrite) as tmp:
         (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
@@ -94,8 +114,12 @@ def main(argv=None) -> Path:
     p.add_argument(
         "--format", default="villa", choices=["villa", "open_clip"], help="villa checkpoint or open_clip folder"
     )
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="weights' dtype (default: float16 for villa, float32 for open_clip)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float16", "bfloat16", "float32"],
+        help="weights' dtype (default: float16 for villa, float32 for open_clip)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing open_clip folder")
     a = p.parse_args(argv)
     if a.format == "open_clip":

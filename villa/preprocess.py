@@ -40,23 +40,7 @@ from villa.models.text import encode_attributes
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5 has only the CUDA name
-
-
-
-
-
-
-
-
-
-
 
 
 @torch.no_grad()
@@ -124,6 +108,65 @@ def calibrate_on_data(encoder: RegionEncoder, ann: Annotations, runtime: Runtime
     log.info("random init: BatchNorm statistics estimated from %d batches of the data", n)
 
 
+def embeddings_meta(
+    root: Path, vocab: Vocabulary, clip: Clip, encoder: RegionEncoder, ann: Annotations, dtype: str, world_size: int
+) -> dict:
+    """What meta.json records: the encoder of regions and attributes, the region path's options, where the regions
+    came from, the counts (what :func:`villa.data.embeddings.open_embeddings` checks)."""
+    enc = encoder_meta(clip.source)
+    return {
+        "format": FORMAT,
+        "dataset": str(root),
+        "vocab": vocab.name,
+        "attribute_names": list(vocab.attributes),
+        "vocab_digest": vocab.digest,
+        "encoder": enc,
+        "attribute_encoder": enc,
+        "region_path": {"normalize": encoder.normalize, "input_size": encoder.input_size, "roi_size": encoder.roi_size},
+        "regions_from": regions_record(ann.table) or {"source": "given"},
+        "dtype": dtype,
+        "images": int(ann.n_images),
+        "regions": int(len(ann.boxes)),
+        "dim": int(clip.embed_dim),
+        "world_size": world_size,
+    }
+
+
+def allocate_regions(path: Path, shape: tuple[int, int], dtype: str) -> None:
+    """The ``regions.npy`` every rank writes its slice of, with its blocks reserved now: a sparse memory map on a
+    full disk fails later with SIGBUS, not an error."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    del arr
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: written as before
+            raise
+    finally:
+        os.close(fd)
+
+
+def frozen_encoder(
+    model: str,
+    pretrained: Optional[str],
+    normalize: bool,
+    input_size: Optional[int],
+    ann: Annotations,
+    runtime: Runtime,
+    seed: int,
+) -> tuple[Clip, RegionEncoder]:
+    """The CLIP model and its region path; a randomly initialised one (``pretrained=none``, reproducible from
+    ``seed``) gets BatchNorm statistics from the training images only (all images for data without a train split)."""
+    seed_everything(seed)
+    clip = create_clip(model, pretrained, device=runtime.device)
+    encoder = RegionEncoder(clip.model.visual, normalize=normalize, input_size=input_size).to(runtime.device)
+    if clip.pretrained is None:
+        train = np.flatnonzero(ann.split == "train")
+        calibrate_on_data(encoder, ann, runtime, train if len(train) else np.arange(ann.n_images))
+    return clip, encoder
+
+
 def embed_dataset(
     data_dir: PathLike,
     dataset_config: str = "docmnist",
@@ -146,10 +189,8 @@ def embed_dataset(
     Launched by ``torchrun --nproc_per_node=N -m preprocess ...``, the images are sharded over the ranks in
     contiguous blocks and each rank writes its slice of the one memory-mapped ``regions.npy``."""
     t0 = time.perf_counter()
-    if dtype not in ("float16", "float32"):
-        raise VillaError(f"dtype={dtype!r}: use float16 or float32")
-    if batch_size < 1:
-        raise VillaError(f"batch_size={batch_size}: must be >= 1")
+    if dtype not in ("float16", "float32") or batch_size < 1:
+        raise VillaError(f"dtype={dtype!r}, batch_size={batch_size}: use float16 or float32, and a batch of >= 1")
     root = resolve_data_dir(data_dir)
     vocab = vocab or load_vocab(dataset_config)
     ann = load_annotations(root, vocab, required_splits=required_splits)
@@ -157,33 +198,14 @@ def embed_dataset(
     runtime = get_runtime(
         f"cuda:{d.local_rank}" if d.enabled and device != "cpu" and torch.cuda.is_available() else device
     )
-    seed_everything(seed)  # random-init encoders (pretrained=none) are reproducible
-    clip: Clip = create_clip(model, pretrained, device=runtime.device)
-    encoder = RegionEncoder(clip.model.visual, normalize=normalize, input_size=input_size).to(runtime.device)
-    if clip.pretrained is None:
-        # training images only (no statistics from the held-out splits); all images for data without a train split
-        train = np.flatnonzero(ann.split == "train")
-        calibrate_on_data(encoder, ann, runtime, train if len(train) else np.arange(ann.n_images))
+    clip, encoder = frozen_encoder(model, pretrained, normalize, input_size, ann, runtime, seed)
     out = Path(out_dir) if out_dir else root / "embeddings"
-    enc = encoder_meta(clip.source)
     n_regions = len(ann.boxes)
     with contextlib.ExitStack() as stack:
         # rank 0 makes the temporary folder and the memory-mapped array; every rank writes its images' regions
         tmp = stack.enter_context(atomic_dir(out, overwrite=True)) if d.is_main else None
         if d.is_main:
-            arr = np.lib.format.open_memmap(
-                tmp / "regions.npy", mode="w+", dtype=dtype, shape=(n_regions, clip.embed_dim)
-            )
-            del arr
-            # reserve the blocks now: a sparse memory map on a full disk fails later with SIGBUS, not an error
-            fd = os.open(tmp / "regions.npy", os.O_RDWR)
-            try:
-                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: write as before
-                    raise
-            finally:
-                os.close(fd)
+            allocate_regions(tmp / "regions.npy", (n_regions, clip.embed_dim), dtype)
         if d.enabled:
             box = [str(tmp) if tmp is not None else None]
             dist.broadcast_object_list(box, src=0)
@@ -200,23 +222,7 @@ def embed_dataset(
         if d.is_main:
             write_index(tmp / "index.feather", ann.image_id, ann.split, ann.n_regions)
             np.save(tmp / "attributes.npy", encode_attributes(clip, vocab, runtime).numpy().astype(np.float32))
-            meta = {
-                "format": FORMAT,
-                "dataset": str(root),
-                "vocab": vocab.name,
-                "attribute_names": list(vocab.attributes),
-                "vocab_digest": vocab.digest,
-                "encoder": enc,
-                "attribute_encoder": enc,
-                "region_path": {"normalize": normalize, "input_size": input_size, "roi_size": encoder.roi_size},
-                "regions_from": regions_record(ann.table) or {"source": "given"},
-                "dtype": dtype,
-                "images": int(ann.n_images),
-                "regions": int(n_regions),
-                "dim": int(clip.embed_dim),
-                "world_size": d.world_size,
-            }
-            write_meta(tmp / "meta.json", meta)
+            write_meta(tmp / "meta.json", embeddings_meta(root, vocab, clip, encoder, ann, dtype, d.world_size))
     if d.enabled:
         dist.barrier()  # the folder is in place before any rank returns
     if not d.is_main:
@@ -234,8 +240,18 @@ def run_preprocess(cfg: DictConfig) -> Path:
     validate_config(cfg, "preprocess")
     check_inputs(cfg, "preprocess")
     return embed_dataset(
-        cfg.data_dir, model=cfg.model.name, pretrained=cfg.model.pretrained, batch_size=cfg.batch_size,
-        device=cfg.device, num_workers=cfg.num_workers, dtype=cfg.dtype, normalize=cfg.model.normalize,
-        input_size=cfg.model.input_size, out_dir=cfg.out_dir, required_splits=list(cfg.splits),
-        progress=cfg.progress, vocab=vocab_from_config(cfg), seed=cfg.seed,
-    )  # fmt: skip
+        cfg.data_dir,
+        model=cfg.model.name,
+        pretrained=cfg.model.pretrained,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        num_workers=cfg.num_workers,
+        dtype=cfg.dtype,
+        normalize=cfg.model.normalize,
+        input_size=cfg.model.input_size,
+        out_dir=cfg.out_dir,
+        required_splits=list(cfg.splits),
+        progress=cfg.progress,
+        vocab=vocab_from_config(cfg),
+        seed=cfg.seed,
+    )

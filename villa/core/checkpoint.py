@@ -1,4 +1,4 @@
-"""Training plumbing shared by Stage 1, Stage 2 and pretraining: self-describing checkpoints, RNG state, logging."""
+"""Checkpoint I/O: self-describing checkpoints written atomically and read weights-only, RNG state, the run lock."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from villa.core.errors import VillaError
-from villa.core.io import PathLike, _pid_alive, atomic_file
+from villa.core.io import PathLike, atomic_file, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,15 @@ def rng_state(generator: Optional[torch.Generator] = None) -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 - third-party code may use it
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
-    }  # fmt: skip
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if generator is not None:
@@ -79,12 +84,6 @@ def config_dict(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-
-
-
-
-
-
 @contextmanager
 def checkpoint_lock(ckpt_dir: Path, enabled: bool = True) -> Iterator[None]:
     """Hold ``<ckpt_dir>/.lock`` (the holder's pid) while a run writes there: a second run on the same folder stops
@@ -105,7 +104,7 @@ def checkpoint_lock(ckpt_dir: Path, enabled: bool = True) -> Iterator[None]:
                 pid = int(json.loads(lock.read_text()).get("pid", 0))
             except (OSError, ValueError, AttributeError):
                 pid = 0
-            if pid and pid != os.getpid() and _pid_alive(pid):
+            if pid and pid != os.getpid() and pid_alive(pid):
                 raise VillaError(
                     f"{ckpt_dir} is in use by process {pid} (its .lock); wait for that run, or use another "
                     "checkpoint_dir"
@@ -129,8 +128,6 @@ def checkpoint_lock(ckpt_dir: Path, enabled: bool = True) -> Iterator[None]:
             pass
 
 
-
-
 def link_checkpoint(src: Path, dst: Path) -> None:
     """``dst`` names the same bytes as ``src``: a hard link put in place atomically (a copy where the filesystem has
     no hard links). Checkpoints are never written in place (:func:`save_checkpoint` replaces the name), so a later
@@ -140,10 +137,6 @@ def link_checkpoint(src: Path, dst: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-
-
-
-
 
 
 def check_best_on_resume(state: dict[str, Any], ckpt_dir: Path) -> None:
@@ -164,5 +157,3 @@ def check_best_on_resume(state: dict[str, Any], ckpt_dir: Path) -> None:
             f"{best} (val loss {saved.get('best_val')}) is not the best model {ckpt_dir / 'last.pt'} records "
             f"({best_val:.6g}); {fix}"
         )
-
-

@@ -34,12 +34,17 @@ if not OmegaConf.has_resolver("basename"):
     OmegaConf.register_new_resolver("basename", _basename)
 # ${villa_env:data_root}: the folders villa/core/env.py reads from the environment (the one place it is read)
 if not OmegaConf.has_resolver("villa_env"):
-    OmegaConf.register_new_resolver("villa_env", lambda name: str({"data_root": env.data_root,
-                                                                    "checkpoint_root": env.checkpoint_root}[name]()))  # fmt: skip
+    OmegaConf.register_new_resolver(
+        "villa_env", lambda name: str({"data_root": env.data_root, "checkpoint_root": env.checkpoint_root}[name]())
+    )
 
 # Keys that were renamed (old spelling -> new); an old spelling is one line naming the new one.
-RENAMED = {"mode": "objective", "grain_boxes": "grain.boxes", "crop": "pretrain.crop",
-           "crop_margin": "pretrain.crop_margin"}  # fmt: skip
+RENAMED = {
+    "mode": "objective",
+    "grain_boxes": "grain.boxes",
+    "crop": "pretrain.crop",
+    "crop_margin": "pretrain.crop_margin",
+}
 RENAMED_VALUES = {("mode", "baseline"): "one_to_one"}
 
 
@@ -190,7 +195,10 @@ def _where(cfg: DictConfig) -> str:
 
 
 def hydra_entry(
-    config_name: str, run: Union[str, Callable[[DictConfig], Any]], doc: str = "", spell: Optional[Callable[[str], str]] = None
+    config_name: str,
+    run: Union[str, Callable[[DictConfig], Any]],
+    doc: str = "",
+    spell: Optional[Callable[[str], str]] = None,
 ) -> Callable[[], None]:
     """A ``@hydra.main`` entry point for ``run(cfg)`` (a function, or ``"module:function"`` imported when a job
     starts): villa's logging, and bad input as one ``error:`` line, exit 2.

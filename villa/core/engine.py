@@ -137,9 +137,7 @@ def load_module_state(module: nn.Module, state_dict: Mapping[str, Any], checkpoi
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise VillaError(
-            f"{checkpoint} holds {what} ({str(e).splitlines()[0]}); set resume=false or delete it"
-        ) from e
+        raise VillaError(f"{checkpoint} holds {what} ({str(e).splitlines()[0]}); set resume=false or delete it") from e
 
 
 def restore(
@@ -223,9 +221,14 @@ class FiniteGuard:
 
 
 def commit_epoch(
-    ckpt_dir: Path, state: dict[str, Any], improved: bool, prefix: str, metrics: dict[str, Any],
-    tracker: Optional[Tracker] = None, step: int = 0,
-) -> None:  # fmt: skip
+    ckpt_dir: Path,
+    state: dict[str, Any],
+    improved: bool,
+    prefix: str,
+    metrics: dict[str, Any],
+    tracker: Optional[Tracker] = None,
+    step: int = 0,
+) -> None:
     """An epoch's outputs in the order that keeps a resume truthful: ``best.pt`` (when improved), then the metrics
     (metrics.jsonl, the tracker's metrics.csv and events), then ``last.pt``, the checkpoint a resume trusts, last. A
     crash or full disk between them leaves a ``last.pt`` of the epoch before, so the resumed run redoes this epoch

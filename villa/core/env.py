@@ -30,7 +30,7 @@ ENV_VARS = {
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the villa package
 SHIPPED_WEIGHTS = {  # tag -> file: villa's own small CLIP (docs/pretrained.md); suits DocMNIST only
-    "villa-small-rn-docmnist": PACKAGE / "assets" / "villa-small-rn-docmnist.pt",
+    "villa-small-rn-docmnist": PACKAGE / "assets" / "villa-small-rn-docmnist.pt"
 }
 
 

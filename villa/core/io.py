@@ -21,7 +21,7 @@ PathLike = Union[str, os.PathLike]
 # cannot clean up, so the next write of the same output removes the temporaries of processes that are gone.
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -40,7 +40,7 @@ def remove_stale_temporaries(final: PathLike) -> list[Path]:
     for kind in ("tmp", "old"):
         for cand in final.parent.glob(f".{final.name}.{kind}-*"):
             pid = cand.name[len(f".{final.name}.{kind}-") :].split("-")[0]
-            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
                 continue
             if cand.is_dir() and not cand.is_symlink():
                 shutil.rmtree(cand, ignore_errors=True)
@@ -82,8 +82,10 @@ def disk_full(e: BaseException, folder: Path) -> bool:
 
 
 def _disk_full_error(final: Path, e: BaseException) -> VillaError:
-    return VillaError(f"no space left on the device writing {final}; free space there or choose another folder "
-                      f"(nothing was left half-written)")  # fmt: skip
+    return VillaError(
+        f"no space left on the device writing {final}; free space there or choose another folder "
+        f"(nothing was left half-written)"
+    )
 
 
 def _temporary_name(final: Path, kind: str = "tmp") -> Path:

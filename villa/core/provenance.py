@@ -29,12 +29,29 @@ log = logging.getLogger(__name__)
 # Config keys that may change when a run is resumed (they do not change what an epoch computes): epochs (train
 # further), where things are written or read from (their contents are fingerprinted instead), and runtime knobs.
 RESUME_FREE = {
-    "epochs", "resume", "progress", "device", "num_workers", "log_every", "compile", "compile_backend",
-    "task_name", "checkpoint_dir", "logger", "wandb",
-    "data_dir", "embeddings_dir", "mapping_path", "paths", "hydra",
+    "epochs",
+    "resume",
+    "progress",
+    "device",
+    "num_workers",
+    "log_every",
+    "compile",
+    "compile_backend",
+    "task_name",
+    "checkpoint_dir",
+    "logger",
+    "wandb",
+    "data_dir",
+    "embeddings_dir",
+    "mapping_path",
+    "paths",
+    "hydra",
     # Stage 1's assignment rule and mapping pass run after training: changing them re-maps without retraining
-    "epsilon", "sentence_choice", "mapping_amp", "mapping_batch_regions",
-}  # fmt: skip
+    "epsilon",
+    "sentence_choice",
+    "mapping_amp",
+    "mapping_batch_regions",
+}
 
 
 def file_sha256(path: PathLike, chars: int = 16) -> str:

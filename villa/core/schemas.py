@@ -39,8 +39,9 @@ PER_RUN_CHECKPOINTS = "${paths.checkpoint_dir}/${task_name}/${basename:${data_di
 @dataclass
 class Paths:
     data_dir: str = opt("${villa_env:data_root}", "where relative dataset names live ($VILLA_DATA_DIR, else data)")
-    checkpoint_dir: str = opt("${villa_env:checkpoint_root}", "where runs keep checkpoints ($VILLA_CHECKPOINT_DIR, "
-                              "else checkpoints)")  # fmt: skip
+    checkpoint_dir: str = opt(
+        "${villa_env:checkpoint_root}", "where runs keep checkpoints ($VILLA_CHECKPOINT_DIR, else checkpoints)"
+    )
     output_dir: str = opt("outputs", "where reports and Hydra's run folders go")
 
 
@@ -54,8 +55,11 @@ class Common:
 class WandbOptions:
     project: str = opt("villa", "Weights & Biases project")
     entity: Optional[str] = opt(None, "Weights & Biases entity (null: your default)")
-    mode: str = opt("offline", "offline: no network, the run is kept for `wandb sync`; online; disabled",
-                    choices=("offline", "online", "disabled"))  # fmt: skip
+    mode: str = opt(
+        "offline",
+        "offline: no network, the run is kept for `wandb sync`; online; disabled",
+        choices=("offline", "online", "disabled"),
+    )
 
 
 @dataclass
@@ -87,8 +91,11 @@ class PreprocessConfig(Common):
     batch_size: int = opt(64, "images per forward pass", gt=0)
     device: str = opt("auto", DEVICE_HELP)
     num_workers: int = opt(2, "DataLoader worker processes reading images", ge=0)
-    dtype: str = opt("float16", "stored region dtype: float16 (half the disk) or float32 (the original's, exact)",
-                     choices=("float16", "float32"))  # fmt: skip
+    dtype: str = opt(
+        "float16",
+        "stored region dtype: float16 (half the disk) or float32 (the original's, exact)",
+        choices=("float16", "float32"),
+    )
     splits: list = opt(["train"], "splits that must be non-empty")
     seed: int = opt(0, "seeds random init when model.pretrained=none")
     progress: bool = opt(True, "tqdm progress bars")
@@ -123,9 +130,10 @@ class Stage1Config(TrainingRun):
     original_loss: bool = opt(True, "the original's denominator (adds 1 per positive image); false: clean InfoNCE")
     epsilon: float = opt(0.2, "assign an attribute to every region scoring > max - epsilon", ge=0)
     sentence_choice: str = opt(
-        "image", "one caption sentence per (image, attribute) (the original's) or per (region, attribute)",
+        "image",
+        "one caption sentence per (image, attribute) (the original's) or per (region, attribute)",
         choices=("image", "region"),
-    )  # fmt: skip
+    )
     mapping_amp: bool = opt(False, "score the mapping under autocast on CUDA (bf16 flips a few decisions)")
     mapping_batch_regions: int = opt(8192, "regions scored per chunk", gt=0)
     log_every: int = opt(0, "steps between log lines inside an epoch (0: one line per epoch)", ge=0)
@@ -154,29 +162,48 @@ class Scheduler:
 
 @dataclass
 class PretrainOptions:
-    crop: str = opt("none", "objective=pretrain: the whole image (none) or its content box + a random margin (content)",
-                    choices=("none", "content"))  # fmt: skip
+    crop: str = opt(
+        "none",
+        "objective=pretrain: the whole image (none) or its content box + a random margin (content)",
+        choices=("none", "content"),
+    )
     crop_margin: int = opt(28, "pixels per side, drawn per step, for crop=content", ge=0)
 
 
 @dataclass
 class GrainOptions:
-    boxes: str = opt("mapping", "region descriptions and boxes from Stage 1's mapping (no labels) or gold "
-                     "(reg_to_attr: an upper bound)", choices=("mapping", "gold"))  # fmt: skip
+    boxes: str = opt(
+        "mapping",
+        "region descriptions and boxes from Stage 1's mapping (no labels) or gold (reg_to_attr: an upper bound)",
+        choices=("mapping", "gold"),
+    )
     queries: int = opt(5, "region queries (GRAIN: 5), plus one image query", gt=0)
-    optimizer: str = opt("grain", "the head's optimiser: grain (its own AdamW, warm-up + cosine, GRAIN's train.py) or "
-                         "trainer (the tower's optimiser and schedule, at head_lr)", choices=("grain", "trainer"))  # fmt: skip
-    head_lr: Optional[float] = opt(None, "learning rate of the GRAIN head (decoder, queries, box MLP, projections); "
-                                   "null: GRAIN's 1e-3 (optimizer=grain) or lr (trainer)", gt=0)  # fmt: skip
+    optimizer: str = opt(
+        "grain",
+        "the head's optimiser: grain (its own AdamW, warm-up + cosine, GRAIN's train.py) or "
+        "trainer (the tower's optimiser and schedule, at head_lr)",
+        choices=("grain", "trainer"),
+    )
+    head_lr: Optional[float] = opt(
+        None,
+        "learning rate of the GRAIN head (decoder, queries, box MLP, projections); "
+        "null: GRAIN's 1e-3 (optimizer=grain) or lr (trainer)",
+        gt=0,
+    )
     head_weight_decay: float = opt(0.1, "optimizer=grain: AdamW's decoupled decay (not on biases and norms)", ge=0)
     head_betas: list = opt([0.9, 0.98], "optimizer=grain: AdamW betas (GRAIN's)")
     warmup_epochs: float = opt(1.0, "optimizer=grain: linear warm-up from lr_start, then cosine to lr_end", ge=0)
     lr_start: float = opt(1e-6, "optimizer=grain: the warm-up's first learning rate", ge=0)
     lr_end: float = opt(1e-5, "optimizer=grain: the cosine's last learning rate (at the epoch cap)", ge=0)
-    box_scale: float = opt(1.5, "L_box multiplier: GRAIN's compute_box_loss divides by len(weight_dict) / 3 = 2/3",
-                           ge=0)  # fmt: skip
-    image_embedding: str = opt("query", "L_ic's image side: GRAIN's image query, or attnpool (CLIP's attention pool on "
-                               "the whole-image ROI path, which then trains)", choices=("query", "attnpool"))  # fmt: skip
+    box_scale: float = opt(
+        1.5, "L_box multiplier: GRAIN's compute_box_loss divides by len(weight_dict) / 3 = 2/3", ge=0
+    )
+    image_embedding: str = opt(
+        "query",
+        "L_ic's image side: GRAIN's image query, or attnpool (CLIP's attention pool on "
+        "the whole-image ROI path, which then trains)",
+        choices=("query", "attnpool"),
+    )
     width: int = opt(256, "decoder width (a multiple of 4 and of heads)", gt=0)
     heads: int = opt(8, "decoder attention heads", gt=0)
     layers: int = opt(3, "decoder layers", gt=0)
@@ -195,8 +222,10 @@ class Stage2Config(TrainingRun):
     grain: GrainOptions = field(default_factory=GrainOptions)
     pretrain: PretrainOptions = field(default_factory=PretrainOptions)
     task_name: str = opt("stage2", "names the checkpoint and output folders")
-    objective: str = opt("villa", "villa | one_to_one | pretrain | grain (villa/stage2/objectives/), or module.Class "
-                         "of your own Objective")  # fmt: skip
+    objective: str = opt(
+        "villa",
+        "villa | one_to_one | pretrain | grain (villa/stage2/objectives/), or module.Class of your own Objective",
+    )
     trust_mapping: bool = opt(
         False, "use a mapping.feather that records no provenance (another tool wrote it); recorded in the checkpoint"
     )
@@ -217,10 +246,12 @@ class Stage2Config(TrainingRun):
     learn_temperature: bool = opt(False, "CLIP's learnable logit scale (pretraining)")
     early_stop_patience: int = opt(5, "stop after this many epochs without a better val loss", gt=0)
     drop_last: bool = opt(True, "drop the last partial training batch (the original's)")
-    loss_average: str = opt("batch", "epoch loss: mean over batches (the original's) or weighted by images",
-                            choices=("batch", "image"))  # fmt: skip
-    log_every: int = opt(50, "steps between host syncs of the loss: non-finite check, progress bar (0: epoch end)",
-                         ge=0)  # fmt: skip
+    loss_average: str = opt(
+        "batch", "epoch loss: mean over batches (the original's) or weighted by images", choices=("batch", "image")
+    )
+    log_every: int = opt(
+        50, "steps between host syncs of the loss: non-finite check, progress bar (0: epoch end)", ge=0
+    )
     compile: bool = opt(False, "torch.compile the image tower's region path (where the platform supports it)")
     compile_backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager to check tracing quickly)")
     num_workers: int = opt(2, "DataLoader worker processes", ge=0)
@@ -245,11 +276,16 @@ class EvaluateConfig(Common):
     label: str = opt("model", "the model's name in the report")
     data_dir: str = opt(DEFAULT_DATA, "the dataset folder")
     split: str = opt("test", "the held-out split to evaluate")
-    readout: str = opt("roi", "region embeddings: the image tower's ROI path (every method) or, for a objective=grain "
-                       "checkpoint, its region queries matched to the true boxes (query: villa's adaptation, not a GRAIN "
-                       "readout; docs/grain.md)", choices=("roi", "query"))  # fmt: skip
-    mapping_quality: str = opt("${data_dir}/mapping_quality.json", "Stage 1's mapping_quality.json, included when "
-                               "present")  # fmt: skip
+    readout: str = opt(
+        "roi",
+        "region embeddings: the image tower's ROI path (every method) or, for a objective=grain "
+        "checkpoint, its region queries matched to the true boxes (query: villa's adaptation, not a GRAIN "
+        "readout; docs/grain.md)",
+        choices=("roi", "query"),
+    )
+    mapping_quality: str = opt(
+        "${data_dir}/mapping_quality.json", "Stage 1's mapping_quality.json, included when present"
+    )
     output: str = opt("${paths.output_dir}/evaluate/${label}.json", "where the JSON report is written")
     precision_at: list = opt([10, 50, 100], "k of precision@k")
     image_text: bool = opt(
@@ -281,8 +317,9 @@ class DetectionConfig(ZeroShotRun):
     task_name: str = opt("detection", "names the output folder; the detections go beside the report")
     gt: str = opt("???", "COCO-format ground truth (instances_val2017.json, LVIS's lvis_v1_val.json)")
     images: str = opt("???", "the folder its file_name entries are relative to (val2017/)")
-    regions: str = opt("gt", "boxes to classify: gt (the GT-box setting) or proposals (the RPN setting)",
-                       choices=("gt", "proposals"))  # fmt: skip
+    regions: str = opt(
+        "gt", "boxes to classify: gt (the GT-box setting) or proposals (the RPN setting)", choices=("gt", "proposals")
+    )
     proposals_file: Optional[str] = opt(None, "regions=proposals: COCO results JSON of boxes and objectness")
     split: Optional[str] = opt(None, "category groups scored apart: coco_48_17, lvis (rare/common/frequent) or a YAML")
     templates: Optional[list] = opt(None, "prompt templates with {} (null: CLIP's 80 ImageNet templates)")
@@ -336,8 +373,7 @@ class FinegrainedConfig:
             "docmnist",
         ),
     )
-    data_dir: str = opt(DEFAULT_DATA, "the benchmark's local folder (its published layout; docmnist: a dataset "
-                        "folder)")  # fmt: skip
+    data_dir: str = opt(DEFAULT_DATA, "the benchmark's local folder (its published layout; docmnist: a dataset folder)")
     split: str = opt(
         "test",
         "vsr: the jsonl evaluated (a dev.jsonl beside it fits the threshold); "
@@ -352,11 +388,24 @@ class FinegrainedConfig:
     output: str = opt("${paths.output_dir}/finegrained/${benchmark}.json", "where the JSON metrics are written")
 
 
-COMMANDS = {"stage1": "python -m villa.stage1", "stage2": "python -m villa.stage2", "evaluate": "python -m villa.evaluate",
-            "finegrained": "python -m villa.evaluate.finegrained", "detection": "python -m villa.evaluate.detection",
-            "classification": "python -m villa.evaluate.classification", "preprocess": "python -m preprocess"}  # fmt: skip
-SCHEMAS = {"preprocess": PreprocessConfig, "stage1": Stage1Config, "stage2": Stage2Config, "evaluate": EvaluateConfig, "finegrained": FinegrainedConfig,
-           "detection": DetectionConfig, "classification": ClassificationConfig}  # fmt: skip
+COMMANDS = {
+    "stage1": "python -m villa.stage1",
+    "stage2": "python -m villa.stage2",
+    "evaluate": "python -m villa.evaluate",
+    "finegrained": "python -m villa.evaluate.finegrained",
+    "detection": "python -m villa.evaluate.detection",
+    "classification": "python -m villa.evaluate.classification",
+    "preprocess": "python -m preprocess",
+}
+SCHEMAS = {
+    "preprocess": PreprocessConfig,
+    "stage1": Stage1Config,
+    "stage2": Stage2Config,
+    "evaluate": EvaluateConfig,
+    "finegrained": FinegrainedConfig,
+    "detection": DetectionConfig,
+    "classification": ClassificationConfig,
+}
 
 
 def register_schemas() -> None:
@@ -365,11 +414,11 @@ def register_schemas() -> None:
         cs.store(name=f"{name}_schema", node=schema)
 
 
-def _walk(schema: type, prefix: str = ""):
+def schema_keys(schema: type, prefix: str = ""):
     for f in fields(schema):
         sub = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
         if is_dataclass(sub):
-            yield from _walk(type(sub), f"{prefix}{f.name}.")
+            yield from schema_keys(type(sub), f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", f
 
@@ -384,7 +433,7 @@ def validate_config(cfg: DictConfig, name: str) -> None:
     list items or two keys (``precision_at``, ``betas``, ``crop`` outside pretraining)."""
     from omegaconf import OmegaConf
 
-    known = {k for k, _ in _walk(SCHEMAS[name])}
+    known = {k for k, _ in schema_keys(SCHEMAS[name])}
     groups = {k.split(".")[0] for k in known}
     for key in cfg:
         if key in ("hydra", "dataset"):
@@ -395,15 +444,13 @@ def validate_config(cfg: DictConfig, name: str) -> None:
         if OmegaConf.is_dict(node):
             for sub in node:
                 if f"{key}.{sub}" not in known and not any(k.startswith(f"{key}.{sub}.") for k in known):
-                    raise VillaError(
-                        f"unknown key '{key}.{sub}' (not a {name} setting); see {COMMANDS[name]} --help"
-                    )
-    missing = [
-        k for k in known if k != "dataset" and OmegaConf.select(cfg, k, default=_ABSENT) is _ABSENT
-    ]
+                    raise VillaError(f"unknown key '{key}.{sub}' (not a {name} setting); see {COMMANDS[name]} --help")
+    missing = [k for k in known if k != "dataset" and OmegaConf.select(cfg, k, default=_ABSENT) is _ABSENT]
     if missing:
-        raise VillaError(f"{missing[0]} is missing (deleted with ~{missing[0]}?): every {name} setting needs a value; "
-                         f"set it with {missing[0]}=... instead")  # fmt: skip
+        raise VillaError(
+            f"{missing[0]} is missing (deleted with ~{missing[0]}?): every {name} setting needs a value; "
+            f"set it with {missing[0]}=... instead"
+        )
     target = OmegaConf.select(cfg, "model._target_", default=None)
     if target is not None and target != "villa.models.MultiHeadProjection":  # villa's own: nothing to import
         import importlib
@@ -413,9 +460,11 @@ def validate_config(cfg: DictConfig, name: str) -> None:
             if not isinstance(getattr(importlib.import_module(module), attr), type):
                 raise TypeError(attr)
         except Exception as e:  # not importable, not a class
-            raise VillaError(f"model._target_={target!r} is not a class villa can import ({type(e).__name__}); use "
-                             "villa.models.MultiHeadProjection or your own importable class") from None  # fmt: skip
-    for key, f in _walk(SCHEMAS[name]):
+            raise VillaError(
+                f"model._target_={target!r} is not a class villa can import ({type(e).__name__}); use "
+                "villa.models.MultiHeadProjection or your own importable class"
+            ) from None
+    for key, f in schema_keys(SCHEMAS[name]):
         meta = f.metadata
         if not any(k in meta for k in ("gt", "ge", "choices")):
             continue
@@ -442,8 +491,10 @@ def validate_config(cfg: DictConfig, name: str) -> None:
             if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
                 raise VillaError(f"{key}={betas}: two numbers in [0, 1), e.g. [0.9, 0.999]")
         if cfg.pretrain.crop != "none" and cfg.objective != "pretrain":
-            raise VillaError(f"pretrain.crop={cfg.pretrain.crop} is for objective=pretrain only (objective="
-                             f"{cfg.objective} trains on whole images and boxes); remove it")  # fmt: skip
+            raise VillaError(
+                f"pretrain.crop={cfg.pretrain.crop} is for objective=pretrain only (objective="
+                f"{cfg.objective} trains on whole images and boxes); remove it"
+            )
         from villa.stage2.objectives import BUILTIN, objective_class
 
         if cfg.objective not in BUILTIN:  # your own: importable, a subclass of Objective
@@ -466,15 +517,22 @@ def check_inputs(cfg: DictConfig, name: str) -> None:
     if not data.is_dir():
         raise VillaError(f"dataset folder not found: {data}; generate it or pass the right data_dir")
     if not (data / "annotations.feather").is_file():
-        raise VillaError(f"{data / 'annotations.feather'} not found; a dataset folder needs annotations.feather "
-                         "(docs/data_format.md)")  # fmt: skip
+        raise VillaError(
+            f"{data / 'annotations.feather'} not found; a dataset folder needs annotations.feather "
+            "(docs/data_format.md)"
+        )
     if name == "stage1" and not Path(cfg.embeddings_dir).is_dir():
-        raise VillaError(f"embeddings not found: {cfg.embeddings_dir}; run preprocessing first (python -m preprocess "
-                         f"data_dir={cfg.data_dir}) or set embeddings_dir")  # fmt: skip
-    reads_mapping = name == "stage2" and (cfg.objective == "villa" or (cfg.objective == "grain" and cfg.grain.boxes == "mapping"))
+        raise VillaError(
+            f"embeddings folder not found: {cfg.embeddings_dir}; run preprocessing first (python -m preprocess "
+            f"data_dir={cfg.data_dir}) or set embeddings_dir"
+        )
+    reads_mapping = name == "stage2" and (
+        cfg.objective == "villa" or (cfg.objective == "grain" and cfg.grain.boxes == "mapping")
+    )
     if reads_mapping and not Path(cfg.mapping_path).is_file():
-        raise VillaError(f"mapping not found: {cfg.mapping_path}; run Stage 1 first (python -m villa.stage1 ...) or set "
-                         "mapping_path")  # fmt: skip
+        raise VillaError(
+            f"mapping not found: {cfg.mapping_path}; run Stage 1 first (python -m villa.stage1 ...) or set mapping_path"
+        )
 
 
 def help_text(name: str, doc: str, cfg: Optional[DictConfig] = None) -> str:
@@ -483,7 +541,7 @@ def help_text(name: str, doc: str, cfg: Optional[DictConfig] = None) -> str:
 
     experiments = "; experiment=<name> loads configs/experiment/<name>.yaml" if name in ("stage1", "stage2") else ""
     lines = [doc.strip(), "", f"Keys (override as key=value; -m key=a,b sweeps{experiments}):"]
-    for key, f in _walk(SCHEMAS[name]):
+    for key, f in schema_keys(SCHEMAS[name]):
         if key == "dataset":
             lines.append(f"  {key:<24} {f.metadata['help']}")
             continue

@@ -165,15 +165,28 @@ def _wandb(run_dir: Path, config: dict[str, Any], name: str, opts: dict[str, Any
         raise VillaError(f"wandb.mode={mode!r}: use offline (no network; wandb sync later), online or disabled")
     run_dir.mkdir(parents=True, exist_ok=True)
     return wandb.init(
-        project=opts.get("project") or "villa", entity=opts.get("entity"), name=name, dir=str(run_dir), mode=mode,
-        config=config, reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"),
-    )  # fmt: skip
+        project=opts.get("project") or "villa",
+        entity=opts.get("entity"),
+        name=name,
+        dir=str(run_dir),
+        mode=mode,
+        config=config,
+        reinit="finish_previous",
+        settings=wandb.Settings(silent=True, console="off"),
+    )
 
 
 def make_tracker(cfg: DictConfig, start_epoch: int, enabled: bool = True) -> Tracker:
     """The run's :class:`villa.tracking.Tracker` in its checkpoint folder, from ``logger`` and ``wandb``."""
-    return Tracker(cfg.checkpoint_dir, list(cfg.logger), config_dict(cfg), start_epoch, enabled,
-                   OmegaConf.to_container(cfg.wandb), name=f"{cfg.task_name}-{Path(cfg.checkpoint_dir).name}")  # fmt: skip
+    return Tracker(
+        cfg.checkpoint_dir,
+        list(cfg.logger),
+        config_dict(cfg),
+        start_epoch,
+        enabled,
+        OmegaConf.to_container(cfg.wandb),
+        name=f"{cfg.task_name}-{Path(cfg.checkpoint_dir).name}",
+    )
 
 
 def flat_scalars(tree: Any, prefix: str = "") -> dict[str, float]:

@@ -134,10 +134,21 @@ def load_annotations(
     reg_attr_off, reg_attr_ids, labelled = _region_labels(table, vocab, reg_off, ids)
     filepath = _image_paths(table, path, root, split, ids, check_images)
     return Annotations(
-        root=root, table=table, image_id=image_id, split=split, filepath=filepath, image_size=wh.astype(np.int64),
-        text=_texts(table, ids), region_offsets=reg_off, boxes=boxes, attr_offsets=attr_off, attr_ids=attr_ids,
-        reg_attr_offsets=reg_attr_off, reg_attr_ids=reg_attr_ids, labelled=labelled,
-    )  # fmt: skip
+        root=root,
+        table=table,
+        image_id=image_id,
+        split=split,
+        filepath=filepath,
+        image_size=wh.astype(np.int64),
+        text=_texts(table, ids),
+        region_offsets=reg_off,
+        boxes=boxes,
+        attr_offsets=attr_off,
+        attr_ids=attr_ids,
+        reg_attr_offsets=reg_attr_off,
+        reg_attr_ids=reg_attr_ids,
+        labelled=labelled,
+    )
 
 
 def read_table(root: Path, path: Path, required_columns: Sequence[str] = ()) -> pa.Table:
@@ -217,9 +228,13 @@ def boxes_outside(boxes: np.ndarray, region_image: np.ndarray, wh: np.ndarray) -
     """(R,) bool: boxes that leave their image (negative, beyond its width or height) or are empty or inverted."""
     w, h = wh[region_image, 0], wh[region_image, 1]
     return (
-        (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
-        | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-    )  # fmt: skip
+        (boxes[:, 0] < 0)
+        | (boxes[:, 1] < 0)
+        | (boxes[:, 2] > w)
+        | (boxes[:, 3] > h)
+        | (boxes[:, 2] <= boxes[:, 0])
+        | (boxes[:, 3] <= boxes[:, 1])
+    )
 
 
 def _check_boxes_inside(boxes: np.ndarray, reg_off: np.ndarray, wh: np.ndarray, ids: list) -> None:
@@ -325,17 +340,32 @@ def path_inside(rel: str) -> bool:
     return not p.is_absolute() and ".." not in p.parts and not (len(rel) > 1 and rel[1] == ":")
 
 
-def boxes_only(root: Path, image_id: np.ndarray, filepath: list[str], image_size: np.ndarray, region_offsets: np.ndarray,
-               boxes: np.ndarray) -> Annotations:  # fmt: skip
+def boxes_only(
+    root: Path,
+    image_id: np.ndarray,
+    filepath: list[str],
+    image_size: np.ndarray,
+    region_offsets: np.ndarray,
+    boxes: np.ndarray,
+) -> Annotations:
     """An :class:`Annotations` of images and boxes alone (no texts or attributes): what the region loop reads, for
     images outside villa's schema (a COCO ground truth, a classification CSV)."""
     n = len(image_id)
     return Annotations(
-        root=Path(root), table=None, image_id=image_id, split=np.full(n, "test"), filepath=filepath,
-        image_size=image_size, text=[""] * n, region_offsets=region_offsets, boxes=boxes,
-        attr_offsets=np.zeros(n + 1, np.int64), attr_ids=np.zeros(0, np.int64), reg_attr_offsets=None,
+        root=Path(root),
+        table=None,
+        image_id=image_id,
+        split=np.full(n, "test"),
+        filepath=filepath,
+        image_size=image_size,
+        text=[""] * n,
+        region_offsets=region_offsets,
+        boxes=boxes,
+        attr_offsets=np.zeros(n + 1, np.int64),
+        attr_ids=np.zeros(0, np.int64),
+        reg_attr_offsets=None,
         reg_attr_ids=None,
-    )  # fmt: skip
+    )
 
 
 def check_image_files(root: Path, filepath: list[str], ids: list) -> None:

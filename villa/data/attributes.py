@@ -42,23 +42,88 @@ from villa.data.vocab import Vocabulary, split_sentences
 # NegEx-style cue lists (Chapman et al. 2001 and the radiology lists derived from it), shortened to the common ones.
 DEFAULT_NEGATION = {
     "pre": [
-        "no", "not", "without", "negative for", "free of", "no evidence of", "no signs of", "no sign of",
-        "absence of", "absent", "denies", "rules out", "ruled out", "resolution of", "clear of", "neither", "nor",
+        "no",
+        "not",
+        "without",
+        "negative for",
+        "free of",
+        "no evidence of",
+        "no signs of",
+        "no sign of",
+        "absence of",
+        "absent",
+        "denies",
+        "rules out",
+        "ruled out",
+        "resolution of",
+        "clear of",
+        "neither",
+        "nor",
     ],
-    "post": ["is ruled out", "are ruled out", "was ruled out", "not seen", "is absent", "are absent", "has resolved",
-             "have resolved", "resolved", "is not present", "are not present", "is not seen", "are not seen"],
-}  # fmt: skip
+    "post": [
+        "is ruled out",
+        "are ruled out",
+        "was ruled out",
+        "not seen",
+        "is absent",
+        "are absent",
+        "has resolved",
+        "have resolved",
+        "resolved",
+        "is not present",
+        "are not present",
+        "is not seen",
+        "are not seen",
+    ],
+}
 DEFAULT_UNCERTAINTY = {
     "pre": [
-        "possible", "possibly", "probable", "probably", "may represent", "may be", "might be", "could be",
-        "suggestive of", "suggests", "concerning for", "cannot exclude", "can not exclude", "questionable",
-        "suspicious for", "likely", "versus", "vs", "differential includes", "equivocal",
+        "possible",
+        "possibly",
+        "probable",
+        "probably",
+        "may represent",
+        "may be",
+        "might be",
+        "could be",
+        "suggestive of",
+        "suggests",
+        "concerning for",
+        "cannot exclude",
+        "can not exclude",
+        "questionable",
+        "suspicious for",
+        "likely",
+        "versus",
+        "vs",
+        "differential includes",
+        "equivocal",
     ],
-    "post": ["cannot be excluded", "cannot be ruled out", "can not be ruled out", "not excluded",
-             "is not excluded", "is possible", "is suspected", "may be present"],
-}  # fmt: skip
-TERMINATORS = ["but", "however", "although", "though", "except", "aside from", "apart from", "yet", "which",
-               "whereas", "while", "otherwise"]  # fmt: skip
+    "post": [
+        "cannot be excluded",
+        "cannot be ruled out",
+        "can not be ruled out",
+        "not excluded",
+        "is not excluded",
+        "is possible",
+        "is suspected",
+        "may be present",
+    ],
+}
+TERMINATORS = [
+    "but",
+    "however",
+    "although",
+    "though",
+    "except",
+    "aside from",
+    "apart from",
+    "yet",
+    "which",
+    "whereas",
+    "while",
+    "otherwise",
+]
 UNCERTAIN_POLICIES = ("mention", "drop")
 NEGEX_WINDOW = 5  # words a cue reaches (NegEx's scope); null in the config: to the sentence's end or a terminator
 
@@ -351,8 +416,10 @@ def extract_attributes(texts: Sequence[str], vocab: Vocabulary, suggestions: int
 def format_report(report: dict[str, Any], top: int = 10) -> str:
     """The coverage report as a few printable lines."""
     n = report["texts"]
-    lines = [f"attributes: {n - report['texts_without_attribute']} of {n} texts have at least one attribute "
-             f"({report['texts_without_attribute']} have none)"]  # fmt: skip
+    lines = [
+        f"attributes: {n - report['texts_without_attribute']} of {n} texts have at least one attribute "
+        f"({report['texts_without_attribute']} have none)"
+    ]
     per = sorted(report["per_attribute"].items(), key=lambda kv: -kv[1]["texts"])
     shown = ", ".join(f"{a} {c['texts']}" + (f" (-{c['negated']})" if c["negated"] else "") for a, c in per[:top])
     lines.append(f"  most frequent (texts; negated mentions): {shown}")

@@ -69,12 +69,8 @@ def image_batches(
 # Stage 2 / pretraining: (region box, text) pairs per image.
 
 
-
-
 def whole_image_boxes(image_size: np.ndarray) -> np.ndarray:
     """The whole image as a region: [0, 0, W-1, H-1] (the original's box)."""
     w, h = image_size[:, 0].astype(np.float32), image_size[:, 1].astype(np.float32)
     z = np.zeros_like(w)
     return np.stack([z, z, w - 1, h - 1], 1)
-
-

@@ -137,9 +137,13 @@ def _top_k_per_image(owner: np.ndarray, scores: np.ndarray, k: int) -> np.ndarra
 
 
 def proposals_from_file(
-    path: str, image_id: np.ndarray, image_size: np.ndarray, top_k: int = 100, min_score: float = 0.0,
+    path: str,
+    image_id: np.ndarray,
+    image_size: np.ndarray,
+    top_k: int = 100,
+    min_score: float = 0.0,
     min_size: float = 2.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a COCO results file: offsets (I + 1,), boxes (R, 4) xyxy pixels, scores (R,), each image's best
     ``top_k`` above ``min_score``. Proposals for images the dataset does not have are an error."""
     p = Path(path)
@@ -178,9 +182,13 @@ def proposals_from_file(
 
 
 def detector_proposals(
-    root: Path, filepath: Sequence[str], image_size: np.ndarray, spec: RegionSpec, progress: bool = True,
+    root: Path,
+    filepath: Sequence[str],
+    image_size: np.ndarray,
+    spec: RegionSpec,
+    progress: bool = True,
     device: str = "cpu",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Run a detector over every image: offsets, boxes (R, 4), scores (R,) and the detector's identity."""
     from tqdm import tqdm
 
@@ -255,9 +263,13 @@ def with_whole_image(offsets: np.ndarray, boxes: np.ndarray, image_size: np.ndar
 
 
 def label_regions(
-    offsets: np.ndarray, boxes: np.ndarray, ref_offsets: np.ndarray, ref_boxes: np.ndarray,
-    ref_labels: Sequence[Sequence[str]], iou: float = 0.5,
-) -> list[list[str]]:  # fmt: skip
+    offsets: np.ndarray,
+    boxes: np.ndarray,
+    ref_offsets: np.ndarray,
+    ref_boxes: np.ndarray,
+    ref_labels: Sequence[Sequence[str]],
+    iou: float = 0.5,
+) -> list[list[str]]:
     """Ground truth for new regions from reference regions of the same images: each new box takes the labels of the
     reference box it overlaps most, if their IoU is at least ``iou`` (else none). Used to score mappings and
     retrieval of grid or proposal regions against labelled boxes (e.g. DocMNIST's)."""
@@ -340,5 +352,8 @@ def attach_reference_labels(data_dir: Path, reference_dir: Path, vocab, iou: flo
     meta[REGIONS_META.encode()] = json.dumps(rec).encode()
     with atomic_file(Path(data_dir) / "annotations.feather") as tmp:
         feather.write_feather(table.replace_schema_metadata(meta), str(tmp), compression="zstd")
-    return {"recall_at_0.5": recall, "regions_per_image": float(np.mean(ann.n_regions)),
-            "labelled_regions": int(sum(1 for x in labels if x))}  # fmt: skip
+    return {
+        "recall_at_0.5": recall,
+        "regions_per_image": float(np.mean(ann.n_regions)),
+        "labelled_regions": int(sum(1 for x in labels if x)),
+    }

@@ -43,7 +43,17 @@ def write_synthetic_embeddings(
         write_index(tmp / "index.feather", ann.image_id, ann.split, ann.n_regions)
         write_meta(
             tmp / "meta.json",
-            {"format": FORMAT, "vocab": vocab.name, "attribute_names": list(vocab.attributes), "vocab_digest": vocab.digest, "encoder": enc,
-             "attribute_encoder": enc, "dtype": dtype, "images": int(ann.n_images), "regions": int(len(regions)), "dim": dim},
-        )  # fmt: skip
+            {
+                "format": FORMAT,
+                "vocab": vocab.name,
+                "attribute_names": list(vocab.attributes),
+                "vocab_digest": vocab.digest,
+                "encoder": enc,
+                "attribute_encoder": enc,
+                "dtype": dtype,
+                "images": int(ann.n_images),
+                "regions": int(len(regions)),
+                "dim": dim,
+            },
+        )
     return Path(out)

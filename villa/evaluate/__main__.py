@@ -14,7 +14,9 @@ text (its sentences' mean embedding, as training embeds captions), Recall@1/5/10
 
 from villa.core.config import hydra_entry
 
-main = hydra_entry("evaluate", "villa.evaluate.retrieval:run_evaluation", __doc__)  # the run's code is imported when the run starts
+main = hydra_entry(
+    "evaluate", "villa.evaluate.retrieval:run_evaluation", __doc__
+)  # the run's code is imported when the run starts
 
 if __name__ == "__main__":
     main()

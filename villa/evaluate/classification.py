@@ -91,10 +91,18 @@ def accuracy(sim: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, A
 
 @torch.no_grad()
 def zero_shot_classification(
-    clip: Clip, opts: dict[str, Any], runtime: Runtime, csv_path: str | Path, images: str | Path,
-    classes: Optional[Sequence[str]] = None, prompts: Optional[str] = None, readout: str = "image",
-    grid: Sequence[Any] = (1, 2, 3), batch_size: int = 64, num_workers: int = 2,
-) -> dict[str, Any]:  # fmt: skip
+    clip: Clip,
+    opts: dict[str, Any],
+    runtime: Runtime,
+    csv_path: str | Path,
+    images: str | Path,
+    classes: Optional[Sequence[str]] = None,
+    prompts: Optional[str] = None,
+    readout: str = "image",
+    grid: Sequence[Any] = (1, 2, 3),
+    batch_size: int = 64,
+    num_workers: int = 2,
+) -> dict[str, Any]:
     from villa.data.importers.common import image_sizes as read_sizes
 
     if readout not in ("image", "region"):
@@ -135,8 +143,19 @@ def run_classification(cfg: DictConfig) -> dict[str, Any]:
 
     validate_config(cfg, "classification")
     runtime, clip, opts = model_from_config(cfg)
-    res = zero_shot_classification(clip, opts, runtime, cfg.csv, cfg.images, list(cfg.classes) if cfg.classes else None,
-                                   cfg.prompts, cfg.readout, list(cfg.grid), cfg.batch_size, cfg.num_workers)  # fmt: skip
+    res = zero_shot_classification(
+        clip,
+        opts,
+        runtime,
+        cfg.csv,
+        cfg.images,
+        list(cfg.classes) if cfg.classes else None,
+        cfg.prompts,
+        cfg.readout,
+        list(cfg.grid),
+        cfg.batch_size,
+        cfg.num_workers,
+    )
     res.update({"label": cfg.label, "model": clip.source})
     write_json_atomic(cfg.output, res)
     print(f"{'zero-shot classification':<26}{'top-1 %':>9}" + "".join(f"{c[:12]:>14}" for c in res["classes"]))

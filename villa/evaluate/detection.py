@@ -110,9 +110,15 @@ def class_embeddings(clip: Clip, names: Sequence[str], runtime: Runtime, templat
 
 
 def detect(
-    scores: torch.Tensor, boxes: np.ndarray, offsets: np.ndarray, image_ids: np.ndarray, cat_ids: Sequence[int],
-    nms: float = 0.5, max_dets: int = 100, score_thresh: float = 1e-3,
-) -> list[dict[str, Any]]:  # fmt: skip
+    scores: torch.Tensor,
+    boxes: np.ndarray,
+    offsets: np.ndarray,
+    image_ids: np.ndarray,
+    cat_ids: Sequence[int],
+    nms: float = 0.5,
+    max_dets: int = 100,
+    score_thresh: float = 1e-3,
+) -> list[dict[str, Any]]:
     """COCO results from per-box class scores (R, C): every (box, class) above ``score_thresh``, per-class NMS at
     ``nms`` within each image, the best ``max_dets`` per image; by image, best first. One NMS call for all images
     (each (image, class) pair is its own NMS group)."""
@@ -131,9 +137,20 @@ def detect(
     keep = keep[np.arange(len(keep)) - first < max_dets]
     bk, sk, ck, ik = bx[keep].numpy(), sc[keep].numpy(), c[keep].numpy(), owner[keep].numpy()
     cat = np.asarray(cat_ids)
-    return [{"image_id": int(image_ids[i]), "category_id": int(cat[k]),
-             "bbox": [round(float(b[0]), 2), round(float(b[1]), 2), round(float(b[2] - b[0]), 2), round(float(b[3] - b[1]), 2)],
-             "score": round(float(v), 6)} for b, v, k, i in zip(bk, sk, ck, ik)]  # fmt: skip
+    return [
+        {
+            "image_id": int(image_ids[i]),
+            "category_id": int(cat[k]),
+            "bbox": [
+                round(float(b[0]), 2),
+                round(float(b[1]), 2),
+                round(float(b[2] - b[0]), 2),
+                round(float(b[3] - b[1]), 2),
+            ],
+            "score": round(float(v), 6),
+        }
+        for b, v, k, i in zip(bk, sk, ck, ik)
+    ]
 
 
 def coco_ap(gt, results: list[dict[str, Any]], groups: dict[str, list[int]], img_ids: Sequence[int]) -> dict[str, Any]:
@@ -143,8 +160,10 @@ def coco_ap(gt, results: list[dict[str, Any]], groups: dict[str, list[int]], img
     known = set(gt.getImgIds())
     unknown = sorted({r["image_id"] for r in results} - known)
     if unknown:
-        raise VillaError(f"results name {len(unknown)} images the ground truth lacks (e.g. {unknown[0]}); "
-                         "score them against their own ground truth")  # fmt: skip
+        raise VillaError(
+            f"results name {len(unknown)} images the ground truth lacks (e.g. {unknown[0]}); "
+            "score them against their own ground truth"
+        )
     out: dict[str, Any] = {}
     if not results:
         return {g: {"AP": 0.0, "AP50": 0.0, "categories": len(ids)} for g, ids in groups.items()} | {
@@ -161,8 +180,11 @@ def coco_ap(gt, results: list[dict[str, Any]], groups: dict[str, list[int]], img
             E.evaluate()
             E.accumulate()
             E.summarize()
-        out[g] = {"AP": 100 * max(float(E.stats[0]), 0.0), "AP50": 100 * max(float(E.stats[1]), 0.0),
-                  "categories": len(ids)}  # fmt: skip
+        out[g] = {
+            "AP": 100 * max(float(E.stats[0]), 0.0),
+            "AP50": 100 * max(float(E.stats[1]), 0.0),
+            "categories": len(ids),
+        }
         if g == "all":
             prec = E.eval["precision"][0, :, :, 0, 2]  # IoU 0.5, all recalls, categories, area all, 100 dets
             for k, cid in enumerate(E.params.catIds):
@@ -173,16 +195,59 @@ def coco_ap(gt, results: list[dict[str, Any]], groups: dict[str, list[int]], img
 
 
 @torch.no_grad()
-def zero_shot_detection(
-    clip: Clip, opts: dict[str, Any], runtime: Runtime, gt_path: str | Path, images: str | Path,
-    regions: str = "gt", proposals_file: Optional[str] = None, split: Optional[str] = None,
-    templates: Optional[Sequence[str]] = None, temperature: float = 0.01, objectness: bool = True, nms: float = 0.5,
-    max_dets: int = 100, score_thresh: float = 1e-3, top_k: int = 1000, batch_size: int = 64, num_workers: int = 2,
-    results_path: Optional[str | Path] = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Detect every category of ``gt_path`` in its images zero-shot and score the detections (module docs)."""
+def gt_images(gt, gt_path: str | Path, images: str | Path, img_ids: list) -> tuple[Path, list, np.ndarray, np.ndarray]:
+    """The ground truth's images: their folder, relative file names (inside it, readable), sizes (I, 2) and ids."""
+    imgs = gt.loadImgs(img_ids)
+    files = [im["file_name"] for im in imgs]
+    bad = [f for f in files if not path_inside(f)]
+    if bad:
+        raise VillaError(f"{gt_path}: file_name {bad[0]!r} leaves the images folder; names must be relative")
+    root = Path(images)
+    check_image_files(root, files, img_ids)
+    sizes = np.array([[im["width"], im["height"]] for im in imgs], np.int64).reshape(-1, 2)
+    return root, files, sizes, np.asarray(img_ids)
+
+
+def boxes_to_classify(
+    gt, img_ids: list, ids: np.ndarray, sizes: np.ndarray, regions: str, proposals_file: Optional[str], top_k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets (I + 1,), boxes (R, 4) xyxy, objectness (R,)): the ground-truth boxes but crowds (the GT-box
+    setting, objectness 1) or the top-k proposals of a COCO results file (the RPN setting)."""
     from villa.data.regions import proposals_from_file
 
+    if regions == "gt":
+        per = [[a for a in gt.imgToAnns.get(i, []) if not a.get("iscrowd", 0)] for i in img_ids]
+        counts = np.array([len(p) for p in per])
+        xywh = np.array([a["bbox"] for p in per for a in p], np.float64).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1).astype(np.float32)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return offsets, boxes, np.ones(len(boxes), np.float32)
+    if not proposals_file:
+        raise VillaError("regions=proposals needs proposals_file=<COCO results JSON of boxes and objectness>")
+    return proposals_from_file(proposals_file, ids, sizes, top_k=top_k)
+
+
+def zero_shot_detection(
+    clip: Clip,
+    opts: dict[str, Any],
+    runtime: Runtime,
+    gt_path: str | Path,
+    images: str | Path,
+    regions: str = "gt",
+    proposals_file: Optional[str] = None,
+    split: Optional[str] = None,
+    templates: Optional[Sequence[str]] = None,
+    temperature: float = 0.01,
+    objectness: bool = True,
+    nms: float = 0.5,
+    max_dets: int = 100,
+    score_thresh: float = 1e-3,
+    top_k: int = 1000,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    results_path: Optional[str | Path] = None,
+) -> dict[str, Any]:
+    """Detect every category of ``gt_path`` in its images zero-shot and score the detections (module docs)."""
     if regions not in ("gt", "proposals"):
         raise VillaError(f"regions={regions!r}: use gt (ground-truth boxes) or proposals (with proposals_file)")
     gt = load_gt(gt_path)
@@ -192,26 +257,8 @@ def zero_shot_detection(
         raise VillaError(f"{gt_path} lists no categories; a detection ground truth names its categories")
     cat_ids = [c["id"] for c in cats]
     img_ids = sorted(gt.getImgIds())
-    imgs = gt.loadImgs(img_ids)
-    files = [im["file_name"] for im in imgs]
-    bad = [f for f in files if not path_inside(f)]
-    if bad:
-        raise VillaError(f"{gt_path}: file_name {bad[0]!r} leaves the images folder; names must be relative")
-    root = Path(images)
-    check_image_files(root, files, img_ids)
-    sizes = np.array([[im["width"], im["height"]] for im in imgs], np.int64).reshape(-1, 2)
-    ids = np.asarray(img_ids)
-    if regions == "gt":
-        per = [[a for a in gt.imgToAnns.get(i, []) if not a.get("iscrowd", 0)] for i in img_ids]
-        counts = np.array([len(p) for p in per])
-        xywh = np.array([a["bbox"] for p in per for a in p], np.float64).reshape(-1, 4)
-        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1).astype(np.float32)
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        objness = np.ones(len(boxes), np.float32)
-    else:
-        if not proposals_file:
-            raise VillaError("regions=proposals needs proposals_file=<COCO results JSON of boxes and objectness>")
-        offsets, boxes, objness = proposals_from_file(proposals_file, ids, sizes, top_k=top_k)
+    root, files, sizes, ids = gt_images(gt, gt_path, images, img_ids)
+    offsets, boxes, objness = boxes_to_classify(gt, img_ids, ids, sizes, regions, proposals_file, top_k)
     keep_img = np.diff(offsets) > 0
     t0 = time.perf_counter()
     ann = boxes_only(root, ids, files, sizes, offsets, boxes)
@@ -231,11 +278,22 @@ def zero_shot_detection(
         write_json_atomic(results_path, results)
     t3 = time.perf_counter()
     res = coco_ap(gt, results, groups, img_ids)
-    res["seconds"] = {"embed_regions": round(t1 - t0, 3), "classify_and_nms": round(t2 - t1, 3),
-                      "pycocotools": round(time.perf_counter() - t3, 3)}  # fmt: skip
-    res.update({"images": len(img_ids), "boxes": int(len(boxes)), "regions": regions, "detections": len(results),
-                "temperature": temperature, "objectness": bool(objectness and regions == "proposals"),
-                "templates": "dataset config" if templates else "CLIP's 80 ImageNet templates"})  # fmt: skip
+    res["seconds"] = {
+        "embed_regions": round(t1 - t0, 3),
+        "classify_and_nms": round(t2 - t1, 3),
+        "pycocotools": round(time.perf_counter() - t3, 3),
+    }
+    res.update(
+        {
+            "images": len(img_ids),
+            "boxes": int(len(boxes)),
+            "regions": regions,
+            "detections": len(results),
+            "temperature": temperature,
+            "objectness": bool(objectness and regions == "proposals"),
+            "templates": "dataset config" if templates else "CLIP's 80 ImageNet templates",
+        }
+    )
     return res
 
 
@@ -247,10 +305,25 @@ def run_detection(cfg: DictConfig) -> dict[str, Any]:
     runtime, clip, opts = model_from_config(cfg)
     out = Path(cfg.output)
     res = zero_shot_detection(
-        clip, opts, runtime, cfg.gt, cfg.images, cfg.regions, cfg.proposals_file, cfg.split,
-        list(cfg.templates) if cfg.templates else None, cfg.temperature, cfg.objectness, cfg.nms, cfg.max_dets,
-        cfg.score_thresh, cfg.top_k, cfg.batch_size, cfg.num_workers, out.with_name(out.stem + "_results.json"),
-    )  # fmt: skip
+        clip,
+        opts,
+        runtime,
+        cfg.gt,
+        cfg.images,
+        cfg.regions,
+        cfg.proposals_file,
+        cfg.split,
+        list(cfg.templates) if cfg.templates else None,
+        cfg.temperature,
+        cfg.objectness,
+        cfg.nms,
+        cfg.max_dets,
+        cfg.score_thresh,
+        cfg.top_k,
+        cfg.batch_size,
+        cfg.num_workers,
+        out.with_name(out.stem + "_results.json"),
+    )
     res.update({"label": cfg.label, "model": clip.source})
     write_json_atomic(out, res)
     groups = [g for g in res if isinstance(res[g], dict) and "AP50" in res[g]]

@@ -162,9 +162,14 @@ def embed_split_regions(
 
 @torch.no_grad()
 def embed_split_images(
-    clip: Clip, ann: Annotations, rows: np.ndarray, runtime: Runtime, opts: dict[str, Any], batch_size: int = 256,
+    clip: Clip,
+    ann: Annotations,
+    rows: np.ndarray,
+    runtime: Runtime,
+    opts: dict[str, Any],
+    batch_size: int = 256,
     num_workers: int = 2,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """(N, D): each image of ``rows`` as one whole-image box through the region path."""
     from dataclasses import replace
 
@@ -216,15 +221,27 @@ def embed_split_queries(
         matched.append(m.cpu())
         ious.append(iou.float().cpu())
     m_all, iou_all = torch.cat(matched), torch.cat(ious)
-    quality = {"mean_iou": float(iou_all.mean()) if len(iou_all) else 0.0, "matched": float(m_all.float().mean()),
-               "queries": head.spec.queries}  # fmt: skip
+    quality = {
+        "mean_iou": float(iou_all.mean()) if len(iou_all) else 0.0,
+        "matched": float(m_all.float().mean()),
+        "queries": head.spec.queries,
+    }
     return torch.cat(outs), quality
 
 
 def evaluate_model(
-    clip: Clip, ann: Annotations, vocab: Vocabulary, split: str, runtime: Runtime, opts: dict[str, Any], ks=(10, 50, 100),
-    batch_size: int = 256, num_workers: int = 2, readout: str = "roi", image_text: bool = False,
-) -> dict[str, Any]:  # fmt: skip
+    clip: Clip,
+    ann: Annotations,
+    vocab: Vocabulary,
+    split: str,
+    runtime: Runtime,
+    opts: dict[str, Any],
+    ks=(10, 50, 100),
+    batch_size: int = 256,
+    num_workers: int = 2,
+    readout: str = "roi",
+    image_text: bool = False,
+) -> dict[str, Any]:
     """Retrieval on ``split``'s ground-truth regions (when the data has ``reg_to_attr``) and, with ``image_text``
     (always for data without region labels), image-text retrieval on its images. ``readout``: ``roi``, the region
     path of the image tower (every method); ``query``, a GRAIN checkpoint's matched region queries (and their box
@@ -315,9 +332,10 @@ def format_table(results: dict[str, dict[str, Any]], vocab: Vocabulary) -> str:
         t = r["text_to_region"]
         chance = t
         lines.append(
-            f"{name:<16}{100 * t['r_precision']:>11.1f}" + "".join(_pct(t["per_group"][g], 9) for g in groups)
+            f"{name:<16}{100 * t['r_precision']:>11.1f}"
+            + "".join(_pct(t["per_group"][g], 9) for g in groups)
             + f"{100 * r['region_to_text']['r_precision']:>11.1f}{100 * t['precision_at'].get('10', float('nan')):>10.1f}"
-        )  # fmt: skip
+        )
     if chance is not None:
         lines.append(
             f"{'(chance)':<16}{100 * chance['chance']:>11.1f}"
@@ -328,8 +346,11 @@ def format_table(results: dict[str, dict[str, Any]], vocab: Vocabulary) -> str:
 
 def format_image_text(results: dict[str, dict[str, Any]]) -> str:
     """Image-text retrieval: a row per model, Recall@1/5/10 both ways."""
-    lines = [f"{'model':<16}{'images':>8}" + "".join(f"{'I2T R@' + k:>9}" for k in "1 5 10".split())
-             + "".join(f"{'T2I R@' + k:>9}" for k in "1 5 10".split())]  # fmt: skip
+    lines = [
+        f"{'model':<16}{'images':>8}"
+        + "".join(f"{'I2T R@' + k:>9}" for k in "1 5 10".split())
+        + "".join(f"{'T2I R@' + k:>9}" for k in "1 5 10".split())
+    ]
     for name, r in results.items():
         it = r["image_text"]
         cells = [100 * it[d][f"R@{k}"] for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
@@ -340,13 +361,19 @@ def format_image_text(results: dict[str, dict[str, Any]]) -> str:
 def format_markdown_table(results: dict[str, dict[str, Any]], vocab: Vocabulary) -> str:
     """:func:`format_table` as a Markdown table (the README's form), with chance as the last row."""
     groups = list(vocab.groups)
-    lines = ["| R-Precision % | text-to-region | " + " | ".join(groups) + " | region-to-text | T2R P@10 |",
-             "| --- | ---: | " + " | ".join(["---:"] * len(groups)) + " | ---: | ---: |"]  # fmt: skip
+    lines = [
+        "| R-Precision % | text-to-region | " + " | ".join(groups) + " | region-to-text | T2R P@10 |",
+        "| --- | ---: | " + " | ".join(["---:"] * len(groups)) + " | ---: | ---: |",
+    ]
     t = None
     for name, r in results.items():
         t = r["text_to_region"]
-        cells = [f"{100 * t['r_precision']:.1f}", *(_pct(t["per_group"][g], 0).strip() for g in groups),
-                 f"{100 * r['region_to_text']['r_precision']:.1f}", f"{100 * t['precision_at'].get('10', float('nan')):.1f}"]  # fmt: skip
+        cells = [
+            f"{100 * t['r_precision']:.1f}",
+            *(_pct(t["per_group"][g], 0).strip() for g in groups),
+            f"{100 * r['region_to_text']['r_precision']:.1f}",
+            f"{100 * t['precision_at'].get('10', float('nan')):.1f}",
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if t is not None:
         lines.append(

@@ -182,9 +182,13 @@ def _create_from_tag(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="QuickGELU mismatch")  # we force the tag's activation
             return open_clip.create_model(
-                model_name, pretrained=local or tag, precision=precision, device=device,
-                force_quick_gelu=quick, cache_dir=cache_dir,
-            )  # fmt: skip
+                model_name,
+                pretrained=local or tag,
+                precision=precision,
+                device=device,
+                force_quick_gelu=quick,
+                cache_dir=cache_dir,
+            )
     except Exception as e:  # open_clip raises RuntimeError / OSError / hub errors
         raise VillaError(
             f"could not load pretrained={tag!r} for {model_name} ({type(e).__name__}: {str(e)[:120]}); "
@@ -295,11 +299,19 @@ def read_open_clip_folder(folder: Path) -> dict[str, Any]:
         meta = json.loads((folder / "open_clip_config.json").read_text())
         weights = load_file(str(folder / "open_clip_model.safetensors"))
     except (OSError, ValueError) as e:
-        raise VillaError(f"{folder} is not an open_clip folder villa can read ({type(e).__name__}: {e}); export it "
-                         "again with python -m villa.export --format open_clip") from None  # fmt: skip
+        raise VillaError(
+            f"{folder} is not an open_clip folder villa can read ({type(e).__name__}: {e}); export it "
+            "again with python -m villa.export --format open_clip"
+        ) from None
     v = meta.get("villa") or {}
-    return {"format": "villa-clip", "model_name": v.get("model_name") or folder.name, "model_cfg": meta["model_cfg"],
-            "state_dict": weights, "kind": v.get("kind"), "config": {"model": v.get("region_options") or {}}}  # fmt: skip
+    return {
+        "format": "villa-clip",
+        "model_name": v.get("model_name") or folder.name,
+        "model_cfg": meta["model_cfg"],
+        "state_dict": weights,
+        "kind": v.get("kind"),
+        "config": {"model": v.get("region_options") or {}},
+    }
 
 
 def clip_checkpoint_state(clip_model: nn.Module, model_name: str, model_cfg: dict, **extra: Any) -> dict[str, Any]:
@@ -312,23 +324,3 @@ def clip_checkpoint_state(clip_model: nn.Module, model_name: str, model_cfg: dic
         "state_dict": clip_model.state_dict(),
         **extra,
     }
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -19,6 +19,7 @@ import argparse
 import logging
 import time
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -39,8 +40,13 @@ def _tiny_backbone(width: int = 32) -> nn.Module:
     def block(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
-    body = nn.Sequential(*block(3, width // 2), *block(width // 2, width), *block(width, width),
-                         nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True))  # fmt: skip
+    body = nn.Sequential(
+        *block(3, width // 2),
+        *block(width // 2, width),
+        *block(width, width),
+        nn.Conv2d(width, width, 3, padding=1),
+        nn.ReLU(inplace=True),
+    )
     body.out_channels = width  # stride 8
     return body
 
@@ -110,8 +116,10 @@ def load_detector(name: Optional[str], weights: Optional[str]) -> tuple[nn.Modul
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise VillaError(f"{path} is not a detector checkpoint ({type(e).__name__}); pass a .pt file written by "
-                             "python -m villa.detector train or a torchvision state dict") from e  # fmt: skip
+            raise VillaError(
+                f"{path} is not a detector checkpoint ({type(e).__name__}); pass a .pt file written by "
+                "python -m villa.detector train or a torchvision state dict"
+            ) from e
         if isinstance(state, dict) and state.get("kind") == KIND:
             name = state["name"]
             model = build_detector(name, state.get("kwargs"))
@@ -120,8 +128,10 @@ def load_detector(name: Optional[str], weights: Optional[str]) -> tuple[nn.Modul
             model = build_detector(name, None)
             sd = state.get("model", state)
         else:
-            raise VillaError(f"{path} is not a villa detector checkpoint; for a torchvision state dict also pass "
-                             "its model name as detector")  # fmt: skip
+            raise VillaError(
+                f"{path} is not a villa detector checkpoint; for a torchvision state dict also pass "
+                "its model name as detector"
+            )
         try:
             model.load_state_dict(sd)
         except (RuntimeError, TypeError, AttributeError) as e:
@@ -137,11 +147,7 @@ def load_detector(name: Optional[str], weights: Optional[str]) -> tuple[nn.Modul
 
 @torch.no_grad()
 def propose(
-    model: nn.Module,
-    images: Sequence[torch.Tensor],
-    top_k: int = 100,
-    nms: float = 0.7,
-    kind: str = "rpn",
+    model: nn.Module, images: Sequence[torch.Tensor], top_k: int = 100, nms: float = 0.7, kind: str = "rpn"
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Boxes (K, 4) in the input images' pixels and their scores (K,) per image, at most ``top_k``, NMS at ``nms``.
 
@@ -192,6 +198,51 @@ def propose(
 # --- training a small detector (tests, the offline example, open-vocabulary base categories) --------------------
 
 
+def _targets(ann: Any, keep: np.ndarray, row: int) -> dict[str, torch.Tensor]:
+    """One image's kept boxes as a torchvision detection target (one class: object)."""
+    sl = slice(ann.region_offsets[row], ann.region_offsets[row + 1])
+    b = torch.from_numpy(ann.boxes[sl][keep[sl]]).float()
+    return {"boxes": b.reshape(-1, 4), "labels": torch.ones(len(b), dtype=torch.int64)}
+
+
+def detector_training_boxes(
+    data_dir: PathLike, dataset_config: str, max_images: Optional[int], keep_attributes: Optional[Sequence[str]]
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The dataset, its training images (the first ``max_images``) and which boxes train the detector (those whose
+    ``reg_to_attr`` holds one of ``keep_attributes``, else all)."""
+    from villa.data.annotations import load_annotations
+    from villa.data.vocab import load_vocab
+
+    vocab = load_vocab(dataset_config)
+    ann = load_annotations(data_dir, vocab, check_images=False)
+    rows = np.flatnonzero(ann.split == "train")
+    if max_images:
+        rows = rows[:max_images]
+    keep = np.ones(len(ann.boxes), bool)
+    if keep_attributes is not None:
+        gold = ann.region_attribute_matrix(len(vocab))
+        if gold is None:
+            raise VillaError(f"{data_dir} has no reg_to_attr: cannot select boxes by attribute")
+        cols = [vocab.index[a] for a in keep_attributes if a in vocab.index]
+        keep = gold[:, cols].any(1)
+    return ann, rows, keep
+
+
+def detector_optimizer(model: nn.Module, optimizer: str, lr: float, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (or SGD with momentum), decay 1e-4, under a one-cycle schedule. One-cycle needs a warm-up of >= 2 steps
+    (pct_start * steps - 1 > 0, else torch divides by zero): shorter runs keep a constant learning rate (None)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (
+        torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        if optimizer == "adamw"
+        else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    )
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1) if steps >= 20 else None
+    )
+    return opt, sched
+
+
 def train_detector(
     data_dir: PathLike,
     out: PathLike,
@@ -212,56 +263,33 @@ def train_detector(
     protocol: a proposal model that never sees a box of a novel category)."""
     from tqdm import tqdm
 
-    from villa.data.annotations import load_annotations
     from villa.data.images import read_image
-    from villa.data.vocab import load_vocab
 
-    vocab = load_vocab(dataset_config)
-    ann = load_annotations(data_dir, vocab, check_images=False)
-    rows = np.flatnonzero(ann.split == "train")
-    if max_images:
-        rows = rows[:max_images]
-    keep = np.ones(len(ann.boxes), bool)
-    if keep_attributes is not None:
-        gold = ann.region_attribute_matrix(len(vocab))
-        if gold is None:
-            raise VillaError(f"{data_dir} has no reg_to_attr: cannot select boxes by attribute")
-        cols = [vocab.index[a] for a in keep_attributes if a in vocab.index]
-        keep = gold[:, cols].any(1)
+    ann, rows, keep = detector_training_boxes(data_dir, dataset_config, max_images, keep_attributes)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     w, h = ann.image_size[rows].max(0)
     kwargs = {"num_classes": 2, "min_size": int(min(w, h)), "max_size": int(max(w, h))}
     model = build_tiny_frcnn(**kwargs)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (
-        torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        if optimizer == "adamw"
-        else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    )
     steps = epochs * max(1, len(rows) // batch_size)
-    # one-cycle needs a warm-up of >= 2 steps (pct_start * steps - 1 > 0, else torch divides by zero): shorter runs
-    # keep a constant learning rate
-    sched = (
-        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1) if steps >= 20 else None
-    )
+    opt, sched = detector_optimizer(model, optimizer, lr, steps)
     images = {int(r): read_image(ann.root / ann.filepath[r]).float().div_(255) for r in rows}
+    targets_of = partial(_targets, ann, keep)
     model.train()
     t0 = time.perf_counter()
     step = 0
     for epoch in range(epochs):
         order = rows[torch.randperm(len(rows), generator=g).numpy()]
         total = 0.0
-        bar = tqdm(range(0, len(order) - batch_size + 1, batch_size), desc=f"detector epoch {epoch + 1}",
-                   disable=not progress, leave=False)  # fmt: skip
+        bar = tqdm(
+            range(0, len(order) - batch_size + 1, batch_size),
+            desc=f"detector epoch {epoch + 1}",
+            disable=not progress,
+            leave=False,
+        )
         for s in bar:
             batch = order[s : s + batch_size]
-            targets = []
-            for r in batch:
-                sl = slice(ann.region_offsets[r], ann.region_offsets[r + 1])
-                b = torch.from_numpy(ann.boxes[sl][keep[sl]]).float()
-                targets.append({"boxes": b.reshape(-1, 4), "labels": torch.ones(len(b), dtype=torch.int64)})
-            losses = model([images[int(r)] for r in batch], targets)
+            losses = model([images[int(r)] for r in batch], [targets_of(r) for r in batch])
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -270,11 +298,25 @@ def train_detector(
                 sched.step()
             step += 1
             total += float(loss.detach())
-        log.info("detector epoch %d/%d loss=%.4f (%.0fs)", epoch + 1, epochs, total / max(1, len(order) // batch_size),
-                 time.perf_counter() - t0)  # fmt: skip
-    state = {"kind": KIND, "name": "villa-tiny-frcnn", "kwargs": kwargs, "model": model.state_dict(),
-             "trained_on": {"data_dir": str(data_dir), "images": int(len(rows)), "epochs": epochs,
-                            "keep_attributes": list(keep_attributes) if keep_attributes is not None else None}}  # fmt: skip
+        log.info(
+            "detector epoch %d/%d loss=%.4f (%.0fs)",
+            epoch + 1,
+            epochs,
+            total / max(1, len(order) // batch_size),
+            time.perf_counter() - t0,
+        )
+    state = {
+        "kind": KIND,
+        "name": "villa-tiny-frcnn",
+        "kwargs": kwargs,
+        "model": model.state_dict(),
+        "trained_on": {
+            "data_dir": str(data_dir),
+            "images": int(len(rows)),
+            "epochs": epochs,
+            "keep_attributes": list(keep_attributes) if keep_attributes is not None else None,
+        },
+    }
     out = Path(out)
     with atomic_file(out) as tmp:
         torch.save(state, tmp)
@@ -304,8 +346,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for k in ("epochs", "batch_size"):
         if getattr(a, k) < 1:
             raise VillaError(f"--{k}={getattr(a, k)}: must be >= 1")
-    out = train_detector(a.data_dir, a.out, a.epochs, a.batch_size, a.lr, a.seed, a.max_images, a.dataset_config,
-                         a.keep_attributes, not a.quiet, a.optimizer)  # fmt: skip
+    out = train_detector(
+        a.data_dir,
+        a.out,
+        a.epochs,
+        a.batch_size,
+        a.lr,
+        a.seed,
+        a.max_images,
+        a.dataset_config,
+        a.keep_attributes,
+        not a.quiet,
+        a.optimizer,
+    )
     print(f"wrote {out}")
 
 

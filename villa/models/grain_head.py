@@ -219,8 +219,6 @@ def matched_iou(pred: torch.Tensor, target: torch.Tensor, match: tuple[torch.Ten
     return box_iou(a, b).diagonal() if len(a) else a.new_zeros(0)
 
 
-
-
 def permute_queries(boxes: torch.Tensor, region_emb: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The same predictions with the region queries in another order (tests: the loss does not depend on it)."""
     return boxes[..., perm, :], region_emb[:, perm]

@@ -35,6 +35,7 @@ def encode_texts(
         return torch.zeros(0, clip.embed_dim)
     return torch.cat(out).cpu()
 
+
 log = logging.getLogger(__name__)
 
 

@@ -10,7 +10,9 @@ optimisation step, the non-finite guard, resume and checkpoint commits are the e
 
 from villa.core.config import hydra_entry
 
-main = hydra_entry("stage1", "villa.stage1.train:train_stage1", __doc__)  # the run's code is imported when the run starts
+main = hydra_entry(
+    "stage1", "villa.stage1.train:train_stage1", __doc__
+)  # the run's code is imported when the run starts
 
 if __name__ == "__main__":
     main()

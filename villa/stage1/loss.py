@@ -40,5 +40,3 @@ def stage1_loss(
         parts.append(torch.log(n_pos).expand_as(s))
     denom = torch.logsumexp(torch.stack(parts), dim=0)  # (B, A)
     return (denom - s)[pos].mean()
-
-

@@ -227,8 +227,11 @@ def write_oracle_mapping(data_dir: Path, vocab: Vocabulary, path: Path, seed: in
     if gold is None:
         raise VillaError(f"{data_dir}: the oracle mapping needs ground-truth regions (a reg_to_attr column)")
     texts = assign_text(ann.text, ann.region_offsets, gold, vocab, np.random.default_rng(seed), per=per)
-    made_by = {"oracle": True, "annotations": file_sha256(Path(data_dir) / "annotations.feather"),
-               "sentence_choice": per}  # fmt: skip
+    made_by = {
+        "oracle": True,
+        "annotations": file_sha256(Path(data_dir) / "annotations.feather"),
+        "sentence_choice": per,
+    }
     write_mapping(ann.table, ann.region_offsets, gold, texts, vocab, path, made_by)
     return path
 
@@ -288,12 +291,8 @@ def make_mapping(
     }
     write_mapping(ann.table, ann.region_offsets, assigned, texts, vocab, out, made_by)
     secs = time.perf_counter() - t0
-    zs = assign(
-        score_regions(bank, attr_emb, runtime, None, cfg.mapping_batch_regions, amp=cfg.mapping_amp),
-        ann.region_offsets,
-        image_attrs,
-        cfg.epsilon,
-    )
+    zero_shot_scores = score_regions(bank, attr_emb, runtime, None, cfg.mapping_batch_regions, amp=cfg.mapping_amp)
+    zs = assign(zero_shot_scores, ann.region_offsets, image_attrs, cfg.epsilon)
     result: dict[str, Any] = {
         "mapping": str(out),
         "images": int(ann.n_images),
@@ -303,44 +302,59 @@ def make_mapping(
         "encoder": emb.encoder,
         "epsilon": cfg.epsilon,
     }
+    result.update(mapping_warnings(ann, image_attrs, assigned))
+    gold = ann.region_attribute_matrix(len(vocab))
+    if gold is not None:
+        result["quality"], result["labelled_regions"] = quality_per_split(
+            ann, vocab, gold, {"stage1": assigned, "zero_shot": zs}
+        )
+        print_quality(result["quality"], vocab)
+    qpath = out.with_name(out.stem + "_quality.json")
+    write_json_atomic(qpath, result)
+    log.info("wrote %s (%d regions, %d pairs, %.2fs) and %s", out, len(ann.boxes), assigned.sum(), secs, qpath.name)
+    return result
+
+
+def mapping_warnings(ann: Annotations, image_attrs: np.ndarray, assigned: np.ndarray) -> dict[str, Any]:
+    """What a user should look at before Stage 2: captions whose attributes share one sentence, and a mapping
+    that gives regions all (or none) of their caption's attributes."""
     one_sentence = int(sum(1 for t, n in zip(ann.text, image_attrs.sum(1)) if n >= 2 and len(split_sentences(t)) == 1))
-    result["one_sentence_captions"] = one_sentence
     if one_sentence:
         log.warning(
             "%d captions name several attributes in one sentence (no '.' between them): each of their regions gets "
             "the whole caption as its text; separate sentences with '.' so regions get their own",
             one_sentence,
         )
-    result["degeneracy"] = degeneracy = mapping_degeneracy(assigned, image_attrs, ann.region_offsets)
+    degeneracy = mapping_degeneracy(assigned, image_attrs, ann.region_offsets)
     if degeneracy["degenerate"]:
         log.warning(
             "the mapping looks degenerate: %.0f%% of the regions of images with several regions and attributes get "
             "every attribute of their image (%.1f attributes per region); the heads may not separate regions: lower "
             "epsilon, train longer, or check the regions",
-            100 * degeneracy["all_attributes_share"], degeneracy["attributes_per_region"],
-        )  # fmt: skip
-    gold = ann.region_attribute_matrix(len(vocab))
-    if gold is not None:
-        labelled = np.repeat(ann.labelled if ann.labelled is not None else np.ones(ann.n_images, bool), ann.n_regions)
-        region_split = np.repeat(ann.split, ann.n_regions)
-        quality: dict[str, Any] = {}
-        for name, pred in (("stage1", assigned), ("zero_shot", zs)):
-            quality[name] = {}
-            if labelled.any():  # "all": every labelled region of every split
-                quality[name]["all"] = mapping_quality(
-                    pred[labelled], gold[labelled], vocab.attribute_group, vocab.groups
-                )
-            for split in ("train", "val", "test"):
-                m = (region_split == split) & labelled
-                if m.any():
-                    quality[name][split] = mapping_quality(pred[m], gold[m], vocab.attribute_group, vocab.groups)
-        result["quality"] = quality
-        result["labelled_regions"] = {s: int(((region_split == s) & labelled).sum()) for s in ("train", "val", "test")}
-        print_quality(quality, vocab)
-    qpath = out.with_name(out.stem + "_quality.json")
-    write_json_atomic(qpath, result)
-    log.info("wrote %s (%d regions, %d pairs, %.2fs) and %s", out, len(ann.boxes), assigned.sum(), secs, qpath.name)
-    return result
+            100 * degeneracy["all_attributes_share"],
+            degeneracy["attributes_per_region"],
+        )
+    return {"one_sentence_captions": one_sentence, "degeneracy": degeneracy}
+
+
+def quality_per_split(
+    ann: Annotations, vocab: Vocabulary, gold: np.ndarray, predictions: dict[str, np.ndarray]
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Each prediction's P/R/F1 against ``reg_to_attr`` over labelled regions: ``all`` (every split) and per split;
+    and how many labelled regions each split has."""
+    labelled = np.repeat(ann.labelled if ann.labelled is not None else np.ones(ann.n_images, bool), ann.n_regions)
+    region_split = np.repeat(ann.split, ann.n_regions)
+    quality: dict[str, Any] = {}
+    for name, pred in predictions.items():
+        quality[name] = {}
+        if labelled.any():  # "all": every labelled region of every split
+            quality[name]["all"] = mapping_quality(pred[labelled], gold[labelled], vocab.attribute_group, vocab.groups)
+        for split in ("train", "val", "test"):
+            m = (region_split == split) & labelled
+            if m.any():
+                quality[name][split] = mapping_quality(pred[m], gold[m], vocab.attribute_group, vocab.groups)
+    counts = {s: int(((region_split == s) & labelled).sum()) for s in ("train", "val", "test")}
+    return quality, counts
 
 
 def mapping_degeneracy(assigned: np.ndarray, image_attrs: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:

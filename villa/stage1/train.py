@@ -150,10 +150,32 @@ def setup(cfg: DictConfig) -> Run:
             f"the train split has {len(train_rows)} images, fewer than one batch ({cfg.batch_size}) with "
             "drop_last=true; lower batch_size or set drop_last=false"
         )
-    log.info("stage1: %d train / %d val images, D=%d, %d heads%s, %s", len(train_rows), len(val_rows), emb.dim,
-             len(vocab), " (one shared)" if cfg.model.one_proj else "", runtime.device)  # fmt: skip
-    return Run(cfg, vocab, ann, emb, runtime, generator, bank, attrs, attr_emb, model, stepper, progress,
-               fingerprint, train_rows, val_rows)  # fmt: skip
+    log.info(
+        "stage1: %d train / %d val images, D=%d, %d heads%s, %s",
+        len(train_rows),
+        len(val_rows),
+        emb.dim,
+        len(vocab),
+        " (one shared)" if cfg.model.one_proj else "",
+        runtime.device,
+    )
+    return Run(
+        cfg,
+        vocab,
+        ann,
+        emb,
+        runtime,
+        generator,
+        bank,
+        attrs,
+        attr_emb,
+        model,
+        stepper,
+        progress,
+        fingerprint,
+        train_rows,
+        val_rows,
+    )
 
 
 def batch_loss(run: Run, rows: np.ndarray) -> torch.Tensor:
@@ -169,8 +191,9 @@ def train_one_epoch(run: Run, epoch: int, tracker: Tracker) -> float:
     cfg = run.cfg
     run.model.train()
     meter, guard = LossMeter("image"), FiniteGuard(cfg.log_every, epoch + 1, run.last)
-    batches = list(image_batches(run.train_rows, cfg.batch_size, shuffle=True, generator=run.generator,
-                                 drop_last=cfg.drop_last))  # fmt: skip
+    batches = list(
+        image_batches(run.train_rows, cfg.batch_size, shuffle=True, generator=run.generator, drop_last=cfg.drop_last)
+    )
     t_log, seen = time.perf_counter(), 0
     for step, rows in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not cfg.progress)):
         loss = batch_loss(run, rows)
@@ -180,8 +203,15 @@ def train_one_epoch(run: Run, epoch: int, tracker: Tracker) -> float:
         if guard.add(loss, step):  # a host sync only every log_every steps
             now = time.perf_counter()
             log.info("epoch %d step %d/%d loss=%.4f", epoch + 1, step, len(batches), guard.last)
-            tracker.step(epoch + 1, epoch * len(batches) + step, {"loss": guard.last,
-                         "lr": run.stepper.first.param_groups[0]["lr"], "images_per_s": seen / max(now - t_log, 1e-9)})  # fmt: skip
+            tracker.step(
+                epoch + 1,
+                epoch * len(batches) + step,
+                {
+                    "loss": guard.last,
+                    "lr": run.stepper.first.param_groups[0]["lr"],
+                    "images_per_s": seen / max(now - t_log, 1e-9),
+                },
+            )
             t_log, seen = now, 0
     guard.flush()
     return meter.mean
@@ -205,15 +235,31 @@ def fit_epoch(run: Run, epoch: int, tracker: Tracker) -> None:
     state = {
         "kind": "villa-stage1",
         "model": run.model.state_dict(),
-        "model_args": {"dim": run.emb.dim, "n_heads": len(run.vocab), "one_proj": bool(cfg.model.one_proj),
-                       "adapter": bool(cfg.model.adapter)},
+        "model_args": {
+            "dim": run.emb.dim,
+            "n_heads": len(run.vocab),
+            "one_proj": bool(cfg.model.one_proj),
+            "adapter": bool(cfg.model.adapter),
+        },
         "encoder": run.emb.encoder,
         "vocab": list(run.vocab.attributes),
         "config": config_dict(cfg),
         "fingerprint": run.fingerprint,
         **training_state(run.stepper, run.generator, run.progress),
-    }  # fmt: skip
-    rec = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best_val": run.progress.best_val,
-           "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
-    commit_epoch(Path(cfg.checkpoint_dir), state, improved, f"epoch {epoch + 1}/{cfg.epochs}", rec, tracker,
-                 (epoch + 1) * run.steps_per_epoch)  # fmt: skip
+    }
+    rec = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "best_val": run.progress.best_val,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    commit_epoch(
+        Path(cfg.checkpoint_dir),
+        state,
+        improved,
+        f"epoch {epoch + 1}/{cfg.epochs}",
+        rec,
+        tracker,
+        (epoch + 1) * run.steps_per_epoch,
+    )

@@ -15,7 +15,9 @@ the plateau schedule, early stopping and one checkpoint commit (villa/core/engin
 
 from villa.core.config import hydra_entry
 
-main = hydra_entry("stage2", "villa.stage2.train:train_stage2", __doc__)  # the run's code is imported when the run starts
+main = hydra_entry(
+    "stage2", "villa.stage2.train:train_stage2", __doc__
+)  # the run's code is imported when the run starts
 
 if __name__ == "__main__":
     main()

@@ -111,10 +111,13 @@ def load_stage2_annotations(cfg: DictConfig, vocab: Vocabulary, reads_mapping: b
     if reads_mapping:
         check_mapping(cfg)
     return load_annotations(
-        Path(cfg.data_dir), vocab, required_splits=("train", "val"), check_images=d.is_main,
+        Path(cfg.data_dir),
+        vocab,
+        required_splits=("train", "val"),
+        check_images=d.is_main,
         table_path=cfg.mapping_path if reads_mapping else None,
         required_columns=("assigned_text",) if reads_mapping else (),
-    )  # fmt: skip
+    )
 
 
 def split_pairs(ann: Annotations, pairs: PairSet) -> tuple[SplitPairs, SplitPairs]:
@@ -148,9 +151,13 @@ class PairCollate:
         pair_idx, box_image = gather_index(self.offsets, rows.numpy())
         whole = pair_idx == self.offsets[rows.numpy() + 1][box_image] - 1
         return PairBatch(
-            images, rows, torch.from_numpy(pair_idx), torch.from_numpy(box_image),
-            torch.from_numpy(self.boxes[pair_idx]), torch.from_numpy(whole),
-        )  # fmt: skip
+            images,
+            rows,
+            torch.from_numpy(pair_idx),
+            torch.from_numpy(box_image),
+            torch.from_numpy(self.boxes[pair_idx]),
+            torch.from_numpy(whole),
+        )
 
 
 def make_loader(
@@ -170,7 +177,13 @@ def make_loader(
             "lower batch_size or set drop_last=false"
         )
     loader = DataLoader(
-        ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, collate_fn=PairCollate(data.pairs),
-        pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0, drop_last=drop_last,
-    )  # fmt: skip
+        ds,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=PairCollate(data.pairs),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.num_workers > 0,
+        drop_last=drop_last,
+    )
     return loader, sampler

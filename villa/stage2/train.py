@@ -184,9 +184,13 @@ def setup(cfg: DictConfig, d: Dist) -> Run:
     own_opts, own_schedules = objective.optimizers(model, len(train_loader))
     stepper = Stepper({"optimizer": optimizer, **own_opts}, runtime, cfg.grad_clip, own_schedules)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=cfg.scheduler.factor, patience=cfg.scheduler.patience,
-        threshold=cfg.scheduler.threshold, threshold_mode="abs",
-    )  # fmt: skip
+        optimizer,
+        mode="min",
+        factor=cfg.scheduler.factor,
+        patience=cfg.scheduler.patience,
+        threshold=cfg.scheduler.threshold,
+        threshold_mode="abs",
+    )
     progress = Progress()
     if state is not None:
         load_module_state(model.clip, state["state_dict"], last, "another model")
@@ -195,13 +199,33 @@ def setup(cfg: DictConfig, d: Dist) -> Run:
         plateau.load_state_dict(state["scheduler"])
         if d.is_main:
             log.info("resumed from %s at epoch %d", last, progress.epoch)
-    ddp = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.is_cuda else None) \
-        if d.enabled else model  # fmt: skip
-    record = {"fingerprint": fingerprint, "inputs": inputs, "data_pools": data_pools,
-              "started_from": {"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)}}  # fmt: skip
+    ddp = (
+        DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.is_cuda else None)
+        if d.enabled
+        else model
+    )
+    record = {
+        "fingerprint": fingerprint,
+        "inputs": inputs,
+        "data_pools": data_pools,
+        "started_from": {"model": cfg.model.name, "pretrained": str(cfg.model.pretrained)},
+    }
     log.info("stage2: objective %s, %s", objective.describe(), runtime.device)
-    return Run(cfg, objective, clip, model, ddp, StepContext(runtime, d, channels_last, generator), stepper, plateau,
-               train_loader, train_sampler, val_loader, progress, record)  # fmt: skip
+    return Run(
+        cfg,
+        objective,
+        clip,
+        model,
+        ddp,
+        StepContext(runtime, d, channels_last, generator),
+        stepper,
+        plateau,
+        train_loader,
+        train_sampler,
+        val_loader,
+        progress,
+        record,
+    )
 
 
 def train_one_epoch(run: Run, epoch: int, tracker: Tracker) -> float:
@@ -212,8 +236,12 @@ def train_one_epoch(run: Run, epoch: int, tracker: Tracker) -> float:
     meter = LossMeter(cfg.loss_average)
     guard = FiniteGuard(cfg.log_every, epoch + 1, run.ckpt_dir / "last.pt")
     t_log, seen = time.perf_counter(), 0
-    bar = tqdm(run.train_loader, desc=f"{run.objective.name} epoch {epoch + 1}", leave=False,
-               disable=not (cfg.progress and d.is_main))  # fmt: skip
+    bar = tqdm(
+        run.train_loader,
+        desc=f"{run.objective.name} epoch {epoch + 1}",
+        leave=False,
+        disable=not (cfg.progress and d.is_main),
+    )
     for step, batch in enumerate(bar):
         loss = run.objective.loss(run.ddp, batch, run.ctx, train=True)
         run.stepper.step(loss * d.world_size)  # DDP averages gradients; see villa.core.distributed.gather_rows
@@ -222,9 +250,16 @@ def train_one_epoch(run: Run, epoch: int, tracker: Tracker) -> float:
         if guard.add(loss, step):  # a host sync only every log_every steps
             bar.set_postfix(loss=f"{guard.last:.4f}")
             now = time.perf_counter()
-            tracker.step(epoch + 1, epoch * run.steps_per_epoch + step, {
-                "loss": guard.last, "lr": run.stepper.first.param_groups[0]["lr"],
-                "temperature": run.model.temperature(), "images_per_s": seen * d.world_size / max(now - t_log, 1e-9)})  # fmt: skip
+            tracker.step(
+                epoch + 1,
+                epoch * run.steps_per_epoch + step,
+                {
+                    "loss": guard.last,
+                    "lr": run.stepper.first.param_groups[0]["lr"],
+                    "temperature": run.model.temperature(),
+                    "images_per_s": seen * d.world_size / max(now - t_log, 1e-9),
+                },
+            )
             t_log, seen = now, 0
     guard.flush()
     return meter.mean
@@ -247,21 +282,40 @@ def fit_epoch(run: Run, epoch: int, tracker: Tracker) -> None:
     val_loss = validate(run)
     run.plateau.step(val_loss)
     improved = run.progress.update(val_loss, cfg.early_stop_patience)
-    rec = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "best_val": run.progress.best_val,
-           "lr": run.stepper.first.param_groups[0]["lr"], "temperature": run.model.temperature(),
-           "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    rec = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "best_val": run.progress.best_val,
+        "lr": run.stepper.first.param_groups[0]["lr"],
+        "temperature": run.model.temperature(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     for name, opt in list(run.stepper.optimizers.items())[1:]:
         rec[name.replace("optimizer", "lr")] = opt.param_groups[0]["lr"]
     run.progress.history.append(rec)
     if not run.ctx.dist.is_main:
         return
     state = clip_checkpoint_state(
-        run.model.clip, run.clip.model_name, run.clip.model_cfg, kind=f"villa-stage2-{run.objective.name}",
-        scheduler=run.plateau.state_dict(), config=config_dict(cfg), **run.record,
-        **training_state(run.stepper, run.ctx.generator, run.progress), **run.objective.checkpoint_state(run.model),
-    )  # fmt: skip
-    commit_epoch(run.ckpt_dir, state, improved, f"{run.objective.name} epoch {epoch + 1}/{cfg.epochs}", rec, tracker,
-                 (epoch + 1) * run.steps_per_epoch)  # fmt: skip
+        run.model.clip,
+        run.clip.model_name,
+        run.clip.model_cfg,
+        kind=f"villa-stage2-{run.objective.name}",
+        scheduler=run.plateau.state_dict(),
+        config=config_dict(cfg),
+        **run.record,
+        **training_state(run.stepper, run.ctx.generator, run.progress),
+        **run.objective.checkpoint_state(run.model),
+    )
+    commit_epoch(
+        run.ckpt_dir,
+        state,
+        improved,
+        f"{run.objective.name} epoch {epoch + 1}/{cfg.epochs}",
+        rec,
+        tracker,
+        (epoch + 1) * run.steps_per_epoch,
+    )
     if run.progress.stopped:
         log.info("early stop: no better val loss for %d epochs", run.progress.bad_epochs)
 
@@ -273,8 +327,12 @@ def summary(run: Run, seconds: float) -> dict[str, Any]:
     if d.is_main:
         log.info("checkpoints: %s (best) and %s (last)", run.ckpt_dir / "best.pt", run.ckpt_dir / "last.pt")
     return {
-        "objective": run.objective.name, "best_val": run.progress.best_val, "checksum": checksum,
-        "epochs_run": len(run.progress.history), "history": run.progress.history,
-        "best_checkpoint": str(run.ckpt_dir / "best.pt"), "last_checkpoint": str(run.ckpt_dir / "last.pt"),
+        "objective": run.objective.name,
+        "best_val": run.progress.best_val,
+        "checksum": checksum,
+        "epochs_run": len(run.progress.history),
+        "history": run.progress.history,
+        "best_checkpoint": str(run.ckpt_dir / "best.pt"),
+        "last_checkpoint": str(run.ckpt_dir / "last.pt"),
         "seconds": round(seconds, 2),
-    }  # fmt: skip
+    }

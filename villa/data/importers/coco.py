@@ -79,8 +79,11 @@ def read_coco_split(coco_dir: Path, name: str, vocab: Vocabulary, with_boxes: bo
     cats = {c["id"]: c["name"] for c in inst.get("categories") or []}
     missing = sorted(n for n in cats.values() if n not in vocab.index)
     if missing:
-        raise problems_error(f"categories of instances_{name}.json are not in the {vocab.name!r} vocabulary", missing,
-                             "add them to the dataset config (configs/dataset/coco.yaml lists COCO's 80)")  # fmt: skip
+        raise problems_error(
+            f"categories of instances_{name}.json are not in the {vocab.name!r} vocabulary",
+            missing,
+            "add them to the dataset config (configs/dataset/coco.yaml lists COCO's 80)",
+        )
     boxes_ann = [a for a in inst.get("annotations") or [] if not a.get("iscrowd", 0)]
     b_img = np.array([a["image_id"] for a in boxes_ann], dtype=np.int64)
     bpos = _positions(
@@ -90,8 +93,11 @@ def read_coco_split(coco_dir: Path, name: str, vocab: Vocabulary, with_boxes: bo
     cat = np.array([a["category_id"] for a in boxes_ann], dtype=np.int64)
     unknown = sorted({int(c) for c in cat if int(c) not in cats})
     if unknown:
-        raise problems_error(f"boxes in instances_{name}.json have unknown category ids", [str(c) for c in unknown],
-                             "use an instances file whose categories list them")  # fmt: skip
+        raise problems_error(
+            f"boxes in instances_{name}.json have unknown category ids",
+            [str(c) for c in unknown],
+            "use an instances file whose categories list them",
+        )
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
     wh = size[bpos]
     xyxy[:, [0, 2]] = np.clip(xyxy[:, [0, 2]], 0, wh[:, :1])
@@ -121,8 +127,16 @@ def concat_rows(parts: list[ImportedRows]) -> ImportedRows:
     return out
 
 
-def import_coco(coco_dir, vocab: Vocabulary, regions, out_dir=None, splits: Sequence[str] = ("train2017", "val2017"),
-                val_fraction: float = 0.05, seed: int = 0, **kw) -> Path:  # fmt: skip
+def import_coco(
+    coco_dir,
+    vocab: Vocabulary,
+    regions,
+    out_dir=None,
+    splits: Sequence[str] = ("train2017", "val2017"),
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    **kw,
+) -> Path:
     coco_dir = Path(coco_dir)
     parts = []
     for name in splits:

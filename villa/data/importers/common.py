@@ -84,10 +84,13 @@ def image_sizes(
     if expected is not None:
         wrong = np.flatnonzero((np.asarray(expected, np.int64) != sizes).any(1))
         if len(wrong):
-            shown = [f"{root / paths[i]} is {sizes[i, 0]}x{sizes[i, 1]}, stated {expected[i][0]}x{expected[i][1]}"
-                     for i in wrong]  # fmt: skip
-            raise problems_error("images differ from the size their annotation states", shown,
-                                 "fix the annotation or the files")  # fmt: skip
+            shown = [
+                f"{root / paths[i]} is {sizes[i, 0]}x{sizes[i, 1]}, stated {expected[i][0]}x{expected[i][1]}"
+                for i in wrong
+            ]
+            raise problems_error(
+                "images differ from the size their annotation states", shown, "fix the annotation or the files"
+            )
     return sizes
 
 
@@ -113,8 +116,17 @@ def assign_splits(keys: Sequence[Any], fractions: Sequence[float] = (0.8, 0.1, 0
 
 def normalize_split(values: Sequence[Any], where: str) -> np.ndarray:
     """Split names as villa's: train, val (also validate / valid / validation / dev) and test."""
-    aliases = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
-               "validation": "val", "dev": "val", "test": "test", "testing": "test"}  # fmt: skip
+    aliases = {
+        "train": "train",
+        "training": "train",
+        "val": "val",
+        "valid": "val",
+        "validate": "val",
+        "validation": "val",
+        "dev": "val",
+        "test": "test",
+        "testing": "test",
+    }
     out = [aliases.get(str(v).strip().lower()) for v in values]
     bad = sorted({str(v) for v, o in zip(values, out) if o is None})
     if bad:
@@ -244,21 +256,37 @@ def write_dataset(
     attrs, keep, extraction = image_attributes(rows, vocab, no_attribute)
     reg_off, boxes, scores, labels, record = image_regions(rows, root, sizes, regions, label_iou, progress)
     prefix = "source/" if out.resolve() != root.resolve() else ""
-    table = annotation_table(rows, np.flatnonzero(keep), split, sizes, attrs, vocab, reg_off, boxes, labels, scores,
-                             prefix)  # fmt: skip
-    meta = {"source": source, "vocab": vocab.name, "vocab_digest": vocab.digest, "no_attribute": no_attribute,
-            "seed": seed}  # fmt: skip
+    table = annotation_table(
+        rows, np.flatnonzero(keep), split, sizes, attrs, vocab, reg_off, boxes, labels, scores, prefix
+    )
+    meta = {
+        "source": source,
+        "vocab": vocab.name,
+        "vocab_digest": vocab.digest,
+        "no_attribute": no_attribute,
+        "seed": seed,
+    }
     table = table.replace_schema_metadata(
         {REGIONS_META.encode(): json.dumps(record).encode(), IMPORT_META.encode(): json.dumps(meta).encode()}
     )
-    splits = {s: int((table.column("split").to_numpy(zero_copy_only=False) == s).sum()) for s in ("train", "val", "test")}
-    report = {"source": source, "images": table.num_rows, "regions": int(len(table.column("region_coord").combine_chunks()
-              .flatten())), "regions_from": record, "rows_joined": merged, "splits": splits,
-              "attributes": extraction.report}  # fmt: skip
+    splits = {
+        s: int((table.column("split").to_numpy(zero_copy_only=False) == s).sum()) for s in ("train", "val", "test")
+    }
+    report = {
+        "source": source,
+        "images": table.num_rows,
+        "regions": int(len(table.column("region_coord").combine_chunks().flatten())),
+        "regions_from": record,
+        "rows_joined": merged,
+        "splits": splits,
+        "attributes": extraction.report,
+    }
     write_dataset_files(out, root if prefix else None, table, report)
-    print(f"wrote {out / 'annotations.feather'}: {report['images']} images ({splits['train']} train, {splits['val']} "
-          f"val, {splits['test']} test), {report['regions']} regions from {regions.source}; report in "
-          "import_report.json")  # fmt: skip
+    print(
+        f"wrote {out / 'annotations.feather'}: {report['images']} images ({splits['train']} train, {splits['val']} "
+        f"val, {splits['test']} test), {report['regions']} regions from {regions.source}; report in "
+        "import_report.json"
+    )
     return out
 
 
@@ -313,10 +341,16 @@ def check_given_boxes(rows: ImportedRows, sizes: np.ndarray, where: str) -> None
     owner = np.repeat(np.arange(len(counts)), counts)
     bad = np.flatnonzero(boxes_outside(rows.boxes.astype(np.float64), owner, sizes.astype(np.float64)))
     if len(bad):
-        shown = [f"{rows.filepath[owner[r]]!r} box {rows.boxes[r].tolist()} (its image is "
-                 f"{sizes[owner[r], 0]}x{sizes[owner[r], 1]})" for r in bad]  # fmt: skip
-        raise problems_error("boxes are outside their image, empty or inverted", shown,
-                             f"in {where}, give boxes as [x0, y0, x1, y1] in pixels inside the image")  # fmt: skip
+        shown = [
+            f"{rows.filepath[owner[r]]!r} box {rows.boxes[r].tolist()} (its image is "
+            f"{sizes[owner[r], 0]}x{sizes[owner[r], 1]})"
+            for r in bad
+        ]
+        raise problems_error(
+            "boxes are outside their image, empty or inverted",
+            shown,
+            f"in {where}, give boxes as [x0, y0, x1, y1] in pixels inside the image",
+        )
 
 
 def image_regions(
@@ -350,9 +384,19 @@ def image_regions(
     return reg_off, boxes, scores, labels, record
 
 
-def annotation_table(rows: ImportedRows, sel: np.ndarray, split: np.ndarray, sizes: np.ndarray, attrs: list,
-                     vocab: Vocabulary, reg_off: np.ndarray, boxes: np.ndarray, labels: Optional[list],
-                     scores: Optional[np.ndarray], prefix: str) -> pa.Table:  # fmt: skip
+def annotation_table(
+    rows: ImportedRows,
+    sel: np.ndarray,
+    split: np.ndarray,
+    sizes: np.ndarray,
+    attrs: list,
+    vocab: Vocabulary,
+    reg_off: np.ndarray,
+    boxes: np.ndarray,
+    labels: Optional[list],
+    scores: Optional[np.ndarray],
+    prefix: str,
+) -> pa.Table:
     """The selected images (and their regions) in villa's schema (docs/data_format.md)."""
     reg_idx, _ = gather_index(reg_off, sel)
     counts = np.diff(reg_off)[sel]
@@ -376,7 +420,9 @@ def annotation_table(rows: ImportedRows, sel: np.ndarray, split: np.ndarray, siz
     if labels is not None:
         lab = [[a for a in labels[r] if a in vocab_index] for r in reg_idx]
         lab_off = np.concatenate([[0], np.cumsum([len(x) for x in lab])])
-        cols["reg_to_attr"] = _list_array(new_off, _list_array(lab_off, pa.array([a for x in lab for a in x], pa.string())))
+        cols["reg_to_attr"] = _list_array(
+            new_off, _list_array(lab_off, pa.array([a for x in lab for a in x], pa.string()))
+        )
     if scores is not None:
         cols["region_score"] = _list_array(new_off, pa.array(scores[reg_idx].astype(np.float32)))
     return pa.table(cols)
@@ -426,17 +472,34 @@ def add_common_args(p: argparse.ArgumentParser, default_regions: str = "given") 
     g = p.add_argument_group("output, splits and attributes")
     g.add_argument("--out_dir", default=None, help="dataset folder to write (default: the images' folder)")
     g.add_argument("--dataset_config", default=None, help="vocabulary YAML (path or name under configs/dataset/)")
-    g.add_argument("--no_attribute", default="error", choices=NO_ATTRIBUTE,
-                   help="texts that mention no attribute: error (default, lists them), drop or keep")  # fmt: skip
-    g.add_argument("--split_fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1],
-                   help="train val test fractions when the data names no split")  # fmt: skip
+    g.add_argument(
+        "--no_attribute",
+        default="error",
+        choices=NO_ATTRIBUTE,
+        help="texts that mention no attribute: error (default, lists them), drop or keep",
+    )
+    g.add_argument(
+        "--split_fractions",
+        type=float,
+        nargs=3,
+        default=[0.8, 0.1, 0.1],
+        help="train val test fractions when the data names no split",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the hash that assigns splits")
-    g.add_argument("--same_image", default="join", choices=SAME_IMAGE,
-                   help="rows naming one image in one split: join (one image, texts joined) or separate")  # fmt: skip
+    g.add_argument(
+        "--same_image",
+        default="join",
+        choices=SAME_IMAGE,
+        help="rows naming one image in one split: join (one image, texts joined) or separate",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     r = p.add_argument_group("regions")
-    r.add_argument("--regions", default=default_regions, choices=("given", "grid", "proposals", "masks"),
-                   help="where regions come from (docs/data_format.md)")  # fmt: skip
+    r.add_argument(
+        "--regions",
+        default=default_regions,
+        choices=("given", "grid", "proposals", "masks"),
+        help="where regions come from (docs/data_format.md)",
+    )
     r.add_argument("--grid", nargs="+", default=["3"], help="grid levels: N (N x N) or RxC, e.g. --grid 1 2 3")
     r.add_argument("--proposals_file", default=None, help="COCO results JSON of proposals (image_id, bbox, score)")
     r.add_argument("--detector", default=None, help="villa-tiny-frcnn or a torchvision detection model name")
@@ -445,8 +508,12 @@ def add_common_args(p: argparse.ArgumentParser, default_regions: str = "given") 
     r.add_argument("--top_k", type=int, default=100, help="proposals kept per image")
     r.add_argument("--nms", type=float, default=0.7, help="NMS IoU threshold of proposals")
     r.add_argument("--min_score", type=float, default=0.0, help="drop proposals scoring below this")
-    r.add_argument("--label_iou", type=float, default=0.5,
-                   help="grid/proposal regions take the labels of a labelled box they overlap at this IoU")  # fmt: skip
+    r.add_argument(
+        "--label_iou",
+        type=float,
+        default=0.5,
+        help="grid/proposal regions take the labels of a labelled box they overlap at this IoU",
+    )
 
 
 def importer_parser(module: str, doc: str) -> argparse.ArgumentParser:
@@ -464,15 +531,29 @@ def parse_importer_args(
     """(arguments, vocabulary, region source, the keyword arguments every importer passes to write_dataset)."""
     add_common_args(p, default_regions)
     a = p.parse_args(argv)
-    kw = {"no_attribute": a.no_attribute, "split_fractions": a.split_fractions, "seed": a.seed, "progress": not a.quiet,
-          "label_iou": a.label_iou, "same_image": a.same_image}  # fmt: skip
+    kw = {
+        "no_attribute": a.no_attribute,
+        "split_fractions": a.split_fractions,
+        "seed": a.seed,
+        "progress": not a.quiet,
+        "label_iou": a.label_iou,
+        "same_image": a.same_image,
+    }
     return a, load_dataset_vocab(a.dataset_config, default_vocab), region_spec(a), kw
 
 
 def region_spec(a: argparse.Namespace) -> RegionSpec:
-    return RegionSpec(source=a.regions, grid=list(a.grid), proposals_file=a.proposals_file, detector=a.detector,
-                      detector_weights=a.detector_weights, proposal_kind=a.proposal_kind, top_k=a.top_k, nms=a.nms,
-                      min_score=a.min_score)  # fmt: skip
+    return RegionSpec(
+        source=a.regions,
+        grid=list(a.grid),
+        proposals_file=a.proposals_file,
+        detector=a.detector,
+        detector_weights=a.detector_weights,
+        proposal_kind=a.proposal_kind,
+        top_k=a.top_k,
+        nms=a.nms,
+        min_score=a.min_score,
+    )
 
 
 def load_dataset_vocab(name_or_path: Optional[str], default: Optional[str] = None) -> Vocabulary:

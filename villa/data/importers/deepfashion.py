@@ -37,9 +37,32 @@ from villa.data.importers.common import (
     write_dataset,
 )
 
-PARTS = ["background", "top", "outer", "skirt", "dress", "pants", "leggings", "headwear", "eyeglass", "neckwear",
-         "belt", "footwear", "bag", "hair", "face", "skin", "ring", "wrist wearing", "socks", "gloves", "necklace",
-         "rompers", "earrings", "tie"]  # fmt: skip
+PARTS = [
+    "background",
+    "top",
+    "outer",
+    "skirt",
+    "dress",
+    "pants",
+    "leggings",
+    "headwear",
+    "eyeglass",
+    "neckwear",
+    "belt",
+    "footwear",
+    "bag",
+    "hair",
+    "face",
+    "skin",
+    "ring",
+    "wrist wearing",
+    "socks",
+    "gloves",
+    "necklace",
+    "rompers",
+    "earrings",
+    "tie",
+]
 FABRICS = ["denim", "cotton", "leather", "furry", "knitted", "chiffon", "other", "NA"]
 TEXTURES = ["floral", "graphic", "striped", "pure color", "lattice", "other", "color block", "NA"]
 GARMENT_SLOT = {1: 0, 4: 0, 21: 0, 3: 1, 5: 1, 6: 1, 2: 2}  # part label -> upper (0) / lower (1) / outer (2)

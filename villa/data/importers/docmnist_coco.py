@@ -22,8 +22,9 @@ from villa.data.annotations import load_annotations
 from villa.data.vocab import load_vocab
 
 
-def export_coco(data_dir: str | Path, out: str | Path, split: str = "test", group: str = "digit",
-                dataset_config: str = "docmnist") -> Path:  # fmt: skip
+def export_coco(
+    data_dir: str | Path, out: str | Path, split: str = "test", group: str = "digit", dataset_config: str = "docmnist"
+) -> Path:
     vocab = load_vocab(dataset_config)
     if group not in vocab.groups:
         raise VillaError(f"--group {group!r}: use one of {', '.join(vocab.groups)}")
@@ -43,11 +44,26 @@ def export_coco(data_dir: str | Path, out: str | Path, split: str = "test", grou
             if not hit:
                 continue
             x0, y0, x1, y1 = (float(v) for v in ann.boxes[r])
-            anns.append({"id": len(anns) + 1, "image_id": int(i), "category_id": cat_of[hit[0]],
-                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})  # fmt: skip
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": int(i),
+                    "category_id": cat_of[hit[0]],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
+            )
     cats = [{"id": k + 1, "name": n, "supercategory": group} for k, n in enumerate(names)]
-    return write_json_atomic(out, {"info": {"description": f"DocMNIST {Path(data_dir).name} {split}, {group}s"},
-                                   "images": images, "annotations": anns, "categories": cats})  # fmt: skip
+    return write_json_atomic(
+        out,
+        {
+            "info": {"description": f"DocMNIST {Path(data_dir).name} {split}, {group}s"},
+            "images": images,
+            "annotations": anns,
+            "categories": cats,
+        },
+    )
 
 
 @exit_on_error

@@ -66,13 +66,24 @@ def _read_csv(folder: Path, stem: str) -> pd.DataFrame:
     raise VillaError(f"{folder}/{stem}.csv(.gz) not found; it belongs beside files/ in MIMIC-CXR-JPG")
 
 
-def import_mimic(reports, images, vocab, regions, out_dir=None, views: Sequence[str] = ("PA", "AP"),
-                 sections: Sequence[str] = SECTIONS, boxes_csv: Optional[str] = None, **kw) -> Path:  # fmt: skip
+def import_mimic(
+    reports,
+    images,
+    vocab,
+    regions,
+    out_dir=None,
+    views: Sequence[str] = ("PA", "AP"),
+    sections: Sequence[str] = SECTIONS,
+    boxes_csv: Optional[str] = None,
+    **kw,
+) -> Path:
     reports, images = Path(reports), Path(images)
     meta = _read_csv(images, "mimic-cxr-2.0.0-metadata")
     split = _read_csv(images, "mimic-cxr-2.0.0-split")
-    for df, name, cols in ((meta, "metadata", ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns")),
-                           (split, "split", ("dicom_id", "split"))):  # fmt: skip
+    for df, name, cols in (
+        (meta, "metadata", ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns")),
+        (split, "split", ("dicom_id", "split")),
+    ):
         missing = [c for c in cols if c not in df.columns]
         if missing:
             raise VillaError(f"mimic-cxr-2.0.0-{name}.csv lacks columns {missing}; use the published file")
@@ -115,8 +126,11 @@ def import_mimic(reports, images, vocab, regions, out_dir=None, views: Sequence[
             raise VillaError(f"{boxes_csv}: needs columns {need} (and optionally label)")
         pos = pd.Index(rows.image_id).get_indexer(b["dicom_id"].astype(str))
         if (pos < 0).any():
-            raise problems_error(f"boxes in {boxes_csv} are for images not imported",
-                                 b["dicom_id"][pos < 0].astype(str).unique().tolist(), "give boxes of these images only")  # fmt: skip
+            raise problems_error(
+                f"boxes in {boxes_csv} are for images not imported",
+                b["dicom_id"][pos < 0].astype(str).unique().tolist(),
+                "give boxes of these images only",
+            )
         order = np.argsort(pos, kind="stable")
         rows.box_offsets = np.concatenate([[0], np.cumsum(np.bincount(pos, minlength=len(rows.image_id)))])
         rows.boxes = b[["x0", "y0", "x1", "y1"]].to_numpy(np.float32)[order]

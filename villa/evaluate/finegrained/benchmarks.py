@@ -67,7 +67,7 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     return items
 
 
-def _read_json(path: Path, benchmark: str) -> Any:
+def read_json(path: Path, benchmark: str) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -81,8 +81,10 @@ def _image(folder: Path, stem: str, benchmark: str) -> Path:
     for ext in IMAGE_EXTS:
         if (folder / f"{stem}{ext}").is_file():
             return folder / f"{stem}{ext}"
-    raise VillaError(f"{benchmark}: image {stem!r} not found in {folder} (tried {', '.join(IMAGE_EXTS)}); "
-                     "unpack the benchmark's images there")  # fmt: skip
+    raise VillaError(
+        f"{benchmark}: image {stem!r} not found in {folder} (tried {', '.join(IMAGE_EXTS)}); "
+        "unpack the benchmark's images there"
+    )
 
 
 # --- Winoground -------------------------------------------------------------------------------------------------
@@ -107,8 +109,12 @@ def winoground_metrics(s: np.ndarray) -> dict[str, float]:
     image score: each caption prefers its image; group: both (Thrush et al., 2022)."""
     text = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
     image = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
-    return {"text": float(text.mean()), "image": float(image.mean()), "group": float((text & image).mean()),
-            "examples": int(len(s))}  # fmt: skip
+    return {
+        "text": float(text.mean()),
+        "image": float(image.mean()),
+        "group": float((text & image).mean()),
+        "examples": int(len(s)),
+    }
 
 
 def score_winoground(items: list[dict[str, Any]], scorer) -> dict[str, Any]:
@@ -118,12 +124,14 @@ def score_winoground(items: list[dict[str, Any]], scorer) -> dict[str, Any]:
     s = np.zeros((len(items), 2, 2))
     for c in (0, 1):
         for i in (0, 1):
-            s[:, c, i] = scorer.pair_scores([str(it[f"image_path_{i}"]) for it in items],
-                                            [it[f"caption_{c}"] for it in items])  # fmt: skip
+            s[:, c, i] = scorer.pair_scores(
+                [str(it[f"image_path_{i}"]) for it in items], [it[f"caption_{c}"] for it in items]
+            )
     out = winoground_metrics(s)
     tags = sorted({it.get("collapsed_tag") or it.get("tag") for it in items} - {None})
-    out["per_tag"] = {t: winoground_metrics(s[[(it.get("collapsed_tag") or it.get("tag")) == t for it in items]])
-                      for t in tags}  # fmt: skip
+    out["per_tag"] = {
+        t: winoground_metrics(s[[(it.get("collapsed_tag") or it.get("tag")) == t for it in items]]) for t in tags
+    }
     return out
 
 
@@ -231,8 +239,14 @@ def score_vsr(splits: dict[str, list[dict[str, Any]]], scorer, split: str = "tes
         t, how = float(np.median(s)), "median score of the evaluated file (no dev.jsonl)"
     rel = np.array([it["relation"] for it in items])
     per = {r: threshold_accuracy(s[rel == r], labels[rel == r], t) for r in sorted(set(rel))}
-    return {"accuracy": threshold_accuracy(s, labels, t), "threshold": t, "threshold_from": how,
-            "per_relation": per, "examples": int(len(items)), "note": "zero-shot: a contrastive model is not trained on VSR"}  # fmt: skip
+    return {
+        "accuracy": threshold_accuracy(s, labels, t),
+        "threshold": t,
+        "threshold_from": how,
+        "per_relation": per,
+        "examples": int(len(items)),
+        "note": "zero-shot: a contrastive model is not trained on VSR",
+    }
 
 
 # --- SVO-Probes -------------------------------------------------------------------------------------------------
@@ -261,8 +275,14 @@ def load_svo_probes(data_dir: Path) -> list[dict[str, Any]]:
     for r in rows:
         keys = (r["pos_image_id"], r["neg_image_id"]) if has_ids else (Path(r["pos_url"]).name, Path(r["neg_url"]).name)
         kinds = [k for k in SVO_KINDS if str(r[k]).strip().lower() in ("true", "1")]
-        items.append({"sentence": r["sentence"], "pos": _image(images, keys[0], "SVO-Probes"),
-                      "neg": _image(images, keys[1], "SVO-Probes"), "kind": kinds[0] if kinds else "none"})  # fmt: skip
+        items.append(
+            {
+                "sentence": r["sentence"],
+                "pos": _image(images, keys[0], "SVO-Probes"),
+                "neg": _image(images, keys[1], "SVO-Probes"),
+                "kind": kinds[0] if kinds else "none",
+            }
+        )
     return items
 
 
@@ -274,8 +294,11 @@ def score_svo_probes(items: list[dict[str, Any]], scorer) -> dict[str, Any]:
     scorer.embed_texts(sent)
     right = scorer.pair_scores(pos, sent) > scorer.pair_scores(neg, sent)
     kind = np.array([it["kind"] for it in items])
-    return {"accuracy": float(right.mean()), "examples": int(len(items)),
-            "per_kind": {k: float(right[kind == k].mean()) for k in SVO_KINDS if (kind == k).any()}}  # fmt: skip
+    return {
+        "accuracy": float(right.mean()),
+        "examples": int(len(items)),
+        "per_kind": {k: float(right[kind == k].mean()) for k in SVO_KINDS if (kind == k).any()},
+    }
 
 
 # --- SugarCrepe -------------------------------------------------------------------------------------------------
@@ -297,7 +320,7 @@ def load_sugarcrepe(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
         path = _first(data_dir, f"{name}.json")
         if path is None:
             continue
-        raw = _read_json(path, "SugarCrepe")
+        raw = read_json(path, "SugarCrepe")
         items = []
         for key, it in raw.items() if isinstance(raw, dict) else enumerate(raw):
             missing = [k for k in ("filename", "caption", "negative_caption") if k not in it]
@@ -306,8 +329,9 @@ def load_sugarcrepe(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
             items.append({**it, "id": str(key), "image_path": _image(folder, it["filename"], "SugarCrepe")})
         pieces[name] = items
     if not pieces:
-        raise VillaError(f"SugarCrepe: none of {', '.join(n + '.json' for n in SUGARCREPE_FILES)} in {data_dir}; "
-                         f"{SUGARCREPE_WHERE}")  # fmt: skip
+        raise VillaError(
+            f"SugarCrepe: none of {', '.join(n + '.json' for n in SUGARCREPE_FILES)} in {data_dir}; {SUGARCREPE_WHERE}"
+        )
     return pieces
 
 
@@ -319,8 +343,10 @@ def score_sugarcrepe(pieces: dict[str, list[dict[str, Any]]], scorer) -> dict[st
         keys = [str(it["image_path"]) for it in items]
         scorer.embed_images(keys, keys)
         scorer.embed_texts([it["caption"] for it in items] + [it["negative_caption"] for it in items])
-        acc = pairwise_accuracy(scorer.pair_scores(keys, [it["caption"] for it in items]),
-                                scorer.pair_scores(keys, [it["negative_caption"] for it in items]))  # fmt: skip
+        acc = pairwise_accuracy(
+            scorer.pair_scores(keys, [it["caption"] for it in items]),
+            scorer.pair_scores(keys, [it["negative_caption"] for it in items]),
+        )
         out["per_file"][name] = {"accuracy": acc, "examples": len(items)}
     for op in ("add", "replace", "swap"):
         accs = [v["accuracy"] for k, v in out["per_file"].items() if k.startswith(op + "_")]
@@ -332,8 +358,10 @@ def score_sugarcrepe(pieces: dict[str, list[dict[str, Any]]], scorer) -> dict[st
 
 # --- ARO (VG-Relation, VG-Attribution) --------------------------------------------------------------------------
 
-ARO_WHERE = ("get visual_genome_relation.json / visual_genome_attribution.json and their images/ from "
-             "github.com/mertyg/vision-language-models-are-bows")  # fmt: skip
+ARO_WHERE = (
+    "get visual_genome_relation.json / visual_genome_attribution.json and their images/ from "
+    "github.com/mertyg/vision-language-models-are-bows"
+)
 ARO_FILES = {"vg_relation": "visual_genome_relation.json", "vg_attribution": "visual_genome_attribution.json"}
 
 
@@ -348,11 +376,14 @@ def load_aro(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
         path = _first(data_dir, fname)
         if path is None:
             continue
-        raw = _read_json(path, "ARO")
+        raw = read_json(path, "ARO")
         items = []
         for i, it in enumerate(raw):
-            missing = [k for k in ("image_path", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "true_caption", "false_caption")
-                       if k not in it]  # fmt: skip
+            missing = [
+                k
+                for k in ("image_path", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "true_caption", "false_caption")
+                if k not in it
+            ]
             if missing:
                 raise VillaError(f"ARO: {path} item {i} lacks {', '.join(missing)}; re-download it")
             group = it.get("relation_name") or " ".join(it.get("attributes") or []) or "all"
@@ -380,6 +411,10 @@ def score_aro(tasks: dict[str, list[dict[str, Any]]], scorer) -> dict[str, Any]:
         right = scorer.pair_scores(keys, t) > scorer.pair_scores(keys, f)
         group = np.array([it["group"] for it in items])
         per = {g: float(right[group == g].mean()) for g in sorted(set(group.tolist()))}
-        out[task] = {"accuracy": float(right.mean()), "macro_accuracy": float(np.mean(list(per.values()))),
-                     "examples": len(items), "per_group": per}  # fmt: skip
+        out[task] = {
+            "accuracy": float(right.mean()),
+            "macro_accuracy": float(np.mean(list(per.values()))),
+            "examples": len(items),
+            "per_group": per,
+        }
     return out

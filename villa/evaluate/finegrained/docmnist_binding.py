@@ -85,43 +85,70 @@ def build_benchmark(
     for i in np.flatnonzero(ann.split == "test")[:max_images]:
         r0, r1 = int(ann.region_offsets[i]), int(ann.region_offsets[i + 1])
         w = words[r0:r1]
-        cap = caption(w)
-        base = {"image": int(i), "path": str(ann.root / ann.filepath[i]), "caption": cap}
-        n = len(w)
-        cands = {
-            "swap_color": [(a, b) for a in range(n) for b in range(a + 1, n)
-                           if _changed(w, _swap(w, a, b, ("color",)))],
-            "swap_shape": [(a, b) for a in range(n) for b in range(a + 1, n)
-                           if "shape" in w[a] and _changed(w, _swap(w, a, b, ("shape", "size")))],
-        }  # fmt: skip
-        for kind in ("swap_color", "swap_shape"):
-            if cands[kind]:
-                a, b = cands[kind][rng.integers(len(cands[kind]))]
-                new = _swap(w, a, b, ("color",) if kind == "swap_color" else ("shape", "size"))
-                foils.append({**base, "kind": kind, "foil": caption(new), "region": r0 + a,
-                              "region_text": bound_sentence(w[a]), "region_foil": bound_sentence(new[a])})  # fmt: skip
-                if kind == "swap_color":
-                    pairs.append({**base, "caption_b": caption(new), "regions": (r0 + a, r0 + b),
-                                  "colors": (w[a]["color"], w[b]["color"]), "region_text": bound_sentence(w[a]),
-                                  "region_text_b": bound_sentence(new[a])})  # fmt: skip
-        absent = [d for d in digits if d not in {x["digit"] for x in w}]
-        a = int(rng.integers(n))
-        new = [dict(x) for x in w]
-        new[a]["digit"] = absent[int(rng.integers(len(absent)))]
-        foils.append({**base, "kind": "change_digit", "foil": caption(new), "region": r0 + a,
-                      "region_text": bound_sentence(w[a]), "region_foil": bound_sentence(new[a])})  # fmt: skip
-        a = int(rng.integers(n))
-        drop = "shape" if "shape" in w[a] else "color"
-        dropped = " . ".join(bound_sentence(x, drop if k == a else None) for k, x in enumerate(w))
-        foils.append({**base, "kind": "drop_attribute", "foil": dropped, "region": r0 + a,
-                      "region_text": bound_sentence(w[a]), "region_foil": bound_sentence(w[a], drop)})  # fmt: skip
+        base = {"image": int(i), "path": str(ann.root / ann.filepath[i]), "caption": caption(w)}
+        image_foils, image_pairs = _image_foils(w, r0, base, digits, rng)
+        foils += image_foils
+        pairs += image_pairs
     gen_path = Path(data_dir) / "generation.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
     return {
-        "data": str(data_dir), "seed": seed, "max_images": max_images, "generator_seed": gen.get("args", {}).get("seed"),
+        "data": str(data_dir),
+        "seed": seed,
+        "max_images": max_images,
+        "generator_seed": gen.get("args", {}).get("seed"),
         "test_pool": gen.get("digit_pools", {}).get("test", {}).get("fingerprint"),
-        "foils": foils, "pairs": pairs, "ann": ann, "vocab": vocab,
-    }  # fmt: skip
+        "foils": foils,
+        "pairs": pairs,
+        "ann": ann,
+        "vocab": vocab,
+    }
+
+
+def _foil(base: dict, kind: str, foil: str, region: int, text: str, region_foil: str) -> dict[str, Any]:
+    return {**base, "kind": kind, "foil": foil, "region": region, "region_text": text, "region_foil": region_foil}
+
+
+def _image_foils(
+    w: list[dict[str, str]], r0: int, base: dict, digits: list[str], rng: np.random.Generator
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One image's foils (a colour swap, a shape swap, a changed digit, a dropped attribute, each where the image
+    allows it) and its colour-swap pair, drawn from ``rng`` in that order."""
+    foils, pairs, n = [], [], len(w)
+    cands = {
+        "swap_color": [(a, b) for a in range(n) for b in range(a + 1, n) if _changed(w, _swap(w, a, b, ("color",)))],
+        "swap_shape": [
+            (a, b)
+            for a in range(n)
+            for b in range(a + 1, n)
+            if "shape" in w[a] and _changed(w, _swap(w, a, b, ("shape", "size")))
+        ],
+    }
+    for kind in ("swap_color", "swap_shape"):
+        if cands[kind]:
+            a, b = cands[kind][rng.integers(len(cands[kind]))]
+            new = _swap(w, a, b, ("color",) if kind == "swap_color" else ("shape", "size"))
+            foils.append(_foil(base, kind, caption(new), r0 + a, bound_sentence(w[a]), bound_sentence(new[a])))
+            if kind == "swap_color":
+                pairs.append(
+                    {
+                        **base,
+                        "caption_b": caption(new),
+                        "regions": (r0 + a, r0 + b),
+                        "colors": (w[a]["color"], w[b]["color"]),
+                        "region_text": bound_sentence(w[a]),
+                        "region_text_b": bound_sentence(new[a]),
+                    }
+                )
+    absent = [d for d in digits if d not in {x["digit"] for x in w}]
+    a = int(rng.integers(n))
+    new = [dict(x) for x in w]
+    new[a]["digit"] = absent[int(rng.integers(len(absent)))]
+    foils.append(_foil(base, "change_digit", caption(new), r0 + a, bound_sentence(w[a]), bound_sentence(new[a])))
+    a = int(rng.integers(n))
+    drop = "shape" if "shape" in w[a] else "color"
+    dropped = " . ".join(bound_sentence(x, drop if k == a else None) for k, x in enumerate(w))
+    foils.append(_foil(base, "drop_attribute", dropped, r0 + a, bound_sentence(w[a]), bound_sentence(w[a], drop)))
+    return foils, pairs
 
 
 def recolor(image: np.ndarray, boxes: tuple[np.ndarray, np.ndarray], rgb: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

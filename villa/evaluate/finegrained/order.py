@@ -39,11 +39,17 @@ NOUN_TAGS = ("NN", "NNS", "NNP", "NNPS")
 ADJ_TAGS = ("JJ", "JJR", "JJS")
 PERTURBATIONS = ("shuffle_nouns_and_adj", "shuffle_allbut_nouns_and_adj", "shuffle_within_trigrams", "shuffle_trigrams")
 ORDER_DATASETS = {
-    "coco_order": ("coco_karpathy_{split}.json", "get coco_karpathy_{split}.json from storage.googleapis.com/"
-                   "sfr-vision-language-research/datasets/ (BLIP's Karpathy split, as ARO) and COCO's val2014/ images"),
-    "flickr30k_order": ("flickr30k_{split}.json", "get flickr30k_{split}.json from storage.googleapis.com/"
-                        "sfr-vision-language-research/datasets/ (as ARO) and the flickr30k-images/ folder"),
-}  # fmt: skip
+    "coco_order": (
+        "coco_karpathy_{split}.json",
+        "get coco_karpathy_{split}.json from storage.googleapis.com/"
+        "sfr-vision-language-research/datasets/ (BLIP's Karpathy split, as ARO) and COCO's val2014/ images",
+    ),
+    "flickr30k_order": (
+        "flickr30k_{split}.json",
+        "get flickr30k_{split}.json from storage.googleapis.com/"
+        "sfr-vision-language-research/datasets/ (as ARO) and the flickr30k-images/ folder",
+    ),
+}
 SPACY_FIX = "pip install 'villa[aro]' && python -m spacy download en_core_web_sm"
 PUNKT_FIX = "pip install 'villa[aro]' && python -m nltk.downloader punkt_tab"
 
@@ -97,8 +103,10 @@ def load_spacy(model: str):
     try:
         nlp = spacy.load(model)
     except OSError as e:
-        raise VillaError(f"spaCy pipeline {model!r} not found (ARO uses en_core_web_sm): {SPACY_FIX}, or pass "
-                         "spacy_model=<path of a saved pipeline>") from e  # fmt: skip
+        raise VillaError(
+            f"spaCy pipeline {model!r} not found (ARO uses en_core_web_sm): {SPACY_FIX}, or pass "
+            "spacy_model=<path of a saved pipeline>"
+        ) from e
     nlp.select_pipes(disable=[n for n in ("parser", "ner", "lemmatizer") if n in nlp.pipe_names])
     return nlp
 
@@ -125,23 +133,39 @@ def perturb_captions(
 
     rng = np.random.default_rng(seed)
     out = []
-    docs = tqdm(nlp.pipe(captions, batch_size=256), total=len(captions), desc="ARO perturbations", unit="caption",
-                disable=len(captions) < 1000)  # fmt: skip
+    docs = tqdm(
+        nlp.pipe(captions, batch_size=256),
+        total=len(captions),
+        desc="ARO perturbations",
+        unit="caption",
+        disable=len(captions) < 1000,
+    )
     for caption, doc in zip(captions, docs):
         toks, tags = [t.text for t in doc], [t.tag_ for t in doc]
         words = word_tokenize(caption)
-        options = [caption, shuffle_nouns_and_adj(toks, tags, rng), shuffle_allbut_nouns_and_adj(toks, tags, rng),
-                   shuffle_within_trigrams(words, rng), shuffle_trigrams(words, rng)]  # fmt: skip
+        options = [
+            caption,
+            shuffle_nouns_and_adj(toks, tags, rng),
+            shuffle_allbut_nouns_and_adj(toks, tags, rng),
+            shuffle_within_trigrams(words, rng),
+            shuffle_trigrams(words, rng),
+        ]
         out.append([pre_caption(o, max_words) for o in options])
     return out
 
 
 def load_order(
-    data_dir: Path, dataset: str, split: str = "test", seed: int = 0, spacy_model: str = "en_core_web_sm",
-    max_words: int = 30, nlp=None, word_tokenize=None,
-) -> list[dict[str, Any]]:  # fmt: skip
+    data_dir: Path,
+    dataset: str,
+    split: str = "test",
+    seed: int = 0,
+    spacy_model: str = "en_core_web_sm",
+    max_words: int = 30,
+    nlp=None,
+    word_tokenize=None,
+) -> list[dict[str, Any]]:
     """Items ``{image_path, caption, options}`` of COCO-Order or Flickr30k-Order, one per caption."""
-    from villa.evaluate.finegrained.benchmarks import _read_json
+    from villa.evaluate.finegrained.benchmarks import read_json
 
     name = "COCO-Order" if dataset == "coco_order" else "Flickr30k-Order"
     if split not in ("test", "val"):
@@ -150,7 +174,7 @@ def load_order(
     path = data_dir / fname
     if not path.is_file():
         raise VillaError(f"{name}: {path} not found; {where}")
-    raw = _read_json(path, name)
+    raw = read_json(path, name)
     if not isinstance(raw, list) or not raw:
         raise VillaError(f"{name}: {path} is not a non-empty list of {{image, caption}}; re-download it")
     root = data_dir.resolve()

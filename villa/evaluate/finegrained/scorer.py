@@ -59,9 +59,15 @@ class Scorer:
         self._texts: dict[str, torch.Tensor] = {}
         self.region_encoder: Optional[RegionEncoder] = None
         if self.mode == "region" or _is_resnet(clip):
-            self.region_encoder = RegionEncoder(
-                clip.model.visual, normalize=bool(self.opts.get("normalize", False)), input_size=self.opts.get("input_size")
-            ).to(runtime.device).eval()  # fmt: skip
+            self.region_encoder = (
+                RegionEncoder(
+                    clip.model.visual,
+                    normalize=bool(self.opts.get("normalize", False)),
+                    input_size=self.opts.get("input_size"),
+                )
+                .to(runtime.device)
+                .eval()
+            )
         if self.mode == "clip":
             size = clip.model_cfg.get("vision_cfg", {}).get("image_size", 224)
             self.transform = open_clip.image_transform(size, is_train=False)
@@ -95,8 +101,9 @@ class Scorer:
                 z = self.grain_head(feat, positions)[2]
             return F.normalize(z.float(), dim=-1).cpu()
         with rt.autocast():
-            z = self.region_encoder(images.to(rt.device).float().div_(255), boxes.to(rt.device),
-                                    torch.arange(len(pil), device=rt.device))  # fmt: skip
+            z = self.region_encoder(
+                images.to(rt.device).float().div_(255), boxes.to(rt.device), torch.arange(len(pil), device=rt.device)
+            )
         return F.normalize(z.float(), dim=-1).cpu()
 
     @torch.no_grad()
@@ -148,8 +155,11 @@ class Scorer:
                 bx = [torch.cat([whole[i : i + 1], b]) for i, b in enumerate(bx)]
             owner = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(bx)])
             with self.runtime.autocast():
-                z = self.region_encoder(imgs.to(self.runtime.device).float().div_(255),
-                                        torch.cat(bx).to(self.runtime.device), owner.to(self.runtime.device))  # fmt: skip
+                z = self.region_encoder(
+                    imgs.to(self.runtime.device).float().div_(255),
+                    torch.cat(bx).to(self.runtime.device),
+                    owner.to(self.runtime.device),
+                )
             z = F.normalize(z.float(), dim=-1).cpu()
             if with_global:
                 first = torch.cumsum(torch.tensor([0] + [len(b) for b in bx[:-1]]), 0)

@@ -8,7 +8,8 @@ GRAIN, each a subclass chosen by ``objective=<name>`` (or ``objective=<module.Cl
 - :meth:`Objective.targets`: each pair's text target (frozen text-tower embeddings, or tokens when the text tower
   trains);
 - :meth:`Objective.build`: the parameters it adds to the model (a head) and the ones it freezes;
-- :meth:`Objective.forward` and :meth:`Objective.loss`: one step's outputs and the loss over the (global) batch;
+- :meth:`Objective.forward` and :meth:`Objective.loss`: one step's outputs and the loss over the (global) batch
+  (:meth:`Objective.contrast`: the loss between matched region and text embeddings, CLIP's InfoNCE);
 - :meth:`Objective.optimizers`: the optimisers and per-step schedules beyond the tower's;
 - :meth:`Objective.checkpoint_state` / :meth:`Objective.load_checkpoint_state`: what it adds to a checkpoint.
 
@@ -108,8 +109,14 @@ class Objective:
 
     # --- one step -----------------------------------------------------------------------------------------------
 
-    def forward(self, model: Stage2Model, images: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor,
-                tokens: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    def forward(
+        self,
+        model: Stage2Model,
+        images: torch.Tensor,
+        boxes: torch.Tensor,
+        box_image: torch.Tensor,
+        tokens: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, ...]:
         """Inside the (DDP-wrapped) model's forward: normalised region (and text) embeddings and the logit scale."""
         img = F.normalize(model.regions(images, boxes, box_image).float(), dim=-1)
         txt = F.normalize(model.clip.encode_text(tokens).float(), dim=-1) if tokens is not None else None
@@ -133,7 +140,12 @@ class Objective:
         scale = share_scale_grad(scale, d)
         if txt is None:
             txt = self.targets_.embeddings.index_select(0, batch.pair_idx.to(dev, non_blocking=True))
-        return infonce(gather_rows(img, d), gather_rows(txt.float(), d), scale.float())
+        return self.contrast(gather_rows(img, d), gather_rows(txt.float(), d), scale.float())
+
+    def contrast(self, region_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The loss between the (global) batch's matched rows of (N, D) normalised region and text embeddings:
+        CLIP's symmetric InfoNCE."""
+        return infonce(region_emb, text_emb, scale)
 
     # --- optimisation and checkpoints ---------------------------------------------------------------------------
 

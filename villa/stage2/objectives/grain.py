@@ -80,8 +80,13 @@ def grain_losses(
     logits = scale * z @ desc_emb_all.t()
     rd = F.cross_entropy(logits, tgt + desc_offset, reduction="sum") if len(tgt) else logits.sum() * 0.0
     n = n_boxes.clamp(min=1)
-    return {"rd_sum": rd, "matched": torch.tensor(float(len(tgt)), device=rd.device), "l1": l1 / n,
-            "giou": giou / n, "match": match_last}  # fmt: skip
+    return {
+        "rd_sum": rd,
+        "matched": torch.tensor(float(len(tgt)), device=rd.device),
+        "l1": l1 / n,
+        "giou": giou / n,
+        "match": match_last,
+    }
 
 
 class Grain(Objective):
@@ -115,8 +120,11 @@ class Grain(Objective):
         g = self.cfg.grain
         if self.pool_image and not isinstance(clip.model.visual, ModifiedResNet):
             raise VillaError("grain.image_embedding=attnpool needs a ModifiedResNet tower (RN50, villa-*-rn)")
-        return GrainHead(GrainSpec(tower_width(clip.model.visual), clip.embed_dim, g.queries, g.width, g.heads,
-                                   g.layers, g.ffn, g.dropout))  # fmt: skip
+        return GrainHead(
+            GrainSpec(
+                tower_width(clip.model.visual), clip.embed_dim, g.queries, g.width, g.heads, g.layers, g.ffn, g.dropout
+            )
+        )
 
     def forward(self, model, images, boxes, box_image, tokens):
         """(L, B, Q, 4) boxes, (B, Q, E) region and (B, E) image embeddings, and the logit scale."""
@@ -128,8 +136,9 @@ class Grain(Objective):
         # tokens and ROI-Align + layer4 + attention pool for the image (grain.image_embedding=attnpool)
         v, trunk = model.clip.visual, model.regions.trunk(x)
         whole = trunk.new_tensor([[0.0, 0.0, x.shape[-1], x.shape[-2]]]).float().expand(len(x), 4)
-        roi = roi_features(trunk, whole, torch.arange(len(x), device=x.device), model.regions.roi_size,
-                           trunk.shape[-1] / x.shape[-1])  # fmt: skip
+        roi = roi_features(
+            trunk, whole, torch.arange(len(x), device=x.device), model.regions.roi_size, trunk.shape[-1] / x.shape[-1]
+        )
         boxes, region_emb, _ = model.head(v.layer4(trunk), True)
         return boxes, region_emb, v.attnpool(v.layer4(roi)), model.scale(images.device)
 
@@ -153,8 +162,17 @@ class Grain(Objective):
         scale = share_scale_grad(scale, d).float()
         l_ic = infonce(gather_rows(F.normalize(image_emb.float(), dim=-1), d), gather_rows(caption, d), scale)
         sizes = rank_sizes(len(desc), d, dev)  # the global batch's descriptions: this rank's start at its offset
-        parts = grain_losses(boxes.float(), region_emb, target, target_image, gather_rows(desc, d, sizes),
-                             sum(sizes[: d.rank]), scale, torch.tensor(float(sum(sizes)), device=dev), aux=g.aux_loss)  # fmt: skip
+        parts = grain_losses(
+            boxes.float(),
+            region_emb,
+            target,
+            target_image,
+            gather_rows(desc, d, sizes),
+            sum(sizes[: d.rank]),
+            scale,
+            torch.tensor(float(sum(sizes)), device=dev),
+            aux=g.aux_loss,
+        )
         rd = parts["rd_sum"] / sum_over_ranks(parts["matched"], d).clamp(min=1)  # GRAIN: mean over matched queries
         local = g.rd_weight * rd + g.box_scale * (g.l1_weight * parts["l1"] + g.giou_weight * parts["giou"])
         value = sum_over_ranks(local.detach(), d)
@@ -171,8 +189,9 @@ class Grain(Objective):
             return groups
         mine = {id(p) for p in model.head.parameters()}
         tower = [{**g, "params": [p for p in g["params"] if id(p) not in mine]} for g in groups]
-        heads = [{**g, "params": [p for p in g["params"] if id(p) in mine], "lr": self.cfg.grain.head_lr}
-                 for g in groups]  # fmt: skip
+        heads = [
+            {**g, "params": [p for p in g["params"] if id(p) in mine], "lr": self.cfg.grain.head_lr} for g in groups
+        ]
         return [g for g in tower + heads if g["params"]]
 
     def optimizers(self, model, steps_per_epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -187,9 +206,12 @@ class Grain(Objective):
         named = [(n, p) for n, p in model.head.named_parameters() if p.requires_grad]
         plain = [p for n, p in named if p.ndim < 2 or "bias" in n or "norm" in n]
         decayed = [p for n, p in named if not (p.ndim < 2 or "bias" in n or "norm" in n)]
-        opt = torch.optim.AdamW([{"params": plain, "weight_decay": 0.0},
-                                 {"params": decayed, "weight_decay": float(g.head_weight_decay)}],
-                                lr=base, betas=tuple(g.head_betas), eps=float(cfg.eps))  # fmt: skip
+        opt = torch.optim.AdamW(
+            [{"params": plain, "weight_decay": 0.0}, {"params": decayed, "weight_decay": float(g.head_weight_decay)}],
+            lr=base,
+            betas=tuple(g.head_betas),
+            eps=float(cfg.eps),
+        )
         warm = int(round(float(g.warmup_epochs) * steps_per_epoch))
         total = int(cfg.epochs) * steps_per_epoch
         start, end = float(g.lr_start), float(g.lr_end)
