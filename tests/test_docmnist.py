@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -351,3 +353,68 @@ def test_notebook_executes(tiny_docmnist, monkeypatch):
     ).execute()
     printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert f"{tiny_docmnist}:" in printed and "caption:" in printed
+
+
+# --- MNIST on a fresh machine: downloaded with checksums, from a mirror of your choice --------------------------
+
+
+@pytest.fixture
+def mirror(mnist, tmp_path):
+    """An HTTP server on 127.0.0.1 serving a folder of MNIST's four .gz files (a copy the test may corrupt)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):  # fmt: skip
+        src = Path(mnist) / name
+        if not src.is_file():
+            pytest.skip(f"{src} missing")
+        shutil.copy(src, folder / name)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def test_mnist_downloads_from_a_mirror_and_checks_every_file(mirror, tmp_path, monkeypatch):
+    from docmnist.mnist import CHECKSUMS, download_mnist, load_digit_pools
+
+    folder, url = mirror
+    dest = download_mnist(tmp_path / "m", mirror=url, progress=False)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(CHECKSUMS)
+    assert all((dest / n).read_bytes() == (folder / n).read_bytes() for n in CHECKSUMS)
+    assert load_digit_pools(str(dest)).full  # the downloaded files are MNIST itself
+    # a generator that finds MNIST nowhere fetches it once into <data root>/mnist (VILLA_MNIST_MIRROR)
+    monkeypatch.delenv("VILLA_MNIST_DIR", raising=False)
+    monkeypatch.setenv("VILLA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("VILLA_MNIST_MIRROR", url)
+    generate(300, 4, out_dir=str(tmp_path / "out"), val_budget=60, test_budget=60, progress=False)
+    assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == sorted(CHECKSUMS)
+
+
+def test_mnist_download_failures_are_one_line_and_leave_nothing(mirror, tmp_path):
+    import socket
+
+    folder, url = mirror
+    data = bytearray((folder / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    data[100] ^= 0xFF  # a corrupted file on the mirror
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(bytes(data))
+    env = {**os.environ, "VILLA_MNIST_MIRROR": url}
+    run = [sys.executable, "-m", "docmnist.mnist", "--download", "--dir", str(tmp_path / "m"), "--quiet"]
+    r = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert f"{url}t10k-labels-idx1-ubyte.gz is not MNIST's t10k-labels-idx1-ubyte.gz" in r.stderr
+    assert not (tmp_path / "m" / "t10k-labels-idx1-ubyte.gz").exists()
+    assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".")]  # no temporary file left
+    with socket.socket() as s:  # a port nothing listens on: no network
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    r = subprocess.run(run[:-2] + [str(tmp_path / "n"), "--quiet"], capture_output=True, text=True,
+                       env={**os.environ, "VILLA_MNIST_MIRROR": closed})  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "cannot download MNIST" in r.stderr and "VILLA_MNIST_DIR" in r.stderr and "VILLA_MNIST_MIRROR" in r.stderr

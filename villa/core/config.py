@@ -166,14 +166,18 @@ def sweep_jobs(args: Sequence[str]) -> list[list[str]]:
 
 def check_sweep(config_name: str, args: Sequence[str]) -> int:
     """Compose and validate every job of a sweep before the first one starts; the first bad job is one line naming
-    it. Returns the number of jobs."""
+    it by its swept values. Returns the number of jobs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     jobs = sweep_jobs(args)
+    overrides = [a for a in args if not a.startswith("-")]
+    swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()}
     for i, job in enumerate(jobs):
         try:
             check_overrides(config_name, job)
         except VillaError as e:
-            swept = [o for o in job if o not in args]
-            raise VillaError(f"sweep job {i} ({' '.join(swept) or ' '.join(job)}): {e}; nothing was run") from None
+            named = [o for o in job if o.lstrip("+~").partition("=")[0] in swept]
+            raise VillaError(f"sweep job {i} ({' '.join(named)}): {e}; nothing was run") from None
     return len(jobs)
 
 

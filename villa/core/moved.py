@@ -45,7 +45,8 @@ class _Alias(importlib.machinery.SourceFileLoader):
 
     def get_code(self, fullname):
         if fullname == self.name:
-            print(f"note: {self.name} is now {self.new}; python -m {self.new} ...", file=sys.stderr)
+            old, new = (n.removesuffix(".__main__") for n in (self.name, self.new))
+            print(f"note: {old} is now {new}; python -m {new} ...", file=sys.stderr)
         return super().get_code(fullname)
 
 
