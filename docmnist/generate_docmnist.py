@@ -529,7 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_images", type=int, default=None, help="exactly this many val images (not a budget)")
     p.add_argument("--out_dir", default=None, help="parent folder of the dataset (default: $VILLA_DATA_DIR or data)")
     p.add_argument("--mnist_dir", default=None, help="MNIST folder (IDX files or torchvision's MNIST/raw)")
-    p.add_argument("--download", action="store_true", help="fetch MNIST into --mnist_dir first (MNIST found nowhere is fetched anyway)")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch MNIST into --mnist_dir first (MNIST found nowhere is fetched anyway)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--workers", type=int, default=None, help="threads encoding PNGs (default: cores, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

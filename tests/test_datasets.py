@@ -571,6 +571,7 @@ def _pipeline(data: Path, dataset_config: str, tmp: Path) -> dict:
                 "num_workers=0",
                 "batch_size=8",
                 "device=cpu",
+                "precision_at=[1]",  # a handful of test regions
             ],
         )
     )

@@ -367,8 +367,12 @@ def mirror(mnist, tmp_path):
 
     folder = tmp_path / "served"
     folder.mkdir()
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                 "t10k-labels-idx1-ubyte.gz"):  # fmt: skip
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         src = Path(mnist) / name
         if not src.is_file():
             pytest.skip(f"{src} missing")
@@ -414,7 +418,11 @@ def test_mnist_download_failures_are_one_line_and_leave_nothing(mirror, tmp_path
     with socket.socket() as s:  # a port nothing listens on: no network
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}/"
-    r = subprocess.run(run[:-2] + [str(tmp_path / "n"), "--quiet"], capture_output=True, text=True,
-                       env={**os.environ, "VILLA_MNIST_MIRROR": closed})  # fmt: skip
+    r = subprocess.run(
+        run[:-2] + [str(tmp_path / "n"), "--quiet"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VILLA_MNIST_MIRROR": closed},
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "cannot download MNIST" in r.stderr and "VILLA_MNIST_DIR" in r.stderr and "VILLA_MNIST_MIRROR" in r.stderr

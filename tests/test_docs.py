@@ -48,8 +48,13 @@ def test_docs_speak_to_users():
     pages = [ROOT / "README.md", ROOT / "Makefile", *sorted((ROOT / "docs").rglob("*.md"))]
     for page in pages:
         text = page.read_text()
-        for pattern in (r"\b[Ii]ssue \d+", r"issue's", r":\s*\**(met|missed)\b", r"\btargets? (met|missed)\b",
-                        r"shared/data"):  # fmt: skip
+        for pattern in (
+            r"\b[Ii]ssue \d+",
+            r"issue's",
+            r":\s*\**(met|missed)\b",
+            r"\btargets? (met|missed)\b",
+            r"shared/data",
+        ):
             hit = re.search(pattern, text)
             assert hit is None, f"{page.relative_to(ROOT)}: {text[max(0, hit.start() - 60) : hit.end() + 20]!r}"
 

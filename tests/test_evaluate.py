@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import compose_config
 
+from villa.core.errors import VillaError
 from villa.evaluate.metrics import precision_at_k, r_precision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +94,7 @@ def test_evaluate_entry_writes_json(tiny_docmnist, tiny_pretrained, tmp_path):
                 f"output={out}",
                 "device=cpu",
                 "num_workers=0",
+                "precision_at=[10,50]",  # K at most the split's regions
             ],
         )
     )
@@ -100,8 +102,24 @@ def test_evaluate_entry_writes_json(tiny_docmnist, tiny_pretrained, tmp_path):
     assert saved["label"] == "tiny" and saved["split"] == "test" and saved["model"]["model"] == "villa-tiny-rn"
     t = saved["text_to_region"]
     assert set(t["per_group"]) == {"digit", "color", "shape", "size"} and 0 <= t["r_precision"] <= 1
-    assert saved["regions"] == int(res["regions"]) > 0 and set(t["precision_at"]) == {"10", "50", "100"}
+    assert saved["regions"] == int(res["regions"]) > 0 and set(t["precision_at"]) == {"10", "50"}
     assert saved["region_path"]["input_size"] == 168  # as the checkpoint was trained (experiment=pretrain)
+    assert t["chance_precision_at"]["10"] == pytest.approx(t["chance"])  # a random ranking's precision: R / N
+    assert 0 < saved["region_to_text"]["chance"] < 1
+    over = [
+        f"data_dir={tiny_docmnist}",
+        f"model.pretrained={tiny_pretrained}",
+        f"output={out}",
+        "device=cpu",
+        "num_workers=0",
+        f"precision_at=[1,{saved['regions'] + 1}]",
+    ]
+    with pytest.raises(
+        VillaError,
+        match=rf"K={saved['regions'] + 1} is above the {saved['regions']} candidate "
+        "regions of split 'test'; give every K at most",
+    ):
+        run_evaluation(compose_config("evaluate", over))
 
 
 def script(module: str, *args: str, code: int = 0) -> subprocess.CompletedProcess:

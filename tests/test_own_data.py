@@ -128,6 +128,15 @@ def test_raw_images_and_captions_end_to_end(tiny_docmnist, tmp_path):
     assert "text_to_region" not in ev and ev["image_text"]["images"] == n_test
     assert "I2T R@1" in r3.stdout
     assert 1 <= ev["image_text"]["text_to_image"]["median_rank"] <= n_test
+    assert ev["image_text"]["chance"] == {
+        "R@1": 1 / n_test,
+        "R@5": 5 / n_test,
+        "R@10": 10 / n_test,
+        "median_rank": (n_test + 1) / 2,
+    }
+    chance_row = next(ln for ln in r3.stdout.splitlines() if ln.startswith("(chance)"))
+    assert f"{100 / n_test:.1f}" in chance_row
+    assert ev["mapping"]["regions"] == q["regions"] and ev["mapping"]["degeneracy"] == q["degeneracy"]  # not null
 
 
 def test_image_text_recall_by_hand():
@@ -138,6 +147,7 @@ def test_image_text_recall_by_hand():
     # image 2's own text scores 0, like texts 0 and 1 (ties count against the query: listed before it)
     assert m["image_to_text"]["R@2"] == 0.5
     assert image_text_metrics(torch.eye(3), torch.eye(3))["image_to_text"]["R@1"] == 1.0
+    assert m["chance"] == {"R@1": 0.25, "R@2": 0.5, "median_rank": 2.5}
 
 
 def test_degenerate_mapping_is_flagged():

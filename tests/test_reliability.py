@@ -216,28 +216,47 @@ def test_help_describes_keys_without_the_vocabulary(tmp_path):
 # --- one line for each bad input --------------------------------------------------------------------------------
 
 
+class Payload:
+    """Any Python object in a pickle: what a crafted checkpoint carries."""
+
+
 def test_corrupt_and_wrong_checkpoints(tmp_path, synthetic_stage1):
     from villa.models.clip import create_clip
 
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint\n")
-    with pytest.raises(VillaError, match=r"notes.pt cannot be read .*corrupt, truncated or not a torch file"):
+    with pytest.raises(VillaError, match=r"notes.pt is not a torch checkpoint \(neither a zip archive nor a pickle\)"):
         load_checkpoint(text)
+    with pytest.raises(VillaError, match=r"checkpoint .* is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path)
+    objects = tmp_path / "objects.pt"
+    torch.save({"state_dict": {}, "hook": Payload()}, objects)  # an object weights_only refuses to unpickle
+    with pytest.raises(
+        VillaError,
+        match="holds Python objects villa will not unpickle, so it is not a checkpoint villa or open_clip wrote",
+    ):
+        create_clip("RN50", str(objects))
     good = tmp_path / "good.pt"
     torch.save({"format": "villa-clip", "state_dict": {"w": torch.zeros(1000)}}, good)
     trunc = tmp_path / "trunc.pt"
     trunc.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(VillaError, match="trunc.pt cannot be read"):
+    with pytest.raises(VillaError, match="trunc.pt is corrupt or truncated"):
         load_checkpoint(trunc)
-    with pytest.raises(VillaError, match=r"cannot load .*notes.pt as villa-tiny-rn weights"):
+    with pytest.raises(VillaError, match=r"notes.pt is not a torch checkpoint .*; pass a villa checkpoint"):
         create_clip("villa-tiny-rn", str(text))
+    with pytest.raises(VillaError, match="is a folder without open_clip_config.json, not a model"):
+        create_clip("auto", str(tmp_path))
+    import villa
+
+    with pytest.raises(VillaError, match="is a folder without open_clip_config.json"):
+        villa.load(str(tmp_path))
     data, emb = synthetic_stage1
     train_stage1(s1(data, emb, tmp_path, "epochs=1"))
     with pytest.raises(VillaError, match="is a villa-stage1 checkpoint, not a CLIP model"):
         create_clip("auto", str(tmp_path / "ckpt" / "last.pt"))
     # resuming a corrupt last.pt
     (tmp_path / "ckpt" / "last.pt").write_bytes(trunc.read_bytes())
-    with pytest.raises(VillaError, match="last.pt cannot be read"):
+    with pytest.raises(VillaError, match="last.pt is corrupt or truncated .*; delete it, or set resume=false"):
         train_stage1(s1(data, emb, tmp_path, "epochs=2"))
 
 
@@ -702,6 +721,13 @@ def test_full_disk_is_one_line_and_leaves_nothing(small_disk, tiny_docmnist, mni
         )
     ck = small_disk / "ck"
     assert not ck.exists() or not [p for p in ck.iterdir() if p.name.endswith(".pt") or ".tmp-" in p.name]
+    from villa.core.env import SHIPPED_WEIGHTS
+    from villa.export import main as export_main
+
+    with pytest.raises(SystemExit) as stop:  # the open_clip folder of a 0.6 MB checkpoint does not fit in 64 KiB
+        export_main(["--format", "open_clip", str(SHIPPED_WEIGHTS["villa-small-rn-docmnist"]), str(small_disk / "oc")])
+    assert stop.value.code == 2 and not (small_disk / "oc").exists()
+    assert not [p for p in small_disk.iterdir() if ".tmp-" in p.name]
 
 
 @pytest.mark.parametrize(
@@ -842,7 +868,7 @@ def test_a_checkpoint_of_another_model_names_the_key_to_set(tmp_path):
 def test_a_load_failure_reason_is_never_cut_mid_word(tmp_path, monkeypatch):
     from villa.core.checkpoint import load_checkpoint
 
-    (tmp_path / "x.pt").write_bytes(b"x")
+    (tmp_path / "x.pt").write_bytes(b"PK\x03\x04")  # a zip archive's start: torch.load is tried
     long = " ".join(f"word{i:02d}" for i in range(60))  # 419 characters
 
     def fail(*a, **k):
@@ -851,7 +877,7 @@ def test_a_load_failure_reason_is_never_cut_mid_word(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", fail)
     with pytest.raises(VillaError) as e:
         load_checkpoint(tmp_path / "x.pt")
-    reason = str(e.value).split("cannot be read (")[1].split("): it is")[0]
+    reason = str(e.value).split("is corrupt or truncated (")[1].split("); ")[0]
     assert reason.endswith(" ...") and len(reason) <= 164
     words = reason[: -len(" ...")].split()
     assert words == long.split()[: len(words)] and len(words) >= 15  # whole words only
@@ -892,13 +918,26 @@ def test_a_sweep_checks_every_job_first_and_survives_a_failing_one(synthetic_sta
     """-m: a bad value in any job is one line naming the job, before anything runs or is created; a job that fails
     while it runs is reported, the next one still runs, and a summary with a non-zero exit ends the sweep."""
     data, emb = synthetic_stage1
-    common = [f"data_dir={data}", f"embeddings_dir={emb}", f"paths.checkpoint_dir={tmp_path / 'ck'}",
-              f"paths.output_dir={tmp_path / 'out'}", "device=cpu", "progress=false", "epochs=1"]  # fmt: skip
-    for sweep, message in ((["lr=1e-3,-1,2e-3"], "error: sweep job 1 (lr=-1): lr=-1.0: must be > 0"),
-                           (["epochs=abc,1"], "error: sweep job 0 (epochs=abc): Error merging override epochs=abc: "
-                            "Value 'abc' of type 'str' could not be converted to Integer")):  # fmt: skip
-        r = cli("villa.stage1", "-m", *sweep, *[c for c in common if not c.startswith(sweep[0].split("=")[0])],
-                cwd=tmp_path)  # fmt: skip
+    common = [
+        f"data_dir={data}",
+        f"embeddings_dir={emb}",
+        f"paths.checkpoint_dir={tmp_path / 'ck'}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        "device=cpu",
+        "progress=false",
+        "epochs=1",
+    ]
+    for sweep, message in (
+        (["lr=1e-3,-1,2e-3"], "error: sweep job 1 (lr=-1): lr=-1.0: must be > 0"),
+        (
+            ["epochs=abc,1"],
+            "error: sweep job 0 (epochs=abc): Error merging override epochs=abc: "
+            "Value 'abc' of type 'str' could not be converted to Integer",
+        ),
+    ):
+        r = cli(
+            "villa.stage1", "-m", *sweep, *[c for c in common if not c.startswith(sweep[0].split("=")[0])], cwd=tmp_path
+        )
         line = one_error_line(r)
         assert line.startswith(message) and line.endswith("nothing was run"), line
         assert not (tmp_path / "ck").exists() and not (tmp_path / "out").exists()
@@ -912,9 +951,12 @@ def test_a_sweep_checks_every_job_first_and_survives_a_failing_one(synthetic_sta
 
 @pytest.mark.parametrize(
     "old,new",
-    [("villa.detection", "villa.evaluate.detection"), ("villa.datasets.generic", "villa.data.importers.generic"),
-     ("villa.finegrained", "villa.evaluate.finegrained")],
-)  # fmt: skip
+    [
+        ("villa.detection", "villa.evaluate.detection"),
+        ("villa.datasets.generic", "villa.data.importers.generic"),
+        ("villa.finegrained", "villa.evaluate.finegrained"),
+    ],
+)
 def test_old_module_paths_still_run_and_name_the_new_one(old, new, tmp_path):
     r = cli(old, "--help", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

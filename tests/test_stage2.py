@@ -416,8 +416,15 @@ def test_a_fifth_objective_is_one_file_and_one_config(tiny_docmnist, tiny_mappin
     code = re.search(r"```python\n# my_objectives.py\n(.*?)```", (ROOT / "docs" / "stage2.md").read_text(), re.S)
     (tmp_path / "my_objectives.py").write_text(code.group(1))
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = s2cfg(tmp_path, tiny_docmnist, "objective=my_objectives.TextToRegion", "epochs=1", "batch_size=16",
-                "model.freeze_bn=true", mapping=tiny_mapping)  # fmt: skip
+    cfg = s2cfg(
+        tmp_path,
+        tiny_docmnist,
+        "objective=my_objectives.TextToRegion",
+        "epochs=1",
+        "batch_size=16",
+        "model.freeze_bn=true",
+        mapping=tiny_mapping,
+    )
     res = train_stage2(cfg)
     state = torch.load(tmp_path / "ckpt" / "last.pt", map_location="cpu", weights_only=True)
     assert res["objective"] == "text_to_region" and state["kind"] == "villa-stage2-text_to_region"

@@ -47,7 +47,7 @@ KEEP = (
 
 
 def _villa_state(src: Path) -> dict:
-    state = load_checkpoint(src)
+    state = load_checkpoint(src, "checkpoint", "export a Stage 2 or pretraining checkpoint (<checkpoint_dir>/best.pt)")
     if not is_villa_checkpoint(state):
         raise VillaError(
             f"{src} is not a villa CLIP checkpoint (format villa-clip); export a Stage 2 / pretrain checkpoint"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from contextlib import contextmanager
@@ -59,25 +60,55 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: PathLike, what: str = "checkpoint") -> dict[str, Any]:
-    """``torch.load`` a checkpoint (weights only); a missing, corrupt, truncated or non-torch file is one
-    :class:`VillaError` line naming the file."""
+ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+
+
+class CheckpointError(VillaError):
+    """A file that is not a checkpoint villa reads. ``kind``: ``missing``, ``folder``, ``objects`` (it holds Python
+    objects that ``weights_only`` refuses to unpickle), ``foreign`` (neither a zip archive nor a pickle) or
+    ``corrupt`` (a torch file that is cut short or damaged)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def load_checkpoint(path: PathLike, what: str = "checkpoint", fix: str = "pass another file") -> dict[str, Any]:
+    """``torch.load`` a checkpoint (weights only). A missing file, a folder, a file of Python objects, a file that is
+    no torch file, or a corrupt one is one :class:`CheckpointError` line naming the file, what it is, and ``fix``."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a checkpoint file; {fix}", "folder")
     if not path.is_file():
-        raise VillaError(f"{what} not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}; {fix}", "missing")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(ZIP_MAGIC) or magic.startswith(PICKLE_MAGIC)):
+        raise CheckpointError(
+            f"{what} {path} is not a torch checkpoint (neither a zip archive nor a pickle); {fix}", "foreign"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and EOF errors all mean the same to the user
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if len(reason) > 160:  # cut at a word boundary, never mid-word
-            reason = reason[:160].rsplit(" ", 1)[0] + " ..."
-        raise VillaError(
-            f"{what} {path} cannot be read ({reason}): it is corrupt, truncated or not a torch file; "
-            "delete it (or set resume=false) or pass another file"
-        ) from e
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise CheckpointError(
+                f"{what} {path} holds Python objects villa will not unpickle, so it is not a checkpoint villa or "
+                f"open_clip wrote; {fix}",
+                "objects",
+            ) from None
+        raise CheckpointError(f"{what} {path} is corrupt ({_reason(e)}); {fix}", "corrupt") from None
+    except Exception as e:  # zip and EOF errors of a truncated or damaged file
+        raise CheckpointError(f"{what} {path} is corrupt or truncated ({_reason(e)}); {fix}", "corrupt") from None
     if not isinstance(obj, dict):
         raise VillaError(f"{what} {path} holds a {type(obj).__name__}, not a checkpoint dict; pass another file")
     return obj
+
+
+def _reason(e: BaseException) -> str:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if len(reason) > 160:  # cut at a word boundary, never mid-word
+        reason = reason[:160].rsplit(" ", 1)[0] + " ..."
+    return reason
 
 
 def config_dict(cfg: DictConfig) -> dict[str, Any]:

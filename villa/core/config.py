@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from villa.core import env
 from villa.core.env import config_dir
-from villa.core.errors import VillaError
+from villa.core.errors import VillaError, error_line
 from villa.core.log import setup_logging
 from villa.core.schemas import COMMANDS, check_inputs, help_text, register_schemas, validate_config
 from villa.data.vocab import Vocabulary, load_vocab, vocab_from_dict
@@ -231,9 +231,9 @@ def hydra_entry(
             if not sweep and not isinstance(e, VillaError):
                 raise
             if not sweep:
-                print(f"error: {spell(str(e))}", file=sys.stderr)
+                print(f"error: {spell(error_line(e))}", file=sys.stderr)
                 sys.exit(2)
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = error_line(e)
             if not isinstance(e, VillaError):
                 reason = f"{type(e).__name__}: {reason}"
             print(f"error: sweep job {hc.job.num}: {reason}", file=sys.stderr)

@@ -127,7 +127,7 @@ def resume_state(last: Path, fingerprint: dict[str, Any], enabled: bool) -> Opti
     """``last.pt`` when resuming is on and it exists, checked to be this run (else one line naming the difference)."""
     if not (enabled and last.exists()):
         return None
-    state = load_checkpoint(last)
+    state = load_checkpoint(last, "checkpoint", "delete it, or set resume=false to start over")
     check_resume(state.get("fingerprint"), fingerprint, last)
     return state
 

@@ -67,13 +67,14 @@ def check_writable(folder: PathLike) -> Path:
 
 
 def disk_full(e: BaseException, folder: Path) -> bool:
-    """Whether ``e`` means the device ran out of space: ENOSPC / EDQUOT, or a writer's own error (torch's
-    "PytorchStreamWriter failed writing file", numpy's short write) while the folder's device has no room left."""
+    """Whether ``e`` means the device ran out of space: ENOSPC / EDQUOT, or any writer's own error (torch's
+    "PytorchStreamWriter failed writing file", numpy's short write, safetensors' SafetensorError) while the folder's
+    device has no room left."""
     import errno
 
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    if isinstance(e, (RuntimeError, OSError, ValueError)):
+    if isinstance(e, Exception) and not isinstance(e, VillaError):
         try:
             return shutil.disk_usage(folder).free < (1 << 20)
         except OSError:
@@ -166,3 +167,23 @@ def write_text_atomic(final: PathLike, text: str) -> Path:
 
 def write_json_atomic(final: PathLike, obj: Any) -> Path:
     return write_text_atomic(final, json.dumps(obj, indent=2) + "\n")
+
+
+def read_text(path: PathLike, encoding: str = "utf-8", fix: str = "re-save it as UTF-8") -> str:
+    """A text file's contents; bytes that are not ``encoding`` are one line naming the file, the line and the byte
+    offset (never a UnicodeDecodeError traceback). ``fix``: what the user can do (e.g. pass ``--encoding``)."""
+    import codecs
+
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise VillaError(f"encoding {encoding!r} is not one Python knows; use e.g. utf-8, latin-1 or cp1252") from None
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise VillaError(
+            f"{path}:{line}: byte 0x{raw[e.start]:02x} at byte offset {e.start} is not valid {encoding}; {fix}"
+        ) from None

@@ -287,7 +287,7 @@ class EvaluateConfig(Common):
         "${data_dir}/mapping_quality.json", "Stage 1's mapping_quality.json, included when present"
     )
     output: str = opt("${paths.output_dir}/evaluate/${label}.json", "where the JSON report is written")
-    precision_at: list = opt([10, 50, 100], "k of precision@k")
+    precision_at: list = opt([10], "k of precision@k (each at most the split's number of regions)")
     image_text: bool = opt(
         True, "also image-text retrieval, Recall@1/5/10 both ways (the only one without reg_to_attr)"
     )

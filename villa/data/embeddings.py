@@ -139,6 +139,12 @@ def open_embeddings(path: PathLike, vocab: Optional[Vocabulary] = None) -> Embed
         idx = feather.read_table(str(root / "index.feather"))
     except Exception as e:  # Arrow's errors for a truncated or foreign file
         raise VillaError(f"{root / 'index.feather'} is truncated or corrupt ({type(e).__name__}); {fix}") from e
+    missing = [c for c in ("image_id", "split", "start", "count") if c not in idx.column_names]
+    if missing:
+        raise VillaError(
+            f"{root / 'index.feather'} lacks the column(s) {', '.join(missing)} (it needs image_id, split, "
+            f"start, count); {fix}"
+        )
     names = list(meta["attribute_names"])
     if vocab is not None and names != list(vocab.attributes) and sorted(names) == sorted(vocab.attributes):
         k = next(i for i, (a, b) in enumerate(zip(names, vocab.attributes)) if a != b)

@@ -16,7 +16,7 @@ import yaml
 
 from villa.core.env import config_dir
 from villa.core.errors import VillaError
-from villa.core.io import PathLike
+from villa.core.io import PathLike, read_text
 
 SENTENCE_SEP = " . "  # how captions and a region's assigned sentences are joined (the original's)
 
@@ -134,9 +134,9 @@ def load_vocab(name_or_path: PathLike | Mapping[str, Any] = "docmnist") -> Vocab
         p = config_dir() / "dataset" / f"{name_or_path}.yaml"
     if not p.is_file():
         raise VillaError(f"dataset config not found: {p}; pass a YAML path or a name under configs/dataset/")
+    text = read_text(p)
     try:
-        with open(p) as f:
-            cfg = yaml.safe_load(f)
+        cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""

@@ -15,6 +15,7 @@ the region-level readout. Top-1 accuracy overall (micro) and per class, and the 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -27,7 +28,7 @@ from omegaconf import DictConfig
 
 from villa.core.config import hydra_entry
 from villa.core.errors import VillaError
-from villa.core.io import write_json_atomic
+from villa.core.io import read_text, write_json_atomic
 from villa.core.runtime import Runtime
 from villa.data.annotations import boxes_only, check_image_files, path_inside
 from villa.data.regions import grid_boxes
@@ -46,7 +47,7 @@ def read_labels(path: str | Path, classes: Optional[Sequence[str]]) -> tuple[lis
     p = Path(path)
     if not p.is_file():
         raise VillaError(f"classification CSV not found: {p}")
-    with open(p, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(p), newline="") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         img_col = next((c for c in ("image", "Path", "path", "filename") if c in cols), None)
@@ -70,7 +71,7 @@ def read_labels(path: str | Path, classes: Optional[Sequence[str]]) -> tuple[lis
 def class_prompts(classes: Sequence[str], prompts: Optional[str]) -> list[list[str]]:
     if not prompts:
         return [[t.format(c) for t in DEFAULT_TEMPLATES] for c in classes]
-    spec = yaml.safe_load(Path(prompts).read_text()) if Path(prompts).is_file() else None
+    spec = yaml.safe_load(read_text(prompts)) if Path(prompts).is_file() else None
     if not isinstance(spec, dict):
         raise VillaError(f"prompts file {prompts} must be a YAML mapping {{class: [prompt, ...]}}")
     missing = [c for c in classes if not spec.get(c)]

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from villa.core.config import hydra_entry
 from villa.core.env import config_dir
 from villa.core.errors import VillaError
-from villa.core.io import write_json_atomic
+from villa.core.io import read_text, write_json_atomic
 from villa.core.runtime import Runtime
 from villa.data.annotations import boxes_only, check_image_files, path_inside
 from villa.models.clip import Clip
@@ -81,7 +81,7 @@ def category_groups(gt, split: Optional[str], source: str = "") -> dict[str, lis
         p = config_dir() / "splits" / f"{split}.yaml"
     if not p.is_file():
         raise VillaError(f"split file not found: {p}; pass a name under configs/splits/ or a YAML path")
-    spec = yaml.safe_load(p.read_text()) or {}
+    spec = yaml.safe_load(read_text(p)) or {}
     groups = spec.get("groups")
     if not isinstance(groups, dict) or not groups:
         raise VillaError(f"{p}: needs 'groups: {{name: [category names]}}'")

@@ -82,11 +82,7 @@ def _pct(v: Optional[float], width: int) -> str:
 
 
 def retrieval_metrics(
-    region_emb: torch.Tensor,
-    attr_emb: torch.Tensor,
-    gold: np.ndarray,
-    vocab: Vocabulary,
-    ks: Sequence[int] = (10, 50, 100),
+    region_emb: torch.Tensor, attr_emb: torch.Tensor, gold: np.ndarray, vocab: Vocabulary, ks: Sequence[int] = (10,)
 ) -> dict[str, Any]:
     """All retrieval numbers from (R, D) region and (A, D) attribute embeddings and (R, A) bool relevance."""
     sim = (F.normalize(region_emb.float(), dim=-1) @ F.normalize(attr_emb.float(), dim=-1).t()).numpy()  # (R, A)
@@ -105,6 +101,7 @@ def retrieval_metrics(
         "precision_at": {
             str(k): float(np.nanmean(np.where(gold.sum(0) > 0, precision_at_k(sim.T, gold.T, k), np.nan))) for k in ks
         },
+        "chance_precision_at": {str(k): float(np.mean(chance[gold.sum(0) > 0])) for k in ks},  # R / N, as R-Precision
     }
     r2t = r_precision(sim, gold)  # per region query over the attribute texts
     per_group = {}
@@ -112,7 +109,12 @@ def retrieval_metrics(
         cols = ag == gi
         has = gold[:, cols].any(1)
         per_group[g] = float(np.nanmean(r_precision(sim[has][:, cols], gold[has][:, cols]))) if has.any() else None
-    out["region_to_text"] = {"r_precision": float(np.nanmean(r2t)), "per_group": per_group}
+    has_any = gold.any(1)
+    out["region_to_text"] = {
+        "r_precision": float(np.nanmean(r2t)),
+        "chance": float(np.mean(gold[has_any].sum(1) / gold.shape[1])) if has_any.any() else None,
+        "per_group": per_group,
+    }
     return out
 
 
@@ -134,6 +136,15 @@ def image_text_metrics(
     for name, r in (("image_to_text", ranks(sim)), ("text_to_image", ranks(sim.t()))):
         out[name] = {f"R@{k}": float((r < k).float().mean()) for k in ks}
         out[name]["median_rank"] = float(r.float().median() + 1)
+    out["chance"] = {**{f"R@{k}": min(1.0, k / n) for k in ks}, "median_rank": (n + 1) / 2}  # a random ranking
+    trivial = [k for k in ks if k >= n]
+    if trivial:
+        log.warning(
+            "image-text Recall@%s with %d candidates: every model scores 1.0 there (chance is K / %d)",
+            "/".join(map(str, trivial)),
+            n,
+            n,
+        )
     return out
 
 
@@ -236,7 +247,7 @@ def evaluate_model(
     split: str,
     runtime: Runtime,
     opts: dict[str, Any],
-    ks=(10, 50, 100),
+    ks=(10,),
     batch_size: int = 256,
     num_workers: int = 2,
     readout: str = "roi",
@@ -267,6 +278,12 @@ def evaluate_model(
     from villa.data.batches import gather_index
 
     idx, _ = gather_index(ann.region_offsets, rows)
+    too_many = [k for k in ks if k > len(idx)]
+    if too_many:
+        raise VillaError(
+            f"precision_at={list(ks)}: K={too_many[0]} is above the {len(idx)} candidate regions of split {split!r}; "
+            f"give every K at most {len(idx)}"
+        )
     boxes = None
     if readout == "query":
         regions, boxes = embed_split_queries(clip, ann, rows, runtime, opts, batch_size, num_workers)
@@ -308,8 +325,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     )
     res["label"] = cfg.label
     mq = Path(cfg.mapping_quality)
-    if mq.is_file():
-        res["mapping"] = json.loads(mq.read_text()).get("quality")
+    if mq.is_file():  # Stage 1's record: the mapping's quality where regions are labelled, else its summary
+        record = json.loads(mq.read_text())
+        keep = ("assigned_pairs", "regions", "images", "epsilon", "degeneracy", "one_sentence_captions")
+        res["mapping"] = record.get("quality") or {k: record[k] for k in keep if k in record}
     out = Path(cfg.output)
     write_json_atomic(out, res)
     if "text_to_region" in res:
@@ -337,9 +356,12 @@ def format_table(results: dict[str, dict[str, Any]], vocab: Vocabulary) -> str:
             + f"{100 * r['region_to_text']['r_precision']:>11.1f}{100 * t['precision_at'].get('10', float('nan')):>10.1f}"
         )
     if chance is not None:
+        r2t_chance = results[name]["region_to_text"].get("chance")
         lines.append(
             f"{'(chance)':<16}{100 * chance['chance']:>11.1f}"
             + "".join(_pct(chance["chance_per_group"][g], 9) for g in groups)
+            + _pct(r2t_chance, 11)
+            + _pct(chance.get("chance_precision_at", {}).get("10"), 10)
         )
     return "\n".join(lines)
 
@@ -351,10 +373,14 @@ def format_image_text(results: dict[str, dict[str, Any]]) -> str:
         + "".join(f"{'I2T R@' + k:>9}" for k in "1 5 10".split())
         + "".join(f"{'T2I R@' + k:>9}" for k in "1 5 10".split())
     ]
+    it = None
     for name, r in results.items():
         it = r["image_text"]
         cells = [100 * it[d][f"R@{k}"] for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
         lines.append(f"{name:<16}{it['images']:>8}" + "".join(f"{c:>9.1f}" for c in cells))
+    if it is not None and "chance" in it:
+        cells = [100 * it["chance"][f"R@{k}"] for _ in range(2) for k in (1, 5, 10)]
+        lines.append(f"{'(chance)':<16}{it['images']:>8}" + "".join(f"{c:>9.1f}" for c in cells))
     return "\n".join(lines)
 
 

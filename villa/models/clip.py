@@ -18,6 +18,7 @@ import os
 import socket
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -27,7 +28,7 @@ import torch
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
-from villa.core.checkpoint import load_checkpoint
+from villa.core.checkpoint import CheckpointError, load_checkpoint
 from villa.core.env import hf_offline, resolve_weights
 from villa.core.errors import VillaError
 from villa.models.region_encoder import class_token_pool
@@ -38,6 +39,7 @@ MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # villa-tiny-rn,
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 NO_WEIGHTS = (None, "", "none", "None", "random")
+CHECKPOINT_FIX = "pass a villa checkpoint (<checkpoint_dir>/best.pt), an open_clip checkpoint or folder, a tag or none"
 DEFAULT_MODEL = "RN50"  # what model=auto means without a villa checkpoint (the paper's encoder)
 _warned_random: set[str] = set()
 
@@ -232,13 +234,23 @@ def create_clip(
         path = Path(str(pretrained))
         if path.is_dir() and (path / "open_clip_config.json").is_file():
             obj = read_open_clip_folder(path)  # villa.export --format open_clip
-        elif not path.is_file():
-            raise VillaError(f"pretrained checkpoint not found: {path}; pass an existing file, a tag or none")
+        elif path.is_dir():
+            raise VillaError(
+                f"pretrained={path} is a folder without open_clip_config.json, not a model; {CHECKPOINT_FIX}"
+            )
+        elif path.suffix == ".safetensors":
+            obj = {}  # open_clip's own weights format: open_clip reads it below
         else:
             try:
-                obj = load_checkpoint(path, "pretrained checkpoint")
-            except VillaError:
-                obj = {}  # perhaps a format only open_clip reads (TorchScript); it decides below, with one line
+                obj = load_checkpoint(
+                    path,
+                    "pretrained checkpoint",
+                    "pass a villa checkpoint (<checkpoint_dir>/best.pt), an open_clip checkpoint or folder, a tag or none",
+                )
+            except CheckpointError as e:
+                if e.kind != "corrupt" or not zipfile.is_zipfile(path):
+                    raise
+                obj = {}  # a zip archive torch.load refuses may be OpenAI's TorchScript: open_clip decides below
         kind = str(obj.get("kind", ""))
         if not is_villa_checkpoint(obj) and kind.startswith("villa-"):
             raise VillaError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from collections import OrderedDict
 from functools import partial
@@ -83,7 +84,10 @@ def build_detector(name: str, kwargs: Optional[dict[str, Any]] = None, weights: 
     kwargs = dict(kwargs or {})
     if name in BUILDERS:
         if weights not in (None, "none"):
-            raise VillaError(f"{name} has no published weights; pass a checkpoint path as detector_weights")
+            raise VillaError(
+                f"{name} has no published weights ({weights!r} is not a file); pass the path of a checkpoint "
+                "python -m villa.models.detector train wrote"
+            )
         return BUILDERS[name](**kwargs)
     import torchvision
 
@@ -111,6 +115,12 @@ def load_detector(name: Optional[str], weights: Optional[str]) -> tuple[nn.Modul
     ``name``) or a torchvision weights name; a file that is not a checkpoint is one VillaError line."""
     from villa.data.embeddings import weights_id
 
+    looks_like_a_path = bool(weights) and (os.sep in str(weights) or str(weights).endswith((".pt", ".pth")))
+    if looks_like_a_path and not Path(weights).is_file():
+        raise VillaError(
+            f"detector weights not found: {weights}; pass the checkpoint's path (python -m villa.models.detector train "
+            "writes one), a torchvision weights name, or --regions proposals --proposals_file FILE"
+        )
     if weights and Path(weights).exists():
         path = Path(weights)
         try:

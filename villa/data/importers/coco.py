@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from villa.core.errors import VillaError, exit_on_error
+from villa.core.io import read_text
 from villa.data.importers.common import (
     ImportedRows,
     hash_unit,
@@ -39,9 +40,10 @@ def _load_json(path: Path) -> dict:
         raise VillaError(
             f"{path} not found; the COCO layout has annotations/captions_<split>.json and instances_<split>.json"
         )
+    text = read_text(path)
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise VillaError(f"{path} is not JSON ({e}); download it again") from e
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from villa.core.errors import VillaError, exit_on_error
+from villa.core.io import read_text
 from villa.data.importers.common import (
     ImportedRows,
     importer_parser,
@@ -73,7 +74,7 @@ def read_label_file(path: Path, n: int) -> dict[str, list[int]]:
     if not path.is_file():
         return {}
     out, bad = {}, []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
+    for i, line in enumerate(read_text(path).splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue

@@ -13,6 +13,7 @@ at once (file:line), not one per run.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -20,6 +21,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from villa.core.errors import VillaError, exit_on_error
+from villa.core.io import read_text
 from villa.data.importers.common import (
     ImportedRows,
     importer_parser,
@@ -30,13 +32,14 @@ from villa.data.importers.common import (
 )
 
 
-def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) of a JSONL (one object per line) or CSV (a header row) file."""
+def read_records(path: Path, encoding: str = "utf-8") -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a JSONL (one object per line) or CSV (a header row) file in ``encoding``."""
     if not path.is_file():
         raise VillaError(f"captions file not found: {path}")
+    text = read_text(path, encoding, fix="re-save it as UTF-8 or pass --encoding with its encoding (e.g. latin-1)")
     records, bad = [], []
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or "image" not in reader.fieldnames:
                 raise VillaError(f"{path}:1: the CSV header must name an 'image' and a 'caption' column")
@@ -52,19 +55,18 @@ def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
                         continue
                 records.append((i, rec))
     else:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    bad.append(f"{path}:{i}: not JSON ({e.msg})")
-                    continue
-                if not isinstance(rec, dict):
-                    bad.append(f"{path}:{i}: not an object")
-                    continue
-                records.append((i, rec))
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append(f"{path}:{i}: not JSON ({e.msg})")
+                continue
+            if not isinstance(rec, dict):
+                bad.append(f"{path}:{i}: not an object")
+                continue
+            records.append((i, rec))
     if bad:
         raise problems_error(
             "malformed lines", bad, "fix them (one JSON object per line, or CSV rows matching the header)"
@@ -128,9 +130,16 @@ def parse_records(path: Path, records: list[tuple[int, dict[str, Any]]], group_k
 
 
 def import_generic(
-    root: str | Path, captions: str | Path, vocab, regions, out_dir=None, group_key: Optional[str] = None, **kw
+    root: str | Path,
+    captions: str | Path,
+    vocab,
+    regions,
+    out_dir=None,
+    group_key: Optional[str] = None,
+    encoding: str = "utf-8",
+    **kw,
 ) -> Path:
-    records = read_records(Path(captions))
+    records = read_records(Path(captions), encoding)
     rows = parse_records(Path(captions), records, group_key)
     if regions.source == "given" and rows.box_offsets is None:
         raise VillaError(
@@ -145,8 +154,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     p.add_argument("--root", required=True, help="the folder the image paths are relative to")
     p.add_argument("--captions", required=True, help="JSONL or CSV: image, caption[, split, boxes, id, ...]")
     p.add_argument("--group_key", default=None, help="field whose values never straddle splits (e.g. patient)")
+    p.add_argument("--encoding", default="utf-8", help="the captions file's text encoding (e.g. latin-1, cp1252)")
     a, vocab, spec, kw = parse_importer_args(p, argv, "grid", None)
-    return import_generic(a.root, a.captions, vocab, spec, a.out_dir, a.group_key, **kw)
+    return import_generic(a.root, a.captions, vocab, spec, a.out_dir, a.group_key, a.encoding, **kw)
 
 
 if __name__ == "__main__":
