@@ -967,3 +967,180 @@ def test_old_module_paths_still_run_and_name_the_new_one(old, new, tmp_path):
     import villa  # noqa: F401 - installs the hook
 
     assert importlib.import_module(old) is importlib.import_module(new)  # one module, two names
+
+
+# --- every file checked where it enters -------------------------------------------------------------------------
+
+SHAPES_VOCAB = {"name": "shapes", "groups": [{"name": "form", "attributes": ["square", "disc"], "templates": ["a {}"]}]}
+
+
+def _png(path: Path, size=(48, 48)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), 90, np.uint8)).save(path)
+
+
+def _import(root: Path, captions: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    (tmp_path / "v.yaml").write_text(json.dumps(SHAPES_VOCAB))
+    return cli(
+        "villa.data.importers.generic",
+        f"--root={root}",
+        f"--captions={captions}",
+        f"--dataset_config={tmp_path / 'v.yaml'}",
+        "--regions=grid",
+        f"--out_dir={tmp_path / 'ds'}",
+        "--quiet",
+        *extra,
+        cwd=tmp_path,
+    )
+
+
+def test_text_that_is_not_utf8_is_one_line_naming_the_file_line_and_byte(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(4):
+        _png(root / f"{i}.png")
+    lines = [json.dumps({"image": f"{i}.png", "caption": "a square"}).encode() for i in range(4)]
+    lines[2] = '{"image": "2.png", "caption": "a disc, caf\u00e9 au lait"}'.encode("latin-1")
+    (root / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    line = one_error_line(_import(root, root / "c.jsonl", tmp_path))
+    offset = len(b"\n".join(lines[:2])) + 1 + lines[2].index(b"\xe9")
+    assert f"c.jsonl:3: byte 0xe9 at byte offset {offset} is not valid utf-8" in line and "--encoding" in line
+    assert not (tmp_path / "ds").exists()
+    r = _import(root, root / "c.jsonl", tmp_path, "--encoding=latin-1")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "café" in feather.read_table(tmp_path / "ds" / "annotations.feather").column("text").to_pylist()[2]
+    csv_file = root / "c.csv"  # the same for a CSV
+    csv_file.write_bytes(b"image,caption\n0.png,a square\n1.png,a \xff disc\n")
+    assert "c.csv:3: byte 0xff at byte offset 37" in one_error_line(_import(root, csv_file, tmp_path))
+    bad_vocab = tmp_path / "bad.yaml"  # and a vocabulary for every command
+    bad_vocab.write_bytes(b"name: x\ngroups:\n  - name: g\n    attributes: [caf\xe9]\n    templates: ['{}']\n")
+    line = one_error_line(cli("villa.stage1", f"dataset={bad_vocab}", f"data_dir={tmp_path}", cwd=tmp_path))
+    assert f"{bad_vocab}:4: byte 0xe9 at byte offset" in line
+
+
+def test_images_and_boxes_are_checked_at_import(tmp_path):
+    """A truncated PNG (whose header reads) and boxes outside their image are refused at import, all named."""
+    root = tmp_path / "imgs"
+    for i in range(3):
+        _png(root / f"{i}.png")
+    whole = (root / "1.png").read_bytes()
+    (root / "1.png").write_bytes(whole[: len(whole) // 2])
+    recs = [{"image": f"{i}.png", "caption": "a square"} for i in range(3)]
+    (root / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    line = one_error_line(_import(root, root / "c.jsonl", tmp_path))
+    assert "1 images cannot be read:" in line and "1.png unreadable" in line
+    (root / "1.png").write_bytes(whole)
+    recs[0]["boxes"], recs[1]["boxes"], recs[2]["boxes"] = [[-3, 0, 10, 10]], [[5, 5, 60, 20]], [[10, 10, 4, 20]]
+    (root / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    line = one_error_line(_import(root, root / "c.jsonl", tmp_path, "--regions=given"))
+    assert line.startswith(
+        "error: 3 boxes are outside their image, empty or inverted: '0.png' box [-3.0, 0.0, 10.0, 10.0]"
+    )
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_worker_error_is_its_own_line_and_index_columns_are_checked(tiny_docmnist, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_docmnist, data)
+    img = data / feather.read_table(data / "annotations.feather").column("image_filepath").to_pylist()[0]
+    img.write_bytes(img.read_bytes()[:200])  # truncated after the import: read by a DataLoader worker
+    r = cli(
+        "preprocess",
+        f"data_dir={data}",
+        "model.name=villa-tiny-rn",
+        "model.pretrained=none",
+        "num_workers=1",
+        "progress=false",
+        cwd=tmp_path,
+    )
+    line = one_error_line(r)
+    assert line.startswith(f"error: cannot read image {img}") and "DataLoader worker" not in r.stderr
+    from villa.data.embeddings import open_embeddings
+
+    emb = tmp_path / "emb"
+    shutil.copytree(tiny_docmnist / "embeddings", emb) if (tiny_docmnist / "embeddings").is_dir() else None
+    if not emb.is_dir():
+        from villa.data.annotations import load_annotations
+        from villa.data.synthetic import write_synthetic_embeddings
+        from villa.data.vocab import load_vocab
+
+        vocab = load_vocab("docmnist")
+        write_synthetic_embeddings(load_annotations(tiny_docmnist, vocab, check_images=False), vocab, emb, dim=8)
+    idx = feather.read_table(emb / "index.feather")
+    feather.write_feather(idx.drop_columns(["start"]), emb / "index.feather")
+    with pytest.raises(VillaError, match=r"index.feather lacks the column\(s\) start .*run preprocessing again"):
+        open_embeddings(emb)
+
+
+def test_missing_inputs_create_nothing_and_an_import_appears_whole(tmp_path, tiny_docmnist):
+    for module, args in (
+        ("villa.stage1", ["dataset=docmnist", f"data_dir={tmp_path / 'missing'}"]),
+        ("villa.stage2", [f"data_dir={tmp_path / 'missing'}"]),
+        ("villa.stage1", [f"data_dir={tiny_docmnist}", f"embeddings_dir={tmp_path / 'none'}"]),
+    ):
+        line = one_error_line(cli(module, *args, cwd=tmp_path))
+        assert "not found" in line
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], module  # no checkpoints/, no outputs/
+    from villa.data.importers import common
+
+    root = tmp_path / "imgs"
+    for i in range(3):
+        _png(root / f"{i}.png")
+    (root / "c.jsonl").write_text(
+        "".join(json.dumps({"image": f"{i}.png", "caption": "a disc"}) + "\n" for i in range(3))
+    )
+    real = common.atomic_file
+
+    def killed(final):  # the process dies while writing annotations.feather
+        if Path(final).name == "annotations.feather":
+            raise KeyboardInterrupt("killed")
+        return real(final)
+
+    from villa.data.importers.generic import import_generic
+    from villa.data.regions import RegionSpec
+    from villa.data.vocab import vocab_from_dict
+
+    common.atomic_file = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            import_generic(
+                root,
+                root / "c.jsonl",
+                vocab_from_dict(SHAPES_VOCAB),
+                RegionSpec("grid"),
+                tmp_path / "out",
+                progress=False,
+            )
+    finally:
+        common.atomic_file = real
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))  # no half-made dataset folder
+
+
+def test_links_inside_a_dataset_are_followed_but_paths_never_leave_it(tiny_docmnist, tmp_path):
+    """The rule (docs/reliability.md): a symlink the user placed inside the dataset folder is followed (a cluster's
+    shared image store); a path written in annotations.feather never leaves the folder ('..', absolute)."""
+    from villa.data.annotations import load_annotations
+    from villa.data.vocab import load_vocab
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny_docmnist / "annotations.feather", data / "annotations.feather")
+    images = feather.read_table(data / "annotations.feather").column("image_filepath").to_pylist()
+    top = images[0].split("/")[0]
+    (data / top).symlink_to(tiny_docmnist / top, target_is_directory=True)  # the images live elsewhere
+    ann = load_annotations(data, load_vocab("docmnist"))  # every image read through the link
+    assert ann.n_images == len(images)
+    t = feather.read_table(data / "annotations.feather")
+    paths = t.column("image_filepath").to_pylist()
+    paths[0] = f"../{tiny_docmnist.name}/{paths[0]}"
+    col = t.column_names.index("image_filepath")
+    feather.write_feather(t.set_column(col, "image_filepath", pa.array(paths)), data / "annotations.feather")
+    with pytest.raises(VillaError, match="which leaves the dataset folder"):
+        load_annotations(data, load_vocab("docmnist"))
+
+
+def test_missing_detector_weights_say_so(tmp_path):
+    from villa.models.detector import load_detector
+
+    for name in ("villa-tiny-frcnn", "fasterrcnn_mobilenet_v3_large_fpn"):
+        with pytest.raises(VillaError, match=f"detector weights not found: {tmp_path / 'missing.pt'}; pass the"):
+            load_detector(name, str(tmp_path / "missing.pt"))
