@@ -294,3 +294,47 @@ def test_grain_ddp_gloo_matches_single_process(tiny_docmnist, tmp_path):
     for i, st in one["optimizer"]["state"].items():  # (key biases: rounding noise of a zero gradient, ~2e-6)
         torch.testing.assert_close(ddp["optimizer"]["state"][i]["exp_avg"], st["exp_avg"], rtol=1e-2, atol=1e-5)
     assert np.isfinite(one["best_val"])
+
+
+def test_grain_fidelity_replays_grain_code_and_catches_a_changed_weight(tmp_path):
+    """fidelity/grain_losses.py holds villa's GRAIN objective, built by Stage 2's config, against the losses GRAIN's
+    own code computed on the recorded inputs (docs/results/grain_fidelity): they match, the committed results file
+    reproduces, and a deliberately changed weight makes the check fail."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    folder = root / "docs" / "results" / "grain_fidelity"
+
+    def replay(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fidelity.grain_losses",
+                "--reference",
+                str(folder / "reference.pt"),
+                "--json",
+                str(tmp_path / "r.json"),
+                *overrides,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=root,
+        )
+
+    r = replay()
+    assert r.returncode == 0, r.stderr[-2000:]
+    got, committed = (json.loads(p.read_text()) for p in (tmp_path / "r.json", folder / "results.json"))
+    drop = ("command", "seconds")
+    assert {k: v for k, v in got.items() if k not in drop} == {k: v for k, v in committed.items() if k not in drop}
+    assert committed["match"] and committed["identical_assignments"] == committed["trials"] >= 50
+    for override, term in (
+        ("grain.box_scale=1.0", "l_box"),
+        ("grain.rd_weight=2.0", "l_rd"),
+        ("grain.aux_loss=true", "l_box"),
+    ):
+        r = replay(override)
+        assert r.returncode == 1 and f"differs from GRAIN's code in {term}" in r.stderr, (override, r.stderr[-500:])

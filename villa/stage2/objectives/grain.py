@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
-from villa.core.distributed import gather_rows, rank_sizes, sum_over_ranks
+from villa.core.distributed import Dist, gather_rows, rank_sizes, sum_over_ranks
 from villa.core.errors import VillaError
 from villa.data.annotations import Annotations
 from villa.models.clip import Clip
@@ -148,7 +148,7 @@ class Grain(Objective):
         factor and DDP's averaging their gradients are a single process's; their value is summed over ranks for
         logging. Matching copies one cost tensor to the host per matched decoder layer (scipy's solver runs there).
         """
-        g, d, dev = self.cfg.grain, ctx.dist, ctx.runtime.device
+        d, dev = ctx.dist, ctx.runtime.device
         emb = self.targets_.embeddings
         images = step_images(batch, ctx)
         region = ~batch.whole
@@ -159,6 +159,26 @@ class Grain(Objective):
         caption = emb.index_select(0, batch.pair_idx[batch.whole].to(dev, non_blocking=True))
         with ctx.runtime.autocast():
             boxes, region_emb, image_emb, scale = model(images, None, None, None)
+        return self.criterion(boxes, region_emb, image_emb, scale, target, target_image, desc, caption, d)["total"]
+
+    def criterion(
+        self,
+        boxes: torch.Tensor,
+        region_emb: torch.Tensor,
+        image_emb: torch.Tensor,
+        scale: torch.Tensor,
+        target: torch.Tensor,
+        target_image: torch.Tensor,
+        desc: torch.Tensor,
+        caption: torch.Tensor,
+        d: Dist,
+    ) -> dict[str, Any]:
+        """GRAIN's three losses as the config weighs them, from the head's outputs: ``boxes`` (L, B, Q, 4) cxcywh,
+        ``region_emb`` (B, Q, E), ``image_emb`` (B, E), the logit ``scale``; the targets (T, 4) cxcywh with their
+        images (T,), the descriptions (T, E) and captions (B, E), L2-normalised. Returns ``l_ic``, ``l_rd``
+        (w_rd L_rd), ``l_box`` (box_scale (w_l1 L1 + w_giou GIoU)), their ``total`` (what Stage 2 trains on) and
+        the last layer's ``match``. fidelity/grain_losses.py holds this against GRAIN's own code."""
+        g, dev = self.cfg.grain, boxes.device
         scale = share_scale_grad(scale, d).float()
         l_ic = infonce(gather_rows(F.normalize(image_emb.float(), dim=-1), d), gather_rows(caption, d), scale)
         sizes = rank_sizes(len(desc), d, dev)  # the global batch's descriptions: this rank's start at its offset
@@ -174,9 +194,17 @@ class Grain(Objective):
             aux=g.aux_loss,
         )
         rd = parts["rd_sum"] / sum_over_ranks(parts["matched"], d).clamp(min=1)  # GRAIN: mean over matched queries
-        local = g.rd_weight * rd + g.box_scale * (g.l1_weight * parts["l1"] + g.giou_weight * parts["giou"])
+        l_rd = g.rd_weight * rd
+        l_box = g.box_scale * (g.l1_weight * parts["l1"] + g.giou_weight * parts["giou"])
+        local = l_rd + l_box
         value = sum_over_ranks(local.detach(), d)
-        return l_ic + local + (value - local.detach())
+        return {
+            "total": l_ic + local + (value - local.detach()),
+            "l_ic": l_ic,
+            "l_rd": l_rd,
+            "l_box": l_box,
+            "match": parts["match"],
+        }
 
     # --- the head's optimisation -----------------------------------------------------------------------------
 
