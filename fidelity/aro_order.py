@@ -1,24 +1,27 @@
-"""COCO-Order as villa builds it against ARO's own ``COCO_Order`` dataset, side by side on identical inputs
-(docs/finegrained.md, "COCO-Order and Flickr30k-Order").
+"""villa's COCO-Order, as ``python -m villa.evaluate.finegrained benchmark=coco_order`` builds and scores it, against
+ARO's own ``COCO_Order`` on identical inputs (docs/finegrained.md, "COCO-Order and Flickr30k-Order").
 
     git clone https://github.com/mertyg/vision-language-models-are-bows /tmp/aro   # any checkout of ARO's code
     pip install --target /tmp/aro_deps easydict                                    # ARO's one extra import
-    PYTHONPATH=/tmp/aro_deps python -m fidelity.aro_order --aro_repo /tmp/aro \
-        --json docs/results/aro_fidelity/results.json [--spacy_model en_core_web_sm | --stand_in_tagger]
+    PYTHONPATH=/tmp/aro_deps python -m fidelity.aro_order --aro_repo /tmp/aro --stand_in_tagger \
+        --record docs/results/aro_fidelity/reference.json --json docs/results/aro_fidelity/results.json
+    python -m fidelity.aro_order --reference docs/results/aro_fidelity/reference.json --stand_in_tagger  # no ARO code
 
-Both sides read the same ``coco_karpathy_test.json`` (the captions below, written in BLIP's layout), tag with the
-same spaCy pipeline and tokenise with the same ``nltk.word_tokenize``. ARO's ``COCO_Order`` is constructed as its
-loader does (``dataset_zoo/aro_datasets.py``; torchvision's ``download_url`` finds the file present and downloads
-nothing), with two stubs:
+Both sides read the same ``coco_karpathy_test.json`` (the captions below, written in BLIP's layout, with an image
+each), tag with the same spaCy pipeline and tokenise with the same ``nltk.word_tokenize``. ARO's ``COCO_Order`` is
+constructed as its loader does (``dataset_zoo/aro_datasets.py``; torchvision's ``download_url`` finds the file present
+and downloads nothing), with two stubs:
 
 - ``spacy.load`` returns ``--spacy_model``'s pipeline (ARO hard-codes ``en_core_web_sm``);
 - ARO's unseeded draws (``np.random.permutation`` and ``random.shuffle``) take their permutations from one
   ``numpy`` generator seeded by ``--seed``, as villa's do. ARO makes its draws in the same order as villa (per
   caption: nouns, adjectives, the other tokens, each trigram, the trigrams' order).
 
-With identical draws the five options of every caption must be identical strings; the script counts the options
-that differ and writes them. As a control it builds ARO's side again with other draws (``--seed`` + 1), which
-must differ.
+Compared: every option of every caption (identical strings with identical draws; a control with other draws must
+differ), and the scoring: ARO's ``evaluate_scores`` against villa's ``order_metrics`` on the same score matrices,
+one from the command's own scorer (villa's shipped small CLIP on the images) and one full of ties (Precision@1
+breaks ties to the caption). ``--record`` keeps ARO's side with its inputs; ``--reference`` replays villa against
+it without ARO's code, and exits 1 when anything differs (a changed ``--seed``, say).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from villa.core.io import write_json_atomic
-from villa.evaluate.finegrained.order import load_order, load_spacy
+from villa.evaluate.finegrained.order import load_order, load_spacy, order_metrics
 
 # COCO-style captions written for this check: capitals, punctuation, apostrophes, numbers, two sentences, a caption
 # over ARO's 30-word limit, captions with no adjective or a single noun.
@@ -118,48 +121,93 @@ def load_aro(repo: Path, nlp, seed: int):
     def shuffle(lst):
         lst[:] = [lst[j] for j in g[0].permutation(len(lst))]
 
-    def build(root: Path, draw_seed: int) -> list[list[str]]:
+    def build(root: Path, draw_seed: int):
         g[0] = np.random.default_rng(draw_seed)
-        return [tc["caption_options"] for tc in COCO_Order(root_dir=str(root), split="test").test_cases]
+        dataset = COCO_Order(image_preprocess=None, root_dir=str(root), split="test")
+        return [tc["caption_options"] for tc in dataset.test_cases], dataset
 
     P.np.random.permutation = permutation  # stub: ARO's unseeded draws from villa's generator
     P.random.shuffle = shuffle
     return build
 
 
+def write_fixture(root: Path, seed: int = 0) -> None:
+    """The Karpathy-layout file of CAPTIONS (five per image, as COCO's) and a small PNG per image."""
+    from PIL import Image
+
+    (root / "val2014").mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    anns = []
+    for i in range(0, len(CAPTIONS), 5):
+        name = f"val2014/COCO_val2014_{i:012d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)).save(root / name, format="JPEG")
+        anns.append({"image": name, "caption": CAPTIONS[i : i + 5], "image_id": i})
+    (root / "coco_karpathy_test.json").write_text(json.dumps(anns))
+
+
+def villa_scores(items: list[dict]) -> np.ndarray:
+    """The command's scores: villa's Scorer with the shipped small CLIP (order_scores, as score_order computes them)."""
+    from villa.core.runtime import get_runtime
+    from villa.evaluate.finegrained.order import order_scores
+    from villa.evaluate.finegrained.scorer import Scorer
+    from villa.models.clip import create_clip
+
+    runtime = get_runtime("cpu")
+    return order_scores(items, Scorer(create_clip("auto", "villa-small-rn-docmnist"), runtime))
+
+
+def record(a, nlp, root: Path) -> dict:
+    """ARO's side: its options for ``--seed`` (and ``--seed`` + 1, the control) and its Precision@1 on two score
+    matrices, kept with the matrices."""
+    build = load_aro(a.aro_repo.resolve(), nlp, a.seed)
+    theirs, dataset = build(root, a.seed)
+    control, _ = build(root, a.seed + 1)
+    items = load_order(root, "coco_order", seed=a.seed, nlp=nlp)
+    tied = np.random.default_rng(a.seed).integers(0, 3, (len(items), 5)).astype(np.float64)  # many ties
+    matrices = {"shipped_clip": villa_scores(items), "ties": tied}
+    aro_p1 = {k: float(dataset.evaluate_scores(m[:, None, :])[0]["Precision@1"]) for k, m in matrices.items()}
+    return {
+        "aro_repo_head": _head(a.aro_repo),
+        "seed": a.seed,
+        "options": theirs,
+        "control_options": control,
+        "scores": {k: m.tolist() for k, m in matrices.items()},
+        "precision_at_1": aro_p1,
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m fidelity.aro_order", description=__doc__.split("\n\n")[0])
-    p.add_argument("--aro_repo", type=Path, required=True, help="a checkout of mertyg/vision-language-models-are-bows")
+    p.add_argument("--aro_repo", type=Path, default=None, help="a checkout of mertyg/vision-language-models-are-bows")
+    p.add_argument("--record", type=Path, default=None, help="with --aro_repo: keep ARO's side here")
+    p.add_argument("--reference", type=Path, default=None, help="replay villa against a recorded ARO side")
     p.add_argument("--spacy_model", default="en_core_web_sm", help="the spaCy pipeline both sides tag with")
     p.add_argument(
         "--stand_in_tagger",
         action="store_true",
         help="tag with a spaCy tagger trained here on HAND_TAGGED instead of --spacy_model",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="villa's draws (and, recording, ARO's)")
     p.add_argument("--json", type=Path, default=None, help="write the comparison here")
     a = p.parse_args(argv)
+    if not (a.aro_repo or a.reference):
+        p.error("pass --aro_repo (run ARO's code) or --reference (a recorded run)")
     t0 = time.perf_counter()
     nlp = stand_in_tagger() if a.stand_in_tagger else load_spacy(a.spacy_model)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "val2014").mkdir()
-        anns = []
-        for i in range(0, len(CAPTIONS), 5):  # five captions per image, as COCO's
-            name = f"val2014/COCO_val2014_{i:012d}.jpg"
-            (root / name).write_bytes(b"")  # villa checks the image exists; neither side opens it here
-            anns.append({"image": name, "caption": CAPTIONS[i : i + 5], "image_id": i})
-        (root / "coco_karpathy_test.json").write_text(json.dumps(anns))
-        build = load_aro(a.aro_repo.resolve(), nlp, a.seed)
-        theirs = build(root, a.seed)
-        control = build(root, a.seed + 1)  # other draws on ARO's side: the comparison must see them
+        write_fixture(root)
+        ref = record(a, nlp, root) if a.aro_repo else json.loads(a.reference.read_text())
+        if a.record:
+            write_json_atomic(a.record, ref)
         ours = [it["options"] for it in load_order(root, "coco_order", seed=a.seed, nlp=nlp)]
+    theirs, control = ref["options"], ref["control_options"]
     differ = [(i, k) for i in range(len(ours)) for k in range(5) if ours[i][k] != theirs[i][k]]
     control_differ = sum(ours[i][k] != control[i][k] for i in range(len(ours)) for k in range(5))
-    moved = sum(o != opts[0] for opts in ours for o in opts[1:])
+    villa_p1 = {k: order_metrics(np.asarray(m))["precision_at_1"] for k, m in ref["scores"].items()}
     res = {
         "command": "python -m fidelity.aro_order " + " ".join(sys.argv[1:] if argv is None else argv),
-        "aro_repo_head": _head(a.aro_repo),
+        "aro_repo_head": ref["aro_repo_head"],
         "spacy_model": "stand-in tagger trained on HAND_TAGGED" if a.stand_in_tagger else a.spacy_model,
         "seed": a.seed,
         "nltk_version": _version("nltk"),
@@ -171,16 +219,25 @@ def main(argv=None) -> dict:
         "first_differences": [
             {"caption": i, "option": k, "villa": ours[i][k], "aro": theirs[i][k]} for i, k in differ[:5]
         ],
-        "perturbations_that_changed_the_caption": moved,
+        "perturbations_that_changed_the_caption": sum(o != opts[0] for opts in ours for o in opts[1:]),
         "perturbations": 4 * len(ours),
         "control_options_differing": control_differ,
         "control": "ARO's side drawing from seed + 1",
+        "precision_at_1": {k: {"villa": villa_p1[k], "aro": ref["precision_at_1"][k]} for k in villa_p1},
+        "scoring_differs": [k for k in villa_p1 if villa_p1[k] != ref["precision_at_1"][k]],
         "example": {"villa": ours[0], "aro": theirs[0]},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps({k: v for k, v in res.items() if k != "example"}, indent=1))
     if a.json:
         write_json_atomic(a.json, res)
+    if differ or res["scoring_differs"] or len(ours) != len(theirs):
+        print(
+            f"error: villa's COCO-Order differs from ARO's: {len(differ)} options, scoring "
+            f"{res['scoring_differs'] or 'the same'}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     return res
 
 

@@ -637,3 +637,48 @@ def test_docmnist_binding_foils_and_pairs(tiny_docmnist, tiny_ckpt):
     assert res["embedded"]["images"] == n_test + len(a["pairs"])
     assert set(res["global"]) == {"swap_color", "swap_shape", "change_digit", "drop_attribute", "binding"}
     assert 0 <= res["pairs_global"]["group"] <= res["pairs_global"]["text"] <= 1
+
+
+def test_coco_order_fidelity_replays_aro_and_catches_other_draws(tmp_path):
+    """fidelity/aro_order.py replays villa's COCO-Order (the command's loader, scorer and metrics) against ARO's own
+    COCO_Order as recorded from its code (docs/results/aro_fidelity): the same options and Precision@1, the
+    committed results file reproduces, and other draws (--seed 1) make the check fail."""
+    import json
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    folder = root / "docs" / "results" / "aro_fidelity"
+    punkt = tmp_path / "nltk_data" / "tokenizers" / "punkt_tab" / "english"  # NLTK's published layout
+    punkt.mkdir(parents=True)
+    for f in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
+        (punkt / f).write_text("")
+    env = {**os.environ, "NLTK_DATA": str(tmp_path / "nltk_data")}
+
+    def replay(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fidelity.aro_order",
+                "--reference",
+                str(folder / "reference.json"),
+                "--stand_in_tagger",
+                "--json",
+                str(tmp_path / "r.json"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env=env,
+        )
+
+    r = replay()
+    assert r.returncode == 0, r.stderr[-2000:]
+    got, committed = (json.loads(p.read_text()) for p in (tmp_path / "r.json", folder / "results.json"))
+    drop = ("command", "seconds")
+    assert {k: v for k, v in got.items() if k not in drop} == {k: v for k, v in committed.items() if k not in drop}
+    assert committed["options_differing"] == 0 and committed["scoring_differs"] == []
+    assert set(committed["precision_at_1"]) == {"shipped_clip", "ties"}
+    r = replay("--seed", "1")
+    assert r.returncode == 1 and "villa's COCO-Order differs from ARO's" in r.stderr

@@ -207,9 +207,13 @@ def order_metrics(scores: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def score_order(items: list[dict[str, Any]], scorer) -> dict[str, Any]:
+def order_scores(items: list[dict[str, Any]], scorer) -> np.ndarray:
+    """(N, 5): each item's image against its five options (the caption first), as the command scores them."""
     keys = [str(it["image_path"]) for it in items]
     scorer.embed_images(keys, keys)
     scorer.embed_texts([o for it in items for o in it["options"]])
-    scores = np.stack([scorer.pair_scores(keys, [it["options"][k] for it in items]) for k in range(5)], axis=1)
-    return order_metrics(scores)
+    return np.stack([scorer.pair_scores(keys, [it["options"][k] for it in items]) for k in range(5)], axis=1)
+
+
+def score_order(items: list[dict[str, Any]], scorer) -> dict[str, Any]:
+    return order_metrics(order_scores(items, scorer))
