@@ -75,8 +75,28 @@ def test_proposals_file_top_k_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(VillaError, match="is not JSON"):
         proposals_from_file(str(tmp_path / "bad.json"), ids, size)
-    with pytest.raises(VillaError, match="needs image_id, bbox"):
+    with pytest.raises(VillaError, match=r"needs image_id \(or file_name\), bbox"):
         proposals_from_file(_coco_results(tmp_path / "k.json", [{"image_id": 7, "score": 1}]), ids, size)
+    with pytest.raises(VillaError, match=r"\(e.g. image_id 3\)"):  # the id as written, never np.int64(3)
+        proposals_from_file(
+            _coco_results(tmp_path / "q.json", [{"image_id": 3, "bbox": [0, 0, 5, 5], "score": 1}]), ids, size
+        )
+    # keyed by the image's file name, as the captions file names it (docs/data_format.md's example)
+    named = [
+        {"file_name": "b/img.png", "bbox": [10, 10, 20, 20], "score": 0.9},
+        {"file_name": "./a.png", "bbox": [0, 0, 10, 10], "score": 0.2},
+    ]
+    off2, boxes2, _ = proposals_from_file(
+        _coco_results(tmp_path / "n.json", named), ids, size, filepath=["a.png", "b/img.png"]
+    )
+    assert off2.tolist() == [0, 1, 2] and boxes2.tolist() == [[0, 0, 10, 10], [10, 10, 30, 30]]
+    with pytest.raises(VillaError, match="e.g. file_name 'c.png'"):
+        proposals_from_file(
+            _coco_results(tmp_path / "m.json", [{"file_name": "c.png", "bbox": [0, 0, 5, 5], "score": 1}]),
+            ids,
+            size,
+            filepath=["a.png", "b/img.png"],
+        )
 
 
 def test_labels_and_recall_from_reference_boxes():
@@ -141,3 +161,14 @@ def test_detector_checkpoint_that_is_not_one(tmp_path):
         load_detector("fasterrcnn_mobilenet_v3_large_320_fpn", str(tmp_path / "y.pt"))
     with pytest.raises(VillaError, match="unknown detector"):
         load_detector("resnet50", None)
+
+
+def test_a_detector_without_weights_is_refused(tmp_path):
+    """An untrained detector's proposals are random boxes (objectness 0.5 everywhere): refused, not imported."""
+    with pytest.raises(VillaError, match="detector villa-tiny-frcnn has no weights: an untrained detector proposes"):
+        load_detector("villa-tiny-frcnn", None)
+    with pytest.raises(
+        VillaError, match="has no weights: an untrained detector proposes random boxes; pass --detector"
+    ):
+        RegionSpec("proposals", detector="villa-tiny-frcnn").check()
+    RegionSpec("proposals", proposals_file=str(tmp_path / "p.json")).check()  # a proposals file needs no detector

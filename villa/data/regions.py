@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -61,6 +62,12 @@ class RegionSpec:
         if self.source == "proposals" and not (self.proposals_file or self.detector or self.detector_weights):
             raise VillaError(
                 "regions=proposals needs --proposals_file (COCO results JSON) or --detector/--detector_weights"
+            )
+        if self.source == "proposals" and not self.proposals_file and self.detector_weights in (None, "", "none"):
+            raise VillaError(
+                f"--detector {self.detector} has no weights: an untrained detector proposes random boxes; pass "
+                "--detector_weights (a checkpoint from python -m villa.models.detector train, or a torchvision weights "
+                "name such as DEFAULT) or --proposals_file (a COCO results JSON, docs/data_format.md)"
             )
 
     def record(self) -> dict[str, Any]:
@@ -143,9 +150,12 @@ def proposals_from_file(
     top_k: int = 100,
     min_score: float = 0.0,
     min_size: float = 2.0,
+    filepath: Optional[Sequence[str]] = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a COCO results file: offsets (I + 1,), boxes (R, 4) xyxy pixels, scores (R,), each image's best
-    ``top_k`` above ``min_score``. Proposals for images the dataset does not have are an error."""
+    ``top_k`` above ``min_score``. An entry names its image by ``file_name`` (the image's path as the captions
+    file gives it, matched against ``filepath``) or by ``image_id`` (the dataset's id: a captions file's ``id``
+    field, else its 0-based record number). Proposals for images the dataset does not have are an error."""
     p = Path(path)
     try:
         rows = json.loads(p.read_text())
@@ -155,13 +165,18 @@ def proposals_from_file(
         raise VillaError(f"{p} is not JSON ({e}); write a COCO results list [{{image_id, bbox, score}}, ...]") from e
     if not isinstance(rows, list) or not rows:
         raise VillaError(f"{p} holds no proposals; write a non-empty COCO results list [{{image_id, bbox, score}}]")
+    by_name = filepath is not None and all(isinstance(r, dict) and "file_name" in r for r in rows)
+    if by_name:
+        image_id, key = np.asarray([os.path.normpath(f) for f in filepath]), "file_name"
+    else:
+        key = "image_id"
     try:
-        ids = np.array([r["image_id"] for r in rows])
+        ids = np.array([os.path.normpath(r[key]) if by_name else r[key] for r in rows])
         bbox = np.asarray([r["bbox"] for r in rows], dtype=np.float64).reshape(len(rows), 4)
         score = np.asarray([r.get("score", 1.0) for r in rows], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as e:
         raise VillaError(
-            f"{p}: every entry needs image_id, bbox [x, y, w, h] and score ({type(e).__name__}: {e})"
+            f"{p}: every entry needs image_id (or file_name), bbox [x, y, w, h] and score ({type(e).__name__}: {e})"
         ) from e
     if not np.isfinite(bbox).all() or not np.isfinite(score).all():
         raise VillaError(f"{p}: a bbox or score is not finite; fix the proposals file")
@@ -170,8 +185,8 @@ def proposals_from_file(
     if (owner < 0).any():
         bad = ids[owner < 0]
         raise VillaError(
-            f"{p} has proposals for {len(np.unique(bad))} images this dataset does not have (e.g. image_id "
-            f"{bad[0]!r}); pass the proposals written for these images"
+            f"{p} has proposals for {len(np.unique(bad))} images this dataset does not have (e.g. {key} "
+            f"{bad.tolist()[0]!r}); pass the proposals written for these images"
         )
     boxes = np.concatenate([bbox[:, :2], bbox[:, :2] + bbox[:, 2:]], 1).astype(np.float32)
     ok = clean_boxes(boxes, image_size, owner, min_size) & (score >= min_score)
@@ -239,7 +254,7 @@ def make_regions(
         return off, boxes, None, record
     if spec.proposals_file:
         off, boxes, scores = proposals_from_file(
-            spec.proposals_file, image_id, image_size, spec.top_k, spec.min_score, spec.min_size
+            spec.proposals_file, image_id, image_size, spec.top_k, spec.min_score, spec.min_size, filepath
         )
     else:
         off, boxes, scores, ident = detector_proposals(root, filepath, image_size, spec, progress)

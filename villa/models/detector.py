@@ -150,6 +150,13 @@ def load_detector(name: Optional[str], weights: Optional[str]) -> tuple[nn.Modul
     else:
         if not name:
             raise VillaError("regions=proposals needs a detector: pass detector=NAME (and detector_weights)")
+        if weights in (None, "", "none"):
+            build_detector(name, None)  # an unknown name is named first
+            raise VillaError(
+                f"detector {name} has no weights: an untrained detector proposes random boxes; pass detector weights "
+                "(a checkpoint from python -m villa.models.detector train, or a torchvision weights name such as "
+                "DEFAULT) or a proposals file"
+            )
         model = build_detector(name, None, weights)
         ident = {"detector": name, "weights": weights or "none", "weights_id": weights or "none"}
     return model.eval(), ident
