@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("--compile_warmup", type=int, default=2, help="extra warm-up steps for the compiled row")
     p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile row")
     a = p.parse_args()
-    base = get_runtime(a.device, amp=False)
+    base = get_runtime(a.device, "fp32")
     name = torch.cuda.get_device_name() if base.is_cuda else "cpu"
     peak = peak_for(name) if base.is_cuda else None
     print(f"device: {name}  peak bf16 dense: {peak or 'n/a'} TFLOP/s  batch: {a.batch_size} images")
@@ -131,7 +131,7 @@ def main() -> None:
         configs.append((base.is_cuda, base.is_cuda, False, True))
     for m in a.model:
         for amp, cl, sync, comp in configs:
-            rt = get_runtime(a.device, amp=amp)
+            rt = get_runtime(a.device, "auto" if amp else "fp32")
             r = run(m, a.batch_size, rt, cl, a.steps, a.warmup + (a.compile_warmup if comp else 0), sync, comp)
             pct = f"{100 * r['tflops'] / peak:.1f}" if peak else "n/a"
             dtype = str(rt.amp_dtype).replace("torch.", "") if amp else "fp32"

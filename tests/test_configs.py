@@ -97,11 +97,36 @@ def test_experiment_settings_reach_the_run():
         ("mode=baseline", r"mode= is now objective= \(use objective=one_to_one\)"),
         ("grain_boxes=gold", r"grain_boxes= is now grain.boxes="),
         ("crop=content", r"crop= is now pretrain.crop="),
+        ("amp=false", r"amp= is now precision= \(use precision=fp32\)"),
+        ("amp=true", r"amp= is now precision= \(use precision=auto\)"),
     ],
 )
 def test_renamed_keys_name_their_new_spelling(override, message):
     with pytest.raises(VillaError, match=message):
         compose_config("stage2", [override])
+
+
+def test_precision_picks_the_autocast_dtype(caplog):
+    """auto is fp32 on a CPU (bf16 there is opt-in), fp16 needs CUDA, and an unknown spelling names the choices."""
+    import torch
+
+    from villa.core.runtime import cpu_has_native_bf16, get_runtime
+
+    assert get_runtime("cpu", "auto").amp_dtype is None
+    assert get_runtime("cpu", "fp32").amp_dtype is None
+    assert get_runtime("cpu", False).amp_dtype is None
+    with caplog.at_level("WARNING"):
+        bf16 = get_runtime("cpu", "bf16")
+    assert bf16.amp_dtype == torch.bfloat16
+    assert ("far slower than fp32" in caplog.text) == (not cpu_has_native_bf16())
+    with bf16.autocast():
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+    with pytest.raises(VillaError, match="precision=fp16 needs CUDA"):
+        get_runtime("cpu", "fp16")
+    with pytest.raises(VillaError, match="use one of auto, fp32, bf16, fp16"):
+        get_runtime("cpu", "half")
+    for name in ("stage1", "stage2"):
+        assert compose_config(name, []).precision == "auto"
 
 
 def test_paths_come_from_the_environment_in_one_place(monkeypatch, tmp_path):

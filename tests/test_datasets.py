@@ -555,7 +555,7 @@ def _pipeline(data: Path, dataset_config: str, tmp: Path) -> dict:
                 "device=cpu",
                 "num_workers=0",
                 "progress=false",
-                "amp=false",
+                "precision=fp32",
             ],
         )
     )

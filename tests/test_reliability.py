@@ -36,7 +36,7 @@ TINY_S2 = [
     "device=cpu",
     "num_workers=0",
     "progress=false",
-    "amp=false",
+    "precision=fp32",
     "batch_size=16",
 ]
 
@@ -613,7 +613,7 @@ def test_stage2_refuses_a_mapping_without_provenance(tiny_docmnist, tiny_mapping
         "progress=false",
         "epochs=1",
         "batch_size=16",
-        "amp=false",
+        "precision=fp32",
     ]
     with pytest.raises(VillaError, match="records no provenance .* trust_mapping=true"):
         train_stage2(compose_config("stage2", over))
@@ -715,7 +715,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(small_disk, tiny_docmnist, mni
                     "progress=false",
                     "epochs=1",
                     "batch_size=16",
-                    "amp=false",
+                    "precision=fp32",
                 ],
             )
         )
@@ -903,7 +903,7 @@ def test_stage2_refuses_to_resume_on_changed_images(tiny_docmnist, tmp_path, mon
         "num_workers=0",
         "progress=false",
         "batch_size=16",
-        "amp=false",
+        "precision=fp32",
     ]
     train_stage2(compose_config("stage2", over + ["epochs=1"]))
     for p in (data / "images").rglob("*.png"):

@@ -168,7 +168,7 @@ def test_image_batches_drop_last():
     assert [len(b) for b in kept] == [4, 4] and len(set(np.concatenate(kept))) == 8
 
 
-def test_mapping_scores_fp32_unless_asked(monkeypatch):
+def test_mapping_scores_fp32_unless_asked():
     """Scores for the mapping stay fp32 under a mixed-precision runtime (the original maps in fp32)."""
     from types import SimpleNamespace
 
@@ -182,7 +182,6 @@ def test_mapping_scores_fp32_unless_asked(monkeypatch):
     model = MultiHeadProjection(32, 4)
     attr = torch.randn(4, 32, generator=g)
     bf16 = Runtime(torch.device("cpu"), torch.bfloat16)
-    monkeypatch.setattr(Runtime, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
     ref = model.scores(torch.from_numpy(regions), attr).detach().numpy()
     fp32 = score_regions(bank, attr, bf16, model, chunk=16)
     low = score_regions(bank, attr, bf16, model, chunk=16, amp=True)

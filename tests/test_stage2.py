@@ -34,7 +34,7 @@ TINY = [
     "device=cpu",
     "num_workers=0",
     "progress=false",
-    "amp=false",
+    "precision=fp32",
 ]
 
 

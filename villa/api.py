@@ -197,11 +197,13 @@ def map_regions(
             "temperature",
             "original_loss",
             "drop_last",
-            "amp",
+            "precision",
             "sentence_choice",
         ):
             if k in cfg:
                 over.append(f"{k}={str(cfg[k]).lower() if isinstance(cfg[k], bool) else cfg[k]}")
+        if "amp" in cfg and "precision" not in cfg:  # a checkpoint from before `amp` became `precision`
+            over.append(f"precision={'auto' if cfg['amp'] else 'fp32'}")
         for k in ("one_proj", "adapter"):
             over.append(f"model.{k}={str(cfg['model'][k]).lower()}")
         c = compose_config("stage1", over)

@@ -44,8 +44,15 @@ RENAMED = {
     "grain_boxes": "grain.boxes",
     "crop": "pretrain.crop",
     "crop_margin": "pretrain.crop_margin",
+    "amp": "precision",
 }
-RENAMED_VALUES = {("mode", "baseline"): "one_to_one"}
+RENAMED_VALUES = {
+    ("mode", "baseline"): "one_to_one",
+    ("amp", "false"): "fp32",
+    ("amp", "true"): "auto",
+    ("amp", "fp16"): "fp16",
+    ("amp", "bf16"): "bf16",
+}
 
 
 def check_renamed(overrides: Sequence[str]) -> None:

@@ -29,6 +29,7 @@ def opt(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - the name
 
 
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+PRECISION_HELP = "auto: bf16 autocast on CUDA (fp16 without bf16), fp32 on a CPU; bf16 (CPU: opt-in); fp16; fp32"
 LOGGERS = ("csv", "tensorboard", "wandb")  # villa/core/tracking.py
 
 
@@ -120,7 +121,7 @@ class Stage1Config(TrainingRun):
     mapping_path: str = opt("${data_dir}/mapping.feather", "where to write the mapping (region-attribute pairs)")
     checkpoint_dir: str = opt(PER_RUN_CHECKPOINTS, "last.pt / best.pt: one folder per task and dataset")
     device: str = opt("auto", DEVICE_HELP)
-    amp: bool = opt(True, "bf16 (else fp16) autocast for training on CUDA")
+    precision: str = opt("auto", PRECISION_HELP, choices=("auto", "fp32", "bf16", "fp16"))
     epochs: int = opt(30, "training epochs (may be raised on resume)", gt=0)
     batch_size: int = opt(48, "images per batch", gt=0)
     drop_last: bool = opt(True, "drop the last partial training batch (the original's)")
@@ -233,7 +234,7 @@ class Stage2Config(TrainingRun):
     mapping_path: str = opt("${data_dir}/mapping.feather", "Stage 1's mapping.feather (objectives that read it)")
     checkpoint_dir: str = opt(PER_RUN_CHECKPOINTS, "last.pt / best.pt: one folder per task and dataset")
     device: str = opt("auto", DEVICE_HELP)
-    amp: bool = opt(True, "bf16 (else fp16) autocast on CUDA")
+    precision: str = opt("auto", PRECISION_HELP, choices=("auto", "fp32", "bf16", "fp16"))
     epochs: int = opt(100, "maximum epochs (early stopping may end sooner; may be raised on resume)", gt=0)
     batch_size: int = opt(256, "images per step (global, split across ranks)", gt=0)
     optimizer: str = opt("adam", "adam (the original's, L2 decay) or adamw", choices=("adam", "adamw"))

@@ -122,7 +122,7 @@ def train_stage1(cfg: DictConfig) -> dict[str, Any]:
 def setup(cfg: DictConfig) -> Run:
     """Inputs checked, the model and its optimiser built, resumed from ``last.pt`` when it is the same run."""
     vocab, ann, emb = load_inputs(cfg)
-    runtime = get_runtime(cfg.device, cfg.amp)
+    runtime = get_runtime(cfg.device, cfg.precision)
     generator = seed_everything(cfg.seed)
     bank = RegionBank(emb, runtime.device)
     attrs = torch.from_numpy(ann.attribute_matrix(len(vocab))).to(runtime.device)

@@ -154,7 +154,7 @@ def setup(cfg: DictConfig, d: Dist) -> Run:
     device = cfg.device
     if d.enabled and (device in ("auto", "cuda")) and torch.cuda.is_available():
         device = f"cuda:{d.local_rank}"
-    runtime = get_runtime(device, cfg.amp)
+    runtime = get_runtime(device, cfg.precision)
     generator = seed_everything(cfg.seed)
     objective = build_objective(cfg)
     ann = load_stage2_annotations(cfg, objective.vocab, objective.reads_mapping, d)
