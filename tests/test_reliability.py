@@ -42,6 +42,7 @@ TINY_S2 = [
 
 
 def s1(data: Path, emb: Path, tmp: Path, *extra: str):
+    """A tiny Stage 1 run that validates and checkpoints every epoch (the write order these tests check)."""
     return compose_config(
         "stage1",
         [
@@ -53,6 +54,8 @@ def s1(data: Path, emb: Path, tmp: Path, *extra: str):
             "progress=false",
             "batch_size=16",
             "lr=1e-3",
+            "checkpoint_every=1",
+            "val_every=1",
             *extra,
         ],
     )

@@ -109,6 +109,49 @@ def test_loss_matches_hand_computation(original):
     assert got.item() == pytest.approx(_loss_by_hand(scores, region_image, attrs, 0.07, original), rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kernel,one_proj,adapter",
+    [("loop", False, False), ("bmm", False, False), ("loop", False, True), ("bmm", True, False)],
+)
+def test_sparse_backward_equals_full_backward(kernel, one_proj, adapter):
+    """image_scores (autograd through each image's best region per head) gives segment_max's value and gradient,
+    also where an image's best region is tied with its copy (a repeated embedding) and for a subset of heads."""
+    from villa.stage1.loss import image_loss, segment_max
+
+    g = torch.Generator().manual_seed(3)
+    d, a, counts = 16, 6, torch.tensor([3, 5, 2, 4])
+    ri = torch.repeat_interleave(torch.arange(4), counts)
+    x = torch.randn(len(ri), d, generator=g)
+    x[4] = x[3]  # image 1's first two regions are the same embedding: tied scores under every head
+    emb = torch.randn(a, d, generator=g)
+    attrs = torch.rand(4, a, generator=g) < 0.5
+    attrs[:, 0] = False  # an attribute no image has: its head is left out
+    attrs[0, 1] = attrs[1, 2] = True
+    heads = attrs.any(0).nonzero().squeeze(1)
+    m = MultiHeadProjection(d, a, one_proj=one_proj, adapter=adapter, kernel=kernel)
+    grads = []
+    for sparse in (False, True):
+        m.zero_grad()
+        if sparse:
+            best = m.image_scores(x, emb, ri, 4, heads)
+        else:
+            best = segment_max(m.scores(x, emb, heads), ri, 4)
+        loss = image_loss(best, attrs[:, heads])
+        loss.backward()
+        grads.append((best.detach(), loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    (b0, l0, g0), (b1, l1, g1) = grads
+    torch.testing.assert_close(b1, b0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    for full, sparse in zip(g0, g1):
+        torch.testing.assert_close(sparse, full, rtol=1e-5, atol=1e-6)  # float rounding: summed in another order
+    assert float(g0[0].abs().sum()) > 0
+    if not one_proj:
+        assert float(g0[0][0].abs().sum()) == 0  # the left-out head gets no gradient either way
+    # the loss of the full (R, A) scores is the same number: leaving out heads no image has changes nothing
+    all_heads = stage1_loss(m.scores(x, emb), ri, attrs)
+    torch.testing.assert_close(all_heads.detach(), l0, rtol=1e-6, atol=1e-6)
+
+
 def test_original_denominator_adds_one_per_positive_image():
     """All scores 0: each (i, a) term is log(1 + #negatives) clean, log(1 + #negatives + #positives) original."""
     scores, ri = torch.zeros(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
@@ -211,7 +254,9 @@ def test_stage1_learns_synthetic_mapping(synthetic_stage1, tmp_path):
             for a, s in zip(attrs, sentences):
                 assert a in s.split()
     lines = (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 8 and json.loads(lines[-1])["val_loss"] < json.loads(lines[0])["val_loss"]
+    recs = [json.loads(x) for x in lines]  # val_every=5: a val loss at epochs 5 and 8 (the last)
+    assert [r["epoch"] for r in recs] == list(range(1, 9)) and recs[-1]["train_loss"] < recs[0]["train_loss"]
+    assert [r["epoch"] for r in recs if "val_loss" in r] == [5, 8] and recs[-1]["val_loss"] < recs[4]["val_loss"]
 
 
 def test_resume_equals_uninterrupted(synthetic_stage1, tmp_path):
@@ -225,6 +270,42 @@ def test_resume_equals_uninterrupted(synthetic_stage1, tmp_path):
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
     assert a["config"]["epochs"] == 3 and a["encoder"]["model"] == "synthetic"
+
+
+def test_resume_between_checkpoints_redoes_the_epochs_after_the_last(synthetic_stage1, tmp_path, monkeypatch):
+    """checkpoint_every=2: a run that dies in epoch 3 resumes from epoch 2's last.pt, redoes epoch 3, and ends as the
+    uninterrupted run (weights, metrics.jsonl); val_every=2 validates at epochs 2 and 4 only."""
+    import villa.stage1.train as s1
+
+    data, emb = synthetic_stage1
+    opts = ("epochs=4", "checkpoint_every=2", "val_every=2")
+    train_stage1(stage1_cfg(data, emb, tmp_path / "a", *opts))
+    real, calls = s1.train_one_epoch, []
+
+    def dies_in_epoch_3(run, epoch, tracker):
+        calls.append(epoch)
+        if epoch == 2:
+            raise RuntimeError("killed")
+        return real(run, epoch, tracker)
+
+    monkeypatch.setattr(s1, "train_one_epoch", dies_in_epoch_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_stage1(stage1_cfg(data, emb, tmp_path / "b", *opts))
+    assert torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(s1, "train_one_epoch", real)
+    train_stage1(stage1_cfg(data, emb, tmp_path / "b", *opts))
+    assert calls == [0, 1, 2]
+    a = torch.load(tmp_path / "a" / "ckpt" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    rec_a = [json.loads(x) for x in (tmp_path / "a" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    rec_b = [json.loads(x) for x in (tmp_path / "b" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rec_b] == [1, 2, 3, 4]
+    assert [("val_loss" in r) for r in rec_a] == [False, True, False, True]
+    for ra, rb in zip(rec_a, rec_b):
+        assert ra["train_loss"] == rb["train_loss"] and ra.get("val_loss") == rb.get("val_loss")
 
 
 def test_overrides_one_proj_and_adapter(synthetic_stage1, tmp_path):

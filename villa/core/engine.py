@@ -7,6 +7,7 @@
 - :class:`LossMeter`: an epoch's mean loss, summed on the device.
 - :class:`Progress` and :func:`resume_state` / :func:`restore`: resume from ``last.pt`` only when it is the same run
   (the fingerprint), with the model, optimisers, scaler, RNG and progress it recorded.
+- :class:`Cadence`: which epochs end in a checkpoint (or a validation pass): every N, after M minutes, the last.
 - :func:`commit_epoch`: an epoch's outputs in the order that keeps a resume truthful (``last.pt`` last).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -106,9 +108,12 @@ class Progress:
     stopped: bool = False
     history: list = field(default_factory=list)
 
-    def update(self, val_loss: float, patience: Optional[int] = None) -> bool:
-        """Record an epoch's validation loss; True when it improved on the best. With ``patience``, stop after that
-        many epochs without improvement."""
+    def update(self, val_loss: Optional[float], patience: Optional[int] = None) -> bool:
+        """Record an epoch's validation loss (None: an epoch without a validation pass); True when it improved on
+        the best. With ``patience``, stop after that many epochs without improvement."""
+        if val_loss is None:
+            self.epoch += 1
+            return False
         improved = val_loss < self.best_val
         if improved:
             self.best_val, self.bad_epochs = val_loss, 0
@@ -183,6 +188,28 @@ class LossMeter:
         return float(self.total) / max(self.n, 1)
 
 
+class Cadence:
+    """Which epochs end in a checkpoint or a validation pass: every ``every`` epochs, whenever ``minutes`` (0: off)
+    have passed since the last one, and always the run's last epoch (Lightning's ``every_n_epochs`` and
+    ``train_time_interval``). The skipped epochs cost a resume nothing but time: it restarts from the last
+    checkpoint with the optimiser and RNG state of that epoch and redoes the epochs after it, the same run."""
+
+    def __init__(self, every: int, minutes: float = 0.0):
+        if every < 1:
+            raise VillaError(f"every={every}: an epoch cadence is at least 1")
+        self.every, self.minutes = int(every), float(minutes)
+        self.since = time.monotonic()
+
+    def due(self, epochs_done: int, last_epoch: int, stopping: bool = False) -> bool:
+        """Whether the epoch that brings the count to ``epochs_done`` ends in one (and, when it does, restart the
+        clock)."""
+        late = self.minutes > 0 and time.monotonic() - self.since >= 60 * self.minutes
+        due = epochs_done % self.every == 0 or epochs_done >= last_epoch or stopping or late
+        if due:
+            self.since = time.monotonic()
+        return due
+
+
 def _non_finite_error(value: float, step: int, epoch: int, checkpoint: Optional[Path]) -> VillaError:
     kept = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
     return VillaError(f"non-finite loss ({value}) at epoch {epoch} step {step}{kept}; lower lr or check inputs")
@@ -228,11 +255,13 @@ def commit_epoch(
     metrics: dict[str, Any],
     tracker: Optional[Tracker] = None,
     step: int = 0,
+    checkpoint: bool = True,
 ) -> None:
     """An epoch's outputs in the order that keeps a resume truthful: ``best.pt`` (when improved), then the metrics
     (metrics.jsonl, the tracker's metrics.csv and events), then ``last.pt``, the checkpoint a resume trusts, last. A
     crash or full disk between them leaves a ``last.pt`` of the epoch before, so the resumed run redoes this epoch
-    and rewrites the others."""
+    and rewrites the others. ``checkpoint=False`` (an epoch the :class:`Cadence` skips) writes the metrics and,
+    when it improved, ``best.pt`` (with ``last.pt`` as its second name: the same state, so no extra write)."""
     if improved:
         save_checkpoint(ckpt_dir / "best.pt", state)
     log_epoch(prefix, metrics, ckpt_dir / "metrics.jsonl")
@@ -240,7 +269,7 @@ def commit_epoch(
         tracker.epoch(int(metrics.get("epoch", state.get("epoch", 0))), step, metrics)
     if improved:  # the same state: ``last.pt`` becomes a second name of ``best.pt``'s file instead of a second write
         link_checkpoint(ckpt_dir / "best.pt", ckpt_dir / "last.pt")
-    else:
+    elif checkpoint:
         save_checkpoint(ckpt_dir / "last.pt", state)
 
 

@@ -70,6 +70,10 @@ class TrainingRun(Common):
     logger: list = opt(["csv"], "metrics to: csv (<checkpoint_dir>/metrics.csv, always on), tensorboard, wandb")
     wandb: WandbOptions = field(default_factory=WandbOptions)
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0: off, the original's)", ge=0)
+    checkpoint_every: int = opt(1, "write last.pt every N epochs (and at the last; a resume redoes the rest)", gt=0)
+    checkpoint_minutes: float = opt(
+        0.0, "also write last.pt when this many minutes passed since the last (0: off)", ge=0
+    )
 
 
 # --- preprocessing ---------------------------------------------------------------------------------------------
@@ -129,6 +133,11 @@ class Stage1Config(TrainingRun):
     weight_decay: float = opt(0.01, "AdamW weight decay", ge=0)
     temperature: float = opt(0.07, "contrastive temperature", gt=0)
     original_loss: bool = opt(True, "the original's denominator (adds 1 per positive image); false: clean InfoNCE")
+    sparse_backward: bool = opt(
+        True, "backpropagate through each image's best region per head only (the same gradient); false: every region"
+    )
+    checkpoint_every: int = opt(5, "write last.pt every N epochs (and at the last; a resume redoes the rest)", gt=0)
+    val_every: int = opt(5, "validation loss every N epochs (and at the last); best.pt follows it", gt=0)
     epsilon: float = opt(0.2, "assign an attribute to every region scoring > max - epsilon", ge=0)
     sentence_choice: str = opt(
         "image",

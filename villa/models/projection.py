@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from villa.stage1.loss import segment_max
+
 
 class MultiHeadProjection(nn.Module):
     """H heads, each ``Linear(D, D) -> ReLU -> Linear(D, D)``, applied to every region (the paper's Stage 1).
@@ -45,15 +47,17 @@ class MultiHeadProjection(nn.Module):
     def uses_loop(self, x: torch.Tensor) -> bool:
         return not self.one_proj and (self.kernel == "loop" or (self.kernel == "auto" and x.device.type != "cuda"))
 
-    def _loop(self, x: torch.Tensor, ids) -> list[torch.Tensor]:
-        """Heads ``ids`` one GEMM each, as ``nn.Linear`` computes them. The stacked weights are split with
-        ``unbind`` (its backward stacks the heads' gradients once; indexing ``w1[h]`` would add each head's
-        gradient into a zero tensor of all heads, 2x slower on CPU)."""
+    def _loop(self, x, ids) -> list[torch.Tensor]:
+        """Heads ``ids`` one GEMM each, as ``nn.Linear`` computes them; ``x`` is one (R, D) input for every head or a
+        sequence of inputs, one per head. The stacked weights are split with ``unbind`` (its backward stacks the
+        heads' gradients once; indexing ``w1[h]`` would add each head's gradient into a zero tensor of all heads, 2x
+        slower on CPU)."""
         w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
         outs = []
-        for h in ids:
-            out = F.linear(F.relu(F.linear(x, w1[h], b1[h][0])), w2[h], b2[h][0])
-            outs.append(0.2 * out + 0.8 * x if self.adapter else out)
+        for k, h in enumerate(ids):
+            xh = x if isinstance(x, torch.Tensor) else x[k]
+            out = F.linear(F.relu(F.linear(xh, w1[h], b1[h][0])), w2[h], b2[h][0])
+            outs.append(0.2 * out + 0.8 * xh if self.adapter else out)
         return outs
 
     def forward(self, x: torch.Tensor, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -73,14 +77,60 @@ class MultiHeadProjection(nn.Module):
             out = 0.2 * out + 0.8 * x.unsqueeze(0)
         return out
 
-    def scores(self, x: torch.Tensor, attr_emb: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of every region under every head with that head's attribute: (R, A)."""
-        e = F.normalize(attr_emb, dim=-1)
+    def scores(self, x: torch.Tensor, attr_emb: torch.Tensor, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Cosine similarity of every region under every head with that head's attribute: (R, A), or (R, K) for
+        the K heads listed in ``heads``."""
+        ids = torch.arange(self.n_attributes, device=attr_emb.device) if heads is None else heads
+        e = F.normalize(attr_emb[ids], dim=-1)
         if self.uses_loop(x):  # per head, without materialising (A, R, D)
-            z = self._loop(x, range(self.n_attributes))
-            return torch.stack([F.normalize(z[a], dim=-1) @ e[a] for a in range(self.n_attributes)], 1)
-        z = F.normalize(self(x), dim=-1)  # (A, R, D)
-        return torch.einsum("ard,ad->ra", z, e)
+            z = self._loop(x, ids.tolist())
+            return torch.stack([F.normalize(z[k], dim=-1) @ e[k] for k in range(len(z))], 1)
+        z = F.normalize(self(x, heads), dim=-1)  # (K, R, D)
+        return torch.einsum("krd,kd->rk", z, e)
+
+    def scores_at(
+        self, x: torch.Tensor, attr_emb: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor
+    ) -> torch.Tensor:
+        """``scores(x, attr_emb, heads)`` at one region per (image, head) only: (B, K), entry (i, k) the score of
+        region ``rows[i, k]`` under head ``heads[k]``; B regions through each head instead of all R."""
+        e = F.normalize(attr_emb[heads], dim=-1)
+        if self.uses_loop(x):
+            z = self._loop([x[rows[:, k]] for k in range(len(heads))], heads.tolist())
+            return torch.stack([F.normalize(z[k], dim=-1) @ e[k] for k in range(len(z))], 1)
+        xs = x[rows.t()]  # (K, B, D)
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        if not self.one_proj:
+            w1, b1, w2, b2 = w1[heads], b1[heads], w2[heads], b2[heads]
+        z = torch.matmul(F.relu(torch.matmul(xs, w1.transpose(1, 2)) + b1), w2.transpose(1, 2)) + b2
+        if self.adapter:
+            z = 0.2 * z + 0.8 * xs
+        return (F.normalize(z, dim=-1) * e[:, None]).sum(-1).t()
+
+    def image_scores(
+        self, x: torch.Tensor, attr_emb: torch.Tensor, region_image: torch.Tensor, n_images: int, heads: torch.Tensor
+    ) -> torch.Tensor:
+        """Each image's best region score under each head of ``heads``: (B, K), the value and the gradient of
+        ``segment_max(scores(x, attr_emb, heads), region_image, B)``, at a fraction of its cost.
+
+        The max's gradient reaches only the region that attains it, so the best region of each (image, head) is
+        found without autograd over all R regions, and only those B regions per head go through the heads with
+        autograd (Stage 1's backward then costs B instead of R rows per head). Where an image's best is tied
+        between regions, the gradient goes to the first of them rather than split among them: the same gradient
+        when the tied regions are the same embedding (a blank cell twice), the one case where ties occur. An
+        image without regions scores -inf, as ``segment_max``'s does.
+        """
+        with torch.no_grad():
+            s = self.scores(x, attr_emb, heads)  # (R, K)
+            best = segment_max(s, region_image, n_images)
+            r = s.shape[0]
+            idx = torch.arange(r, device=s.device)[:, None].expand_as(s)
+            cand = torch.where(s == best[region_image], idx, r)
+            rows = cand.new_full(best.shape, r).scatter_reduce(
+                0, region_image[:, None].expand_as(s), cand, reduce="amin", include_self=True
+            )
+            empty = rows == r
+        out = self.scores_at(x, attr_emb, rows.clamp(max=max(r - 1, 0)), heads)
+        return out.masked_fill(empty, float("-inf")) if bool(empty.any()) else out
 
     @classmethod
     def from_heads(cls, heads: list[nn.Sequential], adapter: bool = False) -> MultiHeadProjection:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from villa.core.checkpoint import checkpoint_lock, config_dict
 from villa.core.config import vocab_from_config
 from villa.core.engine import (
+    Cadence,
     FiniteGuard,
     LossMeter,
     Progress,
@@ -45,7 +46,7 @@ from villa.data.batches import RegionBank, image_batches
 from villa.data.embeddings import EmbeddingSet, open_embeddings
 from villa.data.vocab import Vocabulary
 from villa.models.projection import MultiHeadProjection
-from villa.stage1.loss import stage1_loss
+from villa.stage1.loss import image_loss, segment_max
 from villa.stage1.mapping import make_mapping
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class Run:
     fingerprint: dict[str, Any]
     train_rows: np.ndarray
     val_rows: np.ndarray
+    checkpoints: Cadence
+    validations: Cadence
 
     @property
     def last(self) -> Path:
@@ -175,15 +178,29 @@ def setup(cfg: DictConfig) -> Run:
         fingerprint,
         train_rows,
         val_rows,
+        Cadence(cfg.checkpoint_every, cfg.checkpoint_minutes),
+        Cadence(cfg.val_every),
     )
 
 
 def batch_loss(run: Run, rows: np.ndarray) -> torch.Tensor:
-    """The original's loss on the images ``rows``: every region under every head against the caption's attributes."""
+    """The original's loss on the images ``rows``: every region under every head against the caption's attributes.
+
+    Only the heads of attributes some image of the batch has are run (the others add nothing to the loss and get
+    a zero gradient either way). With ``sparse_backward`` (default) a training step backpropagates through each
+    image's best region per head only, the only region the loss's max passes a gradient to
+    (``MultiHeadProjection.image_scores``); ``sparse_backward=false`` runs autograd over every region, as the
+    original does (the same loss and gradient, to float rounding; docs/stage1.md).
+    """
     x, region_image = run.bank.gather(rows)
+    attrs = run.attrs[rows]
+    heads = attrs.any(0).nonzero().squeeze(1)
     with run.runtime.autocast():
-        scores = run.model.scores(x, run.attr_emb)
-        return stage1_loss(scores, region_image, run.attrs[rows], run.cfg.temperature, original=run.cfg.original_loss)
+        if run.cfg.sparse_backward and torch.is_grad_enabled():
+            best = run.model.image_scores(x, run.attr_emb, region_image, len(rows), heads)
+        else:
+            best = segment_max(run.model.scores(x, run.attr_emb, heads).float(), region_image, len(rows))
+        return image_loss(best, attrs[:, heads], run.cfg.temperature, original=run.cfg.original_loss)
 
 
 def train_one_epoch(run: Run, epoch: int, tracker: Tracker) -> float:
@@ -227,10 +244,11 @@ def validate(run: Run) -> float:
 
 
 def fit_epoch(run: Run, epoch: int, tracker: Tracker) -> None:
-    """Train, validate, commit the epoch's checkpoint (``best.pt`` when the val loss improved, ``last.pt`` last)."""
+    """Train; validate and commit a checkpoint when their cadences say (``val_every``, ``checkpoint_every`` /
+    ``checkpoint_minutes``, always at the last epoch): ``best.pt`` when the val loss improved, ``last.pt`` last."""
     cfg, t0 = run.cfg, time.perf_counter()
     train_loss = train_one_epoch(run, epoch, tracker)
-    val_loss = validate(run)
+    val_loss = validate(run) if run.validations.due(epoch + 1, cfg.epochs) else None
     improved = run.progress.update(val_loss)
     state = {
         "kind": "villa-stage1",
@@ -247,13 +265,10 @@ def fit_epoch(run: Run, epoch: int, tracker: Tracker) -> None:
         "fingerprint": run.fingerprint,
         **training_state(run.stepper, run.generator, run.progress),
     }
-    rec = {
-        "epoch": epoch + 1,
-        "train_loss": train_loss,
-        "val_loss": val_loss,
-        "best_val": run.progress.best_val,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+    rec = {"epoch": epoch + 1, "train_loss": train_loss}
+    if val_loss is not None:
+        rec.update(val_loss=val_loss, best_val=run.progress.best_val)
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
     commit_epoch(
         Path(cfg.checkpoint_dir),
         state,
@@ -262,4 +277,5 @@ def fit_epoch(run: Run, epoch: int, tracker: Tracker) -> None:
         rec,
         tracker,
         (epoch + 1) * run.steps_per_epoch,
+        checkpoint=run.checkpoints.due(epoch + 1, cfg.epochs),
     )

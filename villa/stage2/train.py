@@ -31,6 +31,7 @@ from tqdm import tqdm
 from villa.core.checkpoint import checkpoint_lock, config_dict
 from villa.core.distributed import Dist, cleanup, init_distributed
 from villa.core.engine import (
+    Cadence,
     FiniteGuard,
     LossMeter,
     Progress,
@@ -82,6 +83,7 @@ class Run:
     val_loader: DataLoader
     progress: Progress
     record: dict[str, Any]  # what the checkpoint says about the run: fingerprint, inputs, data pools, ...
+    checkpoints: Cadence
 
     @property
     def ckpt_dir(self) -> Path:
@@ -225,6 +227,7 @@ def setup(cfg: DictConfig, d: Dist) -> Run:
         val_loader,
         progress,
         record,
+        Cadence(cfg.checkpoint_every, cfg.checkpoint_minutes),
     )
 
 
@@ -315,6 +318,7 @@ def fit_epoch(run: Run, epoch: int, tracker: Tracker) -> None:
         rec,
         tracker,
         (epoch + 1) * run.steps_per_epoch,
+        checkpoint=run.checkpoints.due(epoch + 1, cfg.epochs, stopping=run.progress.stopped),
     )
     if run.progress.stopped:
         log.info("early stop: no better val loss for %d epochs", run.progress.bad_epochs)
