@@ -325,3 +325,45 @@ def test_image_paths_outside_the_dataset_are_refused(tiny_docmnist, tmp_path):
         )
         with pytest.raises(VillaError, match=f"has image_filepath '{bad}', which leaves the dataset folder"):
             load_annotations(copy, load_vocab("docmnist"), check_images=False)
+
+
+def test_decoded_images_equal_decoding_every_read(tmp_path):
+    """image_cache: memory and disk give the items decoding gives (images of two sizes); the disk cache is reused by
+    a second run, rebuilt when cut short, and leaves no temporary file; a wrong-sized image still stops in one line."""
+    from PIL import Image
+
+    from villa.core.errors import VillaError
+    from villa.data.images import DecodedImages, ImageDataset
+    from villa.data.importers.generic import import_generic
+    from villa.data.regions import RegionSpec
+    from villa.data.vocab import vocab_from_dict
+
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(7):
+        size = (30, 20) if i % 2 else (16, 24)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": "a square", "split": "train"}))
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    vocab = vocab_from_dict({"name": "v", "groups": [{"name": "g", "attributes": ["square"], "templates": ["{}"]}]})
+    import_generic(tmp_path, tmp_path / "c.jsonl", vocab, RegionSpec("grid", grid=[1, 2]), progress=False)
+    ann = load_annotations(tmp_path, vocab)
+    rows = np.array([5, 0, 3, 6, 1])
+    plain = ImageDataset(ann, rows)
+    cache = tmp_path / "cache"
+    for mode in ("memory", "disk", "disk"):
+        decoded = DecodedImages(ann, rows, mode, cache_root=cache)
+        assert len(decoded) == len(plain) == 5
+        for i in range(5):
+            (a, ra), (b, rb) = plain[i], decoded[i]
+            assert ra == rb == rows[i] and a.dtype == b.dtype == torch.uint8
+            assert torch.equal(a, b)
+    files = list(cache.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".u8" and files[0].stat().st_size == 3 * (3 * 600 + 2 * 384)
+    with open(files[0], "r+b") as f:  # a file cut short (a run killed while writing it, renamed by hand): rebuilt
+        f.truncate(100)
+    assert torch.equal(DecodedImages(ann, rows, "disk", cache_root=cache)[4][0], plain[4][0])
+    assert files[0].stat().st_size == 3 * (3 * 600 + 2 * 384) and list(cache.iterdir()) == files
+    Image.fromarray(np.zeros((9, 9, 3), dtype=np.uint8)).save(tmp_path / "3.png")  # not its annotated size
+    with pytest.raises(VillaError, match=r"3.png is 9x9 but annotations.feather says image_size"):
+        DecodedImages(ann, rows, "memory")

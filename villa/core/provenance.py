@@ -34,6 +34,7 @@ RESUME_FREE = {
     "progress",
     "device",
     "num_workers",
+    "image_cache",
     "log_every",
     "compile",
     "compile_backend",

@@ -160,7 +160,7 @@ class ClipModel:
     normalize: bool = opt(False, "CLIP mean/std on the input (the original: none)")
     input_size: Optional[int] = opt(None, "resize images to this square size first (null: native)", gt=0)
     freeze_bn: bool = opt(False, "BatchNorm statistics frozen during training")
-    channels_last: bool = opt(True, "channels-last memory format on CUDA")
+    channels_last: bool = opt(True, "channels-last memory format for the image tower (CUDA and CPU; docs/speed.md)")
 
 
 @dataclass
@@ -264,7 +264,13 @@ class Stage2Config(TrainingRun):
     )
     compile: bool = opt(False, "torch.compile the image tower's region path (where the platform supports it)")
     compile_backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager to check tracing quickly)")
-    num_workers: int = opt(2, "DataLoader worker processes", ge=0)
+    num_workers: int = opt(2, "DataLoader worker processes (with image_cache: the one decoding pass's)", ge=0)
+    image_cache: str = opt(
+        "auto",
+        "decode the images once: memory, disk (memory-mapped, under the cache dir), auto (memory when they fit in a "
+        "quarter of RAM), off (decode every step)",
+        choices=("auto", "memory", "disk", "off"),
+    )
     progress: bool = opt(True, "tqdm progress bars")
 
 

@@ -3,6 +3,7 @@ batches of images grouped by size (no batch padded to a larger image)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -50,6 +51,101 @@ class ImageDataset(Dataset):
                 "fix the annotation or the file"
             )
         return im, row
+
+
+CACHES = ("auto", "memory", "disk", "off")
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class DecodedImages(Dataset):
+    """The images of ``rows`` decoded once into one uint8 buffer, then read by slicing (no file read or PNG/JPEG
+    decode per step): in memory when they fit (``auto``: at most a quarter of this machine's RAM), else in a
+    memory-mapped file under ``cache_root`` (``<cache dir>/images/<key>.u8``, keyed by the files' paths, sizes and
+    modification times, written to a temporary name and renamed when complete, so a cut run never leaves a file a
+    later run trusts). The same items as :class:`ImageDataset`, which does the one decoding pass (size checks
+    included), with ``num_workers`` worker processes."""
+
+    def __init__(
+        self,
+        ann: Annotations,
+        rows: np.ndarray,
+        mode: str = "auto",
+        cache_root: Optional[Path] = None,
+        num_workers: int = 0,
+        progress: bool = False,
+    ):
+        if mode not in CACHES or mode == "off":
+            raise VillaError(f"image_cache={mode!r}: use one of {', '.join(CACHES)}")
+        self.rows = np.asarray(rows)
+        wh = ann.image_size[self.rows].astype(np.int64)
+        self.shapes = np.stack([np.full(len(self.rows), 3), wh[:, 1], wh[:, 0]], 1)
+        sizes = self.shapes.prod(1)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        total = int(self.offsets[-1])
+        if mode == "auto":
+            mode = "memory" if total <= _memory_bytes() // 4 else "disk"
+        self.mode = mode
+        if mode == "memory":
+            self.buffer = np.empty(total, dtype=np.uint8)
+            self._fill(ImageDataset(ann, self.rows), num_workers, progress)
+            return
+        from villa.core.env import cache_dir
+
+        path = Path(cache_root or cache_dir() / "images") / f"{self._key(ann)}.u8"
+        if not (path.is_file() and path.stat().st_size == total):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            self.buffer = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(total, 1),))
+            self._fill(ImageDataset(ann, self.rows), num_workers, progress)
+            self.buffer.flush()
+            del self.buffer
+            os.replace(tmp, path)
+        self.buffer = np.memmap(path, dtype=np.uint8, mode="r", shape=(max(total, 1),))
+
+    def _key(self, ann: Annotations) -> str:
+        import hashlib
+
+        h = hashlib.sha256(str(Path(ann.root).resolve()).encode())
+        for row in self.rows:
+            st = (ann.root / ann.filepath[row]).stat()
+            h.update(f"{ann.filepath[row]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:24]
+
+    def _fill(self, images: ImageDataset, num_workers: int, progress: bool) -> None:
+        from tqdm import tqdm
+
+        loader = DataLoader(images, batch_size=None, num_workers=num_workers)
+        for i, (im, _) in enumerate(tqdm(loader, desc="decoding images", disable=not progress, leave=False)):
+            self.buffer[self.offsets[i] : self.offsets[i + 1]] = im.numpy().reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        im = torch.from_numpy(np.array(self.buffer[a:b]) if self.mode == "disk" else self.buffer[a:b])
+        return im.view(*(int(v) for v in self.shapes[i])), int(self.rows[i])
+
+
+def image_dataset(
+    ann: Annotations,
+    rows: np.ndarray,
+    cache: str = "off",
+    num_workers: int = 0,
+    progress: bool = False,
+    cache_root: Optional[Path] = None,
+) -> Dataset:
+    """The images of ``rows`` as a Dataset of (uint8 (3, H, W), row): decoded at every read (``cache=off``) or once
+    (:class:`DecodedImages`)."""
+    if cache == "off":
+        return ImageDataset(ann, rows)
+    return DecodedImages(ann, rows, cache, cache_root, num_workers, progress)
 
 
 def collate_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,36 +22,32 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class ClassTokenAttentionPool2d(AttentionPool2d):
     """open_clip's ``AttentionPool2d`` computing only the output it returns: the attention of the mean (class)
-    token's query, as OpenAI's CLIP code and the original ViLLA code compute it (``query=x[:1]``). open_clip projects
-    and attends a query at every position and keeps the first; the result is the same to float rounding (tested),
-    for a fraction of the pool's work (the region path runs the pool once per region)."""
+    token's query, as OpenAI's CLIP code and the original ViLLA code compute it (``query=x[:1]``), with the key and
+    value projections folded into that one query. The same function to float rounding (tested against open_clip's,
+    outputs and every parameter's gradient), for a small fraction of the pool's work; the region path runs the pool
+    once per region, where open_clip's projected every position's key and value (two (L, C) x (C, C) products per
+    region) to use one query.
+
+    Per head h, with the query q (scaled by 1/sqrt(head width)) and tokens x_j:
+    ``q . (Wk_h x_j + bk_h) = (Wk_h^T q) . x_j + q . bk_h`` (the attention logits from one (C,)-vector per head), and
+    ``sum_j a_j (Wv_h x_j + bv_h) = Wv_h (sum_j a_j x_j) + bv_h`` (the weights sum to 1). ``q . bk_h`` is the same
+    for every token, so the softmax does not see it; it is kept so that ``k_proj.bias`` gets its (zero) gradient as
+    in the original, and DDP finds every parameter used.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(2).permute(2, 0, 1)  # NCHW -> (HW)NC
-        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (HW+1)NC
-        x = x + self.positional_embedding[:, None, :].to(x.dtype)
-        out, _ = F.multi_head_attention_forward(
-            query=x[:1],
-            key=x,
-            value=x,
-            embed_dim_to_check=x.shape[-1],
-            num_heads=self.num_heads,
-            q_proj_weight=self.q_proj.weight,
-            k_proj_weight=self.k_proj.weight,
-            v_proj_weight=self.v_proj.weight,
-            in_proj_weight=None,
-            in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
-            bias_k=None,
-            bias_v=None,
-            add_zero_attn=False,
-            dropout_p=0.0,
-            out_proj_weight=self.c_proj.weight,
-            out_proj_bias=self.c_proj.bias,
-            use_separate_proj_weight=True,
-            training=self.training,
-            need_weights=False,
-        )
-        return out.squeeze(0)
+        n, c = x.shape[:2]
+        x = x.flatten(2).transpose(1, 2)  # (N, HW, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)  # (N, L, C)
+        h = self.num_heads
+        d = c // h
+        q = (F.linear(x[:, 0], self.q_proj.weight, self.q_proj.bias) * d**-0.5).view(n, h, d)
+        wk, wv = self.k_proj.weight.view(h, d, c), self.v_proj.weight.view(h, d, c)
+        u = torch.einsum("nhd,hdc->nhc", q, wk)  # (N, H, C): head h's query carried back to the tokens' space
+        logits = torch.einsum("nhc,nlc->nhl", u, x) + (q * self.k_proj.bias.view(h, d)).sum(-1, keepdim=True)
+        z = torch.einsum("nhl,nlc->nhc", logits.softmax(dim=-1), x)  # (N, H, C): attention-weighted tokens
+        out = torch.einsum("nhc,hdc->nhd", z, wv).reshape(n, c) + self.v_proj.bias
+        return F.linear(out, self.c_proj.weight, self.c_proj.bias)
 
 
 def class_token_pool(visual: ModifiedResNet) -> ModifiedResNet:
@@ -118,19 +114,90 @@ class RegionEncoder(nn.Module):
 
 
 def roi_features(
-    feat: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor, output_size: int, spatial_scale: float
+    feat: torch.Tensor,
+    boxes: torch.Tensor,
+    box_image: torch.Tensor,
+    output_size: int,
+    spatial_scale: float,
+    kernel: str = "auto",
 ) -> torch.Tensor:
-    """ROI-Align of ``boxes`` (K, 4) on ``feat`` (B, C, h, w) -> (K, C, s, s) in ``feat``'s dtype.
+    """ROI-Align of ``boxes`` (K, 4) on ``feat`` (B, C, h, w) -> (K, C, s, s) in ``feat``'s dtype (sampling ratio 0:
+    ceil(box size / s) samples per bin; aligned: pixel centres at +0.5).
+
+    ``kernel``: ``torchvision`` (``torchvision.ops.roi_align``), ``separable`` (:func:`roi_align_separable`, the same
+    function as two small matmuls per box; on a CPU its forward and backward together are 4.9x torchvision's,
+    whose backward is one thread: docs/speed.md), ``auto``: separable on a CPU, torchvision elsewhere.
 
     The boxes stay fp32 whatever ``feat``'s dtype: under bf16 autocast a pixel coordinate such as 150.7 would become
     151 (bf16 keeps 8 significant bits). The features are upcast for the interpolation, as torchvision's own autocast
     wrapper of roi_align does on CUDA, and the result is cast back.
     """
-    rois = torch.cat([box_image[:, None].to(torch.float32), boxes.to(torch.float32)], dim=1)
-    x = roi_align(
-        feat.float(), rois, output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=0, aligned=True
-    )
+    if kernel == "auto":
+        kernel = "separable" if feat.device.type == "cpu" else "torchvision"
+    boxes = boxes.to(torch.float32)
+    if kernel == "separable":
+        with torch.autocast(feat.device.type, enabled=False):  # fp32 matmuls, as torchvision's fp32 kernel
+            x = roi_align_separable(feat.float(), boxes, box_image, output_size, spatial_scale)
+    elif kernel == "torchvision":
+        rois = torch.cat([box_image[:, None].to(torch.float32), boxes], dim=1)
+        x = roi_align(
+            feat.float(), rois, output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=0, aligned=True
+        )
+    else:
+        raise VillaError(f"roi kernel={kernel!r}: use auto, separable or torchvision")
     return x.to(feat.dtype)
+
+
+def _axis_weights(start: torch.Tensor, size: torch.Tensor, bins: int, length: int) -> torch.Tensor:
+    """(K, bins, length): ROI-Align's sampling along one axis for K boxes starting at ``start`` with extent
+    ``size`` (feature-map units): each bin's ceil(size / bins) sample points, each spread over its two neighbouring
+    cells with linear weights (torchvision's boundary rules: a point beyond [-1, length] adds nothing, one below 0
+    reads cell 0, one past the last cell reads the last), averaged over the bin's points."""
+    grid = torch.ceil(size / bins)
+    n = max(int(grid.max()) if grid.numel() else 1, 1)
+    step = (size / bins)[:, None, None]
+    b = torch.arange(bins, dtype=start.dtype, device=start.device)[None, :, None]
+    i = torch.arange(n, dtype=start.dtype, device=start.device)[None, None, :]
+    pos = start[:, None, None] + b * step + (i + 0.5) * step / grid.clamp(min=1)[:, None, None]  # (K, bins, n)
+    valid = (i < grid[:, None, None]) & (pos >= -1.0) & (pos <= length)
+    p = torch.where(valid, pos, torch.zeros_like(pos)).clamp(min=0)
+    low = p.floor()
+    last = low >= length - 1
+    low = torch.where(last, torch.full_like(low, length - 1), low)
+    p = torch.where(last, low, p)
+    high = torch.where(last, low, low + 1)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    w = torch.zeros(start.shape[0], bins, length, dtype=start.dtype, device=start.device)
+    w.scatter_add_(2, low.long(), torch.where(valid, 1 - (p - low), zero))
+    w.scatter_add_(2, high.long(), torch.where(valid, p - low, zero))
+    return w / grid.clamp(min=1)[:, None, None]
+
+
+ROI_CHUNK_BYTES = 1 << 28  # the boxes' gathered feature maps held at once (256 MiB)
+
+
+def roi_align_separable(
+    feat: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor, output_size: int, spatial_scale: float
+) -> torch.Tensor:
+    """``torchvision.ops.roi_align(..., sampling_ratio=0, aligned=True)`` as matrix products (equal to float rounding;
+    tested on the edge cases: boxes past the border, empty and reversed boxes).
+
+    ROI-Align's bilinear weight of a sample point is a product of a row weight and a column weight, and the validity
+    test and the count of samples split the same way, so each box's output is ``Wy @ F @ Wx.T`` per channel, with
+    ``Wy`` (s, h) and ``Wx`` (s, w) the averaged sampling weights of its rows and columns (:func:`_axis_weights`).
+    The backward is then two matmuls and an ``index_add`` over images, where torchvision's CPU backward scatters
+    every sample's four weights in one thread.
+    """
+    _, c, h, w = feat.shape
+    start = boxes * spatial_scale - 0.5
+    wy = _axis_weights(start[:, 1], start[:, 3] - start[:, 1], output_size, h)[:, None]  # (K, 1, s, h)
+    wx = _axis_weights(start[:, 0], start[:, 2] - start[:, 0], output_size, w)[:, None].transpose(-1, -2)
+    chunk = max(1, ROI_CHUNK_BYTES // max(1, c * h * w * feat.element_size()))
+    outs = []
+    for k in range(0, boxes.shape[0], chunk):  # a few chunks at most: bounds the gathered maps' memory
+        f = feat.index_select(0, box_image[k : k + chunk])  # (k, C, h, w)
+        outs.append(torch.matmul(torch.matmul(wy[k : k + chunk], f), wx[k : k + chunk]))  # (k, C, s, s)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 @torch.no_grad()

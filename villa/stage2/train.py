@@ -175,13 +175,13 @@ def setup(cfg: DictConfig, d: Dist) -> Run:
     if cfg.compile:
         # in place (state_dict keys unchanged); dynamic: the number of regions differs from batch to batch
         model.regions.compile(dynamic=True, backend=cfg.compile_backend)
-    channels_last = bool(cfg.model.channels_last and runtime.is_cuda)
+    channels_last = bool(cfg.model.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if d.enabled and runtime.is_cuda and not cfg.model.freeze_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_loader, train_sampler = make_loader(train_pairs, cfg, d, train=True)
-    val_loader, _ = make_loader(val_pairs, cfg, d, train=False, split="val")
+    train_loader, train_sampler = make_loader(train_pairs, cfg, d, train=True, cuda=runtime.is_cuda)
+    val_loader, _ = make_loader(val_pairs, cfg, d, train=False, split="val", cuda=runtime.is_cuda)
     optimizer = build_optimizer(cfg, model, objective)
     own_opts, own_schedules = objective.optimizers(model, len(train_loader))
     stepper = Stepper({"optimizer": optimizer, **own_opts}, runtime, cfg.grad_clip, own_schedules)
