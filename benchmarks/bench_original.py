@@ -62,7 +62,7 @@ STEPS = ("generate", "preprocess", "stage1", "stage2")
 
 
 def _mnist_dir() -> Path:
-    for cand in (os.environ.get("VILLA_MNIST_DIR"), REPO.parent / "shared" / "data" / "mnist", REPO / "data" / "mnist"):
+    for cand in (os.environ.get("VILLA_MNIST_DIR"), REPO / "data" / "mnist"):
         if cand and all((Path(cand) / f).is_file() or (Path(cand) / f"{f}.gz").is_file() for f in MNIST):
             return Path(cand)
     raise VillaError(
@@ -146,25 +146,82 @@ def check_original_weights(work: Path, env: dict, files: dict) -> None:
         raise VillaError(f"the original's Stage 2 model does not take the harness's weights: {r.stderr.strip()[-300:]}")
 
 
-def run_timed(cmd: list, cwd: Path, env: dict, log: Path) -> tuple[float, list]:
-    """Run a command; return its wall seconds and (seconds since start, line) for every output line."""
+def _rss(pid: int) -> tuple[int, int]:
+    """Resident bytes of ``pid`` alone and of ``pid`` with its descendants, now (Linux /proc; 0 elsewhere). Pages a
+    forked worker shares with its parent count once per process in the second, so it is an upper bound."""
+    own, total, todo = 0, 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                rss = next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:")), 0)
+            own, total = (rss if p == pid else own), total + rss
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return own, total
+
+
+def run_timed(cmd: list, cwd: Path, env: dict, log: Path) -> tuple[float, list, dict]:
+    """Run a command; return its wall seconds, (seconds since start, line) for every output line, and its peak
+    memory, sampled every 0.1 s: ``peak_rss_mb`` of the command's process, ``peak_tree_rss_mb`` of it with its
+    worker processes (summed). The kernel's ``ru_maxrss`` is not used: a forked child counts its parent's pages
+    until it execs, so it would report the harness's own memory."""
+    import threading
+
     t0 = time.perf_counter()
     lines = []
+    peak = {"own": 0, "tree": 0}
     with open(log, "w") as f:
         p = subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.1):
+                own, tree = _rss(p.pid)
+                peak["own"], peak["tree"] = max(peak["own"], own), max(peak["tree"], tree)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         for line in p.stdout:
             t = time.perf_counter() - t0
             for part in line.replace("\r", "\n").splitlines():
                 lines.append((t, part))
             f.write(line)
         rc = p.wait()
+        done.set()
+        sampler.join()
     secs = time.perf_counter() - t0
     if rc != 0:
         tail = "".join(ln + "\n" for _, ln in lines[-15:])
         raise VillaError(f"{' '.join(map(str, cmd[:3]))}... failed (exit {rc}; log {log}):\n{tail}")
-    return secs, lines
+    memory = {"peak_rss_mb": round(peak["own"] / 2**20, 1), "peak_tree_rss_mb": round(peak["tree"] / 2**20, 1)}
+    return secs, lines, memory
+
+
+def cpu_info() -> dict:
+    """The CPU the comparison ran on: model name, logical cores, and whether it computes bf16 natively."""
+    from villa.core.runtime import cpu_has_native_bf16
+
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    import torch
+
+    return {
+        "model": model,
+        "logical_cores": os.cpu_count(),
+        "native_bf16": cpu_has_native_bf16(),
+        "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _first(lines: list, pattern: str) -> float:
@@ -195,8 +252,8 @@ class Side:
 
     def run(self, step: str, rep: int) -> dict:
         log = self.logs / f"{self.name}_{step}_{rep}.log"
-        secs, lines = run_timed(getattr(self, f"cmd_{step}")(), self.root, self.env, log)
-        out = {"seconds": secs}
+        secs, lines, memory = run_timed(getattr(self, f"cmd_{step}")(), self.root, self.env, log)
+        out = {"seconds": secs, **memory}
         out.update(getattr(self, f"read_{step}")(lines, secs))
         return out
 
@@ -375,6 +432,17 @@ def summarize(reps: dict, steps=STEPS) -> dict:
             for side in ("original", "villa")
             if all(r["stage1"]["late_over_early"] is not None for r in reps[side])
         }
+    memory = {}  # per step and side: the median over repeats of each peak (runs from before it was recorded: none)
+    for step in steps:
+        row = {}
+        for side in ("original", "villa"):
+            vals = {k: [r[step][k] for r in reps[side] if k in r[step]] for k in ("peak_rss_mb", "peak_tree_rss_mb")}
+            if all(vals.values()):
+                row[side] = {k: round(statistics.median(v), 1) for k, v in vals.items()}
+        if len(row) == 2:
+            memory[step] = row
+    if memory:
+        out["memory"] = memory
     return out
 
 
@@ -384,7 +452,7 @@ def format_table(res: dict) -> str:
         "| --- | ---: | ---: | ---: |",
     ]
     for name, row in res["summary"].items():
-        if "ratio" not in row:
+        if "ratio" not in row or name == "memory":
             continue
         unit = " regions/s" if name.endswith("per_s") else " s"
         cells = [
@@ -398,6 +466,21 @@ def format_table(res: dict) -> str:
             "Stage 1, the last quarter of its epochs over the first (median): "
             + ", ".join(f"{side} {v['median']:.2f}" for side, v in slow.items())
         )
+    memory = res["summary"].get("memory")
+    if memory:
+        lines += [
+            "",
+            "| step | original peak RSS (largest process / process tree) | villa peak RSS (largest process / process tree) |",
+            "| --- | ---: | ---: |",
+        ]
+        for step, row in memory.items():
+            cells = [
+                f"{row[s]['peak_rss_mb']:.0f} / {row[s]['peak_tree_rss_mb']:.0f} MB" for s in ("original", "villa")
+            ]
+            lines.append(f"| {step} | {cells[0]} | {cells[1]} |")
+    cpu = res.get("machine", {}).get("cpu")
+    if cpu:
+        lines += ["", f"CPU: {cpu['model']}, {cpu['logical_cores']} logical cores, native bf16: {cpu['native_bf16']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -461,7 +544,7 @@ def main(argv=None) -> dict:
     res = {
         "command": "python -m benchmarks.bench_original " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cuda": _cuda()},
+        "machine": {"cpu": cpu_info(), "platform": platform.platform(), "cuda": _cuda()},
         "original_commit": _commit(Path(a.original)),
         "settings": {
             k: getattr(a, k)

@@ -76,17 +76,29 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
+def test_original_harness_measures_peak_memory(tmp_path):
+    """run_timed reports a command's peak resident memory: a child that holds 300 MB for a moment reads >= 290 MB,
+    its own and its process tree's (not the harness's: a forked child's pre-exec pages); output lines come back."""
+    from benchmarks.bench_original import run_timed
+
+    code = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('held'); time.sleep(0.6)"
+    secs, lines, mem = run_timed([sys.executable, "-c", code], tmp_path, dict(os.environ), tmp_path / "log")
+    assert [ln for _, ln in lines] == ["held"] and secs >= 0.6
+    assert 290 <= mem["peak_rss_mb"] < 600 and 290 <= mem["peak_tree_rss_mb"] < 600
+
+
 def test_original_harness_summary():
     """Medians, min/max and the ratio of the medians per measure; end to end is the sum of the four processes of a
     repeat; regions/s is inverted (higher is faster); the Stage 1 late/early epoch ratio per side."""
     from benchmarks.bench_original import STEPS, format_table, summarize
 
     def rep(gen, pre, s1, s2):
+        mem = {"peak_rss_mb": 10.0 * s1, "peak_tree_rss_mb": 20.0 * s1}
         return {
-            "generate": {"seconds": gen},
-            "preprocess": {"seconds": pre, "regions_per_s": 1000 / pre},
-            "stage1": {"seconds": s1, "train_seconds": s1 - 1, "mapping_seconds": 1.0, "late_over_early": 1.1},
-            "stage2": {"seconds": s2, "epoch_seconds": s2 / 4},
+            "generate": {"seconds": gen, **mem},
+            "preprocess": {"seconds": pre, "regions_per_s": 1000 / pre, **mem},
+            "stage1": {"seconds": s1, "train_seconds": s1 - 1, "mapping_seconds": 1.0, "late_over_early": 1.1, **mem},
+            "stage2": {"seconds": s2, "epoch_seconds": s2 / 4, **mem},
         }
 
     reps = {
@@ -101,7 +113,14 @@ def test_original_harness_summary():
     )
     assert s["preprocess_regions_per_s"]["ratio"] == pytest.approx(21 / 11, abs=0.01)  # villa's rate / the original's
     assert s["stage1_late_over_early"]["villa"]["median"] == pytest.approx(1.1)
-    table = format_table({"summary": s})
+    assert s["memory"]["stage1"] == {
+        "original": {"peak_rss_mb": 320.0, "peak_tree_rss_mb": 640.0},
+        "villa": {"peak_rss_mb": 160.0, "peak_tree_rss_mb": 320.0},
+    }
+    table = format_table({"summary": s, "machine": {"cpu": {"model": "X", "logical_cores": 2, "native_bf16": False}}})
     assert "| generate | 11.00 s (10.00-12.00) | 1.50 s (1.00-2.00) | 7.33x |" in table
+    assert (
+        "| stage1 | 320 / 640 MB | 160 / 320 MB |" in table and "CPU: X, 2 logical cores, native bf16: False" in table
+    )
     partial = summarize({k: [{"generate": r["generate"]} for r in v] for k, v in reps.items()}, ("generate",))
-    assert set(partial) == {"generate"}
+    assert set(partial) == {"generate", "memory"}

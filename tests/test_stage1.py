@@ -147,6 +147,10 @@ def test_sparse_backward_equals_full_backward(kernel, one_proj, adapter):
     assert float(g0[0].abs().sum()) > 0
     if not one_proj:
         assert float(g0[0][0].abs().sum()) == 0  # the left-out head gets no gradient either way
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast (precision=bf16) the heads run in bf16
+        low = m.image_scores(x, emb, ri, 4, heads)
+    low.float().sum().backward()
+    torch.testing.assert_close(low.float(), b0, rtol=0, atol=0.05)
     # the loss of the full (R, A) scores is the same number: leaving out heads no image has changes nothing
     all_heads = stage1_loss(m.scores(x, emb), ri, attrs)
     torch.testing.assert_close(all_heads.detach(), l0, rtol=1e-6, atol=1e-6)
