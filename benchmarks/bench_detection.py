@@ -1,4 +1,4 @@
-"""Zero-shot detection evaluation at COCO val2017's size: 5,000 images x 100 proposals through villa.detection.
+"""Zero-shot detection evaluation at COCO val2017's size: 5,000 images x 100 proposals through villa.evaluate.detection.
 
     python -m benchmarks.bench_detection [--images 5000] [--proposals 100] [--device cpu] [--json out.json]
 

@@ -4,7 +4,7 @@ machine; plus the padding that size-bucketed preprocessing saves on images of mi
     python -m benchmarks.bench_regions [--detector detector.pt] [--json out.json]
 
 Without ``--detector`` a villa-tiny-frcnn is trained first on the training split's boxes (``python -m
-villa.detector train``'s defaults, about a minute). Recall and images/s are measured on the test split: grid
+villa.models.detector train``'s defaults, about a minute). Recall and images/s are measured on the test split: grid
 cells (3x3, 1+2+3), a proposals file in COCO results format (written from the detector, then read back), and the
 detector itself (its RPN and its detections, top 10/20/100). The padding figure compares batches of 64 images
 in file order against batches of one size each, over COCO-like sizes (640x480, 480x640, 640x427, 500x375, ...).

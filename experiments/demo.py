@@ -149,11 +149,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     )
     table = demo_tables(res)
     write_text_atomic(work / "table.md", table)
+    from villa.core.config import compose_config
+    from villa.inspect import inspect_dataset
+
+    report = inspect_dataset(
+        compose_config("inspect", [f"data_dir={res['data']}", "split=val", "limit=20", f"out={work / 'inspect.html'}"])
+    )
     print("\n" + table)
     print(f"\nartefacts under {work}/:")
     print(f"  data + embeddings + mapping.feather: {res['data']}")
     print(f"  checkpoints: {work / 'ckpt'} (stage1, villa, baseline)")
     print(f"  results: {work / 'results.json'}   tables: {work / 'table.md'}   plot: {plot}")
+    print(f"  inspection report (20 val images: extraction and mapping): {report['out']}")
     print(f"  timings (s): {json.dumps(res['timings'])}  total {res['seconds']}s")
     return res
 

@@ -8,7 +8,7 @@ The protocol (docs/evaluation.md, "The offline analogue"):
   size are its attributes); split 7 base / 3 novel by a rule fixed before any number was seen
   (configs/splits/docmnist_digits_7_3.yaml: the last three digits are novel);
 - ground truth: the complexity experiment's held-out evaluation set (the test split of one target-16 DocMNIST from
-  MNIST's test digits, ``--eval_seed``), exported to COCO format (villa.datasets.docmnist_coco);
+  MNIST's test digits, ``--eval_seed``), exported to COCO format (villa.data.importers.docmnist_coco);
 - models, per seed and per complexity (the lowest and the highest of the complexity experiment by default): the
   starting encoder (zero-shot), the one-to-one baseline and ViLLA, trained exactly as experiments/complexity.py
   trains them (its settings and its pipeline);
@@ -16,7 +16,7 @@ The protocol (docs/evaluation.md, "The offline analogue"):
   ``villa-tiny-frcnn`` trained per seed on the base digits' boxes of that seed's lowest-complexity training split
   only (novel digits and shapes are background to it: the open-vocabulary protocol), top ``--top_k`` per image with
   their objectness;
-- scoring: villa.detection (class prompts: the digit group's templates of the dataset config; softmax at
+- scoring: villa.evaluate.detection (class prompts: the digit group's templates of the dataset config; softmax at
   temperature 0.01; objectness multiplied in the RPN setting; per-class NMS 0.5; 100 per image) and pycocotools'
   COCOeval: AP50 on all, base and novel digits. Nothing is tuned: every setting above is the module's default or
   was fixed before the first run.

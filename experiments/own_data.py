@@ -5,7 +5,7 @@ boxes, no attribute lists), imported back with each region source, then the demo
 
 For each region source (``given``: the exported boxes; ``grid`` 3x3; ``grid`` 1x1 + 2x2 + 3x3; ``proposals``:
 the RPN of a villa-tiny-frcnn trained on the training split's boxes, top 20): import with
-``python -m villa.datasets.generic`` (attributes found in the captions by the extractor), preprocess, Stage 1,
+``python -m villa.data.importers.generic`` (attributes found in the captions by the extractor), preprocess, Stage 1,
 Stage 2 (ViLLA) from the demo's starting encoder and settings. Scored against DocMNIST's ground truth, which
 nothing trains on: Stage 1's mapping F1 on the training split (each region labelled by the ground-truth box it
 overlaps at IoU >= 0.5; regions without one count their assignments as false), text-to-region and region-to-text

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -29,10 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCMNIST_YAML = str(ROOT / "configs" / "dataset" / "docmnist.yaml")
 
 
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path, names: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """Run a command; with ``names``, its last output lines must say where that output is."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    if names is not None:
+        tail = "\n".join((r.stdout + "\n" + r.stderr).strip().splitlines()[-3:])
+        assert str(names) in tail, tail
     return r
 
 
@@ -47,6 +52,7 @@ def test_raw_images_and_captions_end_to_end(tiny_docmnist, tmp_path):
         f"--out_dir={plain}",
         "--no_split",
         cwd=tmp_path,
+        names=plain,
     )
     rec = json.loads((plain / "captions.jsonl").read_text().splitlines()[0])
     assert set(rec) == {"id", "image", "caption"}  # no boxes, no attribute lists, no split
@@ -63,6 +69,7 @@ def test_raw_images_and_captions_end_to_end(tiny_docmnist, tmp_path):
         f"--out_dir={data}",
         "--quiet",
         cwd=tmp_path,
+        names=data / "annotations.feather",
     )
     run(
         "-m",
@@ -74,6 +81,7 @@ def test_raw_images_and_captions_end_to_end(tiny_docmnist, tmp_path):
         "--num_workers=0",
         "--quiet",
         cwd=tmp_path,
+        names=data / "embeddings",
     )
     meta = json.loads((data / "embeddings" / "meta.json").read_text())
     assert meta["regions_from"] == {"source": "grid", "grid": [[3, 3]]}
@@ -91,7 +99,9 @@ def test_raw_images_and_captions_end_to_end(tiny_docmnist, tmp_path):
         f"checkpoint_dir={tmp_path / 'ck1'}",
         f"hydra.run.dir={tmp_path / 'h1'}",
         cwd=tmp_path,
+        names=tmp_path / "ck1",
     )
+    assert str(data / "mapping.feather") in r1.stderr.strip().splitlines()[-1]
     assert "mapping (labelled)" not in r1.stdout  # nothing labelled: no mapping quality printed
     q = json.loads((data / "mapping_quality.json").read_text())
     assert "quality" not in q and q["regions"] == 9 * q["images"] and "degeneracy" in q
@@ -110,6 +120,7 @@ def test_raw_images_and_captions_end_to_end(tiny_docmnist, tmp_path):
         f"checkpoint_dir={tmp_path / 'ck2'}",
         f"hydra.run.dir={tmp_path / 'h2'}",
         cwd=tmp_path,
+        names=tmp_path / "ck2" / "best.pt",
     )
     r3 = run(
         "-m",
@@ -122,6 +133,7 @@ def test_raw_images_and_captions_end_to_end(tiny_docmnist, tmp_path):
         "num_workers=0",
         f"hydra.run.dir={tmp_path / 'h3'}",
         cwd=tmp_path,
+        names=tmp_path / "ev.json",
     )
     ev = json.loads((tmp_path / "ev.json").read_text())
     n_test = int((load_annotations(data, load_vocab("docmnist"), check_images=False).split == "test").sum())
@@ -160,6 +172,20 @@ def test_degenerate_mapping_is_flagged():
     one[0, 0] = one[1, 1] = one[3, 0] = one[4, 2] = True
     d = mapping_degeneracy(one, attrs, offsets)
     assert not d["degenerate"] and d["all_attributes_share"] == 0.0 and d["regions_without_attribute"] == 2 / 6
+    # a grid of 5 regions per image: one of five given both attributes (20%) is enough to flag
+    offsets5, attrs5 = np.array([0, 5, 10]), attrs
+    part = np.zeros((10, 3), bool)
+    part[0, [0, 1]] = part[1, 0] = part[5, 0] = part[6, 2] = True
+    d = mapping_degeneracy(part, attrs5, offsets5)
+    assert d["all_attributes_share"] == 0.1 and not d["degenerate"]
+    part[5, 2] = True
+    d = mapping_degeneracy(part, attrs5, offsets5)
+    assert d["all_attributes_share"] == 0.2 and d["degenerate"]
+    # nothing for most regions: 9 of 10 regions of captioned images get none
+    empty = np.zeros((10, 3), bool)
+    empty[0, 0] = True
+    d = mapping_degeneracy(empty, attrs5, offsets5)
+    assert d["no_attribute_share"] == 0.9 and d["all_attributes_share"] == 0.0 and d["degenerate"]
 
 
 def _s1(data, emb, tmp, *extra):
@@ -189,7 +215,7 @@ def test_epsilon_remaps_without_retraining_and_warns_when_degenerate(synthetic_s
     assert last.stat().st_mtime_ns == stamp  # not retrained
     assert b["assigned_pairs"] > a["assigned_pairs"] and b["degeneracy"]["degenerate"]
     assert not a["degeneracy"]["degenerate"]
-    assert "looks degenerate" in caplog.text
+    assert "get every attribute of their caption" in caplog.text and "lower epsilon (now 2.5)" in caplog.text
     with pytest.raises(Exception, match="another run"):  # a training key still refuses the checkpoint
         train_stage1(_s1(data, emb, tmp_path, "lr=5e-4"))
 

@@ -792,13 +792,19 @@ def test_stage2_fingerprint_sees_the_images_contents(tiny_docmnist, tmp_path, mo
     assert bytes(raw) != img.read_bytes() and images_digest(data, paths) != a
 
 
-def test_captions_without_sentences_are_flagged(tiny_docmnist, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "joiner,unit,flagged", [(" and ", "sentence", True), (" and ", "phrase", False), (" ", "phrase", True)]
+)
+def test_captions_whose_attributes_share_text_are_flagged(tiny_docmnist, tmp_path, caplog, joiner, unit, flagged):
+    """DocMNIST captions with their sentences joined by "and" (or by nothing): with region_text=sentence every
+    caption is flagged; with phrase, "and" separates them again and nothing is flagged, while no separator leaves
+    attributes of one group (two digits, two colours) in one phrase. The warning names image files and sentences."""
     from villa.data.annotations import load_annotations
     from villa.data.synthetic import write_synthetic_embeddings
     from villa.data.vocab import load_vocab
 
     t = feather.read_table(tiny_docmnist / "annotations.feather")
-    text = [x.replace(" . ", " and ") for x in t.column("text").to_pylist()]
+    text = [x.replace(" . ", joiner) for x in t.column("text").to_pylist()]
     d = tmp_path / "d"
     d.mkdir()
     feather.write_feather(t.set_column(t.column_names.index("text"), "text", pa.array(text)), d / "annotations.feather")
@@ -806,9 +812,17 @@ def test_captions_without_sentences_are_flagged(tiny_docmnist, tmp_path, caplog)
     vocab = load_vocab("docmnist")
     ann = load_annotations(d, vocab, check_images=False)
     emb = write_synthetic_embeddings(ann, vocab, tmp_path / "emb", dim=16)
-    res = train_stage1(s1(d, emb, tmp_path, "epochs=1"))
-    assert res["one_sentence_captions"] == ann.n_images
-    assert f"{ann.n_images} captions name several attributes in one sentence" in caplog.text
+    res = train_stage1(s1(d, emb, tmp_path, "epochs=1", f"region_text={unit}"))
+    shared = res["shared_text_captions"]
+    multi = int((ann.attribute_matrix(len(vocab)).sum(1) >= 2).sum())
+    if not flagged:
+        assert shared == {"captions": 0, "examples": []} and "captions name" not in caplog.text
+        return
+    attrs, group = ann.attribute_matrix(len(vocab)), np.asarray(vocab.attribute_group)
+    two_of_a_group = sum(1 for row in attrs if np.bincount(group[row], minlength=len(vocab.groups)).max() >= 2)
+    assert shared["captions"] == (multi if unit == "sentence" else two_of_a_group) > 0
+    assert len(shared["examples"]) == 3 and shared["examples"][0].startswith(f"{ann.filepath[0]}: ")
+    assert f"{shared['captions']} captions name" in caplog.text and shared["examples"][0] in caplog.text
 
 
 def _cli(*args: str, cwd: Path):

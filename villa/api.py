@@ -199,6 +199,7 @@ def map_regions(
             "drop_last",
             "precision",
             "sentence_choice",
+            "region_text",
         ):
             if k in cfg:
                 over.append(f"{k}={str(cfg[k]).lower() if isinstance(cfg[k], bool) else cfg[k]}")

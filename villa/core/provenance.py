@@ -53,6 +53,7 @@ RESUME_FREE = {
     # Stage 1's assignment rule and mapping pass run after training: changing them re-maps without retraining
     "epsilon",
     "sentence_choice",
+    "region_text",
     "mapping_amp",
     "mapping_batch_regions",
 }

@@ -144,6 +144,11 @@ class Stage1Config(TrainingRun):
         "one caption sentence per (image, attribute) (the original's) or per (region, attribute)",
         choices=("image", "region"),
     )
+    region_text: str = opt(
+        "phrase",
+        "each attribute's text: the phrase around it in its sentence, or the whole sentence (the original's)",
+        choices=("phrase", "sentence"),
+    )
     mapping_amp: bool = opt(False, "score the mapping under autocast on CUDA (bf16 flips a few decisions)")
     mapping_batch_regions: int = opt(8192, "regions scored per chunk", gt=0)
     log_every: int = opt(0, "steps between log lines inside an epoch (0: one line per epoch)", ge=0)
@@ -404,6 +409,17 @@ class FinegrainedConfig:
     output: str = opt("${paths.output_dir}/finegrained/${benchmark}.json", "where the JSON metrics are written")
 
 
+@dataclass
+class InspectConfig(Common):
+    task_name: str = opt("inspect", "names the output folder of Hydra's run record")
+    data_dir: str = opt(DEFAULT_DATA, "the dataset folder (annotations.feather and images)")
+    split: Optional[str] = opt(None, "show only this split (null: every split, in file order)")
+    limit: int = opt(50, "images shown (the first of the split)", gt=0)
+    mapping_path: str = opt("${data_dir}/mapping.feather", "Stage 1's mapping, shown when it exists")
+    out: str = opt("${data_dir}/inspect.html", "the HTML page written (self-contained: images embedded)")
+    max_side: int = opt(360, "embedded images are downscaled to at most this many pixels a side", gt=0)
+
+
 COMMANDS = {
     "stage1": "python -m villa.stage1",
     "stage2": "python -m villa.stage2",
@@ -412,6 +428,7 @@ COMMANDS = {
     "detection": "python -m villa.evaluate.detection",
     "classification": "python -m villa.evaluate.classification",
     "preprocess": "python -m preprocess",
+    "inspect": "python -m villa.inspect",
 }
 SCHEMAS = {
     "preprocess": PreprocessConfig,
@@ -421,6 +438,7 @@ SCHEMAS = {
     "finegrained": FinegrainedConfig,
     "detection": DetectionConfig,
     "classification": ClassificationConfig,
+    "inspect": InspectConfig,
 }
 
 
@@ -524,7 +542,7 @@ def check_inputs(cfg: DictConfig, name: str) -> None:
 
     from villa.core.env import resolve_data_dir
 
-    if name not in ("preprocess", "stage1", "stage2", "evaluate"):
+    if name not in ("preprocess", "stage1", "stage2", "evaluate", "inspect"):
         return
     from villa.core.config import vocab_from_config
 

@@ -17,8 +17,8 @@ optionally NegEx-style cue lists (docs/data_format.md)::
 Matching is case-insensitive on whole words (a phrase's internal spaces match any whitespace); at one position the
 longest phrase wins ("pleural effusion" before "effusion"). Text is split into sentences on ``.`` (the sentences
 Stage 1 gives to regions). Within a sentence a *pre* cue ("no", "without", "negative for", "free of", "no evidence
-of") applies to the mentions after it, a *post* cue ("is ruled out", "not seen") to the mentions before it, over at
-most ``negation_window`` words (5, NegEx's scope) and never past a terminator ("but", "however", "although",
+of") applies to the mentions after it, a *post* cue ("is ruled out", "not seen", "are not in") to the mentions before
+it, a cue in both lists ("absent", "missing", "ruled out") both ways, over at most ``negation_window`` words (5, NegEx's scope) and never past a terminator ("but", "however", "although",
 ";", ...) or the sentence's end. As in NegEx, "and" does not end a scope: "no buses and a stoplight" negates both. Negation wins over uncertainty; an
 uncertainty cue that contains a negation cue ("cannot be ruled out") is uncertainty.
 
@@ -32,7 +32,7 @@ import bisect
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -59,6 +59,27 @@ DEFAULT_NEGATION = {
         "clear of",
         "neither",
         "nor",
+        "no longer",
+        "not any",
+        "none of",
+        "lack of",
+        "lacks",
+        "lacking",
+        "devoid of",
+        "never",
+        "missing",
+        "excluding",
+        "rather than",
+        "instead of",
+        "isn't",
+        "aren't",
+        "wasn't",
+        "weren't",
+        "doesn't have",
+        "don't see",
+        "cannot see",
+        "there is no",
+        "there are no",
     ],
     "post": [
         "is ruled out",
@@ -74,6 +95,29 @@ DEFAULT_NEGATION = {
         "are not present",
         "is not seen",
         "are not seen",
+        "not in",
+        "is not in",
+        "are not in",
+        "not visible",
+        "is not visible",
+        "are not visible",
+        "not present",
+        "not shown",
+        "not pictured",
+        "not identified",
+        "not detected",
+        "is missing",
+        "are missing",
+        "missing",
+        "absent",
+        "ruled out",
+        "has been ruled out",
+        "excluded",
+        "is excluded",
+        "are excluded",
+        "is gone",
+        "are gone",
+        "nowhere to be seen",
     ],
 }
 DEFAULT_UNCERTAINTY = {
@@ -124,6 +168,10 @@ TERMINATORS = [
     "while",
     "otherwise",
 ]
+# Where a sentence splits into the phrases Stage 1 gives to regions (``region_text=phrase``): these punctuation marks
+# and whole words (docs/stage1.md)
+PHRASE_MARKS = ",;:"
+PHRASE_WORDS = frozenset({"and", "but", "or", "while", "whereas", "with", "plus"})
 UNCERTAIN_POLICIES = ("mention", "drop")
 NEGEX_WINDOW = 5  # words a cue reaches (NegEx's scope); null in the config: to the sentence's end or a terminator
 
@@ -269,7 +317,10 @@ class AttributeMatcher:
         for status, spec in (("negated", neg), ("uncertain", unc)):
             for kind in ("pre", "post"):
                 for c in spec[kind]:
-                    cues.setdefault(" ".join(c.lower().split()), (status, kind))
+                    key = " ".join(c.lower().split())
+                    had = cues.setdefault(key, (status, kind))
+                    if had[0] == status and had[1] != kind:  # in both lists ("absent", "missing"): both ways
+                        cues[key] = (status, "both")
         self.has_cues = bool(cues)
         for t in TERMINATORS:
             cues.setdefault(t, ("term", ""))
@@ -302,10 +353,10 @@ class AttributeMatcher:
         for i, j, (status, kind) in found:
             if status == "term":
                 continue
-            if kind == "pre":
+            if kind in ("pre", "both"):
                 end = min([b for b in pre_stops if b >= j], default=n)
                 out.append((j, min(end, j + w) if w else end, status))
-            else:
+            if kind in ("post", "both"):
                 start = max([b for b in post_stops if b <= i], default=0)
                 out.append((max(start, i - w) if w else start, i, status))
         return out
@@ -327,6 +378,25 @@ class AttributeMatcher:
     def sentence_mentions(self, sentence: str, index: int = 0) -> list[Mention]:
         """Every attribute mention of one sentence with its status."""
         return self._mentions(sentence, index)[0]
+
+    def phrases(self, sentence: str) -> dict[int, str]:
+        """For each attribute a sentence names in a way that counts, the phrase around its first such mention: the
+        stretch between the nearest phrase boundaries (``PHRASE_MARKS`` and the words in ``PHRASE_WORDS``) on either
+        side. "a red bus and a blue boat" gives red and bus "a red bus", blue and boat "a blue boat"."""
+        ms = [m for m in self.sentence_mentions(sentence) if self.counts(m)]
+        if not ms:
+            return {}
+        low, toks, spans = tokenize(sentence)
+        cuts = [k for k, ch in enumerate(low) if ch in PHRASE_MARKS]
+        bounds = sorted([(k, k + 1) for k in cuts] + [sp for t, sp in zip(toks, spans) if t in PHRASE_WORDS])
+        out: dict[int, str] = {}
+        for m in ms:
+            if m.attribute in out:
+                continue
+            left = max([b for a, b in bounds if b <= m.start], default=0)
+            right = min([a for a, b in bounds if a >= m.end], default=len(sentence))
+            out[m.attribute] = sentence[left:right].strip(" \t\n" + PHRASE_MARKS)
+        return out
 
     def counts(self, m: Mention) -> bool:
         """Whether a mention makes the attribute one of the text's (positive; uncertain under policy 'mention')."""
@@ -411,6 +481,37 @@ def extract_attributes(texts: Sequence[str], vocab: Vocabulary, suggestions: int
         "uncertain_policy": matcher.uncertain_policy,
     }
     return Extraction(out, report)
+
+
+def explain(texts: Sequence[str], vocab: Vocabulary, names: Optional[Sequence[str]] = None) -> str:
+    """What the matcher reads in each text, for tuning a dataset config's aliases and cues without importing or
+    training: per text, the attributes found (counted), negated, uncertain (with the policy that decides whether
+    they count), and the ignored words (outside every mention and cue, not stop words: alias candidates). Each
+    mention shows the words it matched."""
+    matcher = AttributeMatcher(vocab)
+    skip = STOPWORDS | matcher.cue_words
+    lines = []
+    for k, text in enumerate(texts):
+        label = names[k] if names is not None else str(k)
+        lines.append(f"[{k + 1}] {label}: {text!r}")
+        groups: dict[str, list[str]] = {"found": [], "negated": [], "uncertain": []}
+        ignored: list[str] = []
+        for i, sentence in enumerate(split_sentences(text or "")):
+            ms, toks, ranges = matcher._mentions(sentence, i)
+            for m in ms:
+                kind = "found" if m.status == "positive" else m.status
+                groups[kind].append(f"{vocab.attributes[m.attribute]} ({sentence[m.start : m.end]!r})")
+            covered = {j for a, b in ranges for j in range(a, b)}
+            ignored += [
+                t for j, t in enumerate(toks) if j not in covered and t.isalpha() and len(t) > 1 and t not in skip
+            ]
+        policy = "counted" if matcher.uncertain_policy == "mention" else "not counted"
+        for kind, items in groups.items():
+            note = f" [{policy}: uncertain={matcher.uncertain_policy}]" if kind == "uncertain" and items else ""
+            lines.append(f"    {kind + ':':<12}{', '.join(items) or '-'}{note}")
+        lines.append(f"    {'ignored:':<12}{', '.join(dict.fromkeys(ignored)) or '-'}")
+        lines.append(f"    {'attributes:':<12}{', '.join(matcher.attributes(text or '')) or '(none)'}")
+    return "\n".join(lines)
 
 
 def format_report(report: dict[str, Any], top: int = 10) -> str:

@@ -3,7 +3,7 @@
 - ``given``: the boxes the data brings (``region_coord`` / a ``boxes`` field / COCO's ground-truth boxes);
 - ``grid``: R x C cells per image, optionally several levels (``grid=[1, 2, 3]``: 1x1 + 2x2 + 3x3, the paper's
   grid division); a level is ``N`` (N x N) or ``"RxC"``;
-- ``proposals``: a detector's boxes (:mod:`villa.detector`: a torchvision Faster R-CNN family model or a local
+- ``proposals``: a detector's boxes (:mod:`villa.models.detector`: a torchvision Faster R-CNN family model or a local
   checkpoint; the RPN's top-K after NMS with their objectness), or a proposals file in COCO results format
   (``image_id``, ``bbox`` as ``[x, y, w, h]``, ``score``) written by any detector, e.g. RegionCLIP's RPN;
 - ``masks``: one box per labelled part of a segmentation or parsing map (the dataset's importer reads the maps).

@@ -1,7 +1,7 @@
 """Zero-shot image classification: the paper's chest X-ray evaluation (a model trained on MIMIC-CXR, tested on the
 CheXpert 5x200 set), for any CSV of images and labels.
 
-    python -m villa.classification csv=chexpert_5x200.csv images=CheXpert-v1.0 model.pretrained=CKPT \
+    python -m villa.evaluate.classification csv=chexpert_5x200.csv images=CheXpert-v1.0 model.pretrained=CKPT \
         [classes=[Atelectasis,Cardiomegaly,...]] [prompts=classes.yaml] [readout=image|region grid=[1,2,3]]
 
 The CSV has a header with an image path column (``image``, or ``Path`` as CheXpert's) relative to ``images`` and a
@@ -162,6 +162,7 @@ def run_classification(cfg: DictConfig) -> dict[str, Any]:
     print(f"{'zero-shot classification':<26}{'top-1 %':>9}" + "".join(f"{c[:12]:>14}" for c in res["classes"]))
     per = [res["per_class"][c] for c in res["classes"]]
     print(f"{cfg.label:<26}{res['accuracy']:>9.1f}" + "".join(f"{'-' if v is None else f'{v:.1f}':>14}" for v in per))
+    print(f"wrote {cfg.output}")
     return res
 
 

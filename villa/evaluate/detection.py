@@ -1,6 +1,6 @@
 """Zero-shot object detection scored by pycocotools: the RegionCLIP / OVR-CNN protocol that the paper follows.
 
-    python -m villa.detection gt=coco/annotations/instances_val2017.json images=coco/val2017 \
+    python -m villa.evaluate.detection gt=coco/annotations/instances_val2017.json images=coco/val2017 \
         model.pretrained=checkpoints/stage2/coco/best.pt [regions=proposals proposals_file=props.json] \
         [split=coco_48_17] [output=outputs/detection/villa.json]
 

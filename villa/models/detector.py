@@ -1,6 +1,6 @@
 """Region proposals from a torchvision Faster R-CNN family detector: load one, train a small one, propose boxes.
 
-    python -m villa.detector train --data_dir data/docmnist_6000_4.4 --out detector.pt [--epochs 3]
+    python -m villa.models.detector train --data_dir data/docmnist_6000_4.4 --out detector.pt [--epochs 3]
 
 A detector is named and loaded the normal torchvision way where there is internet
 (``--detector fasterrcnn_resnet50_fpn_v2 --detector_weights DEFAULT``), or from a local checkpoint: a villa
@@ -128,7 +128,7 @@ def load_detector(name: Optional[str], weights: Optional[str]) -> tuple[nn.Modul
         except Exception as e:
             raise VillaError(
                 f"{path} is not a detector checkpoint ({type(e).__name__}); pass a .pt file written by "
-                "python -m villa.detector train or a torchvision state dict"
+                "python -m villa.models.detector train or a torchvision state dict"
             ) from e
         if isinstance(state, dict) and state.get("kind") == KIND:
             name = state["name"]
@@ -345,7 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from villa.core.log import setup_logging
 
     setup_logging()
-    p = argparse.ArgumentParser(prog="python -m villa.detector", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m villa.models.detector", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train villa-tiny-frcnn on a dataset's train-split boxes")
     t.add_argument("--data_dir", required=True, help="a dataset in villa's schema with boxes (region_coord)")

@@ -110,6 +110,7 @@ def _sentence_table(texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]
 
 
 SENTENCE_CHOICES = ("image", "region")
+TEXT_UNITS = ("phrase", "sentence")
 
 
 def assign_text(
@@ -119,9 +120,16 @@ def assign_text(
     vocab: Vocabulary,
     rng: np.random.Generator,
     per: str = "image",
+    unit: str = "phrase",
 ) -> list[str]:
     """Each region's text: for each of its attributes, a caption sentence that names it (chosen at random among
     matches, seeded), joined with " . " in vocabulary order.
+
+    ``unit="phrase"`` (default) gives each attribute only the phrase around it in that sentence
+    (:meth:`AttributeMatcher.phrases`: split at , ; : and, but, or, while, whereas, with, plus), and a region's
+    identical phrases once: "a red bus and a blue boat" gives the bus's region "a red bus", not the sentence twice.
+    ``unit="sentence"`` is the original's: the whole sentence per attribute, repeats kept. On DocMNIST, whose
+    sentences each name one attribute, the two are the same (tested).
 
     ``per="image"`` (the original's): one sentence is drawn per (image, attribute) and every region assigned that
     attribute gets it. ``per="region"``: one is drawn per (region, attribute), so two regions sharing an attribute
@@ -134,8 +142,11 @@ def assign_text(
     """
     if per not in SENTENCE_CHOICES:
         raise VillaError(f"sentence_choice={per!r}: use image (the original's) or region")
+    if unit not in TEXT_UNITS:
+        raise VillaError(f"region_text={unit!r}: use phrase or sentence (the original's)")
     sent_off, sent_id, uniq = _sentence_table(texts)
-    match = AttributeMatcher(vocab).sentence_matrix(uniq)  # (unique sentences, A)
+    matcher = AttributeMatcher(vocab)
+    match = matcher.sentence_matrix(uniq)  # (unique sentences, A)
     counts = np.diff(offsets)
     region_image = np.repeat(np.arange(len(counts)), counts)
     pr, pa_ = np.nonzero(assigned)  # region-attribute pairs, sorted by region then attribute
@@ -167,9 +178,13 @@ def assign_text(
     uniq_arr = np.array(uniq, dtype=object)
     out = [""] * len(region_image)
     pr_has, sent_has = pr[has], uniq_arr[chosen[has]] if has.any() else np.array([], dtype=object)
+    if unit == "phrase" and has.any():
+        phrases = {int(sid): matcher.phrases(uniq[sid]) for sid in np.unique(chosen[has])}
+        sent_has = [phrases[int(sid)][int(a)] for sid, a in zip(chosen[has], pa_[has])]
     bounds = np.searchsorted(pr_has, np.arange(len(region_image) + 1))
     for r in np.flatnonzero(np.diff(bounds)):
-        out[r] = SENTENCE_SEP.join(sent_has[bounds[r] : bounds[r + 1]])
+        parts = sent_has[bounds[r] : bounds[r + 1]]
+        out[r] = SENTENCE_SEP.join(dict.fromkeys(parts) if unit == "phrase" else parts)
     return out
 
 
@@ -181,8 +196,10 @@ def write_mapping(
     vocab: Vocabulary,
     path: Path,
     made_by: Optional[dict] = None,
+    scores: Optional[np.ndarray] = None,
 ) -> None:
-    """The annotations plus ``assigned_attributes`` and ``assigned_text`` per region; written atomically.
+    """The annotations plus ``assigned_attributes`` and ``assigned_text`` per region (and, given the (R, A)
+    ``scores``, ``assigned_scores``: each assigned attribute's score, in the same order); written atomically.
     ``made_by`` (the Stage 1 checkpoint, encoder and dataset hash) goes into the schema metadata as JSON
     (``villa_mapping``; read it with :func:`mapping_record`)."""
     names = np.array(vocab.attributes, dtype=object)
@@ -191,17 +208,36 @@ def write_mapping(
     reg_off = pa.array(offsets.astype(np.int32))
     per_region_attrs = pa.ListArray.from_arrays(pa.array(attr_off.astype(np.int32)), pa.array(names[pa_], pa.string()))
     table = annotations
-    for name in ("assigned_attributes", "assigned_text"):
+    for name in ("assigned_attributes", "assigned_text", "assigned_scores"):
         if name in table.column_names:
             table = table.drop_columns([name])
     table = table.append_column("assigned_attributes", pa.ListArray.from_arrays(reg_off, per_region_attrs))
     table = table.append_column("assigned_text", pa.ListArray.from_arrays(reg_off, pa.array(region_text, pa.string())))
+    if scores is not None:
+        per_region_scores = pa.ListArray.from_arrays(
+            pa.array(attr_off.astype(np.int32)), pa.array(scores[pr, pa_].astype(np.float32))
+        )
+        table = table.append_column("assigned_scores", pa.ListArray.from_arrays(reg_off, per_region_scores))
     if made_by is not None:
         meta = dict(table.schema.metadata or {})
         meta[MAPPING_META] = json.dumps(made_by).encode()
         table = table.replace_schema_metadata(meta)
     with atomic_file(path) as tmp:
         feather.write_feather(table, str(tmp), compression="zstd")
+
+
+def read_assigned(path: Path, vocab: Vocabulary) -> np.ndarray:
+    """A mapping.feather's ``assigned_attributes`` as the (R, A) bool matrix :func:`write_mapping` wrote."""
+    table = feather.read_table(str(path), columns=["assigned_attributes"])
+    per_region = table.column("assigned_attributes").combine_chunks().flatten()
+    lens = np.diff(per_region.offsets.to_numpy())
+    flat = per_region.flatten().to_pylist()
+    unknown = sorted(set(flat) - set(vocab.index))
+    if unknown:
+        raise VillaError(f"{path} assigns {unknown[0]!r}, not in the dataset config {vocab.name!r}; pass its dataset=")
+    assigned = np.zeros((len(lens), len(vocab)), bool)
+    assigned[np.repeat(np.arange(len(lens)), lens), [vocab.index[x] for x in flat]] = True
+    return assigned
 
 
 def mapping_record(path: Path) -> Optional[dict]:
@@ -279,7 +315,13 @@ def make_mapping(
     )
     assigned = assign(scores, ann.region_offsets, image_attrs, cfg.epsilon)
     texts = assign_text(
-        ann.text, ann.region_offsets, assigned, vocab, np.random.default_rng(cfg.seed), per=cfg.sentence_choice
+        ann.text,
+        ann.region_offsets,
+        assigned,
+        vocab,
+        np.random.default_rng(cfg.seed),
+        per=cfg.sentence_choice,
+        unit=cfg.region_text,
     )
     out = Path(cfg.mapping_path)
     made_by = {
@@ -288,8 +330,9 @@ def make_mapping(
         "annotations": file_sha256(Path(cfg.data_dir) / "annotations.feather"),
         "epsilon": cfg.epsilon,
         "sentence_choice": cfg.sentence_choice,
+        "region_text": cfg.region_text,
     }
-    write_mapping(ann.table, ann.region_offsets, assigned, texts, vocab, out, made_by)
+    write_mapping(ann.table, ann.region_offsets, assigned, texts, vocab, out, made_by, scores=scores)
     secs = time.perf_counter() - t0
     zero_shot_scores = score_regions(bank, attr_emb, runtime, None, cfg.mapping_batch_regions, amp=cfg.mapping_amp)
     zs = assign(zero_shot_scores, ann.region_offsets, image_attrs, cfg.epsilon)
@@ -302,7 +345,7 @@ def make_mapping(
         "encoder": emb.encoder,
         "epsilon": cfg.epsilon,
     }
-    result.update(mapping_warnings(ann, image_attrs, assigned))
+    result.update(mapping_warnings(ann, vocab, image_attrs, assigned, cfg.region_text, cfg.epsilon))
     gold = ann.region_attribute_matrix(len(vocab))
     if gold is not None:
         result["quality"], result["labelled_regions"] = quality_per_split(
@@ -315,26 +358,105 @@ def make_mapping(
     return result
 
 
-def mapping_warnings(ann: Annotations, image_attrs: np.ndarray, assigned: np.ndarray) -> dict[str, Any]:
-    """What a user should look at before Stage 2: captions whose attributes share one sentence, and a mapping
-    that gives regions all (or none) of their caption's attributes."""
-    one_sentence = int(sum(1 for t, n in zip(ann.text, image_attrs.sum(1)) if n >= 2 and len(split_sentences(t)) == 1))
-    if one_sentence:
-        log.warning(
-            "%d captions name several attributes in one sentence (no '.' between them): each of their regions gets "
-            "the whole caption as its text; separate sentences with '.' so regions get their own",
-            one_sentence,
-        )
+def mapping_warnings(
+    ann: Annotations,
+    vocab: Vocabulary,
+    image_attrs: np.ndarray,
+    assigned: np.ndarray,
+    unit: str = "phrase",
+    epsilon: Optional[float] = None,
+) -> dict[str, Any]:
+    """What a user should look at before Stage 2, each with examples: captions whose attributes cannot be given
+    apart (``region_text=sentence``: several in one sentence; ``phrase``: two of one group in one phrase), and a
+    mapping that gives a large share of regions all, or none, of their caption's attributes."""
+    shared = shared_text_captions(ann, vocab, image_attrs, unit)
+    if shared["captions"]:
+        if unit == "sentence":
+            log.warning(
+                "%d captions name several attributes in one sentence: with region_text=sentence each of them gets "
+                "the whole sentence (e.g. %s); region_text=phrase gives each the phrase around it",
+                shared["captions"],
+                "; ".join(shared["examples"]),
+            )
+        else:
+            log.warning(
+                "%d captions name two attributes of one group in one phrase, so both go to any region given either "
+                "(e.g. %s); separate them with ',' or 'and', or check the dataset config's aliases",
+                shared["captions"],
+                "; ".join(shared["examples"]),
+            )
     degeneracy = mapping_degeneracy(assigned, image_attrs, ann.region_offsets)
-    if degeneracy["degenerate"]:
+    if degeneracy["all_attributes_share"] >= ALL_SHARE_WARN:
         log.warning(
-            "the mapping looks degenerate: %.0f%% of the regions of images with several regions and attributes get "
-            "every attribute of their image (%.1f attributes per region); the heads may not separate regions: lower "
-            "epsilon, train longer, or check the regions",
+            "%.0f%% of the regions of images with several regions and attributes get every attribute of their "
+            "caption (%.1f attributes per region): the mapping barely separates regions; lower epsilon (now %s), "
+            "train Stage 1 longer, or use smaller regions",
             100 * degeneracy["all_attributes_share"],
             degeneracy["attributes_per_region"],
+            epsilon,
         )
-    return {"one_sentence_captions": one_sentence, "degeneracy": degeneracy}
+    if degeneracy["no_attribute_share"] >= NONE_SHARE_WARN:
+        log.warning(
+            "%.0f%% of the regions of images whose caption has attributes get none of them: raise epsilon, or "
+            "use fewer, larger regions (a grid finer than the objects leaves most cells empty)",
+            100 * degeneracy["no_attribute_share"],
+        )
+    return {"shared_text_captions": shared, "degeneracy": degeneracy}
+
+
+def shared_text_captions(ann: Annotations, vocab: Vocabulary, image_attrs: np.ndarray, unit: str) -> dict[str, Any]:
+    """Captions with text two attributes must share (see :func:`mapping_warnings`): how many, and up to three
+    examples by image file and sentence."""
+    matcher = AttributeMatcher(vocab)
+    group = np.asarray(vocab.attribute_group)
+    sent_off, sent_id, uniq = _sentence_table(list(ann.text))
+    flagged = np.zeros(len(uniq), bool)
+    for u, sentence in enumerate(uniq):
+        phrases = matcher.phrases(sentence)
+        if unit == "sentence":
+            flagged[u] = len(phrases) >= 2
+            continue
+        by_phrase: dict[str, list[int]] = {}
+        for a, ph in phrases.items():
+            by_phrase.setdefault(ph, []).append(a)
+        flagged[u] = any(len(set(group[a])) < len(a) for a in map(np.array, by_phrase.values()))
+    n_sent = np.diff(sent_off)
+    hit = np.zeros(len(n_sent), bool)
+    np.logical_or.at(hit, np.repeat(np.arange(len(n_sent)), n_sent), flagged[sent_id])
+    hit &= image_attrs.sum(1) >= 2
+    examples = []
+    for row in np.flatnonzero(hit)[:3]:
+        sid = next(i for i in sent_id[sent_off[row] : sent_off[row + 1]] if flagged[i])
+        examples.append(f"{ann.filepath[row]}: {uniq[sid]!r}")
+    return {"captions": int(hit.sum()), "examples": examples}
+
+
+# mapping_warnings' thresholds: a working mapping gives each attribute to about one region of an image with several
+ALL_SHARE_WARN = 0.2  # share of regions (images with >= 2 regions and >= 2 attributes) given every attribute
+NONE_SHARE_WARN = 0.8  # share of regions (images whose caption has attributes) given none
+
+
+def mapping_degeneracy(assigned: np.ndarray, image_attrs: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
+    """How close a mapping is to "every attribute to every region" or to "nothing anywhere": among regions of images
+    with at least two regions and two attributes, the share that receive all their image's attributes; among
+    regions of images with attributes, the share that receive none; attributes per region. ``degenerate`` when the
+    first is at least ``ALL_SHARE_WARN`` or the second at least ``NONE_SHARE_WARN``."""
+    counts = np.diff(offsets)
+    region_image = np.repeat(np.arange(len(counts)), counts)
+    n_attr = image_attrs.sum(1)[region_image]
+    got = assigned.sum(1)
+    eligible = (counts[region_image] >= 2) & (n_attr >= 2)
+    share = float((got[eligible] == n_attr[eligible]).mean()) if eligible.any() else 0.0
+    with_attrs = n_attr >= 1
+    none_share = float((got[with_attrs] == 0).mean()) if with_attrs.any() else 0.0
+    return {
+        "all_attributes_share": share,
+        "no_attribute_share": none_share,
+        "attributes_per_region": float(got.mean()) if len(got) else 0.0,
+        "regions_without_attribute": float((got == 0).mean()) if len(got) else 0.0,
+        "eligible_regions": int(eligible.sum()),
+        "degenerate": bool((eligible.any() and share >= ALL_SHARE_WARN) or none_share >= NONE_SHARE_WARN),
+    }
 
 
 def quality_per_split(
@@ -355,26 +477,6 @@ def quality_per_split(
                 quality[name][split] = mapping_quality(pred[m], gold[m], vocab.attribute_group, vocab.groups)
     counts = {s: int(((region_split == s) & labelled).sum()) for s in ("train", "val", "test")}
     return quality, counts
-
-
-def mapping_degeneracy(assigned: np.ndarray, image_attrs: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
-    """How close a mapping is to "every attribute to every region": among regions of images with at least two
-    regions and two attributes, the share that receive all their image's attributes, and attributes per region.
-    ``degenerate`` when that share is above one half (a working mapping on such images gives each attribute to
-    about one region)."""
-    counts = np.diff(offsets)
-    region_image = np.repeat(np.arange(len(counts)), counts)
-    n_attr = image_attrs.sum(1)[region_image]
-    got = assigned.sum(1)
-    eligible = (counts[region_image] >= 2) & (n_attr >= 2)
-    share = float((got[eligible] == n_attr[eligible]).mean()) if eligible.any() else 0.0
-    return {
-        "all_attributes_share": share,
-        "attributes_per_region": float(got.mean()) if len(got) else 0.0,
-        "regions_without_attribute": float((got == 0).mean()) if len(got) else 0.0,
-        "eligible_regions": int(eligible.sum()),
-        "degenerate": bool(eligible.any() and share > 0.5),
-    }
 
 
 def print_quality(quality: dict[str, Any], vocab: Vocabulary) -> None:

@@ -119,6 +119,7 @@ def train_stage1(cfg: DictConfig) -> dict[str, Any]:
             metrics = make_mapping(cfg, run.model, run.vocab, run.ann, run.emb, run.bank, run.runtime)
             metrics["seconds"] = round(time.perf_counter() - t_start, 2)
             tracker.final(cfg.epochs * run.steps_per_epoch, flat_scalars({"quality": metrics.get("quality", {})}))
+    log.info("outputs: %s (mapping), %s (checkpoints, metrics)", cfg.mapping_path, cfg.checkpoint_dir)
     return metrics
 
 

@@ -1,7 +1,7 @@
 """COCO 2017: each image's five captions as its text, the category names (and aliases) they mention as its
 attributes, regions from the ground-truth boxes or from proposals, ``reg_to_attr`` from the boxes' categories.
 
-    python -m villa.datasets.coco --coco_dir coco2017 --out_dir data/coco [--regions proposals --proposals_file p.json]
+    python -m villa.data.importers.coco --coco_dir coco2017 --out_dir data/coco [--regions proposals --proposals_file p.json]
 
 Published layout (cocodataset.org): ``annotations/captions_{train,val}2017.json``,
 ``annotations/instances_{train,val}2017.json``, images under ``train2017/`` and ``val2017/``. ``train2017`` gives
@@ -158,7 +158,7 @@ def import_coco(
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    p = importer_parser("villa.datasets.coco", __doc__)
+    p = importer_parser("villa.data.importers.coco", __doc__)
     p.add_argument("--coco_dir", required=True, help="folder with annotations/, train2017/, val2017/")
     p.add_argument(
         "--splits", nargs="+", default=["train2017", "val2017"], help="train2017 -> train/val, val2017 -> test"

@@ -1,7 +1,7 @@
 """DeepFashion-MultiModal: regions from the human parsing maps (one box per labelled part), the caption as text,
 ground truth per region from the parsing label and the shape/fabric/colour label files.
 
-    python -m villa.datasets.deepfashion --root DeepFashion-MultiModal --out_dir data/deepfashion
+    python -m villa.data.importers.deepfashion --root DeepFashion-MultiModal --out_dir data/deepfashion
 
 Published layout (github.com/yumingj/DeepFashion-MultiModal): ``images/<name>.jpg``, ``segm/<name>_segm.png``
 (parsing maps, 24 labels: 0 background, 1 top, 2 outer, 3 skirt, 4 dress, 5 pants, 6 leggings, 7 headwear,
@@ -162,7 +162,7 @@ def import_deepfashion(root, vocab, regions, out_dir=None, **kw) -> Path:
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    p = importer_parser("villa.datasets.deepfashion", __doc__)
+    p = importer_parser("villa.data.importers.deepfashion", __doc__)
     p.add_argument("--root", required=True, help="the DeepFashion-MultiModal folder")
     a, vocab, spec, kw = parse_importer_args(p, argv, "masks", "deepfashion")
     return import_deepfashion(a.root, vocab, spec, a.out_dir, **kw)

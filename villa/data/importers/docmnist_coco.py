@@ -1,10 +1,10 @@
 """A DocMNIST split as a COCO-format detection ground truth: one category per attribute of a group (digits by
-default: each region is one digit), so villa.detection can score zero-shot detection on DocMNIST (the offline
+default: each region is one digit), so villa.evaluate.detection can score zero-shot detection on DocMNIST (the offline
 analogue of the paper's COCO evaluation).
 
-    python -m villa.datasets.docmnist_coco --data_dir data/docmnist_6000_15.2 --split test --group digit \
+    python -m villa.data.importers.docmnist_coco --data_dir data/docmnist_6000_15.2 --split test --group digit \
         --out data/docmnist_6000_15.2/instances_test.json
-    python -m villa.detection gt=data/docmnist_6000_15.2/instances_test.json images=data/docmnist_6000_15.2 ...
+    python -m villa.evaluate.detection gt=data/docmnist_6000_15.2/instances_test.json images=data/docmnist_6000_15.2 ...
 
 Images keep their paths relative to the dataset folder (``file_name``); a region's category is its ground-truth
 attribute of the group (``reg_to_attr``); regions without one are left out.
@@ -68,7 +68,7 @@ def export_coco(
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m villa.datasets.docmnist_coco", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m villa.data.importers.docmnist_coco", description=__doc__.split("\n")[0])
     p.add_argument("--data_dir", required=True, help="a DocMNIST folder (with reg_to_attr)")
     p.add_argument("--out", required=True, help="the COCO instances JSON to write")
     p.add_argument("--split", default="test", help="which split's images")

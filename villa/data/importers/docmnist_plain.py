@@ -1,7 +1,7 @@
 """DocMNIST as a user's own data: plain PNG images plus a JSONL of free-text captions, boxes and attribute lists
-removed. The example that the README's "Your own data" commands import (villa.datasets.generic).
+removed. The example that the README's "Your own data" commands import (villa.data.importers.generic).
 
-    python -m villa.datasets.docmnist_plain --data_dir data/docmnist_15000_15.2 --out_dir data/mine
+    python -m villa.data.importers.docmnist_plain --data_dir data/docmnist_15000_15.2 --out_dir data/mine
 
 Writes ``OUT/images/<split>/<id>.png`` (hard links where the file system allows, else copies) and
 ``OUT/captions.jsonl`` with ``id``, ``image``, ``caption`` and ``split`` (kept, so that the test images stay the
@@ -66,7 +66,9 @@ def export_plain(
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m villa.datasets.docmnist_plain", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m villa.data.importers.docmnist_plain", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--data_dir", required=True, help="a generated DocMNIST folder")
     p.add_argument("--out_dir", required=True, help="where to write images/ and captions.jsonl")
     p.add_argument("--no_split", action="store_true", help="leave the split out of the captions")

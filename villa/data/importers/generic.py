@@ -1,7 +1,9 @@
 """A folder of images plus a JSONL or CSV of captions: the layout a researcher with their own data has.
 
-    python -m villa.datasets.generic --root my_photos --captions my_photos/captions.jsonl \
+    python -m villa.data.importers.generic --root my_photos --captions my_photos/captions.jsonl \
         --dataset_config my_vocab.yaml --regions grid --grid 1 2 3 [--group_key source]
+    python -m villa.data.importers.generic --root my_photos --captions my_photos/captions.jsonl \
+        --dataset_config my_vocab.yaml --explain 20       # what the config finds in 20 captions; writes nothing
 
 One record per image: ``image`` (path relative to ``--root``), ``caption``, optional ``split``
 (train/val/test), optional ``boxes`` (``[[x0, y0, x1, y1], ...]`` in pixels) and any other field (e.g. ``id``,
@@ -149,13 +151,30 @@ def import_generic(
 
 
 @exit_on_error
-def main(argv: Optional[Sequence[str]] = None) -> Path:
-    p = importer_parser("villa.datasets.generic", __doc__)
+def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
+    p = importer_parser("villa.data.importers.generic", __doc__)
     p.add_argument("--root", required=True, help="the folder the image paths are relative to")
     p.add_argument("--captions", required=True, help="JSONL or CSV: image, caption[, split, boxes, id, ...]")
     p.add_argument("--group_key", default=None, help="field whose values never straddle splits (e.g. patient)")
     p.add_argument("--encoding", default="utf-8", help="the captions file's text encoding (e.g. latin-1, cp1252)")
+    p.add_argument(
+        "--explain",
+        type=int,
+        default=None,
+        metavar="N",
+        help="print what the dataset config finds in the first N captions (found, negated, uncertain, ignored) and "
+        "write nothing",
+    )
     a, vocab, spec, kw = parse_importer_args(p, argv, "grid", None)
+    if a.explain is not None:
+        from villa.data.attributes import explain
+
+        if a.explain < 1:
+            raise VillaError(f"--explain {a.explain}: give how many captions to explain (>= 1)")
+        records = read_records(Path(a.captions), a.encoding)[: a.explain]
+        texts = [str(r.get("caption") or "") for _, r in records]
+        print(explain(texts, vocab, [f"{a.captions}:{line} {r.get('image', '')}" for line, r in records]))
+        return None
     return import_generic(a.root, a.captions, vocab, spec, a.out_dir, a.group_key, a.encoding, **kw)
 
 

@@ -1,7 +1,7 @@
 """MIMIC-CXR: chest X-rays (MIMIC-CXR-JPG) with their free-text reports; attributes are the CheXpert observations
 the findings and impression sections affirm (negation and uncertainty handled by the extractor).
 
-    python -m villa.datasets.mimic_cxr --reports mimic-cxr-reports --images mimic-cxr-jpg --out_dir data/mimic \
+    python -m villa.data.importers.mimic_cxr --reports mimic-cxr-reports --images mimic-cxr-jpg --out_dir data/mimic \
         [--regions grid --grid 1 3 | --boxes_csv boxes.csv --regions given] [--views PA AP]
 
 Published layouts (PhysioNet): reports ``files/pXX/pNNNNNNNN/sNNNNNNNN.txt`` (mimic-cxr-reports); images
@@ -141,7 +141,7 @@ def import_mimic(
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    p = importer_parser("villa.datasets.mimic_cxr", __doc__)
+    p = importer_parser("villa.data.importers.mimic_cxr", __doc__)
     p.add_argument("--reports", required=True, help="folder holding files/pXX/pNNNNNNNN/sNNNNNNNN.txt")
     p.add_argument("--images", required=True, help="MIMIC-CXR-JPG folder: files/ and the metadata and split CSVs")
     p.add_argument("--views", nargs="*", default=["PA", "AP"], help="ViewPosition values to keep (none: all)")

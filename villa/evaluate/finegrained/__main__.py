@@ -1,14 +1,14 @@
 """Fine-grained image-text evaluation of any model villa loads (open_clip tags, checkpoint paths, villa checkpoints).
 
-    python -m villa.finegrained benchmark=winoground data_dir=/data/winoground model.name=RN50 model.pretrained=openai
-    python -m villa.finegrained benchmark=valse data_dir=/data/valse model.pretrained=checkpoints/.../best.pt
-    python -m villa.finegrained benchmark=vsr data_dir=/data/vsr split=test
-    python -m villa.finegrained benchmark=svo_probes data_dir=/data/svo_probes
-    python -m villa.finegrained benchmark=coco_order data_dir=/data/coco   # ARO's COCO-Order (needs villa[aro])
-    python -m villa.finegrained benchmark=docmnist data_dir=data/docmnist_30000_15.2 model.pretrained=<villa ckpt>
+    python -m villa.evaluate.finegrained benchmark=winoground data_dir=/data/winoground model.name=RN50 model.pretrained=openai
+    python -m villa.evaluate.finegrained benchmark=valse data_dir=/data/valse model.pretrained=checkpoints/.../best.pt
+    python -m villa.evaluate.finegrained benchmark=vsr data_dir=/data/vsr split=test
+    python -m villa.evaluate.finegrained benchmark=svo_probes data_dir=/data/svo_probes
+    python -m villa.evaluate.finegrained benchmark=coco_order data_dir=/data/coco   # ARO's COCO-Order (needs villa[aro])
+    python -m villa.evaluate.finegrained benchmark=docmnist data_dir=data/docmnist_30000_15.2 model.pretrained=<villa ckpt>
 
 Prints a table and writes the metrics as JSON (``output``). Scores are cosines of global image and text embeddings
-(villa.finegrained.scorer); the docmnist benchmark adds the region-level readout.
+(villa.evaluate.finegrained.scorer); the docmnist benchmark adds the region-level readout.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from villa.evaluate.finegrained.order import ORDER_DATASETS, load_order, score_o
 from villa.evaluate.finegrained.scorer import Scorer
 from villa.models.clip import create_clip
 
-log = logging.getLogger("villa.finegrained")
+log = logging.getLogger("villa.evaluate.finegrained")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Public fine-grained benchmarks, read from local copies in their published layouts, and their metrics.
 
 Each loader returns a list of items (plain dicts) and raises one :class:`VillaError` line that says which files it
-expected and where to get them. Each ``score_*`` function takes the items and a :class:`~villa.finegrained.scorer.Scorer`
+expected and where to get them. Each ``score_*`` function takes the items and a :class:`~villa.evaluate.finegrained.scorer.Scorer`
 and returns the benchmark's metrics; the metric definitions are pure functions of the similarity scores
 (``*_metrics``), tested on hand-made score tables.
 
@@ -369,7 +369,7 @@ def load_aro(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """ARO's Visual Genome tasks (Yuksekgonul et al., ICLR 2023): lists of ``{image_path, bbox_x, bbox_y, bbox_w,
     bbox_h, true_caption, false_caption, relation_name | attributes}``; images under ``images/`` (the file name of
     ``image_path``). As ARO's code, each image is cropped to the box before scoring. COCO-Order and Flickr30k-Order
-    are in :mod:`villa.finegrained.order`."""
+    are in :mod:`villa.evaluate.finegrained.order`."""
     images = _need(data_dir / "images", "ARO images folder", ARO_WHERE)
     tasks = {}
     for task, fname in ARO_FILES.items():
