@@ -204,24 +204,10 @@ def run_timed(cmd: list, cwd: Path, env: dict, log: Path) -> tuple[float, list, 
 
 
 def cpu_info() -> dict:
-    """The CPU the comparison ran on: model name, logical cores, and whether it computes bf16 natively."""
-    from villa.core.runtime import cpu_has_native_bf16
+    """The CPU the comparison ran on (villa.core.runtime.machine_info)."""
+    from villa.core.runtime import machine_info
 
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    import torch
-
-    return {
-        "model": model,
-        "logical_cores": os.cpu_count(),
-        "native_bf16": cpu_has_native_bf16(),
-        "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return machine_info()
 
 
 def _first(lines: list, pattern: str) -> float:

@@ -18,7 +18,7 @@ from villa.core.config import compose_config
 from villa.core.errors import VillaError
 from villa.core.io import write_json_atomic
 from villa.core.provenance import check_held_out, checkpoint_pools, dataset_pools
-from villa.core.runtime import get_runtime
+from villa.core.runtime import get_runtime, machine_info
 from villa.data.annotations import load_annotations
 from villa.data.vocab import load_vocab
 from villa.evaluate.retrieval import evaluate_model, region_options
@@ -246,6 +246,7 @@ def run_pipeline(
             "checkpoints": {k: str(v) for k, v in ckpts.items()},
             "timings": timings,
             "seconds": round(time.perf_counter() - t0, 1),
+            "machine": machine_info(),
         }
     )
     write_json_atomic(work / "results.json", results)

@@ -124,3 +124,55 @@ def test_original_harness_summary():
     )
     partial = summarize({k: [{"generate": r["generate"]} for r in v] for k, v in reps.items()}, ("generate",))
     assert set(partial) == {"generate", "memory"}
+
+
+def test_stage2_step_profile_splits_a_real_step(tiny_docmnist, tiny_mapping, tmp_path):
+    """benchmarks/profile_stage2 sets a run up through the trainer and times its parts: every part measured, the
+    parts adding up to the whole step, the batch as configured."""
+    from benchmarks.profile_stage2 import PARTS, format_rows, profile
+
+    res = profile(
+        [
+            f"data_dir={tiny_docmnist}",
+            f"mapping_path={tiny_mapping}",
+            "model.name=villa-tiny-rn",
+            "model.pretrained=none",
+            "batch_size=8",
+            "device=cpu",
+            "num_workers=0",
+        ],
+        steps=3,
+        warmup=1,
+    )
+    parts = res["parts"]
+    assert res["batch_images"] == 8 and res["batch_pairs"] > 8 and res["precision"] == "fp32"
+    assert all(parts[p]["median_ms"] > 0 for p in PARTS)
+    total = sum(parts[p]["median_ms"] for p in PARTS)
+    assert 0.6 * parts["step"]["median_ms"] <= total <= 1.4 * parts["step"]["median_ms"]
+    assert format_rows(res).splitlines()[0].split() == ["part", "median", "ms", "q1", "q3", "share"]
+
+
+def test_cost_growth_table_states_the_growth():
+    """The growth column: time and memory ratio from the smallest to the largest size over the data's ratio."""
+    from benchmarks.cost_growth import format_table, growth
+
+    def row(scale, pre, s1, s2, mem):
+        step = lambda s: {"seconds": s, "epoch_seconds": s, "peak_rss_mb": mem, "peak_tree_rss_mb": mem}  # noqa: E731
+        return {
+            "scale": scale,
+            "budget": 15000 * scale,
+            "images": {"train": 1000 * scale},
+            "regions": 9000 * scale,
+            "preprocess": step(pre),
+            "stage1": step(s1),
+            "stage2": step(s2),
+        }
+
+    rows = [row(1, 10, 2, 30, 1000), row(4, 40, 8, 150, 2000)]
+    assert growth(rows, "preprocess", "seconds") == 1.0 and growth(rows, "stage2", "epoch_seconds") == 1.25
+    assert growth(rows, "stage1", "peak_tree_rss_mb") == 0.5
+    table = format_table({"rows": rows})
+    assert "| 4x (60,000 pairs) | 4,000 | 36,000 | 40 | 2000 | 8.0 | 2000 | 150.0 | 2000 |" in table
+    assert (
+        "preprocess: time x1.0, memory x0.5; stage1: time x1.0, memory x0.5; stage2: time x1.25, memory x0.5" in table
+    )

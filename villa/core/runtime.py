@@ -50,6 +50,31 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def machine_info() -> dict:
+    """The hardware a run's numbers came from: the CPU's model name, logical cores, torch's CPU capability, whether
+    it computes bf16 natively, torch's threads, and the GPU when there is one. Float kernels differ by instruction
+    set, so results differ in their last digits from one machine to another (docs/results/README.md)."""
+    import os
+    import platform
+
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    out = {
+        "model": model,
+        "logical_cores": os.cpu_count(),
+        "native_bf16": cpu_has_native_bf16(),
+        "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
 def get_runtime(device: Union[str, torch.device, None] = "auto", precision: Union[bool, str] = "auto") -> Runtime:
     """``device``: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
 
