@@ -100,7 +100,9 @@ def test_open_clip_export_loads_in_open_clip_alone_and_round_trips(tmp_path):
     with torch.no_grad():
         img = ref.clip.model.encode_image(x)
         txt = ref.clip.model.encode_text(ref.tokenizer(texts))
-    torch.testing.assert_close(y["img"], img, rtol=1e-5, atol=1e-5)
+    # villa runs the tower channels_last with the attention pool folded (979f2a4): the same function, summed in
+    # another order, so equal to float32 rounding (CI saw 3.4e-5 on values near 1.3), not bit for bit
+    torch.testing.assert_close(y["img"], img, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y["txt"], txt, rtol=1e-5, atol=1e-5)
     assert y["pre"].shape == (3, 128, 128) and float(y["pre"][0].min()) == 1.0 and float(y["pre"][1:].max()) == 0.0
     back = villa.load(str(out))  # the region path and its options come back through villa
