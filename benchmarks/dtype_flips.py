@@ -25,10 +25,10 @@ import numpy as np
 def run(budget: int, epochs: int, work: Path) -> dict:
     from docmnist.generate_docmnist import generate
     from villa.core.config import compose_config
+    from villa.core.env import SHIPPED_WEIGHTS
     from villa.data.annotations import load_annotations
     from villa.data.embeddings import open_embeddings
     from villa.data.vocab import load_vocab
-    from villa.models.clip import SHIPPED_WEIGHTS
     from villa.preprocess import embed_dataset
     from villa.stage1.mapping import read_assigned
     from villa.stage1.train import train_stage1

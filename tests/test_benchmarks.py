@@ -176,3 +176,17 @@ def test_cost_growth_table_states_the_growth():
     assert (
         "preprocess: time x1.0, memory x0.5; stage1: time x1.0, memory x0.5; stage2: time x1.25, memory x0.5" in table
     )
+
+
+def test_dtype_flips_counts_the_decisions_float16_storage_changes(tmp_path):
+    """benchmarks/dtype_flips.py end to end at a tiny budget: both storage dtypes embedded and trained, the
+    decisions counted against all the rule makes, and float16's rounding visible in the embeddings."""
+    from benchmarks.dtype_flips import run
+
+    res = run(1000, 1, tmp_path)
+    assert res["decisions"] > 0 and res["images"] <= res["regions"] <= 9 * res["images"]
+    assert 0 < res["max_abs_embedding_difference"] < 1e-2
+    assert set(res["epsilon"]) == {"0.2", "0.0002"}
+    for row in res["epsilon"].values():
+        assert 0 <= row["differing_decisions"] <= res["decisions"]
+        assert 0 < row["f1_float16"] <= 100 and 0 < row["f1_float32"] <= 100

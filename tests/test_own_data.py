@@ -252,7 +252,7 @@ def test_mapping_quality_per_split_over_labelled_rows_only(synthetic_stage1, tmp
 
 
 def test_dataset_config_by_path_for_every_command(tmp_path):
-    from villa.core.config import vocab_from_config
+    from villa.data.vocab import vocab_from_config
 
     for name in ("stage1", "stage2", "evaluate"):
         cfg = compose_config(name, [f"dataset={DOCMNIST_YAML}"])

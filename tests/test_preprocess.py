@@ -52,6 +52,8 @@ def test_twice_identical_and_batch_size_invariant(tiny_docmnist, tiny_embeddings
     other = preprocess(
         tiny_docmnist, "docmnist", out_dir=tmp_path / "b1", **{**TINY, "batch_size": 1, "dtype": "float32"}
     )
+    assert np.load(tiny_embeddings / "regions.npy").dtype == np.float16  # the default: half the disk
+    assert np.load(other / "regions.npy").dtype == np.float32  # dtype=float32: the original's
     np.testing.assert_allclose(
         np.load(other / "regions.npy"),
         np.load(tiny_embeddings / "regions.npy").astype(np.float32),

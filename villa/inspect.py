@@ -183,43 +183,44 @@ def render(
         + "</div>",
         f'<div class="summary">{"".join(cells)}</div>',
     ]
-    names = vocab.attributes
     for r in rows:
-        a, b = int(ann.region_offsets[r]), int(ann.region_offsets[r + 1])
-        w, h = (int(v) for v in ann.image_size[r])
-        path = ann.root / ann.filepath[r]
-        caption, _ = _caption_html(ann.text[r], matcher)
-        boxes, region_rows = [], []
-        fs = max(w, h) / 28  # about 12 px at the page's image width
-        for k, (x0, y0, x1, y1) in enumerate(ann.boxes[a:b].tolist()):
-            color = PALETTE[k % len(PALETTE)]
-            boxes.append(
-                f'<rect class="box" x="{x0:.1f}" y="{y0:.1f}" width="{x1 - x0:.1f}" height="{y1 - y0:.1f}" '
-                f'stroke="{color}"/><text class="boxlabel" x="{x0 + fs / 4:.1f}" y="{y0 + fs:.1f}" '
-                f'fill="{color}" font-size="{fs:.1f}" style="stroke-width:{fs / 5:.2f}px">{k + 1}</text>'
-            )
-            if mapping is not None:
-                got = [names[j] for j in np.flatnonzero(assigned[a + k])]
-                scores = mapping["scores"][a + k] if mapping.get("scores") is not None else None
-                g = (
-                    {names[j] for j in np.flatnonzero(gold[a + k])}
-                    if gold is not None and ann_labelled(ann, r)
-                    else None
-                )
-                region_rows.append(
-                    f'<tr class="region"><td><span class="swatch" style="background:{color}"></span>{k + 1}</td>'
-                    f"<td>{_chips(got, scores, g)}</td></tr>"
-                )
-        table = f"<table>{''.join(region_rows)}</table>" if region_rows else ""
-        parts.append(
-            f'<section class="image" data-image="{html.escape(str(ann.filepath[r]))}" data-regions="{b - a}">'
-            f'<div class="frame"><img alt="{html.escape(str(ann.filepath[r]))}" src="{_image_data_uri(path, max_side)}">'
-            f'<svg viewBox="0 0 {w} {h}" preserveAspectRatio="none">{"".join(boxes)}</svg></div>'
-            f'<div><div class="name">{html.escape(str(ann.filepath[r]))} · {ann.split[r]} · {b - a} regions</div>'
-            f'<div class="caption">{caption}</div>{table}</div></section>'
-        )
+        parts.append(_image_section(ann, int(r), matcher, mapping, gold, vocab.attributes, max_side))
     parts.append("</body></html>")
     return "\n".join(parts), summary
+
+
+def _image_section(ann, r: int, matcher, mapping: Optional[dict[str, Any]], gold, names, max_side: int) -> str:
+    """One image's section: the image with its numbered boxes, the caption marked, each region's chips."""
+    assigned = mapping["assigned"] if mapping is not None else None
+    a, b = int(ann.region_offsets[r]), int(ann.region_offsets[r + 1])
+    w, h = (int(v) for v in ann.image_size[r])
+    path = ann.root / ann.filepath[r]
+    caption, _ = _caption_html(ann.text[r], matcher)
+    boxes, region_rows = [], []
+    fs = max(w, h) / 28  # about 12 px at the page's image width
+    for k, (x0, y0, x1, y1) in enumerate(ann.boxes[a:b].tolist()):
+        color = PALETTE[k % len(PALETTE)]
+        boxes.append(
+            f'<rect class="box" x="{x0:.1f}" y="{y0:.1f}" width="{x1 - x0:.1f}" height="{y1 - y0:.1f}" '
+            f'stroke="{color}"/><text class="boxlabel" x="{x0 + fs / 4:.1f}" y="{y0 + fs:.1f}" '
+            f'fill="{color}" font-size="{fs:.1f}" style="stroke-width:{fs / 5:.2f}px">{k + 1}</text>'
+        )
+        if mapping is not None:
+            got = [names[j] for j in np.flatnonzero(assigned[a + k])]
+            scores = mapping["scores"][a + k] if mapping.get("scores") is not None else None
+            g = {names[j] for j in np.flatnonzero(gold[a + k])} if gold is not None and ann_labelled(ann, r) else None
+            region_rows.append(
+                f'<tr class="region"><td><span class="swatch" style="background:{color}"></span>{k + 1}</td>'
+                f"<td>{_chips(got, scores, g)}</td></tr>"
+            )
+    table = f"<table>{''.join(region_rows)}</table>" if region_rows else ""
+    return (
+        f'<section class="image" data-image="{html.escape(str(ann.filepath[r]))}" data-regions="{b - a}">'
+        f'<div class="frame"><img alt="{html.escape(str(ann.filepath[r]))}" src="{_image_data_uri(path, max_side)}">'
+        f'<svg viewBox="0 0 {w} {h}" preserveAspectRatio="none">{"".join(boxes)}</svg></div>'
+        f'<div><div class="name">{html.escape(str(ann.filepath[r]))} · {ann.split[r]} · {b - a} regions</div>'
+        f'<div class="caption">{caption}</div>{table}</div></section>'
+    )
 
 
 def ann_labelled(ann, row: int) -> bool:
@@ -252,10 +253,10 @@ def read_mapping(path: Path, ann, vocab) -> Optional[dict[str, Any]]:
 
 def inspect_dataset(cfg: DictConfig) -> dict[str, Any]:
     """Write the report of ``cfg`` (villa/core/schemas.py InspectConfig); return its path and summary."""
-    from villa.core.config import vocab_from_config
     from villa.core.io import atomic_file
     from villa.core.schemas import check_inputs, validate_config
     from villa.data.annotations import load_annotations
+    from villa.data.vocab import vocab_from_config
 
     validate_config(cfg, "inspect")
     check_inputs(cfg, "inspect")

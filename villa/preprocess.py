@@ -20,7 +20,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from villa.core.config import vocab_from_config
 from villa.core.distributed import init_distributed
 from villa.core.env import resolve_data_dir
 from villa.core.errors import VillaError
@@ -32,7 +31,7 @@ from villa.data.batches import gather_index
 from villa.data.embeddings import FORMAT, encoder_meta, write_index, write_meta
 from villa.data.images import boxes_of, region_batches, size_buckets
 from villa.data.regions import regions_record
-from villa.data.vocab import Vocabulary, load_vocab
+from villa.data.vocab import Vocabulary, load_vocab, vocab_from_config
 from villa.models.clip import Clip, create_clip
 from villa.models.region_encoder import RegionEncoder, calibrate_batchnorm
 from villa.models.text import encode_attributes

@@ -20,7 +20,6 @@ from villa.core.env import config_dir
 from villa.core.errors import VillaError, error_line
 from villa.core.log import setup_logging
 from villa.core.schemas import COMMANDS, check_inputs, help_text, register_schemas, validate_config
-from villa.data.vocab import Vocabulary, load_vocab, vocab_from_dict
 
 
 def _basename(path: Any) -> str:
@@ -83,13 +82,6 @@ def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(name, overrides=dataset_path_overrides(overrides))
-
-
-def vocab_from_config(cfg: DictConfig) -> Vocabulary:
-    """The vocabulary of the composed ``dataset`` group (configs/dataset/<name>.yaml, or a YAML given by path)."""
-    if "path" in cfg.dataset:
-        return load_vocab(cfg.dataset.path)
-    return vocab_from_dict(OmegaConf.to_container(cfg.dataset, resolve=True), source=f"dataset={cfg.dataset.name}")
 
 
 def _one_line(e: BaseException) -> str:

@@ -544,7 +544,7 @@ def check_inputs(cfg: DictConfig, name: str) -> None:
 
     if name not in ("preprocess", "stage1", "stage2", "evaluate", "inspect"):
         return
-    from villa.core.config import vocab_from_config
+    from villa.data.vocab import vocab_from_config
 
     vocab_from_config(cfg)  # the dataset config reads
     data = resolve_data_dir(cfg.data_dir) if name == "preprocess" else Path(cfg.data_dir)

@@ -144,3 +144,13 @@ def load_vocab(name_or_path: PathLike | Mapping[str, Any] = "docmnist") -> Vocab
     if not isinstance(cfg, Mapping):
         raise VillaError(f"dataset config {p} is empty or not a mapping; give it 'name' and 'groups'")
     return vocab_from_dict(cfg, source=str(p))
+
+
+def vocab_from_config(cfg: Any) -> Vocabulary:
+    """The vocabulary of a composed config's ``dataset`` group (configs/dataset/<name>.yaml, or a YAML given by
+    path)."""
+    from omegaconf import OmegaConf
+
+    if "path" in cfg.dataset:
+        return load_vocab(cfg.dataset.path)
+    return vocab_from_dict(OmegaConf.to_container(cfg.dataset, resolve=True), source=f"dataset={cfg.dataset.name}")

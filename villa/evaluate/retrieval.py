@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from villa.core.checkpoint import load_checkpoint
-from villa.core.config import vocab_from_config
 from villa.core.env import resolve_weights
 from villa.core.errors import VillaError
 from villa.core.io import write_json_atomic
@@ -33,7 +32,7 @@ from villa.core.runtime import Runtime, get_runtime
 from villa.core.schemas import check_inputs, validate_config
 from villa.data.annotations import Annotations, load_annotations
 from villa.data.images import boxes_of, region_batches
-from villa.data.vocab import Vocabulary
+from villa.data.vocab import Vocabulary, vocab_from_config
 from villa.evaluate.metrics import precision_at_k, r_precision
 from villa.models.clip import Clip, create_clip
 from villa.models.grain_head import GrainHead, GrainSpec, normalized_targets, query_readout

@@ -214,6 +214,45 @@ def is_villa_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == "villa-clip" and "state_dict" in obj
 
 
+def _read_weights_file(path: Path, model_name: str) -> tuple[Optional[dict[str, Any]], str]:
+    """``pretrained=<path>``: the villa checkpoint it holds (and the model name it records), or ``(None, name)``
+    where open_clip reads the file itself (its own checkpoint, safetensors or OpenAI's TorchScript)."""
+    ckpt = None
+    if path.is_dir() and (path / "open_clip_config.json").is_file():
+        obj = read_open_clip_folder(path)  # villa.export --format open_clip
+    elif path.is_dir():
+        raise VillaError(f"pretrained={path} is a folder without open_clip_config.json, not a model; {CHECKPOINT_FIX}")
+    elif path.suffix == ".safetensors":
+        obj = {}  # open_clip's own weights format: open_clip reads it below
+    else:
+        try:
+            obj = load_checkpoint(
+                path,
+                "pretrained checkpoint",
+                "pass a villa checkpoint (<checkpoint_dir>/best.pt), an open_clip checkpoint or folder, a tag or none",
+            )
+        except CheckpointError as e:
+            if e.kind != "corrupt" or not zipfile.is_zipfile(path):
+                raise
+            obj = {}  # a zip archive torch.load refuses may be OpenAI's TorchScript: open_clip decides below
+    kind = str(obj.get("kind", ""))
+    if not is_villa_checkpoint(obj) and kind.startswith("villa-"):
+        raise VillaError(
+            f"{path} is a {kind} checkpoint, not a CLIP model; pass a Stage 2 or pretraining checkpoint "
+            "(<checkpoint_dir>/best.pt), an open_clip checkpoint, a tag or none"
+        )
+    if is_villa_checkpoint(obj):
+        ckpt = obj
+        saved = obj["model_name"]
+        if model_name not in (saved, None, "", "auto") and model_name.split("@")[0] != saved.split("@")[0]:
+            raise VillaError(
+                f"checkpoint {path} holds a {saved!r} model but the model name is {model_name!r}; set model.name={saved} "
+                "(or model.name=auto)"
+            )
+        model_name = _register_config(saved, obj["model_cfg"])
+    return ckpt, model_name
+
+
 def create_clip(
     model_name: str = "RN50",
     pretrained: Optional[str] = "openai",
@@ -232,40 +271,7 @@ def create_clip(
     pretrained = resolve_weights(pretrained)
     if pretrained not in NO_WEIGHTS and (os.sep in str(pretrained) or os.path.exists(str(pretrained))):
         path = Path(str(pretrained))
-        if path.is_dir() and (path / "open_clip_config.json").is_file():
-            obj = read_open_clip_folder(path)  # villa.export --format open_clip
-        elif path.is_dir():
-            raise VillaError(
-                f"pretrained={path} is a folder without open_clip_config.json, not a model; {CHECKPOINT_FIX}"
-            )
-        elif path.suffix == ".safetensors":
-            obj = {}  # open_clip's own weights format: open_clip reads it below
-        else:
-            try:
-                obj = load_checkpoint(
-                    path,
-                    "pretrained checkpoint",
-                    "pass a villa checkpoint (<checkpoint_dir>/best.pt), an open_clip checkpoint or folder, a tag or none",
-                )
-            except CheckpointError as e:
-                if e.kind != "corrupt" or not zipfile.is_zipfile(path):
-                    raise
-                obj = {}  # a zip archive torch.load refuses may be OpenAI's TorchScript: open_clip decides below
-        kind = str(obj.get("kind", ""))
-        if not is_villa_checkpoint(obj) and kind.startswith("villa-"):
-            raise VillaError(
-                f"{path} is a {kind} checkpoint, not a CLIP model; pass a Stage 2 or pretraining checkpoint "
-                "(<checkpoint_dir>/best.pt), an open_clip checkpoint, a tag or none"
-            )
-        if is_villa_checkpoint(obj):
-            ckpt = obj
-            saved = obj["model_name"]
-            if model_name not in (saved, None, "", "auto") and model_name.split("@")[0] != saved.split("@")[0]:
-                raise VillaError(
-                    f"checkpoint {path} holds a {saved!r} model but the model name is {model_name!r}; set model.name={saved} "
-                    "(or model.name=auto)"
-                )
-            model_name = _register_config(saved, obj["model_cfg"])
+        ckpt, model_name = _read_weights_file(path, model_name)
     if ckpt is None:
         model_name = resolve_model_name(model_name)
     cfg = open_clip.get_model_config(model_name)

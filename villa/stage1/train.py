@@ -23,7 +23,6 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from villa.core.checkpoint import checkpoint_lock, config_dict
-from villa.core.config import vocab_from_config
 from villa.core.engine import (
     Cadence,
     FiniteGuard,
@@ -44,7 +43,7 @@ from villa.core.tracking import Tracker, flat_scalars, make_tracker
 from villa.data.annotations import Annotations, load_annotations
 from villa.data.batches import RegionBank, image_batches
 from villa.data.embeddings import EmbeddingSet, open_embeddings
-from villa.data.vocab import Vocabulary
+from villa.data.vocab import Vocabulary, vocab_from_config
 from villa.models.projection import MultiHeadProjection
 from villa.stage1.loss import image_loss, segment_max
 from villa.stage1.mapping import make_mapping

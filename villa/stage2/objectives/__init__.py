@@ -31,7 +31,7 @@ BUILTIN = {
 
 def build_objective(cfg: DictConfig) -> Objective:
     """The objective ``cfg.objective`` names, with ``cfg`` and the dataset's vocabulary."""
-    from villa.core.config import vocab_from_config
+    from villa.data.vocab import vocab_from_config
 
     return objective_class(cfg.objective)(cfg, vocab_from_config(cfg))
 
