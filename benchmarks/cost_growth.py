@@ -36,7 +36,7 @@ def _epochs(lines: list, pattern: str) -> list[float]:
 
 def measure(scale: int, work: Path, stage1_epochs: int, env: dict) -> dict:
     from docmnist.generate_docmnist import generate
-    from villa.models.clip import SHIPPED_WEIGHTS
+    from villa.core.env import SHIPPED_WEIGHTS
 
     budget = DEMO_BUDGET * scale
     data = generate(
