@@ -198,3 +198,36 @@ def test_aro_order_fidelity_is_its_results_file():
     assert f"**{res['options_differing']} of {res['options']} options differ**" in page
     assert f"{res['perturbations_that_changed_the_caption']} of {res['perturbations']}" in page
     assert f"makes {res['control_options_differing']} of {res['options']} differ" in page
+
+
+def test_speed_page_figures_are_their_results_files():
+    """docs/speed.md's cost-growth table is the script's rendering of its file; the start-up, region-operation,
+    Stage 1 backward and Stage 2 profile figures, and differences.md's float16 row, are their files' numbers."""
+    speed = (ROOT / "docs" / "speed.md").read_text()
+    bench = RESULTS / "benchmarks"
+    growth = json.loads((bench / "cost_growth.json").read_text())
+    assert render("benchmarks.cost_growth", bench / "cost_growth.json").strip() in speed
+    assert growth["command"] in speed and [r["scale"] for r in growth["rows"]] == [1, 4, 16]
+    start = json.loads((bench / "startup.json").read_text())
+    assert start["command"] in speed
+    for name, v in start["commands"].items():
+        assert f"| `{name}` | {v['exit'][0]} | {v['median_s']:.2f} s ({v['min_s']:.2f}-{v['max_s']:.2f}) |" in speed
+        assert v["median_s"] < 1.5  # the start-up a user waits for
+    ops = json.loads((bench / "region_ops.json").read_text())
+    for row in ops["cases"].values():
+        assert f"| {row['old']['median_ms']:.1f} | {row['new']['median_ms']:.1f} | {row['ratio']:.2f}x |" in speed
+        assert row["max_abs_output_difference"] < 1e-5
+    profile = json.loads((bench / "stage2_profile.json").read_text())
+    for part in ("data", "forward", "backward", "optimizer"):
+        assert f"| {profile['parts'][part]['median_ms']:.1f} |" in speed
+    s1 = json.loads((bench / "stage1_backward.json").read_text())
+    assert s1["mapping"]["differing"] == 0 and f"0 of the {s1['mapping']['decisions']:,}" in speed
+    for key in ("ratio every=1", "ratio every=5", "ratio full every=1 / sparse every=5"):
+        assert f"{s1['summary'][key]:.2f}x" in speed
+    flips = json.loads((bench / "dtype_flips.json").read_text())
+    differences = (ROOT / "docs" / "differences.md").read_text()
+    for row in flips["epsilon"].values():
+        assert f"{row['differing_decisions']} of {flips['decisions']:,}" in differences or (
+            f"{row['differing_decisions']} at epsilon" in differences
+        )
+        assert f"{row['f1_float16']:.2f}" in differences and f"{row['f1_float32']:.2f}" in differences
