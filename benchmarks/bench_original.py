@@ -46,6 +46,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks.results import command_line, save
 from villa.core.errors import VillaError, exit_on_error
 
 REPO = Path(__file__).resolve().parent.parent
@@ -528,7 +529,7 @@ def main(argv=None) -> dict:
             reps[s].append(done[s])
     summary = summarize(reps, a.steps)
     res = {
-        "command": "python -m benchmarks.bench_original " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("benchmarks.bench_original", argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"cpu": cpu_info(), "platform": platform.platform(), "cuda": _cuda()},
         "original_commit": _commit(Path(a.original)),
@@ -542,11 +543,7 @@ def main(argv=None) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(format_table(res))
-    if a.json:
-        from villa.core.io import write_json_atomic
-
-        write_json_atomic(Path(a.json), res)
-        print(f"wrote {a.json}")
+    save(res, a.json)
     return res
 
 

@@ -22,11 +22,11 @@ import copy
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+
+from benchmarks.results import command_line, save
 
 
 def _time(fn) -> float:
@@ -106,16 +106,12 @@ def main(argv=None) -> dict:
             flush=True,
         )
     res = {
-        "command": "python -m benchmarks.bench_region_ops " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("benchmarks.bench_region_ops", argv),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads": torch.get_num_threads()},
         "repeats": a.repeats,
         "cases": rows,
     }
-    if a.json:
-        from villa.core.io import write_json_atomic
-
-        write_json_atomic(Path(a.json), res)
-        print(f"wrote {a.json}")
+    save(res, a.json)
     return res
 
 

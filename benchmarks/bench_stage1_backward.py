@@ -18,12 +18,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.results import command_line, save
 
 
 def main(argv=None) -> dict:
@@ -93,7 +94,7 @@ def main(argv=None) -> dict:
         2,
     )
     res = {
-        "command": "python -m benchmarks.bench_stage1_backward " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("benchmarks.bench_stage1_backward", argv),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "epochs": a.epochs,
         "repeats": a.repeats,
@@ -102,11 +103,7 @@ def main(argv=None) -> dict:
         "mapping": {"decisions": decisions, "differing": int((maps["false"] != maps["true"]).sum())},
     }
     print(json.dumps({"summary": summary, "mapping": res["mapping"]}, indent=1))
-    if a.json:
-        from villa.core.io import write_json_atomic
-
-        write_json_atomic(Path(a.json), res)
-        print(f"wrote {a.json}")
+    save(res, a.json)
     return res
 
 

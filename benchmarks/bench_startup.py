@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
+
+from benchmarks.results import command_line, save
 
 COMMANDS = {
     "python -m villa.stage2 --help": ["-m", "villa.stage2", "--help"],
@@ -55,17 +56,13 @@ def main(argv=None) -> dict:
         }
         print(f"{name}: {rows[name]}", flush=True)
     res = {
-        "command": "python -m benchmarks.bench_startup " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("benchmarks.bench_startup", argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "runs": a.runs,
         "commands": rows,
     }
-    if a.json:
-        from villa.core.io import write_json_atomic
-
-        write_json_atomic(Path(a.json), res)
-        print(f"wrote {a.json}")
+    save(res, a.json)
     return res
 
 

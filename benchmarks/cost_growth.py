@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.bench_original import cpu_info, run_timed
+from benchmarks.results import command_line, save
 
 DEMO_BUDGET = 15000
 STEPS = ("preprocess", "stage1", "stage2")
@@ -163,18 +164,14 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     rows = [measure(s, work, a.stage1_epochs, env) for s in sorted(a.scales)]
     res = {
-        "command": "python -m benchmarks.cost_growth " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("benchmarks.cost_growth", argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"cpu": cpu_info(), "platform": platform.platform()},
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(format_table(res), end="")
-    if a.json:
-        from villa.core.io import write_json_atomic
-
-        write_json_atomic(Path(a.json), res)
-        print(f"wrote {a.json}")
+    save(res, a.json)
     return res
 
 

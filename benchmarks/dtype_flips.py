@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.results import command_line, save
 
 
 def run(budget: int, epochs: int, work: Path) -> dict:
@@ -87,13 +88,10 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         res = run(a.budget, a.epochs, Path(tmp))
-    res["command"] = "python -m benchmarks.dtype_flips " + " ".join(sys.argv[1:] if argv is None else argv)
+    res["command"] = command_line("benchmarks.dtype_flips", argv)
     res["machine"] = {"cpu_count": os.cpu_count()}
     print(json.dumps(res, indent=1))
-    if a.json:
-        from villa.core.io import write_json_atomic
-
-        write_json_atomic(Path(a.json), res)
+    save(res, a.json)
     return res
 
 

@@ -15,13 +15,12 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.results import command_line, save
 from villa.core.errors import exit_on_error
 
 PARTS = ("data", "forward", "backward", "optimizer")
@@ -112,14 +111,10 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     res = profile(a.overrides, a.steps, a.warmup)
-    res["command"] = "python -m benchmarks.profile_stage2 " + " ".join(sys.argv[1:] if argv is None else argv)
+    res["command"] = command_line("benchmarks.profile_stage2", argv)
     res["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform()}
     print(format_rows(res), end="")
-    if a.json:
-        from villa.core.io import write_json_atomic
-
-        write_json_atomic(Path(a.json), res)
-        print(f"wrote {a.json}")
+    save(res, a.json)
     return res
 
 

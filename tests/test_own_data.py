@@ -41,6 +41,28 @@ def run(*args: str, cwd: Path, names: Optional[Path] = None) -> subprocess.Compl
     return r
 
 
+def _mixed_sizes(tmp_path: Path, n: int, size_of, seed: int):
+    """``n`` random images of the sizes ``size_of(i)`` (width, height), one caption each, imported with a 1+2 grid:
+    the annotations and their vocabulary."""
+    from PIL import Image
+
+    from villa.data.annotations import load_annotations
+    from villa.data.importers.generic import import_generic
+    from villa.data.regions import RegionSpec
+    from villa.data.vocab import vocab_from_dict
+
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        w, h = size_of(i)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": "a square", "split": "train"}))
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    vocab = vocab_from_dict({"name": "v", "groups": [{"name": "g", "attributes": ["square"], "templates": ["{}"]}]})
+    import_generic(tmp_path, tmp_path / "c.jsonl", vocab, RegionSpec("grid", grid=[1, 2]), progress=False)
+    return load_annotations(tmp_path, vocab), vocab
+
+
 def test_raw_images_and_captions_end_to_end(tiny_docmnist, tmp_path):
     """Import (grid regions, attributes from the text), preprocess, Stage 1, Stage 2, evaluate: the README's
     "Your own data" commands, with the vocabulary given by path to every command."""
@@ -275,22 +297,8 @@ def test_dataset_config_by_path_for_every_command(tmp_path):
 
 def test_size_buckets_save_padding_and_keep_outputs(tmp_path):
     """Images of two sizes: bucketed batches hold one size each; embeddings equal one-image-at-a-time ones."""
-    from PIL import Image
 
-    from villa.data.importers.generic import import_generic
-    from villa.data.regions import RegionSpec
-    from villa.data.vocab import vocab_from_dict
-
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(12):
-        size = (64, 40) if i % 3 else (32, 48)
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "caption": "a square", "split": "train"}))
-    (tmp_path / "c.jsonl").write_text("\n".join(lines))
-    vocab = vocab_from_dict({"name": "v", "groups": [{"name": "g", "attributes": ["square"], "templates": ["{}"]}]})
-    import_generic(tmp_path, tmp_path / "c.jsonl", vocab, RegionSpec("grid", grid=[1, 2]), progress=False)
-    ann = load_annotations(tmp_path, vocab)
+    ann, vocab = _mixed_sizes(tmp_path, 12, lambda i: (64, 40) if i % 3 else (32, 48), seed=0)
     rows = np.arange(12)
     plain, bucketed = size_buckets(ann.image_size, rows, 8, False), size_buckets(ann.image_size, rows, 8, True)
     assert all(len(np.unique(ann.image_size[batch], axis=0)) == 1 for batch in bucketed)
@@ -361,20 +369,8 @@ def test_decoded_images_equal_decoding_every_read(tmp_path):
 
     from villa.core.errors import VillaError
     from villa.data.images import DecodedImages, ImageDataset
-    from villa.data.importers.generic import import_generic
-    from villa.data.regions import RegionSpec
-    from villa.data.vocab import vocab_from_dict
 
-    rng = np.random.default_rng(1)
-    lines = []
-    for i in range(7):
-        size = (30, 20) if i % 2 else (16, 24)
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "caption": "a square", "split": "train"}))
-    (tmp_path / "c.jsonl").write_text("\n".join(lines))
-    vocab = vocab_from_dict({"name": "v", "groups": [{"name": "g", "attributes": ["square"], "templates": ["{}"]}]})
-    import_generic(tmp_path, tmp_path / "c.jsonl", vocab, RegionSpec("grid", grid=[1, 2]), progress=False)
-    ann = load_annotations(tmp_path, vocab)
+    ann, _ = _mixed_sizes(tmp_path, 7, lambda i: (30, 20) if i % 2 else (16, 24), seed=1)
     rows = np.array([5, 0, 3, 6, 1])
     plain = ImageDataset(ann, rows)
     cache = tmp_path / "cache"
