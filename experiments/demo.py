@@ -118,13 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return {}
     if a.pretrain_epochs is not None and a.pretrain_epochs < 1:
         raise VillaError(f"--pretrain_epochs={a.pretrain_epochs}: must be >= 1")
-    PipelineSettings(
-        budget=a.budget,
-        val_budget=max(1, a.budget // 5),
-        test_budget=max(1, a.budget // 5),
-        stage1_epochs=a.stage1_epochs,
-        stage2_epochs=a.stage2_epochs,
-    ).check()  # before any work
+    PipelineSettings.demo(a.budget, a.stage1_epochs, a.stage2_epochs).check()  # before any work
     work = Path(a.out)
     if a.pretrain:
         start = pretrain_small_clip(work, a.pretrain_epochs, not a.quiet, a.device)
@@ -132,15 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         start = Path(a.pretrained) if a.pretrained else ASSET
         if not start.is_file():
             raise VillaError(f"starting encoder {start} not found; run with --pretrain to make one")
-    s = PipelineSettings(
-        pretrained=str(start),
-        budget=a.budget,
-        val_budget=a.budget // 5,
-        test_budget=a.budget // 5,
-        stage1_epochs=a.stage1_epochs,
-        stage2_epochs=a.stage2_epochs,
-        device=a.device,
-        progress=not a.quiet,
+    s = PipelineSettings.demo(
+        a.budget, a.stage1_epochs, a.stage2_epochs, pretrained=str(start), device=a.device, progress=not a.quiet
     )
     res = run_pipeline(s, work)
     vocab = load_vocab("docmnist")

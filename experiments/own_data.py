@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-from docmnist.generate_docmnist import generate
 from experiments.demo import ASSET
 from experiments.pipeline import PipelineSettings, stage2_overrides
 from villa.core.config import compose_config
@@ -98,27 +97,11 @@ def main(argv=None) -> dict:
         return {}
     t0 = time.perf_counter()
     out, work = Path(a.out), Path(a.work or a.out)
-    s = PipelineSettings(
-        pretrained=str(ASSET),
-        budget=a.budget,
-        val_budget=a.budget // 5,
-        test_budget=a.budget // 5,
-        stage1_epochs=a.stage1_epochs,
-        stage2_epochs=a.stage2_epochs,
-        device=a.device,
-        progress=not a.quiet,
+    s = PipelineSettings.demo(
+        a.budget, a.stage1_epochs, a.stage2_epochs, pretrained=str(ASSET), device=a.device, progress=not a.quiet
     )
     vocab = load_vocab("docmnist")
-    gt = generate(
-        s.budget,
-        s.target,
-        seed=s.seed,
-        out_dir=str(work / "docmnist"),
-        val_budget=s.val_budget,
-        test_budget=s.test_budget,
-        overwrite=True,
-        progress=s.progress,
-    )
+    gt = s.generate(work / "docmnist")
     plain = export_plain(gt, work / "plain", overwrite=True, with_boxes=True)
     t = time.perf_counter()
     det = train_detector(
@@ -204,7 +187,9 @@ def main(argv=None) -> dict:
             "seconds": round(time.perf_counter() - t, 1),
         }
         print(f"[{name}] done in {time.perf_counter() - t:.0f}s", flush=True)
-    base = train_stage2(compose_config("stage2", stage2_overrides(s, gt, work / "ckpt" / "baseline", "baseline", None)))
+    base = train_stage2(
+        compose_config("stage2", stage2_overrides(s, gt, work / "ckpt" / "baseline", "one_to_one", None))
+    )
     res["reference"]["one-to-one baseline"] = evaluate(base["best_checkpoint"])
     res["reference"]["zero-shot"] = evaluate(s.pretrained)
     res["seconds"] = round(time.perf_counter() - t0, 1)

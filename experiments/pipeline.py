@@ -57,6 +57,34 @@ class PipelineSettings:
     num_workers: int = 2
     progress: bool = True
 
+    @classmethod
+    def demo(cls, budget: int, stage1_epochs: int, stage2_epochs: int, **kw: Any) -> PipelineSettings:
+        """The demo's settings at ``budget`` training pairs: val and test budgets a fifth of it each."""
+        fifth = max(1, budget // 5)
+        return cls(
+            budget=budget,
+            val_budget=fifth,
+            test_budget=fifth,
+            stage1_epochs=stage1_epochs,
+            stage2_epochs=stage2_epochs,
+            **kw,
+        )
+
+    def generate(self, out_dir: Path) -> Path:
+        """This run's DocMNIST (its budgets, or the fixed-images control's image counts) in ``out_dir``."""
+        return generate(
+            self.budget,
+            self.target,
+            seed=self.seed,
+            out_dir=str(out_dir),
+            val_budget=self.val_budget,
+            test_budget=self.test_budget,
+            overwrite=True,
+            progress=self.progress,
+            train_images=self.train_images,
+            val_images=self.val_images,
+        )
+
     def check(self) -> None:
         """Every setting in range before any work (the demo's and the experiments' flags have these names)."""
         for name in (
@@ -146,18 +174,7 @@ def run_pipeline(
         log.info("[%s] done in %.1fs", name, timings[name])
 
     t = time.perf_counter()
-    data = generate(
-        s.budget,
-        s.target,
-        seed=s.seed,
-        out_dir=str(work / "data"),
-        val_budget=s.val_budget,
-        test_budget=s.test_budget,
-        overwrite=True,
-        progress=s.progress,
-        train_images=s.train_images,
-        val_images=s.val_images,
-    )
+    data = s.generate(work / "data")
     tick("docmnist", t)
     eval_root = eval_data or data
     # refuse before any training: the evaluation digits must be new to everything that trains in this run

@@ -390,3 +390,37 @@ def test_decoded_images_equal_decoding_every_read(tmp_path):
     Image.fromarray(np.zeros((9, 9, 3), dtype=np.uint8)).save(tmp_path / "3.png")  # not its annotated size
     with pytest.raises(VillaError, match=r"3.png is 9x9 but annotations.feather says image_size"):
         DecodedImages(ann, rows, "memory")
+
+
+def test_own_data_experiment_runs_every_region_source(tmp_path):
+    """python -m experiments.own_data end to end at a tiny budget: each region source (given boxes, two grids, a
+    trained detector's proposals) through Stage 1 and Stage 2, the one-to-one baseline and zero-shot for reference,
+    evaluated on the held-out split; its table is its results file's rendering."""
+    out = tmp_path / "out"
+    run(
+        "-m",
+        "experiments.own_data",
+        "--budget=1500",
+        "--stage1_epochs=1",
+        "--stage2_epochs=1",
+        "--detector_epochs=1",
+        f"--out={out}",
+        f"--work={tmp_path / 'work'}",
+        "--quiet",
+        cwd=tmp_path,
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["variants"]) == ["given", "grid 3x3", "grid 1+2+3", "proposals (RPN top 20)"]
+    assert set(res["reference"]) == {"one-to-one baseline", "zero-shot"}
+    for v in res["variants"].values():
+        assert 0 < v["recall_at_0.5"] <= 1 and 0 < v["mapping"]["stage1"]["all"]["all"]["f1"] <= 1
+    assert res["variants"]["grid 3x3"]["regions_per_image"] == 9
+    assert res["reference"]["zero-shot"]["split"] == "test"
+    table = subprocess.run(
+        [sys.executable, "-m", "experiments.own_data", "--render", str(out / "results.json")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
+    assert table == (out / "table.md").read_text()
